@@ -1,0 +1,41 @@
+"""Canny edge maps with OpenCV, as fal's endpoint (and the SDXL Canny ControlNets' training) use them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_LOW_THRESHOLD = 100
+DEFAULT_HIGH_THRESHOLD = 200
+
+
+def check_thresholds(low: int, high: int) -> None:
+    for name, v in (("low_threshold", low), ("high_threshold", high)):
+        if not 0 <= v <= 255:
+            raise ValueError(f"{name}: must be between 0 and 255, got {v}")
+    if low > high:
+        raise ValueError(
+            f"low_threshold ({low}) is above high_threshold ({high}): set low_threshold to at most high_threshold"
+        )
+
+
+def canny_edges(
+    rgb: np.ndarray,
+    low_threshold: int = DEFAULT_LOW_THRESHOLD,
+    high_threshold: int = DEFAULT_HIGH_THRESHOLD,
+    l2_gradient: bool = False,
+) -> np.ndarray:
+    """``cv2.Canny`` on an 8-bit RGB image ``[H, W, 3]``; returns the edge map as ``[H, W, 3]`` uint8 (0 or 255)."""
+    import cv2
+
+    check_thresholds(low_threshold, high_threshold)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"canny_edges wants an 8-bit RGB array [H, W, 3], got {rgb.dtype} {rgb.shape}")
+    edges = cv2.Canny(np.ascontiguousarray(rgb), low_threshold, high_threshold, L2gradient=l2_gradient)
+    return np.repeat(edges[:, :, None], 3, axis=2)
+
+
+def canny_image(image, low_threshold=DEFAULT_LOW_THRESHOLD, high_threshold=DEFAULT_HIGH_THRESHOLD, l2_gradient=False):
+    """PIL RGB image in, PIL RGB edge map out."""
+    from PIL import Image
+
+    return Image.fromarray(canny_edges(np.asarray(image.convert("RGB")), low_threshold, high_threshold, l2_gradient))

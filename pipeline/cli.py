@@ -1,0 +1,126 @@
+"""Command line: ``python -m sdxl_controlnet_img2img generate --request REQ.json ...``.
+
+The request file is the same JSON that fal's API takes. Relative image paths in it are
+resolved against the request file's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import SDXLCNError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REQUEST = PACKAGE_ROOT / "workflows" / "requests" / "default.json"
+
+
+def _resolve_image_paths(data: dict, base: Path) -> dict:
+    data = dict(data)
+    for key in ("image_url", "control_image_url", "image", "control_image"):
+        v = data.get(key)
+        if isinstance(v, str) and "://" not in v[:12] and not v.startswith("data:"):
+            p = Path(v).expanduser()
+            data[key] = str(p if p.is_absolute() else (base / p))
+    return data
+
+
+def read_request(path: Path):
+    from .request import GenerationRequest
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SDXLCNError(f"--request: {path} not found") from None
+    except json.JSONDecodeError as exc:
+        raise SDXLCNError(f"--request: {path} is not valid JSON ({exc})") from None
+    return GenerationRequest.from_dict(_resolve_image_paths(data, path.resolve().parent))
+
+
+class TerminalProgress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.start = time.perf_counter()
+
+    def __call__(self, step: int, total: int, _latents=None) -> None:
+        width = 30
+        done = int(width * step / max(total, 1))
+        elapsed = time.perf_counter() - self.start
+        self.stream.write(f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{total}  {elapsed:5.1f}s")
+        if step >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+    from .loading import load_pipeline
+    from .result import write_result
+
+    request = read_request(Path(args.request))
+    if request.enable_safety_checker:
+        print("note: enable_safety_checker is on", file=sys.stderr)
+    t = time.perf_counter()
+    pipe = load_pipeline(args.checkpoint, args.controlnet, device=args.device, dtype=_dtype(args.dtype))
+    load_s = time.perf_counter() - t
+    print(f"loaded models in {load_s:.1f}s", file=sys.stderr)
+    result = generate(pipe, request, on_step=TerminalProgress())
+    result.timings["load"] = load_s
+    doc = write_result(result, args.out, fmt=args.format)
+    for img in doc["images"]:
+        print(img["url"])
+    print(f"seed {doc['seed']}; result written to {Path(args.out) / 'result.json'}", file=sys.stderr)
+    return 0
+
+
+def cmd_make_tiny_models(args) -> int:
+    from .tiny_models import build_tiny_models
+
+    paths = build_tiny_models(args.out)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
+def _dtype(name):
+    if name in (None, "auto"):
+        return None
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sdxl_controlnet_img2img",
+        description="SDXL ControlNet (Canny) image-to-image with fal's request JSON, run locally with diffusers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="run one fal-shaped request and write images + result.json")
+    g.add_argument("--request", required=True, help="request JSON in fal's input shape (prompt, image_url, control_image_url, ...)")
+    g.add_argument("--checkpoint", required=True, help="SDXL base model: a diffusers folder")
+    g.add_argument("--controlnet", required=True, help="SDXL Canny ControlNet: a diffusers folder")
+    g.add_argument("--out", required=True, help="output folder for the images and result.json")
+    g.add_argument("--format", choices=["png", "jpeg"], default="png", help="image file format (default png)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
+    g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="weights precision (default auto: bf16/fp16 on CUDA, fp16 on MPS, fp32 on CPU)")
+    g.set_defaults(func=cmd_generate)
+    t = sub.add_parser("make-tiny-models", help="write tiny random-weight SDXL + ControlNet models (offline demo and tests)")
+    t.add_argument("--out", required=True, help="folder to write them into")
+    t.set_defaults(func=cmd_make_tiny_models)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SDXLCNError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

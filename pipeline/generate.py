@@ -1,0 +1,167 @@
+"""One request in, images out: SDXL ControlNet img2img with diffusers, fal's defaults passed explicitly."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from .canny import canny_image
+from .errors import RequestError
+from .images import load_image
+from .request import GenerationRequest
+from .sizes import cover_resize, parse_image_size, target_size
+
+# on_step(step, total, latents): called after every denoising step; raise to cancel.
+StepCallback = Callable[[int, int, object], None]
+
+
+class SafetyChecker(Protocol):
+    def __call__(self, images: list) -> tuple[list, list[bool]]:
+        """Return (images with flagged ones replaced, one flag per image)."""
+
+
+class PromptExpander(Protocol):
+    def __call__(self, prompt: str, seed: int) -> str: ...
+
+
+@dataclass
+class PreparedInputs:
+    init_image: object  # PIL RGB at (width, height)
+    control_image: object  # PIL RGB at (width, height): the Canny map when apply_canny
+    width: int
+    height: int
+
+
+@dataclass
+class GenerationResult:
+    images: list
+    seed: int
+    has_nsfw_concepts: list[bool]
+    width: int
+    height: int
+    prompt: str
+    expanded_prompt: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def prepare_inputs(request: GenerationRequest) -> PreparedInputs:
+    """Load both images, bring them to the target size (cover + centre-crop), run Canny on the control image."""
+    control = load_image(request.control_image_url, "control_image_url")
+    init = load_image(request.image_url, "image_url")
+    width, height = target_size(parse_image_size(request.image_size), control.size)
+    control = cover_resize(control, (width, height))
+    init = cover_resize(init, (width, height))
+    if request.apply_canny:
+        control = canny_image(control)
+    return PreparedInputs(init, control, width, height)
+
+
+def make_generator(seed: int):
+    """A CPU generator (CPU generators give the same noise on every device)."""
+    import torch
+
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def pipeline_call_kwargs(request: GenerationRequest, inputs: PreparedInputs, prompt: str, index: int = 0) -> dict:
+    """The keyword arguments of the diffusers call for image ``index`` of the request.
+
+    Every parameter is explicit, so diffusers' own defaults never apply. Each image is its own
+    call with seed ``seed + index``: batched calls differ from single ones in the last float bits,
+    and then image *i* could not be regenerated alone.
+    """
+    return {
+        "prompt": prompt,
+        "negative_prompt": request.negative_prompt,
+        "image": inputs.init_image,
+        "control_image": inputs.control_image,
+        "height": inputs.height,
+        "width": inputs.width,
+        "strength": float(request.strength),
+        "num_inference_steps": int(request.num_inference_steps),
+        "guidance_scale": float(request.guidance_scale),
+        "controlnet_conditioning_scale": float(request.controlnet_conditioning_scale),
+        "num_images_per_prompt": 1,
+        "generator": make_generator(request.image_seed(index)),
+        "output_type": "pil",
+    }
+
+
+def _step_callback(on_step: StepCallback, offset: int, total: int):
+    def _callback(_pipe, step_index, _timestep, callback_kwargs):
+        on_step(offset + step_index + 1, total, callback_kwargs.get("latents"))
+        return callback_kwargs
+
+    return _callback
+
+
+def generate(
+    pipe,
+    request: GenerationRequest,
+    *,
+    on_step: StepCallback | None = None,
+    safety_checker: SafetyChecker | None = None,
+    prompt_expander: PromptExpander | None = None,
+    prepared: PreparedInputs | None = None,
+) -> GenerationResult:
+    """Run ``request`` on a loaded ``StableDiffusionXLControlNetImg2ImgPipeline``.
+
+    A request without a seed gets a random one, returned in the result. Image ``i`` uses
+    seed ``seed + i``. ``on_step`` is called after each denoising step (raise from it to cancel).
+    """
+    request = request.with_seed()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if request.enable_safety_checker and safety_checker is None:
+        raise RequestError(
+            "enable_safety_checker",
+            "is on but no safety checker model is loaded; put the Stable Diffusion safety checker in "
+            "models/safety_checker (see README, 'Safety checker'), or set enable_safety_checker to false",
+        )
+    if request.expand_prompt and prompt_expander is None:
+        raise RequestError(
+            "expand_prompt",
+            "is on but no prompt-expansion model is loaded; put one in models/prompt_expansion "
+            "(see README, 'Prompt expansion'), or set expand_prompt to false",
+        )
+    if prepared is None:
+        prepared = prepare_inputs(request)
+    timings["prepare"] = time.perf_counter() - t0
+
+    prompt = request.prompt
+    expanded = None
+    if request.expand_prompt:
+        t = time.perf_counter()
+        expanded = prompt_expander(prompt, request.seed)
+        prompt = expanded
+        timings["expand_prompt"] = time.perf_counter() - t
+
+    per_image = request.steps_to_run
+    total = per_image * request.num_images
+    images = []
+    t = time.perf_counter()
+    for index in range(request.num_images):
+        kwargs = pipeline_call_kwargs(request, prepared, prompt, index)
+        if on_step is not None:
+            kwargs["callback_on_step_end"] = _step_callback(on_step, index * per_image, total)
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+        images.extend(pipe(**kwargs).images)
+    timings["inference"] = time.perf_counter() - t
+
+    flags = [False] * len(images)
+    if request.enable_safety_checker:
+        t = time.perf_counter()
+        images, flags = safety_checker(images)
+        timings["safety_checker"] = time.perf_counter() - t
+
+    return GenerationResult(
+        images=list(images),
+        seed=request.seed,
+        has_nsfw_concepts=[bool(f) for f in flags],
+        width=prepared.width,
+        height=prepared.height,
+        prompt=prompt,
+        expanded_prompt=expanded,
+        timings=timings,
+    )

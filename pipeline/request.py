@@ -1,0 +1,190 @@
+"""The request schema: fal's ``fast-sdxl-controlnet-canny/image-to-image`` input, with its names,
+defaults and ranges, validated before any model work.
+
+Image fields use fal's names ``image_url`` and ``control_image_url``; ``image`` and
+``control_image`` are accepted as aliases. ``apply_canny`` is a local-only extension
+(default true, as fal always runs Canny): set it false when the control image is already
+an edge map. It is never sent to fal.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, fields
+
+from .errors import RequestError
+from .sizes import parse_image_size
+
+MAX_SEED = 2**64 - 1
+MAX_NUM_IMAGES = 8
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    image_url: object  # path / URL / data URI string, or a PIL image when used as a library
+    control_image_url: object
+    negative_prompt: str = ""
+    controlnet_conditioning_scale: float = 0.5
+    image_size: object = None  # preset name, {"width", "height"}, or None = control image size
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    strength: float = 0.95
+    seed: int | None = None
+    num_images: int = 1
+    loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
+    enable_safety_checker: bool = True
+    expand_prompt: bool = False
+    sync_mode: bool = False
+    apply_canny: bool = True
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationRequest":
+        """Validate a fal-shaped request dict. Raises :class:`RequestError` naming the field."""
+        if not isinstance(data, dict):
+            raise RequestError("request", f"must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        for alias, name in (("image", "image_url"), ("control_image", "control_image_url")):
+            if alias in data:
+                if name in data:
+                    raise RequestError(alias, f"give either {alias!r} or {name!r}, not both")
+                data[name] = data.pop(alias)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RequestError(unknown[0], f"is not a field of this request; valid fields: {', '.join(sorted(known))}")
+        for required in ("prompt", "image_url", "control_image_url"):
+            if data.get(required) in (None, ""):
+                raise RequestError(required, "is required")
+        kwargs = dict(data)
+        if "loras" in kwargs:
+            kwargs["loras"] = parse_loras(kwargs["loras"])
+        req = cls(**kwargs)
+        req.validate()
+        return req
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> "GenerationRequest":
+        _check_str("prompt", self.prompt, required=True)
+        _check_str("negative_prompt", self.negative_prompt)
+        _check_number("controlnet_conditioning_scale", self.controlnet_conditioning_scale, 0.0, 1.0)
+        parse_image_size(self.image_size)
+        _check_int("num_inference_steps", self.num_inference_steps, 1, 50)
+        _check_number("guidance_scale", self.guidance_scale, 0.0, 20.0)
+        _check_number("strength", self.strength, 0.0, 1.0, low_open=True)
+        if int(self.num_inference_steps * self.strength) < 1:
+            raise RequestError(
+                "strength",
+                f"{self.strength} with num_inference_steps {self.num_inference_steps} runs no denoising step "
+                "(steps run = int(num_inference_steps * strength)); raise strength or num_inference_steps",
+            )
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_int("num_images", self.num_images, 1, MAX_NUM_IMAGES)
+        for name in ("enable_safety_checker", "expand_prompt", "sync_mode", "apply_canny"):
+            if not isinstance(getattr(self, name), bool):
+                raise RequestError(name, f"must be true or false, got {getattr(self, name)!r}")
+        parse_loras(self.loras)
+        return self
+
+    # ---- derived values ------------------------------------------------------------------
+    @property
+    def steps_to_run(self) -> int:
+        """Denoising steps actually run: diffusers runs int(num_inference_steps * strength)."""
+        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+
+    def with_seed(self) -> "GenerationRequest":
+        """This request with a concrete seed (a random one when absent)."""
+        if self.seed is not None:
+            return self
+        return replace_fields(self, seed=random.randint(0, 2**32 - 1))
+
+    def image_seed(self, index: int) -> int:
+        """The seed of image ``index``: ``seed + index`` (wrapping at 2**64), so each image can be redone alone."""
+        if self.seed is None:
+            raise ValueError("call with_seed() first")
+        return (self.seed + index) % (MAX_SEED + 1)
+
+    def to_fal_arguments(self) -> dict:
+        """The request as fal's API takes it (no local-only fields; images left as given)."""
+        args = {
+            "prompt": self.prompt,
+            "image_url": self.image_url,
+            "control_image_url": self.control_image_url,
+            "negative_prompt": self.negative_prompt,
+            "controlnet_conditioning_scale": self.controlnet_conditioning_scale,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "strength": self.strength,
+            "num_images": self.num_images,
+            "loras": [{"path": l.path, "scale": l.scale} for l in self.loras],
+            "enable_safety_checker": self.enable_safety_checker,
+            "expand_prompt": self.expand_prompt,
+            "sync_mode": self.sync_mode,
+        }
+        if self.image_size is not None:
+            args["image_size"] = self.image_size
+        if self.seed is not None:
+            args["seed"] = self.seed
+        return args
+
+
+def replace_fields(req: GenerationRequest, **changes) -> GenerationRequest:
+    from dataclasses import replace
+
+    return replace(req, **changes).validate()
+
+
+def parse_loras(value) -> tuple[LoraSpec, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise RequestError("loras", f"must be a list of {{path, scale}} objects, got {type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        name = f"loras[{i}]"
+        if isinstance(item, LoraSpec):
+            item = {"path": item.path, "scale": item.scale}
+        if not isinstance(item, dict):
+            raise RequestError(name, f"must be an object with 'path' and optional 'scale', got {item!r}")
+        unknown = set(item) - {"path", "scale"}
+        if unknown:
+            raise RequestError(name, f"unknown keys {sorted(unknown)}; a LoRA has 'path' and 'scale'")
+        _check_str(f"{name}.path", item.get("path"), required=True)
+        scale = item.get("scale", 1.0)
+        _check_number(f"{name}.scale", scale, -4.0, 4.0)
+        out.append(LoraSpec(path=item["path"], scale=float(scale)))
+    return tuple(out)
+
+
+def _check_str(name, value, required=False):
+    if not isinstance(value, str):
+        raise RequestError(name, f"must be text, got {type(value).__name__}")
+    if required and not value.strip():
+        raise RequestError(name, "is required and must not be empty")
+
+
+def _check_number(name, value, low, high, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(name, f"must be a number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise RequestError(name, f"must be in {bracket}{low}, {high}], got {value}")
+
+
+def _check_int(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            raise RequestError(name, f"must be a whole number, got {value!r}; write {int(value)}")
+        raise RequestError(name, f"must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(name, f"must be between {low} and {high}, got {value}")

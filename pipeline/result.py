@@ -1,0 +1,41 @@
+"""The result in fal's output shape, and writing it to a folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .generate import GenerationResult
+from .images import encode_image
+
+
+def write_result(result: GenerationResult, out_dir, fmt: str = "png", stem: str = "image", extra: dict | None = None) -> dict:
+    """Write the images and ``result.json`` (fal's shape, file:// URLs) into ``out_dir``; return that dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ext = "jpg" if fmt.lower() in ("jpg", "jpeg") else "png"
+    entries = []
+    for i, img in enumerate(result.images):
+        data, ctype = encode_image(img, fmt)
+        path = out / f"{stem}_{i:03d}.{ext}"
+        path.write_bytes(data)
+        entries.append({
+            "url": path.resolve().as_uri(),
+            "width": img.width,
+            "height": img.height,
+            "content_type": ctype,
+            "file_name": path.name,
+        })
+    doc = {
+        "images": entries,
+        "seed": result.seed,
+        "has_nsfw_concepts": list(result.has_nsfw_concepts),
+        "prompt": result.prompt,
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+    }
+    if result.expanded_prompt is not None:
+        doc["expanded_prompt"] = result.expanded_prompt
+    if extra:
+        doc.update(extra)
+    (out / "result.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    return doc

@@ -1,0 +1,89 @@
+"""Output sizes: fal's ``image_size`` presets, custom sizes, and the resize policy.
+
+Policy (documented in the README):
+- The target size is the preset, the custom ``{"width", "height"}``, or, when ``image_size``
+  is absent/``None``, the control image's own size.
+- Width and height are floored to multiples of 8 (the SDXL VAE downsamples by 8), with
+  a minimum of 8 and a maximum of 4096 each.
+- Both the init image and the control image are brought to the target size by
+  *cover and centre-crop*: scaled (Lanczos) so they cover the target while keeping
+  their aspect ratio, then cropped to it around the centre. Nothing is stretched.
+"""
+
+from __future__ import annotations
+
+from .errors import RequestError
+
+IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    # name: (width, height), as fal defines them
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+
+MIN_SIDE = 8
+MAX_SIDE = 4096
+
+
+def floor_to_multiple_of_8(value: int) -> int:
+    return max(MIN_SIDE, (int(value) // 8) * 8)
+
+
+def check_side(field: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(field, f"must be a whole number of pixels, got {value!r}")
+    if not MIN_SIDE <= value <= MAX_SIDE:
+        raise RequestError(field, f"must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {value}")
+    return value
+
+
+def parse_image_size(value):
+    """Validate fal's ``image_size``: a preset name, ``{"width", "height"}``, or None."""
+    if value is None or value == "none":
+        return None
+    if isinstance(value, str):
+        if value not in IMAGE_SIZE_PRESETS:
+            raise RequestError(
+                "image_size",
+                f"unknown preset {value!r}; use one of {', '.join(IMAGE_SIZE_PRESETS)}, "
+                'a {"width": W, "height": H} object, or null to use the control image size',
+            )
+        return value
+    if isinstance(value, dict):
+        unknown = set(value) - {"width", "height"}
+        if unknown or "width" not in value or "height" not in value:
+            raise RequestError("image_size", f'a custom size needs exactly "width" and "height", got {value!r}')
+        return {
+            "width": check_side("image_size.width", value["width"]),
+            "height": check_side("image_size.height", value["height"]),
+        }
+    raise RequestError("image_size", f"must be a preset name, a {{width, height}} object or null, got {value!r}")
+
+
+def target_size(image_size, control_size: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) that generation runs at, floored to multiples of 8."""
+    if image_size is None:
+        w, h = control_size
+    elif isinstance(image_size, str):
+        w, h = IMAGE_SIZE_PRESETS[image_size]
+    else:
+        w, h = image_size["width"], image_size["height"]
+    return floor_to_multiple_of_8(w), floor_to_multiple_of_8(h)
+
+
+def cover_resize(image, size: tuple[int, int]):
+    """Scale a PIL image to cover ``size`` keeping its aspect ratio, then centre-crop to it."""
+    from PIL import Image
+
+    tw, th = size
+    w, h = image.size
+    if (w, h) == (tw, th):
+        return image
+    scale = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+    resized = image.resize((nw, nh), Image.LANCZOS) if (nw, nh) != (w, h) else image
+    left, top = (nw - tw) // 2, (nh - th) // 2
+    return resized.crop((left, top, left + tw, top + th))

@@ -1,0 +1,201 @@
+"""Tiny SDXL-shaped models with random weights, for tests and the offline demo.
+
+They use the real diffusers/transformers classes with tiny configs, and a CLIP
+tokenizer built from a vocabulary written on the spot, so everything that loads
+a real SDXL + ControlNet checkpoint (diffusers folder layout) loads these too.
+Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+TINY_SIZE = 64  # a comfortable default image size for tiny-model runs
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_WORDS = [
+    "ice", "fortress", "aurora", "skies", "polar", "wildlife", "twilight", "cartoon",
+    "illustration", "animation", "face", "male", "female", "a", "photo", "of", "cat",
+    "dog", "castle", "red", "blue", "green", "mountain", "lake", "forest", "city",
+]
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins that byte-level BPE (GPT-2, CLIP) uses for raw bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    symbols = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def write_clip_tokenizer(folder: str | os.PathLike) -> Path:
+    """Write a small byte-level CLIP BPE vocabulary and load a CLIPTokenizer from it."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = ["<|startoftext|>", "<|endoftext|>", "!"]
+    # every single byte-level symbol, with and without the end-of-word mark
+    for ch in _byte_symbols():
+        tokens.append(ch)
+        tokens.append(ch + "</w>")
+    merges = []
+    seen = set(tokens)
+    for word in _WORDS:
+        # merge letters left to right so whole words become single tokens
+        current = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            last = i == len(word) - 1
+            right = ch + ("</w>" if last else "")
+            merges.append(f"{current} {right}")
+            current = current + right
+            if current not in seen:
+                tokens.append(current)
+                seen.add(current)
+    vocab = {}
+    for t in tokens:
+        vocab.setdefault(t, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n", encoding="utf-8")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_components(seed: int = 0):
+    """Build the tiny SDXL components (unet, vae, text encoders, tokenizers, scheduler) and a ControlNet."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 + 32
+        cross_attention_dim=64,
+    )
+    torch.manual_seed(seed + 1)
+    controlnet = ControlNetModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        in_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        conditioning_embedding_out_channels=(8, 16, 32, 32),  # downsamples by 8, like the VAE
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(
+        # four blocks, so the VAE downsamples by 8 as SDXL's does
+        block_out_channels=[8, 16, 32, 32],
+        layers_per_block=1,
+        norm_num_groups=8,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        sample_size=32,
+        scaling_factor=0.13025,
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        pad_token_id=1,
+        vocab_size=1000,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    torch.manual_seed(seed + 3)
+    text_encoder = CLIPTextModel(text_config)
+    torch.manual_seed(seed + 4)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tmp)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "scheduler": scheduler,
+    }, controlnet
+
+
+def build_tiny_models(root: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """Save a tiny SDXL base (diffusers folder) and a tiny ControlNet (diffusers folder) under ``root``.
+
+    Returns ``{"checkpoint": <folder>, "controlnet": <folder>}``. Idempotent: an existing
+    complete build is reused.
+    """
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+    root = Path(root)
+    base_dir = root / "tiny-sdxl"
+    cn_dir = root / "tiny-controlnet-canny"
+    done = root / ".complete"
+    if done.exists():
+        return {"checkpoint": base_dir, "controlnet": cn_dir}
+    components, controlnet = tiny_components(seed)
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline(**components, controlnet=controlnet)
+    # The base model folder is a plain SDXL layout (no controlnet entry), like stabilityai/stable-diffusion-xl-base-1.0.
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        getattr(pipe, name).save_pretrained(base_dir / name)
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": True,
+        "add_watermarker": None,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (base_dir / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    controlnet.save_pretrained(cn_dir)
+    done.write_text("ok", encoding="utf-8")
+    return {"checkpoint": base_dir, "controlnet": cn_dir}
