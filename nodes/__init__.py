@@ -1,4 +1,23 @@
-"""ComfyUI node classes: thin adapters from ComfyUI types to the ``pipeline`` library."""
+"""ComfyUI node classes: thin adapters from ComfyUI types to the ``pipeline`` library.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Importing this is cheap (no torch, no diffusers); each node imports the heavy parts when it runs.
+"""
+
+from .canny_node import SDXLCNCanny
+from .loader import SDXLCNLoader
+from .model_folders import register_model_folders
+from .sampler import SDXLCNImg2Img
+
+register_model_folders()
+
+NODE_CLASS_MAPPINGS = {
+    "SDXLCNLoader": SDXLCNLoader,
+    "SDXLCNCanny": SDXLCNCanny,
+    "SDXLCNImg2Img": SDXLCNImg2Img,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "SDXLCNLoader": "Load SDXL ControlNet Pipeline",
+    "SDXLCNCanny": "Canny Edges (OpenCV)",
+    "SDXLCNImg2Img": "SDXL ControlNet Img2Img",
+}

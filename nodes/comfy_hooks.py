@@ -1,0 +1,98 @@
+"""ComfyUI-only hooks, imported lazily so the node classes also work (and test) without ComfyUI.
+
+Every function degrades to a no-op (or a plain default) when ComfyUI is not importable.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("sdxl_controlnet_img2img")
+
+CATEGORY = "SDXL ControlNet"
+
+
+def folder_paths():
+    """ComfyUI's ``folder_paths`` module, or None outside ComfyUI."""
+    try:
+        import folder_paths as fp  # type: ignore
+
+        return fp
+    except ImportError:
+        return None
+
+
+def throw_if_interrupted() -> None:
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+def free_comfy_memory() -> None:
+    """Ask ComfyUI to unload its own models before we load a large diffusers pipeline."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
+class Progress:
+    """ComfyUI's progress bar (with step previews) over ``total`` steps; a no-op outside ComfyUI."""
+
+    def __init__(self, total: int, node_id=None):
+        self.total = max(int(total), 1)
+        self.bar = None
+        self._rgb_factors = None
+        try:
+            import comfy.utils  # type: ignore
+
+            self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id) if node_id is not None else comfy.utils.ProgressBar(self.total)
+        except ImportError:
+            pass
+
+    def update(self, value: int, latents=None) -> None:
+        throw_if_interrupted()
+        if self.bar is None:
+            return
+        self.bar.update_absolute(min(value, self.total), self.total, self._preview(latents))
+
+    def _preview(self, latents):
+        """A cheap preview: ComfyUI's linear SDXL latent-to-RGB approximation of the first latent."""
+        if latents is None:
+            return None
+        try:
+            import torch
+            from PIL import Image
+
+            if self._rgb_factors is None:
+                from comfy.latent_formats import SDXL  # type: ignore
+
+                fmt = SDXL()
+                self._rgb_factors = (torch.tensor(fmt.latent_rgb_factors), torch.tensor(fmt.latent_rgb_factors_bias or [0, 0, 0]))
+            factors, bias = self._rgb_factors
+            lat = latents[0].detach().float().cpu()
+            rgb = torch.einsum("chw,cr->hwr", lat, factors) + bias
+            rgb = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+            try:
+                from comfy.cli_args import args  # type: ignore
+
+                size = args.preview_size
+            except Exception:
+                size = 512
+            return ("JPEG", Image.fromarray(rgb), size)
+        except Exception:  # a preview must never break a run
+            return None
+
+
+def send_status(event: str, data: dict) -> None:
+    """A custom websocket message to the frontend (``api.addEventListener(event, ...)``)."""
+    try:
+        from server import PromptServer  # type: ignore
+
+        PromptServer.instance.send_sync(event, data)
+    except Exception:
+        pass

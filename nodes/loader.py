@@ -1,0 +1,65 @@
+"""``SDXLCNLoader``: SDXL base + Canny ControlNet -> a cached diffusers pipeline (``SDXLCN_PIPELINE``)."""
+
+from __future__ import annotations
+
+from ..pipeline.handle import PipelineHandle
+from .comfy_hooks import CATEGORY, free_comfy_memory, log
+from .model_folders import checkpoint_choices, controlnet_choices, resolve, vae_choices
+
+DTYPES = ["auto", "fp16", "bf16", "fp32"]
+MEMORY_MODES = ["none", "model_cpu_offload", "sequential_cpu_offload"]
+DEVICES = ["auto", "cuda", "mps", "cpu"]
+ATTENTION = ["sdpa", "classic"]
+
+
+class SDXLCNLoader:
+    DESCRIPTION = ("Loads SDXL (a single .safetensors from models/checkpoints or a diffusers folder from "
+                   "models/diffusers) with an SDXL Canny ControlNet (file or folder in models/controlnet). "
+                   "The pipeline is cached: re-running with the same choices does not reload.")
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = ("SDXLCN_PIPELINE",)
+    RETURN_NAMES = ("pipeline",)
+    OUTPUT_TOOLTIPS = ("The loaded pipeline, for LoRA nodes and the sampler.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "checkpoint": (checkpoint_choices(), {"tooltip": "SDXL base: a single file (models/checkpoints) or a diffusers folder (models/diffusers)."}),
+                "controlnet": (controlnet_choices(), {"tooltip": "SDXL Canny ControlNet: a file or diffusers folder in models/controlnet."}),
+                "dtype": (DTYPES, {"default": "auto", "tooltip": "Weights precision. auto: bf16/fp16 on CUDA, fp16 on Apple MPS, fp32 on CPU."}),
+                "memory_mode": (MEMORY_MODES, {"default": "none", "tooltip": "none: all on the GPU (fastest, ~10 GB at fp16). "
+                                               "model_cpu_offload: one model on the GPU at a time (8 GB cards). "
+                                               "sequential_cpu_offload: smallest memory, much slower."}),
+                "vae_tiling": ("BOOLEAN", {"default": False, "tooltip": "Decode in tiles: less memory for large images, slightly slower."}),
+            },
+            "optional": {
+                "device": (DEVICES, {"default": "auto", "tooltip": "Where to run. auto picks CUDA, then MPS, then CPU."}),
+                "vae": (vae_choices(), {"default": "none", "tooltip": "Optional replacement VAE, e.g. sdxl-vae-fp16-fix, so fp16 decoding needs no upcast."}),
+                "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the UNet and ControlNet (CUDA): slow first run, faster after."}),
+                "attention": (ATTENTION, {"default": "sdpa", "tooltip": "sdpa: PyTorch scaled-dot-product attention (fast). classic: plain attention."}),
+            },
+        }
+
+    def load(self, checkpoint, controlnet, dtype="auto", memory_mode="none", vae_tiling=False,
+             device="auto", vae="none", compile=False, attention="sdpa"):
+        from ..pipeline.loading import LoadOptions, load_pipeline
+
+        base_path = resolve("checkpoint", checkpoint)
+        cn_path = resolve("controlnet", controlnet)
+        vae_path = None if vae in (None, "", "none") else resolve("vae", vae)
+        options = LoadOptions(
+            device=None if device == "auto" else device,
+            dtype=None if dtype == "auto" else dtype,
+            memory_mode=memory_mode,
+            vae_tiling=bool(vae_tiling),
+            vae=vae_path,
+            compile=bool(compile),
+            attention=attention,
+        )
+        free_comfy_memory()
+        log.info("SDXLCNLoader: %s + %s (%s)", checkpoint, controlnet, options)
+        pipe = load_pipeline(base_path, cn_path, options=options)
+        return (PipelineHandle(pipe=pipe, source={"checkpoint": checkpoint, "controlnet": controlnet,
+                                                  "dtype": dtype, "memory_mode": memory_mode}),)

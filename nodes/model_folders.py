@@ -1,0 +1,110 @@
+"""Where the nodes find models: ComfyUI's ``folder_paths`` (checkpoints, diffusers, controlnet, vae,
+loras) plus the pack's own ``safety_checker`` and ``prompt_expansion`` folders under models/."""
+
+from __future__ import annotations
+
+import os
+
+from .comfy_hooks import folder_paths
+
+SAFETY_CHECKER_FOLDER = "safety_checker"
+PROMPT_EXPANSION_FOLDER = "prompt_expansion"
+WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def register_model_folders() -> None:
+    """Add the pack's own model folders to ComfyUI (models/safety_checker, models/prompt_expansion)."""
+    fp = folder_paths()
+    if fp is None:
+        return
+    for name in (SAFETY_CHECKER_FOLDER, PROMPT_EXPANSION_FOLDER):
+        if name not in fp.folder_names_and_paths:
+            fp.folder_names_and_paths[name] = ([os.path.join(fp.models_dir, name)], {"folder"})
+
+
+def _folders(name: str) -> list[str]:
+    fp = folder_paths()
+    if fp is None:
+        return []
+    try:
+        return [p for p in fp.get_folder_paths(name) if os.path.isdir(p)]
+    except KeyError:
+        return []
+
+
+def _subfolders_with(name: str, marker: str) -> dict[str, str]:
+    """Folders (any depth) under ComfyUI's ``name`` model folders that contain ``marker``, by relative name."""
+    found: dict[str, str] = {}
+    for root in _folders(name):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            if marker in filenames:
+                rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+                if rel != ".":
+                    found.setdefault(rel, dirpath)
+                dirnames[:] = []  # a model folder's subfolders are its components
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return found
+
+
+def _weight_files(name: str) -> list[str]:
+    fp = folder_paths()
+    if fp is None:
+        return []
+    try:
+        return [f for f in fp.get_filename_list(name) if f.lower().endswith(WEIGHT_EXTENSIONS)]
+    except KeyError:
+        return []
+
+
+def checkpoint_choices() -> list[str]:
+    """SDXL single files in models/checkpoints, then diffusers folders in models/diffusers (by folder name)."""
+    return sorted(_weight_files("checkpoints")) + sorted(_subfolders_with("diffusers", "model_index.json"))
+
+
+def controlnet_choices() -> list[str]:
+    """ControlNet files and diffusers folders (with config.json) in models/controlnet."""
+    return sorted(_weight_files("controlnet")) + sorted(_subfolders_with("controlnet", "config.json"))
+
+
+def vae_choices() -> list[str]:
+    return ["none"] + sorted(_weight_files("vae")) + sorted(_subfolders_with("vae", "config.json"))
+
+
+def resolve(kind: str, name: str) -> str:
+    """The full path of a combo value; raises with the folder to put it in when it is gone."""
+    fp = folder_paths()
+    if os.path.isabs(name) and os.path.exists(name):
+        return name
+    if fp is not None:
+        folder = {"checkpoint": "checkpoints", "controlnet": "controlnet", "vae": "vae"}[kind]
+        path = fp.get_full_path(folder, name)
+        if path:
+            return path
+        marker = "model_index.json" if kind == "checkpoint" else "config.json"
+        for folder_name in (("diffusers",) if kind == "checkpoint" else (folder,)):
+            found = _subfolders_with(folder_name, marker).get(name)
+            if found:
+                return found
+    where = {"checkpoint": "models/checkpoints (single files) or models/diffusers (diffusers folders)",
+             "controlnet": "models/controlnet", "vae": "models/vae"}[kind]
+    raise FileNotFoundError(f"{kind}: {name!r} was not found; put it in ComfyUI's {where} and refresh")
+
+
+def search_dirs(folder_name: str) -> list[str]:
+    """ComfyUI's folders for one of the pack's model kinds (empty outside ComfyUI)."""
+    register_model_folders()
+    return _folders(folder_name)
+
+
+def resolve_request_hooks(request) -> dict:
+    """Safety checker / prompt expander for a request, from models/safety_checker and models/prompt_expansion."""
+    try:
+        from ..pipeline.model_hooks import resolve_hooks  # provided by the safety/expansion library
+    except ImportError:
+        return {}
+    safety, expander = resolve_hooks(
+        request,
+        safety_dirs=search_dirs(SAFETY_CHECKER_FOLDER),
+        expansion_dirs=search_dirs(PROMPT_EXPANSION_FOLDER),
+    )
+    return {"safety_checker": safety, "prompt_expander": expander}
