@@ -5,10 +5,12 @@ Importing this is cheap (no torch, no diffusers); each node imports the heavy pa
 
 from .canny_node import SDXLCNCanny
 from .loader import SDXLCNLoader
+from .example_inputs import install_example_inputs
 from .model_folders import register_model_folders
 from .sampler import SDXLCNImg2Img
 
 register_model_folders()
+install_example_inputs()
 
 NODE_CLASS_MAPPINGS = {
     "SDXLCNLoader": SDXLCNLoader,

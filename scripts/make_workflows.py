@@ -1,0 +1,150 @@
+"""Write the example workflows (UI format in workflows/, API format in workflows/api/) from the
+node definitions, so their widget values always follow INPUT_TYPES order and defaults.
+
+    .venv/bin/python scripts/make_workflows.py
+
+Run it again after changing a node's inputs; tests/test_workflows.py checks the files against the nodes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+from sdxl_controlnet_img2img import NODE_CLASS_MAPPINGS  # noqa: E402
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+EXAMPLE_IMAGE = "sdxlcn_fortress.png"  # copied into ComfyUI's input folder by the pack (nodes/example_inputs.py)
+
+# ComfyUI core nodes used by the examples: (inputs, widgets, outputs)
+CORE = {
+    "LoadImage": ([], [("image", EXAMPLE_IMAGE), ("upload", "image")], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "SaveImage": ([("images", "IMAGE")], [("filename_prefix", "sdxlcn")], []),
+}
+
+DEFAULT_REQUEST = {
+    "prompt": "Ice fortress, aurora skies, polar wildlife, twilight",
+    "negative_prompt": "cartoon, illustration, animation. face. male, female",
+    "seed": 42,
+}
+
+
+def node_io(type_name):
+    """(link inputs [(name, type)], widgets [(name, default)], outputs [(name, type)]) of a node type."""
+    if type_name in CORE:
+        return CORE[type_name]
+    cls = NODE_CLASS_MAPPINGS[type_name]
+    spec = cls.INPUT_TYPES()
+    links, widgets = [], []
+    for section in ("required", "optional"):
+        for name, (typ, *opts) in spec.get(section, {}).items():
+            opts = opts[0] if opts else {}
+            if isinstance(typ, list):
+                widgets.append((name, opts.get("default", typ[0] if typ else "")))
+            elif typ in WIDGET_TYPES:
+                widgets.append((name, opts.get("default")))
+            else:
+                links.append((name, typ))
+    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+    return links, widgets, list(zip(names, cls.RETURN_TYPES))
+
+
+def build(nodes):
+    """nodes: list of (id, type, {widget: value}, {input: (from_id, slot)}) -> (ui, api) workflow dicts."""
+    api, ui_nodes, links = {}, [], []
+    out_links = {}
+    for order, (nid, typ, values, inputs) in enumerate(nodes):
+        link_inputs, widgets, outputs = node_io(typ)
+        wv = []
+        api_inputs = {}
+        for name, default in widgets:
+            v = values.get(name, default)
+            wv.append(v)
+            if name == "seed":
+                wv.append("fixed")
+            if name != "upload":
+                api_inputs[name] = v
+        ui_inputs = []
+        for name, t in link_inputs:
+            entry = {"name": name, "type": t, "link": None}
+            if name in inputs:
+                src, slot = inputs[name]
+                link_id = len(links) + 1
+                src_type = node_io(next(n[1] for n in nodes if n[0] == src))[2][slot][1]
+                links.append([link_id, src, slot, nid, len(ui_inputs), src_type])
+                out_links.setdefault((src, slot), []).append(link_id)
+                entry["link"] = link_id
+                api_inputs[name] = [str(src), slot]
+            ui_inputs.append(entry)
+        api[str(nid)] = {"class_type": typ, "inputs": api_inputs}
+        ui_nodes.append({
+            "id": nid, "type": typ, "pos": [40 + 380 * order, 120 if order % 2 == 0 else 200], "size": [340, 260],
+            "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs,
+            "outputs": [{"name": n, "type": t, "links": None, "slot_index": i} for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": typ}, "widgets_values": wv,
+        })
+    for node in ui_nodes:
+        for i, out in enumerate(node["outputs"]):
+            out["links"] = out_links.get((node["id"], i), [])
+    ui = {
+        "id": "00000000-0000-4000-8000-000000000001", "revision": 0,
+        "last_node_id": max(n[0] for n in nodes), "last_link_id": len(links),
+        "nodes": ui_nodes, "links": links, "groups": [], "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4,
+    }
+    return ui, api
+
+
+def local_graph(checkpoint, controlnet, sampler_values=None, lora=None):
+    nodes = [
+        (1, "LoadImage", {}, {}),
+        (2, "SDXLCNCanny", {}, {"image": (1, 0)}),
+        (3, "SDXLCNLoader", {"checkpoint": checkpoint, "controlnet": controlnet}, {}),
+    ]
+    pipe_src = (3, 0)
+    if lora:
+        nodes.append((6, "SDXLCNLoraLoader", {"lora_name": lora, "strength": 1.0}, {"pipeline": (3, 0)}))
+        pipe_src = (6, 0)
+    values = {**DEFAULT_REQUEST, "apply_canny": False, **(sampler_values or {})}
+    nodes.append((4, "SDXLCNImg2Img", values, {"pipeline": pipe_src, "image": (1, 0), "control_image": (2, 0)}))
+    nodes.append((5, "SaveImage", {}, {"images": (4, 0)}))
+    return nodes
+
+
+def fal_graph():
+    return [
+        (1, "LoadImage", {}, {}),
+        (4, "SDXLCNFalImg2Img", dict(DEFAULT_REQUEST), {"image": (1, 0), "control_image": (1, 0)}),
+        (5, "SaveImage", {}, {"images": (4, 0)}),
+    ]
+
+
+def main():
+    real = ("sd_xl_base_1.0.safetensors", "controlnet-canny-sdxl-1.0")
+    tiny = ("tiny-sdxl", "tiny-controlnet-canny")
+    graphs = {
+        "sdxl_controlnet_img2img": local_graph(*real),
+        "sdxl_controlnet_img2img_lora": local_graph(*real, lora="example_sdxl_lora.safetensors")
+        if "SDXLCNLoraLoader" in NODE_CLASS_MAPPINGS else None,
+        "sdxl_controlnet_img2img_fal": fal_graph() if "SDXLCNFalImg2Img" in NODE_CLASS_MAPPINGS else None,
+        # tiny offline models, for tests and a quick check of an install (not a template: lives in a subfolder)
+        "tiny/sdxl_controlnet_img2img_tiny": local_graph(*tiny, {"image_size": "custom", "width": 64, "height": 64,
+                                                                  "enable_safety_checker": False}),
+    }
+    for name, graph in graphs.items():
+        if graph is None:
+            print(f"skipped {name}: its node is not defined yet")
+            continue
+        ui, api = build(graph)
+        ui_path = ROOT / "workflows" / f"{name}.json"
+        api_path = ROOT / "workflows" / "api" / f"{Path(name).name}.json"
+        ui_path.parent.mkdir(parents=True, exist_ok=True)
+        api_path.parent.mkdir(parents=True, exist_ok=True)
+        ui_path.write_text(json.dumps(ui, indent=2) + "\n", encoding="utf-8")
+        api_path.write_text(json.dumps(api, indent=2) + "\n", encoding="utf-8")
+        print(ui_path.relative_to(ROOT), api_path.relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    main()
