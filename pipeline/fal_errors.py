@@ -1,0 +1,70 @@
+"""Errors of the remote (fal) path. Every message is redacted of the fal key before it is built."""
+
+from __future__ import annotations
+
+from .errors import GenerationCancelled, SDXLCNError
+
+
+class FalError(SDXLCNError):
+    """Base class of every fal failure. ``request_id`` is set once fal accepted the request."""
+
+    def __init__(self, message: str, request_id: str | None = None):
+        self.request_id = request_id
+        super().__init__(message)
+
+
+class FalKeyMissing(FalError):
+    """No fal key was found (environment or key file)."""
+
+
+class FalAuthError(FalError):
+    """fal refused the key (HTTP 401/403); the message carries fal's own ``detail`` verbatim."""
+
+    def __init__(self, message: str, status_code: int, detail: str, request_id: str | None = None):
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(message, request_id)
+
+
+class FalValidationError(FalError, ValueError):
+    """fal rejected a field (HTTP 422), or a value cannot be sent to fal. ``field`` names it."""
+
+    def __init__(self, field: str, message: str, request_id: str | None = None):
+        self.field = field
+        super().__init__(f"{field}: {message}", request_id)
+
+
+class FalRateLimited(FalError):
+    """HTTP 429 still after the allowed retries."""
+
+
+class FalServerError(FalError):
+    """HTTP 5xx still after the allowed retries, or another unexpected HTTP status."""
+
+    def __init__(self, message: str, status_code: int | None = None, request_id: str | None = None):
+        self.status_code = status_code
+        super().__init__(message, request_id)
+
+
+class FalTimeout(FalError, TimeoutError):
+    """Waiting for fal took longer than allowed. The request may still finish: fetch it by id."""
+
+
+class FalConnectionError(FalError, ConnectionError):
+    """The connection to fal failed or dropped (still after the allowed retries)."""
+
+
+class FalRequestFailed(FalError):
+    """fal ran the request and reported an error for it."""
+
+
+class FalNoImages(FalError):
+    """fal's result holds no images."""
+
+
+class FalImageDownloadError(FalError):
+    """A result image could not be downloaded or decoded."""
+
+
+class FalCancelled(FalError, GenerationCancelled):
+    """The user cancelled; fal was asked to cancel the request."""

@@ -1,0 +1,102 @@
+"""The fal key: where it comes from, and keeping it out of every message.
+
+Lookup order (first found wins):
+
+1. ``key=`` passed by the caller (library use only; the node never takes a key as a widget);
+2. ``FAL_KEY``;
+3. ``FAL_KEY_ID`` + ``FAL_KEY_SECRET`` (joined as ``id:secret``, the shape fal's key has);
+4. a key file: one line holding the key. The ComfyUI node looks in
+   ``<ComfyUI user dir>/sdxl_controlnet_img2img/fal_key.txt``: the user directory's root, *not* a
+   per-user folder such as ``user/default``, because ComfyUI serves per-user folders over its
+   ``/userdata`` HTTP API.
+
+Every key found is registered with :func:`redact`, which the remote path applies to every
+message, log line and exception text it produces.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from .fal_errors import FalKeyMissing
+
+KEY_FILE_DIRNAME = "sdxl_controlnet_img2img"
+KEY_FILE_NAME = "fal_key.txt"
+REDACTED = "[fal key redacted]"
+
+_secrets: set[str] = set()
+_lock = threading.Lock()
+
+
+def default_key_file(user_dir) -> Path:
+    """The key file inside a ComfyUI user directory."""
+    return Path(user_dir) / KEY_FILE_DIRNAME / KEY_FILE_NAME
+
+
+def register_secret(value: str | None) -> None:
+    """Remember ``value`` (and its parts) so :func:`redact` removes it from any text."""
+    if not value:
+        return
+    parts = {value, *value.split(":")} if ":" in value else {value}
+    with _lock:
+        for p in parts:
+            if len(p) >= 6:  # never redact trivially short fragments (would mangle ordinary text)
+                _secrets.add(p)
+
+
+def redact(text) -> str:
+    """``text`` with every registered secret replaced."""
+    s = str(text)
+    with _lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for secret in secrets:
+        if secret in s:
+            s = s.replace(secret, REDACTED)
+    return s
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts the formatted message of every record it passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:
+            return True
+        clean = redact(msg)
+        if clean != msg:
+            record.msg, record.args = clean, ()
+        return True
+
+
+def resolve_key(key: str | None = None, key_file=None) -> str:
+    """The fal key, or :class:`FalKeyMissing` saying how to set one."""
+    found = None
+    if key:
+        found = key.strip()
+    elif os.environ.get("FAL_KEY", "").strip():
+        found = os.environ["FAL_KEY"].strip()
+    elif os.environ.get("FAL_KEY_ID", "").strip() and os.environ.get("FAL_KEY_SECRET", "").strip():
+        found = f"{os.environ['FAL_KEY_ID'].strip()}:{os.environ['FAL_KEY_SECRET'].strip()}"
+    elif key_file is not None:
+        path = Path(key_file)
+        if path.is_file():
+            try:
+                lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise FalKeyMissing(f"the fal key file {path} cannot be read ({exc.__class__.__name__})") from None
+            lines = [ln for ln in lines if ln and not ln.startswith("#")]
+            if lines:
+                found = lines[0]
+    if not found:
+        where = f" or put it on the first line of {Path(key_file)}" if key_file is not None else ""
+        raise FalKeyMissing(
+            "no fal key found: set the FAL_KEY environment variable (or FAL_KEY_ID and FAL_KEY_SECRET) "
+            f"before starting ComfyUI{where}. Get a key at https://fal.ai/dashboard/keys. "
+            "Never put the key in a widget or a workflow."
+        )
+    register_secret(found)
+    return found

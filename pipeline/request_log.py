@@ -1,0 +1,83 @@
+"""A JSON-lines record of every request submitted to fal, written before waiting starts.
+
+fal bills per request: if waiting times out, the process dies or ComfyUI restarts, the id in
+this file lets the user fetch the finished result (``fetch_remote_result`` / ``fal-fetch``)
+instead of paying again. One object per line::
+
+    {"event": "submitted", "request_id": "...", "endpoint": "fal-ai/...", "time": "2025-...Z", ...}
+    {"event": "completed", "request_id": "...", "time": "..."}
+
+The key is never written (only ids, the endpoint, the time and a few request fields).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+LOG_FILE_NAME = "fal_requests.jsonl"
+_lock = threading.Lock()
+
+
+def log_path(log_dir) -> Path:
+    return Path(log_dir) / LOG_FILE_NAME
+
+
+def append(log_dir, event: str, request_id: str, **fields) -> Path:
+    """Append one record and flush it to disk (fsync) before returning."""
+    path = log_path(log_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"event": event, "request_id": request_id,
+              "time": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"), **fields}
+    line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+    with _lock:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+def read(log_dir) -> list[dict]:
+    """All records, oldest first (unreadable lines are skipped)."""
+    path = log_path(log_dir)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "request_id" in rec:
+            out.append(rec)
+    return out
+
+
+def find(log_dir, request_id: str) -> dict | None:
+    """The ``submitted`` record of ``request_id``, merged with its latest event, or None."""
+    merged = None
+    for rec in read(log_dir):
+        if rec.get("request_id") != request_id:
+            continue
+        if merged is None:
+            merged = dict(rec)
+        else:
+            merged["last_event"] = rec.get("event")
+            merged["last_time"] = rec.get("time")
+    return merged
+
+
+def pending(log_dir) -> list[dict]:
+    """Submitted requests whose result was never fetched (newest last)."""
+    state: dict[str, dict] = {}
+    for rec in read(log_dir):
+        rid = rec["request_id"]
+        if rec.get("event") == "submitted":
+            state[rid] = dict(rec)
+        elif rid in state:
+            state[rid]["last_event"] = rec.get("event")
+    return [r for r in state.values() if r.get("last_event") not in ("completed", "cancelled")]
