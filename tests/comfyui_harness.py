@@ -1,0 +1,131 @@
+"""Start a real ComfyUI server with this pack installed, for integration tests.
+
+Needs ``COMFYUI_DIR`` (a ComfyUI checkout) and optionally ``COMFYUI_PYTHON`` (the interpreter of its
+environment, with the pack's requirements installed; default: this interpreter). Each server runs in
+its own temp base directory (models, custom_nodes, input, output, user), with the pack linked under a
+folder name with dashes, as ComfyUI-Manager installs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACK_FOLDER = "comfyui-sdxl-controlnet-img2img"
+
+
+def comfyui_dir() -> Path | None:
+    d = os.environ.get("COMFYUI_DIR")
+    return Path(d) if d and (Path(d) / "main.py").is_file() else None
+
+
+SKIP_REASON = "set COMFYUI_DIR to a ComfyUI 0.8.0 checkout (and COMFYUI_PYTHON to its interpreter) to run real-ComfyUI tests"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyUI:
+    def __init__(self, base: Path, port: int, proc: subprocess.Popen, log_path: Path):
+        self.base, self.port, self.proc, self.log_path = base, port, proc, log_path
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, timeout: float = 10):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read() or b"null")
+
+    def post(self, path: str, body, timeout: float = 10):
+        """POST JSON; returns (status, parsed body) for any HTTP status."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw.strip() else None)
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                return e.code, json.loads(raw)
+            except ValueError:
+                return e.code, raw.decode(errors="replace")
+
+    def queue_prompt(self, prompt: dict) -> str:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "sdxlcn-tests"})
+        assert status == 200, body
+        return body["prompt_id"]
+
+    def wait_history(self, prompt_id: str, deadline_s: float = 300) -> dict:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError("ComfyUI exited:\n" + self.log()[-3000:])
+            h = self.get(f"/history/{prompt_id}")
+            if h and prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
+                entry = h[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error") or entry.get("outputs"):
+                    return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {deadline_s}s")
+
+
+@contextlib.contextmanager
+def running_comfyui(base: Path, models: dict[str, dict[str, Path]] | None = None, deadline_s: float = 180):
+    """Run ComfyUI with the pack, ``models`` = {folder: {name: path}} linked into models/."""
+    cdir = comfyui_dir()
+    assert cdir is not None, SKIP_REASON
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_FOLDER
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    for folder, entries in (models or {}).items():
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        for name, path in entries.items():
+            dst = base / "models" / folder / name
+            if not dst.exists():
+                dst.symlink_to(Path(path).resolve())
+    port = free_port()
+    log_path = base / "comfyui.log"
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)],
+            cwd=cdir, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    server = ComfyUI(base, port, proc, log_path)
+    try:
+        end = time.monotonic() + deadline_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("ComfyUI exited during startup:\n" + server.log()[-3000:])
+            try:
+                server.get("/object_info/SaveImage", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                if time.monotonic() > end:
+                    raise TimeoutError("ComfyUI did not answer in time:\n" + server.log()[-3000:])
+                time.sleep(0.25)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=10)

@@ -1,0 +1,103 @@
+"""The pack in a real ComfyUI server (skipped without COMFYUI_DIR): loads, runs the API example on
+tiny models, cancels, and reports bad input clearly while the server keeps serving."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import numpy as np
+import pytest
+
+from .comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, running_comfyui
+
+pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_models):
+    base = tmp_path_factory.mktemp("comfyui-base")
+    models = {"diffusers": {"tiny-sdxl": tiny_models["checkpoint"]},
+              "controlnet": {"tiny-controlnet-canny": tiny_models["controlnet"]}}
+    with running_comfyui(base, models) as s:
+        yield s
+
+
+def tiny_workflow():
+    return json.loads((ROOT / "workflows" / "api" / "sdxl_controlnet_img2img_tiny.json").read_text())
+
+
+def _sampler(wf):
+    return next(n for n in wf.values() if n["class_type"] == "SDXLCNImg2Img")["inputs"]
+
+
+def test_pack_loads_without_import_errors(server):
+    log = server.log()
+    assert "IMPORT FAILED" not in log and "Cannot import" not in log, log[-3000:]
+    info = server.get("/object_info")
+    for name in ("SDXLCNLoader", "SDXLCNCanny", "SDXLCNImg2Img"):
+        assert name in info, name
+    loader = info["SDXLCNLoader"]["input"]["required"]
+    assert "tiny-sdxl" in loader["checkpoint"][0] and "tiny-controlnet-canny" in loader["controlnet"][0]
+    assert (server.base / "input" / "sdxlcn_fortress.png").is_file()
+
+
+def test_api_example_runs_on_tiny_models(server):
+    from PIL import Image
+
+    entry = server.wait_history(server.queue_prompt(tiny_workflow()))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
+    assert len(saved) == 1
+    path = server.base / "output" / saved[0]["subfolder"] / saved[0]["filename"]
+    with Image.open(path) as img:
+        assert img.size == (64, 64)
+        pixels = np.asarray(img.convert("RGB")).reshape(-1, 3)
+        assert len(np.unique(pixels, axis=0)) > 50  # a real picture, not a blank
+    canny_ui = entry["outputs"].get("2", {}).get("images", [])
+    assert canny_ui and canny_ui[0]["type"] == "temp"  # the edge map preview on the Canny node
+
+
+def test_cancel_stops_a_long_run(server):
+    wf = tiny_workflow()
+    s = _sampler(wf)
+    s.update(num_inference_steps=50, strength=1.0, width=512, height=512, seed=7)
+    prompt_id = server.queue_prompt(wf)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:  # wait until it is running
+        q = server.get("/queue")
+        if any(item[1] == prompt_id for item in q["queue_running"]):
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)  # let it get into the denoising loop
+    t0 = time.monotonic()
+    status, _ = server.post("/interrupt", {})
+    assert status == 200
+    entry = server.wait_history(prompt_id, deadline_s=60)
+    assert time.monotonic() - t0 < 15, "cancel took too long"
+    assert entry["status"]["status_str"] == "error"
+    messages = json.dumps(entry["status"]["messages"])
+    assert "execution_interrupted" in messages, messages
+
+
+def test_bad_inputs_give_clear_errors_and_server_keeps_serving(server):
+    wf = tiny_workflow()
+    _sampler(wf)["strength"] = 1.5
+    status, body = server.post("/prompt", {"prompt": wf})
+    assert status == 400 and "strength" in json.dumps(body["node_errors"]), body
+
+    wf = tiny_workflow()
+    _sampler(wf)["prompt"] = "   "
+    entry = server.wait_history(server.queue_prompt(wf))
+    assert entry["status"]["status_str"] == "error"
+    err = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert err["exception_message"].startswith("prompt: is required"), err["exception_message"]
+
+    wf = tiny_workflow()
+    next(n for n in wf.values() if n["class_type"] == "SDXLCNLoader")["inputs"]["checkpoint"] = "missing.safetensors"
+    status, body = server.post("/prompt", {"prompt": wf})
+    assert status == 400 and "checkpoint" in json.dumps(body), body
+
+    ok = server.wait_history(server.queue_prompt(copy.deepcopy(tiny_workflow())))
+    assert ok["status"]["status_str"] == "success"
