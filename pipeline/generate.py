@@ -137,6 +137,14 @@ def generate(
         prompt = expanded
         timings["expand_prompt"] = time.perf_counter() - t
 
+    # The request's LoRA set becomes the pipe's active set just before sampling (files already kept
+    # as adapters are not read again; an empty set switches every adapter off).
+    t = time.perf_counter()
+    from .lora import activate
+
+    activate(pipe, request.loras)
+    timings["lora"] = time.perf_counter() - t
+
     per_image = request.steps_to_run
     total = per_image * request.num_images
     images = []

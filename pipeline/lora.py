@@ -1,0 +1,476 @@
+"""LoRA on a loaded SDXL ControlNet pipeline, through diffusers' PEFT integration.
+
+* **Sources** (:func:`resolve_source`): a file in a LoRA folder (bare name, with or without
+  ``.safetensors``), a local path or ``file://`` URL, an ``http(s)://`` URL (downloaded once into
+  a cache folder, with a size cap and a timeout), or a Hugging Face hub repo id
+  (``owner/repo`` or ``owner/repo/file.safetensors``), fetched only when the network is allowed
+  (``HF_HUB_OFFLINE`` unset); offline, a copy already in the hub cache is still used.
+* **Formats**: kohya/A1111 SDXL LoRAs (``lora_unet_*``, ``lora_te1_*``, ``lora_te2_*`` with
+  ``.lora_down``/``.lora_up``/``.alpha``, in sgm or diffusers block naming) and diffusers/PEFT
+  LoRAs (``unet.*``, ``text_encoder.*``, ``text_encoder_2.*`` with ``lora_A``/``lora_B`` or
+  ``lora.down``/``lora.up``). Every LoRA weight is checked against the model's layers before
+  loading: an SD 1.x/2.x LoRA, a file that is not a LoRA, and a LoRA none of whose weights fit are
+  errors naming the LoRA; weights that fit nothing are skipped, reported by a warning and in
+  :attr:`LoadedLora.skipped`.
+* **Switching is cheap**: each file is read once per pipeline and kept as a PEFT adapter, keyed by
+  (path, mtime, size). :func:`activate` only selects adapters and sets their weights; it never
+  fuses, so an empty LoRA list disables every adapter and gives the base model's output exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import urllib.parse
+import urllib.request
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SDXLCNError
+from .request import LoraSpec
+
+log = logging.getLogger(__name__)
+
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
+MAX_LORA_DOWNLOAD_BYTES = 2 * 1024**3
+LORA_DOWNLOAD_TIMEOUT_S = 60.0
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_SD1_CROSS_DIMS = (768, 1024)  # SD 1.x / SD 2.x text-embedding widths; SDXL's is 2048
+
+
+class LoraError(SDXLCNError, ValueError):
+    """A LoRA could not be found, read or applied. The message names the LoRA."""
+
+    def __init__(self, name: str, message: str):
+        self.lora = name
+        super().__init__(f"LoRA {name!r}: {message}")
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    """A LoRA file kept as an adapter on one pipeline."""
+
+    name: str  # as the user gave it (path, URL, repo id)
+    path: str  # the local file read
+    adapter_name: str
+    format: str  # "kohya" or "diffusers"
+    modules: dict = field(default_factory=dict)  # component -> number of layers the LoRA changes
+    skipped: tuple[str, ...] = ()  # "<component>.<layer>: <why>" for weights that fit no layer
+
+
+# ---- sources -------------------------------------------------------------------------------------
+
+
+def default_lora_dirs() -> list[Path]:
+    """LoRA folders from ``SDXLCN_LORA_DIRS`` (os.pathsep-separated)."""
+    return [Path(p).expanduser() for p in os.environ.get("SDXLCN_LORA_DIRS", "").split(os.pathsep) if p.strip()]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SDXLCN_LORA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sdxl_controlnet_img2img" / "loras"
+
+
+def network_allowed() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def _redact(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^\s]+)?$")
+
+
+def find_in_dirs(name: str, lora_dirs) -> Path | None:
+    """``name`` (relative, with or without an extension) inside one of ``lora_dirs``, or None."""
+    for d in lora_dirs or ():
+        d = Path(d).expanduser()
+        for candidate in (d / name, *(d / (name + ext) for ext in LORA_EXTENSIONS)):
+            if candidate.is_file():
+                return candidate.resolve()
+    return None
+
+
+def resolve_source(
+    source: str,
+    lora_dirs=None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    max_bytes: int = MAX_LORA_DOWNLOAD_BYTES,
+    timeout: float = LORA_DOWNLOAD_TIMEOUT_S,
+) -> Path:
+    """The local file for a LoRA source (see the module doc). Errors are :class:`LoraError`."""
+    name = source
+    if not isinstance(source, str) or not source.strip():
+        raise LoraError(str(source), "is empty; give a file name, a path, an http(s) URL or a hub repo id")
+    source = source.strip()
+    lower = source[:10].lower()
+    if lower.startswith(("http://", "https://")):
+        return _download_cached(source, cache_dir, max_bytes, timeout)
+    if lower.startswith("file://"):
+        p = Path(urllib.request.url2pathname(urllib.parse.urlsplit(source).path))
+        if not p.is_file():
+            raise LoraError(name, f"file not found: {p}")
+        return p.resolve()
+    p = Path(source).expanduser()
+    if p.is_file():
+        return p.resolve()
+    if p.is_dir():
+        for weight in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"):
+            if (p / weight).is_file():
+                return (p / weight).resolve()
+        raise LoraError(name, f"{p} is a folder without pytorch_lora_weights.safetensors; give the LoRA file itself")
+    dirs = list(lora_dirs) if lora_dirs is not None else []
+    dirs += default_lora_dirs()
+    if not p.is_absolute():
+        found = find_in_dirs(source, dirs)
+        if found is not None:
+            return found
+        if _HUB_ID.match(source) and not source.startswith((".", "~")):
+            return _hub_file(source)
+    where = f" (searched {', '.join(str(d) for d in dirs)})" if dirs else ""
+    raise LoraError(name, f"not found{where}; give a file in the LoRA folder, a local path, an http(s) URL or a hub repo id")
+
+
+def _download_cached(url: str, cache_dir, max_bytes: int, timeout: float) -> Path:
+    """Download ``url`` into the cache once; later calls reuse the file."""
+    from .errors import ImageInputError
+    from .images import download
+
+    safe = _redact(url)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    base = Path(urllib.parse.urlsplit(url).path).name or "lora.safetensors"
+    base = re.sub(r"[^\w.-]", "_", base)[-80:]
+    target = cache / f"{hashlib.sha256(url.encode('utf-8')).hexdigest()[:16]}-{base}"
+    if target.is_file():
+        return target
+    try:
+        data = download(url, "lora", max_bytes=max_bytes, timeout=timeout)
+    except ImageInputError as exc:
+        msg = str(exc).removeprefix("lora: ")
+        raise LoraError(safe, msg) from None
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".part{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target
+
+
+def _hub_file(repo_spec: str) -> Path:
+    """A LoRA file from the Hugging Face hub: ``owner/repo`` or ``owner/repo/path/in/repo``."""
+    parts = repo_spec.split("/")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    online = network_allowed()
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
+        raise LoraError(repo_spec, "looks like a hub repo id but huggingface_hub is not installed") from None
+    candidates = [filename] if filename else ["pytorch_lora_weights.safetensors"]
+    if online and not filename:
+        try:
+            files = [f for f in HfApi().list_repo_files(repo_id) if f.endswith(".safetensors")]
+        except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+            raise LoraError(repo_spec, f"could not list the hub repo {repo_id} ({exc.__class__.__name__}: {exc})") from None
+        if "pytorch_lora_weights.safetensors" not in files:
+            if len(files) != 1:
+                raise LoraError(
+                    repo_spec,
+                    f"hub repo {repo_id} has {len(files)} .safetensors files ({', '.join(files[:5])}); "
+                    f"name one as {repo_id}/<file>",
+                )
+            candidates = files
+    last = None
+    for fname in candidates:
+        try:
+            return Path(hf_hub_download(repo_id, fname, local_files_only=not online))
+        except Exception as exc:  # noqa: BLE001
+            last = exc
+    if not online:
+        raise LoraError(
+            repo_spec,
+            "is a hub repo id, but network access is off (HF_HUB_OFFLINE=1) and it is not in the hub cache; "
+            "download the LoRA file and give its path, or allow network access",
+        )
+    raise LoraError(repo_spec, f"could not download from the hub ({last.__class__.__name__}: {last})")
+
+
+# ---- reading and checking a LoRA file ------------------------------------------------------------
+
+
+def read_lora_file(path: str | os.PathLike, name: str | None = None) -> dict:
+    """Read a LoRA file into a state dict of CPU tensors (the only place files are read)."""
+    path = Path(path)
+    name = name or str(path)
+    if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                _check_lora_keys(name, keys)
+                return {k: f.get_tensor(k) for k in keys}
+        except SafetensorError as exc:
+            raise LoraError(name, f"is not a readable safetensors file ({exc}); is it a LoRA?") from None
+    import torch
+
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types
+        raise LoraError(name, f"is not a LoRA file: it cannot be read as safetensors or a torch file ({exc.__class__.__name__})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise LoraError(name, "is not a LoRA file: it holds no tensor dictionary")
+    _check_lora_keys(name, list(sd))
+    return dict(sd)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _check_lora_keys(name: str, keys) -> None:
+    lora_keys = [k for k in keys if re.search(r"(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer)", k)]
+    if not lora_keys:
+        sample = ", ".join(sorted(keys)[:3]) or "none"
+        kind = ""
+        if any(k.startswith(("model.diffusion_model.", "conditioner.")) for k in keys):
+            kind = " (it looks like a full SDXL checkpoint; load it as the checkpoint instead)"
+        elif any(k.startswith(("input_blocks.", "control_model.", "controlnet_")) for k in keys):
+            kind = " (it looks like a ControlNet)"
+        elif any("lokr" in k or "hada_" in k for k in keys):
+            kind = " (it looks like a LyCORIS LoKr/LoHa file, which is not supported)"
+        raise LoraError(name, f"is not a LoRA: none of its {len(keys)} weights is a LoRA weight (first keys: {sample}){kind}")
+
+
+def _lora_format(sd: dict) -> str:
+    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd):
+        return "kohya"
+    return "diffusers"
+
+
+def _component_peft_dicts(pipe, sd: dict) -> dict:
+    """Per component: the LoRA weights under the PEFT key names diffusers will use when loading."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    converted, _alphas = pipe.lora_state_dict(dict(sd), unet_config=pipe.unet.config)
+    out = {}
+    for comp in COMPONENTS:
+        part = {k[len(comp) + 1:]: v for k, v in converted.items() if k.startswith(comp + ".")}
+        if not part:
+            continue
+        if comp == "unet":
+            if "lora_A" not in next(iter(part)):
+                part = convert_unet_state_dict_to_peft(part)
+        else:
+            part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+            if not hasattr(getattr(pipe, comp), "text_model"):
+                part = {k.removeprefix("text_model."): v for k, v in part.items()}
+        out[comp] = part
+    leftovers = [k for k in converted if not k.startswith(tuple(c + "." for c in COMPONENTS))]
+    if leftovers:
+        out["?"] = {k: converted[k] for k in leftovers}
+    return out
+
+
+@dataclass
+class _Analysis:
+    modules: dict  # component -> count of matched layers
+    skipped: list  # human-readable
+    skipped_tensor_ids: set
+    sd1_hint: str | None
+    total: int
+
+
+def _analyse(pipe, sd: dict, name: str) -> _Analysis:
+    """Match each LoRA layer against the pipeline's modules by name and shape."""
+    try:
+        per_comp = _component_peft_dicts(pipe, sd)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise LoraError(name, f"is not a LoRA layout this loader knows (kohya SDXL or diffusers/PEFT): {exc}") from None
+    modules: dict = {}
+    skipped: list = []
+    skipped_ids: set = set()
+    sd1_hint = None
+    total = 0
+    cross_dim = pipe.unet.config.cross_attention_dim
+    for comp, part in per_comp.items():
+        model = getattr(pipe, comp, None) if comp != "?" else None
+        layers: dict = {}
+        for key, tensor in part.items():
+            m = re.match(r"^(.*)\.(lora_A|lora_B|lora_magnitude_vector)(\.|$)", key)
+            layer = m.group(1) if m else key
+            layers.setdefault(layer, {})[m.group(2) if m else "other"] = tensor
+        for layer, ts in layers.items():
+            total += 1
+            why = None
+            a, b = ts.get("lora_A"), ts.get("lora_B")
+            try:
+                target = model.get_submodule(layer) if model is not None else None
+            except AttributeError:
+                target = None
+            if target is None:
+                why = "no such layer in this model"
+            elif a is None or b is None:
+                why = "lora_A/lora_B pair incomplete"
+            else:
+                fan_in = getattr(target, "in_features", getattr(target, "in_channels", None))
+                fan_out = getattr(target, "out_features", getattr(target, "out_channels", None))
+                if fan_in is None:
+                    why = f"layer type {type(target).__name__} takes no LoRA"
+                elif a.shape[1] != fan_in or b.shape[0] != fan_out:
+                    why = f"shape {tuple(a.shape[1:2])}->{tuple(b.shape[:1])} does not fit the layer's {fan_in}->{fan_out}"
+                    if (
+                        comp == "unet"
+                        and "attn2" in layer
+                        and layer.endswith(("to_k", "to_v"))
+                        and a.shape[1] in _SD1_CROSS_DIMS
+                        and a.shape[1] != cross_dim
+                    ):
+                        sd1_hint = f"its cross-attention layers take {a.shape[1]}-wide text embeddings (SD {'1.x' if a.shape[1] == 768 else '2.x'}); this model's take {cross_dim}"
+            if why is None:
+                modules[comp] = modules.get(comp, 0) + 1
+            else:
+                skipped.append(f"{comp}.{layer}: {why}")
+                skipped_ids.update(id(t) for t in ts.values())
+    return _Analysis(modules, skipped, skipped_ids, sd1_hint, total)
+
+
+# ---- adapters kept per pipeline ------------------------------------------------------------------
+
+_ADAPTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipe -> {file key: LoadedLora}
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def loaded_adapters(pipe) -> dict:
+    """{(path, mtime_ns, size): LoadedLora} of the LoRAs kept on ``pipe``."""
+    return _ADAPTERS.setdefault(pipe, {})
+
+
+def load_lora(pipe, source: str, lora_dirs=None, **resolve_kwargs) -> LoadedLora:
+    """Make sure the LoRA ``source`` is an adapter on ``pipe``; reads the file only the first time.
+
+    A file changed on disk (other mtime or size) is read again and replaces its old adapter.
+    """
+    path = resolve_source(source, lora_dirs, **resolve_kwargs)
+    key = _file_key(path)
+    kept = loaded_adapters(pipe)
+    if key in kept:
+        return kept[key]
+    for old_key in [k for k in kept if k[0] == key[0]]:  # same file, changed on disk
+        _delete_adapter(pipe, kept.pop(old_key).adapter_name)
+    sd = read_lora_file(path, source)
+    fmt = _lora_format(sd)
+    info = _analyse(pipe, sd, source)
+    te_only_sd1 = any(k.startswith("lora_te_") for k in sd) and not any(k.startswith(("lora_te1_", "lora_te2_")) for k in sd)
+    if info.sd1_hint or (te_only_sd1 and (info.skipped or "unet" not in info.modules)):
+        why = info.sd1_hint or "its text-encoder weights are named lora_te_* (SD 1.x/2.x); SDXL LoRAs use lora_te1_*/lora_te2_*"
+        raise LoraError(source, f"is an SD 1.x/2.x LoRA, not an SDXL LoRA: {why}. Use an SDXL LoRA")
+    if not info.modules:
+        sample = "; ".join(info.skipped[:3])
+        raise LoraError(source, f"none of its {info.total} LoRA layers matches a layer of this SDXL model ({sample}); is it a LoRA for another model?")
+    if info.skipped:
+        sd = _drop(sd, info.skipped_tensor_ids)
+        shown = "; ".join(info.skipped[:5]) + (f"; and {len(info.skipped) - 5} more" if len(info.skipped) > 5 else "")
+        log.warning("LoRA %r: loaded %d of %d layers; skipped %s", source, info.total - len(info.skipped), info.total, shown)
+    adapter = "sdxlcn_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+    try:
+        with _quiet_libraries():
+            pipe.load_lora_weights(sd, adapter_name=adapter)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        _delete_adapter(pipe, adapter)
+        raise LoraError(source, f"could not be applied to this model ({exc.__class__.__name__}: {exc})") from None
+    loaded = LoadedLora(source, str(path), adapter, fmt, dict(info.modules), tuple(info.skipped))
+    kept[key] = loaded
+    return loaded
+
+
+class _quiet_libraries:
+    """Silence diffusers'/transformers' per-load chatter (other adapters' weights listed as "MISSING",
+    "no LoRA keys for text_encoder_2"); what matters is reported by this module's own analysis."""
+
+    def __enter__(self):
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+
+        self._levels = [(m, m.get_verbosity()) for m in (dl, tl)]
+        for m, _ in self._levels:
+            m.set_verbosity_error()
+        return self
+
+    def __exit__(self, *exc):
+        for m, level in self._levels:
+            m.set_verbosity(level)
+        return False
+
+
+def _drop(sd: dict, tensor_ids: set) -> dict:
+    """``sd`` without the tensors in ``tensor_ids`` (and kohya alphas whose down weight went)."""
+    out = {k: v for k, v in sd.items() if id(v) not in tensor_ids}
+    groups = {k.split(".")[0] for k in out if k.endswith("lora_down.weight")}
+    return {k: v for k, v in out.items() if not k.endswith(".alpha") or k.split(".")[0] in groups}
+
+
+def _delete_adapter(pipe, adapter_name: str) -> None:
+    from diffusers.utils.peft_utils import delete_adapter_layers
+
+    for comp in COMPONENTS:
+        model = getattr(pipe, comp, None)
+        if model is not None and adapter_name in (getattr(model, "peft_config", None) or {}):
+            delete_adapter_layers(model, adapter_name)
+            model.peft_config.pop(adapter_name, None)
+
+
+def activate(pipe, loras, lora_dirs=None, **resolve_kwargs) -> list[LoadedLora]:
+    """Make exactly ``loras`` (LoraSpec or {path, scale}) the active LoRAs of ``pipe``, with their scales.
+
+    Files not yet kept on the pipe are read and loaded once; then adapters are selected and
+    weighted (``set_adapters``' per-component work), never fused. An empty list disables every
+    adapter, so the output equals the base model's. The same file listed twice has its scales added.
+    """
+    from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
+
+    specs = [l if isinstance(l, LoraSpec) else LoraSpec(l["path"], float(l.get("scale", 1.0))) for l in loras or ()]
+    kept = _ADAPTERS.get(pipe)
+    if not specs and not kept:
+        return []  # no LoRA ever loaded on this pipe: nothing to switch off
+    loaded = [load_lora(pipe, s.path, lora_dirs, **resolve_kwargs) for s in specs]
+    weights: dict = {}
+    for s, l in zip(specs, loaded):
+        weights[l.adapter_name] = weights.get(l.adapter_name, 0.0) + float(s.scale)
+    names, scales = list(weights), list(weights.values())
+    for comp in COMPONENTS:
+        model = getattr(pipe, comp, None)
+        if model is None or not getattr(model, "peft_config", None):
+            continue
+        if names:
+            set_adapter_layers(model, enabled=True)
+            set_weights_and_activate_adapters(model, names, scales)
+        else:
+            set_adapter_layers(model, enabled=False)
+    return loaded
+
+
+def unload_all(pipe) -> None:
+    """Delete every adapter this module kept on ``pipe`` (frees their memory)."""
+    for l in list(loaded_adapters(pipe).values()):
+        _delete_adapter(pipe, l.adapter_name)
+    _ADAPTERS.pop(pipe, None)
