@@ -5,6 +5,7 @@ Importing this is cheap (no torch, no diffusers); each node imports the heavy pa
 
 from .canny_node import SDXLCNCanny
 from .loader import SDXLCNLoader
+from .lora_node import SDXLCNLoraLoader
 from .example_inputs import install_example_inputs
 from .model_folders import register_model_folders
 from .sampler import SDXLCNImg2Img
@@ -14,12 +15,14 @@ install_example_inputs()
 
 NODE_CLASS_MAPPINGS = {
     "SDXLCNLoader": SDXLCNLoader,
+    "SDXLCNLoraLoader": SDXLCNLoraLoader,
     "SDXLCNCanny": SDXLCNCanny,
     "SDXLCNImg2Img": SDXLCNImg2Img,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SDXLCNLoader": "Load SDXL ControlNet Pipeline",
+    "SDXLCNLoraLoader": "SDXL ControlNet LoRA",
     "SDXLCNCanny": "Canny Edges (OpenCV)",
     "SDXLCNImg2Img": "SDXL ControlNet Img2Img",
 }

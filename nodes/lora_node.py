@@ -1,0 +1,65 @@
+"""``SDXLCNLoraLoader``: add a LoRA (file from ComfyUI's ``loras`` folder + strength) to an ``SDXLCN_PIPELINE``.
+
+Chainable: each node returns a new pipeline value whose LoRA list has one more entry; the shared
+pipeline object is not changed, so graph branches with different LoRAs stay independent. The LoRA
+file is read here once (errors show on this node) and kept as an adapter; the sampler activates
+the value's LoRA set just before sampling.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..pipeline.request import LoraSpec
+from .comfy_hooks import CATEGORY, folder_paths
+
+
+def _lora_names() -> list[str]:
+    fp = folder_paths()
+    if fp is None:
+        return []
+    try:
+        return list(fp.get_filename_list("loras"))
+    except Exception:  # noqa: BLE001 - a broken folder config must not hide the node
+        return []
+
+
+def _full_path(lora_name: str) -> str:
+    fp = folder_paths()
+    if fp is not None:
+        path = fp.get_full_path("loras", lora_name)
+        if path:
+            return path
+    if os.path.isfile(lora_name):  # outside ComfyUI (tests, scripts): a path
+        return os.path.abspath(lora_name)
+    from ..pipeline.lora import LoraError
+
+    raise LoraError(lora_name, "not found in ComfyUI's loras folder; put the file in models/loras and refresh")
+
+
+class SDXLCNLoraLoader:
+    DESCRIPTION = ("Adds a LoRA (kohya/A1111 or diffusers SDXL LoRA) at a strength to the pipeline. "
+                   "Chain several; switching LoRAs or strengths between runs does not reload the model.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SDXLCN_PIPELINE",)
+    RETURN_NAMES = ("pipeline",)
+    OUTPUT_TOOLTIPS = ("The same pipeline with this LoRA added to its LoRA list.",)
+    FUNCTION = "add_lora"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pipeline": ("SDXLCN_PIPELINE", {"tooltip": "From Load SDXL ControlNet Pipeline or another LoRA node."}),
+                "lora_name": (_lora_names(), {"tooltip": "A LoRA file from models/loras (SDXL LoRAs only)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
+                                       "tooltip": "LoRA scale (fal's loras[].scale): 0 turns it off, 1 is full strength."}),
+            }
+        }
+
+    def add_lora(self, pipeline, lora_name, strength=1.0):
+        from ..pipeline.lora import load_lora
+
+        path = _full_path(lora_name)
+        load_lora(pipeline.pipe, path)  # read once now, so a bad file fails on this node
+        return (pipeline.with_lora(LoraSpec(path, float(strength))),)
