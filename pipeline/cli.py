@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import SDXLCNError
+from .fal_cli import add_fal_fetch_parser, add_remote_arguments
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REQUEST = PACKAGE_ROOT / "workflows" / "requests" / "default.json"
@@ -63,6 +64,13 @@ def cmd_generate(args) -> int:
     from .result import write_result
 
     request = read_request(Path(args.request))
+    if getattr(args, "remote", None) == "fal":
+        from .fal_cli import cmd_generate_remote
+
+        return cmd_generate_remote(args, request)
+    from .fal_cli import check_local_arguments
+
+    check_local_arguments(args)
     if request.enable_safety_checker:
         print("note: enable_safety_checker is on", file=sys.stderr)
     t = time.perf_counter()
@@ -102,14 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="run one fal-shaped request and write images + result.json")
     g.add_argument("--request", required=True, help="request JSON in fal's input shape (prompt, image_url, control_image_url, ...)")
-    g.add_argument("--checkpoint", required=True, help="SDXL base model: a diffusers folder")
-    g.add_argument("--controlnet", required=True, help="SDXL Canny ControlNet: a diffusers folder")
+    g.add_argument("--checkpoint", default=None, help="(local runs, required) SDXL base model: a diffusers folder")
+    g.add_argument("--controlnet", default=None, help="(local runs, required) SDXL Canny ControlNet: a diffusers folder")
     g.add_argument("--out", required=True, help="output folder for the images and result.json")
     g.add_argument("--format", choices=["png", "jpeg"], default="png", help="image file format (default png)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
     g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="weights precision (default auto: bf16/fp16 on CUDA, fp16 on MPS, fp32 on CPU)")
+    add_remote_arguments(g)
     g.set_defaults(func=cmd_generate)
+    add_fal_fetch_parser(sub)
     t = sub.add_parser("make-tiny-models", help="write tiny random-weight SDXL + ControlNet models (offline demo and tests)")
     t.add_argument("--out", required=True, help="folder to write them into")
     t.set_defaults(func=cmd_make_tiny_models)

@@ -1,0 +1,121 @@
+"""The CLI's fal parts: ``generate --remote fal`` and ``fal-fetch`` (wired into :mod:`.cli`)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .errors import SDXLCNError
+
+
+def add_remote_arguments(g) -> None:
+    """Options of ``generate`` for running on fal."""
+    g.add_argument("--remote", choices=["fal"], default=None,
+                   help="run on fal's hosted endpoint instead of locally (needs FAL_KEY; fal bills per request; "
+                        "--checkpoint/--controlnet are not needed)")
+    _add_common(g)
+
+
+def _add_common(p) -> None:
+    p.add_argument("--fal-timeout", type=float, default=600.0,
+                   help="seconds to wait for fal before giving up (the request id stays recorded; default 600)")
+    p.add_argument("--fal-key-file", default=None,
+                   help="a file whose first line is the fal key (used when FAL_KEY / FAL_KEY_ID+FAL_KEY_SECRET are unset)")
+    p.add_argument("--request-log-dir", default=None,
+                   help="folder of fal_requests.jsonl, the record of submitted request ids (default: the --out folder)")
+
+
+def add_fal_fetch_parser(sub) -> None:
+    f = sub.add_parser("fal-fetch", help="fetch the result of an already submitted fal request by its id "
+                                         "(nothing is submitted or billed again)")
+    f.add_argument("--request-id", required=True, help="the id printed by 'generate --remote fal' / in fal_requests.jsonl")
+    f.add_argument("--out", required=True, help="output folder for the images and result.json")
+    f.add_argument("--format", choices=["png", "jpeg"], default="png", help="image file format (default png)")
+    f.add_argument("--endpoint", default=None, help="fal endpoint id (default: from the request log, else the SDXL one)")
+    _add_common(f)
+    f.set_defaults(func=cmd_fal_fetch)
+
+
+class _Interrupt:
+    """Ctrl-C while waiting: ask fal to cancel instead of abandoning a paid request silently."""
+
+    def __init__(self):
+        self.flag = threading.Event()
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, lambda *_: self.flag.set())
+        return self.flag.is_set
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _printer():
+    last = {}
+
+    def on_status(st):
+        stream = sys.stderr
+        if st.state == "SUBMITTED":
+            print(f"submitted fal request {st.request_id}", file=stream)
+        elif st.state == "IN_QUEUE" and last.get("pos") != st.queue_position:
+            print(f"in fal's queue, position {st.queue_position}  ({st.elapsed:.1f}s)", file=stream)
+            last["pos"] = st.queue_position
+        elif st.state != last.get("state") and st.state != "IN_QUEUE":
+            print(f"{st.state.lower().replace('_', ' ')}  ({st.elapsed:.1f}s)", file=stream)
+        for line in st.logs:
+            print(f"  fal: {line}", file=stream)
+        last["state"] = st.state
+        last["id"] = st.request_id
+
+    return on_status, last
+
+
+def _write(result, args, request_id, endpoint) -> int:
+    from .result import write_result
+
+    doc = write_result(result, args.out, fmt=args.format, extra={"request_id": request_id, "endpoint": endpoint})
+    for img in doc["images"]:
+        print(img["url"])
+    print(f"seed {doc['seed']}; result written to {Path(args.out) / 'result.json'}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate_remote(args, request) -> int:
+    from .fal_remote import ENDPOINT, run_remote
+
+    log_dir = Path(args.request_log_dir or args.out)
+    on_status, last = _printer()
+    print(f"running on fal ({ENDPOINT}); fal bills this request. Request ids are recorded in "
+          f"{log_dir / 'fal_requests.jsonl'}", file=sys.stderr)
+    with _Interrupt() as cancelled:
+        result = run_remote(request, key_file=args.fal_key_file, on_status=on_status, cancel_check=cancelled,
+                            timeout_s=args.fal_timeout, request_log_dir=log_dir)
+    return _write(result, args, last.get("id"), ENDPOINT)
+
+
+def cmd_fal_fetch(args) -> int:
+    from . import request_log
+    from .fal_remote import ENDPOINT, fetch_remote_result
+
+    log_dir = Path(args.request_log_dir or args.out)
+    endpoint = args.endpoint
+    if endpoint is None:
+        rec = request_log.find(log_dir, args.request_id)
+        endpoint = (rec or {}).get("endpoint") or ENDPOINT
+    on_status, _last = _printer()
+    with _Interrupt() as cancelled:
+        result = fetch_remote_result(args.request_id, key_file=args.fal_key_file, endpoint=endpoint,
+                                     on_status=on_status, cancel_check=cancelled, timeout_s=args.fal_timeout,
+                                     request_log_dir=log_dir)
+    return _write(result, args, args.request_id, endpoint)
+
+
+def check_local_arguments(args) -> None:
+    missing = [f"--{n}" for n in ("checkpoint", "controlnet") if not getattr(args, n, None)]
+    if missing:
+        raise SDXLCNError(f"{' and '.join(missing)} required for a local run (or pass --remote fal to run on fal)")
