@@ -199,3 +199,101 @@ def build_tiny_models(root: str | os.PathLike, seed: int = 0) -> dict[str, Path]
     controlnet.save_pretrained(cn_dir)
     done.write_text("ok", encoding="utf-8")
     return {"checkpoint": base_dir, "controlnet": cn_dir}
+
+
+# ---- tiny safety checker and prompt-expansion model (issue 8) ------------------------------------
+
+TINY_EXPANSION_WORDS = [
+    "detailed", "cinematic", "sharp", "focus", "elegant", "intricate", "highly", "beautiful",
+    "dramatic", "light", "vivid", "colors", "epic", "atmosphere", "glowing", "soft",
+    "majestic", "serene", "golden", "hour", "stunning", "crisp", "moody", "rich",
+]
+_TINY_OTHER_WORDS = ["cat", "dog", "photo", "of", "a", "castle", "forest", "red", "ugly", "blurry"]
+
+
+def build_tiny_safety_checker(folder: str | os.PathLike, seed: int = 0, flag_everything: bool = False) -> Path:
+    """Save a random-weight ``StableDiffusionSafetyChecker`` (tiny CLIP config) and its processor config.
+
+    The layout is CompVis/stable-diffusion-safety-checker's: config.json, model.safetensors,
+    preprocessor_config.json (in the same old-style form as the real file). With the default
+    thresholds (all ones, cosine <= 1) nothing is flagged; ``flag_everything`` sets the concept
+    thresholds to -2 so every image is flagged.
+    """
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+                     "num_hidden_layers": 1, "vocab_size": 100, "projection_dim": 16,
+                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                       "num_hidden_layers": 2, "image_size": 32, "patch_size": 8, "projection_dim": 16},
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        model.concept_embeds.copy_(torch.randn_like(model.concept_embeds))
+        model.special_care_embeds.copy_(torch.randn_like(model.special_care_embeds))
+        model.concept_embeds_weights.fill_(-2.0 if flag_everything else 1.0)
+        model.special_care_embeds_weights.fill_(1.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor = {
+        "crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3, "size": 32,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
+    return folder
+
+
+def write_gpt2_tokenizer(folder: str | os.PathLike, words=None) -> Path:
+    """Write a small byte-level GPT-2 BPE vocabulary where each word (with its leading space) is one token."""
+    from transformers import GPT2Tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = list(words if words is not None else TINY_EXPANSION_WORDS + _TINY_OTHER_WORDS)
+    space = "\u0120"  # byte-level BPE's symbol for a leading space
+    tokens = ["<|endoftext|>"] + _byte_symbols()
+    merges = []
+    seen = set(tokens)
+    for word in words:
+        current = space
+        for ch in word:
+            merges.append(f"{current} {ch}")
+            current += ch
+            if current not in seen:
+                tokens.append(current)
+                seen.add(current)
+    vocab = {}
+    for t in tokens:
+        vocab.setdefault(t, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n", encoding="utf-8")
+    tok = GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tok.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_prompt_expander(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a random-weight tiny ``GPT2LMHeadModel`` + written tokenizer + ``positive.txt``, in the
+    layout of Fooocus' fooocus_expansion folder."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = Path(folder)
+    write_gpt2_tokenizer(folder)
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    eos = vocab["<|endoftext|>"]
+    config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "positive.txt").write_text("\n".join(TINY_EXPANSION_WORDS) + "\n", encoding="utf-8")
+    return folder
