@@ -58,6 +58,27 @@ class TerminalProgress:
         self.stream.flush()
 
 
+def _model_hooks(args, request) -> dict:
+    """The safety checker / prompt expander the request enables: from --safety-checker / --prompt-expansion,
+    else from ./models/safety_checker and ./models/prompt_expansion. Missing models are an error."""
+    if not (request.enable_safety_checker or request.expand_prompt):
+        return {}
+    from .model_hooks import MissingModelError, default_search_dirs, resolve_hooks
+
+    try:
+        safety, expander = resolve_hooks(
+            request, default_search_dirs(), safety_checker_path=getattr(args, "safety_checker", None),
+            prompt_expansion_path=getattr(args, "prompt_expansion", None), device=args.device,
+        )
+    except MissingModelError as exc:
+        option = "--safety-checker" if exc.field == "enable_safety_checker" else "--prompt-expansion"
+        raise MissingModelError(exc.field, f"{str(exc).split(': ', 1)[1]}; or pass {option} PATH") from None
+    for label, hook in (("safety checker", safety), ("prompt expansion", expander)):
+        if hook is not None:
+            print(f"{label}: {hook.source}", file=sys.stderr)
+    return {"safety_checker": safety, "prompt_expander": expander}
+
+
 def cmd_generate(args) -> int:
     from .generate import generate
     from .loading import load_pipeline
@@ -71,13 +92,12 @@ def cmd_generate(args) -> int:
     from .fal_cli import check_local_arguments
 
     check_local_arguments(args)
-    if request.enable_safety_checker:
-        print("note: enable_safety_checker is on", file=sys.stderr)
+    hooks = _model_hooks(args, request)  # before the pipeline, so a missing model fails fast
     t = time.perf_counter()
     pipe = load_pipeline(args.checkpoint, args.controlnet, device=args.device, dtype=_dtype(args.dtype))
     load_s = time.perf_counter() - t
     print(f"loaded models in {load_s:.1f}s", file=sys.stderr)
-    result = generate(pipe, request, on_step=TerminalProgress())
+    result = generate(pipe, request, on_step=TerminalProgress(), **hooks)
     result.timings["load"] = load_s
     doc = write_result(result, args.out, fmt=args.format)
     for img in doc["images"]:
@@ -117,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
     g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="weights precision (default auto: bf16/fp16 on CUDA, fp16 on MPS, fp32 on CPU)")
+    g.add_argument("--safety-checker", default=None, metavar="PATH",
+                   help="safety checker folder (CompVis/stable-diffusion-safety-checker), used when the request has "
+                        "enable_safety_checker true (default: look in ./models/safety_checker)")
+    g.add_argument("--prompt-expansion", default=None, metavar="PATH",
+                   help="prompt-expansion model folder (GPT-2 class, e.g. Fooocus' fooocus_expansion), used when the "
+                        "request has expand_prompt true (default: look in ./models/prompt_expansion)")
     add_remote_arguments(g)
     g.set_defaults(func=cmd_generate)
     add_fal_fetch_parser(sub)
