@@ -141,3 +141,27 @@ def test_resolve_hooks_for_expansion(expansion_root, image_files, tmp_path):
     assert safety is None and expand is cached_prompt_expander()
     with pytest.raises(MissingModelError, match="expand_prompt"):
         resolve_hooks(req, expansion_dirs=[tmp_path], device="cpu")
+
+
+def test_cli_options_pass_both_hooks(tiny_models, expander_dir, image_files, tmp_path, monkeypatch, capsys):
+    from sdxl_controlnet_img2img.pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no ./models here: only the options can supply the models
+    img, ctl = image_files(64, 64, 1), image_files(64, 64, 2)
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps({"prompt": PROMPT, "image_url": str(img), "control_image_url": str(ctl),
+                               "num_inference_steps": 2, "seed": 3, "enable_safety_checker": True,
+                               "expand_prompt": True}))
+    common = ["generate", "--request", str(req), "--checkpoint", str(tiny_models["checkpoint"]),
+              "--controlnet", str(tiny_models["controlnet"]), "--device", "cpu", "--dtype", "fp32"]
+
+    assert main(common + ["--out", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "enable_safety_checker" in err and "--safety-checker PATH" in err and "safety_checker" in err
+
+    checker = build_tiny_safety_checker(tmp_path / "checker", flag_everything=True)
+    assert main(common + ["--out", str(tmp_path / "out"), "--safety-checker", str(checker),
+                          "--prompt-expansion", str(expander_dir)]) == 0
+    doc = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert doc["has_nsfw_concepts"] == [True]
+    assert doc["expanded_prompt"] == doc["prompt"] == load_prompt_expander(expander_dir, device="cpu")(PROMPT, 3)
