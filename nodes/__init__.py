@@ -9,6 +9,7 @@ from .lora_node import SDXLCNLoraLoader
 from .example_inputs import install_example_inputs
 from .model_folders import register_model_folders
 from .sampler import SDXLCNImg2Img
+from .fal_node import SDXLCNFalImg2Img
 
 register_model_folders()
 install_example_inputs()
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "SDXLCNLoraLoader": SDXLCNLoraLoader,
     "SDXLCNCanny": SDXLCNCanny,
     "SDXLCNImg2Img": SDXLCNImg2Img,
+    "SDXLCNFalImg2Img": SDXLCNFalImg2Img,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -25,4 +27,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SDXLCNLoraLoader": "SDXL ControlNet LoRA",
     "SDXLCNCanny": "Canny Edges (OpenCV)",
     "SDXLCNImg2Img": "SDXL ControlNet Img2Img",
+    "SDXLCNFalImg2Img": "SDXL ControlNet Img2Img (fal)",
 }

@@ -244,6 +244,37 @@ class _Waiter:
         return box["value"]
 
 
+def _notify(on_status: StatusCallback, status: FalStatus) -> None:
+    """Call ``on_status``; an exception from it (e.g. ComfyUI's interrupt) cancels the request."""
+    try:
+        on_status(status)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("fal: status callback raised %s; cancelling request %s", type(exc).__name__, status.request_id)
+        raise _Cancelled() from exc
+
+
+def local_failure_reason(exc: BaseException) -> str | None:
+    """Why a *local* run cannot go on (so falling back to fal makes sense), or None.
+
+    True for: CUDA/MPS out of memory, no usable GPU / CUDA driver, a device that cannot be used.
+    Not for bad requests, missing model files or a user cancel (fal would not help, or must not run).
+    """
+    from .errors import GenerationCancelled, RequestError
+
+    if isinstance(exc, (RequestError, GenerationCancelled, KeyboardInterrupt)):
+        return None
+    name = type(exc).__name__
+    text = str(exc)
+    low = text.lower()
+    if name in ("OutOfMemoryError",) or "out of memory" in low:
+        return f"local generation ran out of GPU memory ({name})"
+    markers = ("no cuda gpus are available", "found no nvidia driver", "cuda driver", "torch not compiled with cuda",
+               "cuda error", "mps backend out of memory", "no usable gpu", "cudnn_status")
+    if any(m in low for m in markers):
+        return f"no usable GPU for local generation ({name}: {text[:200]})"
+    return None
+
+
 def _http_error(exc, what: str, request_id: str | None) -> FalError:
     """A ``fal_client.FalClientHTTPError`` as one of our errors (redacted)."""
     code = exc.status_code
@@ -461,7 +492,7 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
             for line in new:
                 log.info("fal %s: %s", request_id, line)
             if on_status is not None and (new or state != last_state or state == "IN_QUEUE"):
-                on_status(FalStatus(request_id, state, pos, new, time.monotonic() - started))
+                _notify(on_status, FalStatus(request_id, state, pos, new, time.monotonic() - started))
             last_state = state
             if isinstance(status, fal_client.Completed):
                 if status.error:
@@ -546,8 +577,11 @@ def run_remote(
             request_log.append(request_log_dir, "submitted", request_id, endpoint=endpoint, seed=request.seed,
                                prompt=request.prompt[:200], num_images=request.num_images)
         log.info("fal: submitted request %s to %s", request_id, endpoint)
-        if on_status is not None:
-            on_status(FalStatus(request_id, "SUBMITTED", None, [], time.monotonic() - started))
+        try:
+            if on_status is not None:
+                _notify(on_status, FalStatus(request_id, "SUBMITTED", None, [], time.monotonic() - started))
+        except _Cancelled:
+            waiter = _Waiter(lambda: True, None)  # cancel at the first check, through the usual path
         return _wait_and_fetch(client, lambda: handle, request_id, endpoint, waiter, settings, on_status, started,
                                timings, request=request, request_log_dir=request_log_dir)
     finally:
@@ -590,28 +624,38 @@ def fetch_remote_result(
         _close(client)
 
 
-def run_remote_batch(requests, *, max_concurrency: int = 4, **kwargs) -> list[GenerationResult]:
+def run_remote_batch(requests, *, max_concurrency: int = 4, on_status_for: Callable[[int], StatusCallback] | None = None,
+                     **kwargs) -> list[GenerationResult]:
     """Run several requests with at most ``max_concurrency`` in flight; results in input order.
 
     Every request runs to its end (each is billed, so none is abandoned half-way); then the first
-    failure, in input order, is raised. ``kwargs`` go to :func:`run_remote` (one shared
-    ``cancel_check`` cancels all).
+    failure is raised: a :class:`FalCancelled` if any, else the first in input order. ``kwargs``
+    go to :func:`run_remote` (one shared ``cancel_check`` cancels all); ``on_status_for(i)`` gives
+    request ``i``'s status callback.
     """
     requests = list(requests)
     if not requests:
         return []
     n = max(1, min(int(max_concurrency), len(requests)))
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="sdxlcn-fal-batch") as pool:
-        futures = [pool.submit(run_remote, r, **kwargs) for r in requests]
+        futures = []
+        for i, r in enumerate(requests):
+            kw = dict(kwargs)
+            if on_status_for is not None:
+                kw["on_status"] = on_status_for(i)
+            futures.append(pool.submit(run_remote, r, **kw))
         outcomes = []
         for f in futures:
             try:
                 outcomes.append((f.result(), None))
             except BaseException as exc:  # noqa: BLE001 - re-raised below, in input order
                 outcomes.append((None, exc))
-    for _res, exc in outcomes:
-        if exc is not None:
+    errors = [exc for _res, exc in outcomes if exc is not None]
+    for exc in errors:
+        if isinstance(exc, FalCancelled):
             raise exc
+    if errors:
+        raise errors[0]
     return [res for res, _exc in outcomes]
 
 

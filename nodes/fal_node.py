@@ -1,0 +1,234 @@
+"""``SDXLCNFalImg2Img``: the same request as the local sampler, run on fal's hosted endpoint.
+
+The fal key is never a widget: it comes from ``FAL_KEY`` (or ``FAL_KEY_ID`` + ``FAL_KEY_SECRET``)
+or from ``<ComfyUI user dir>/sdxl_controlnet_img2img/fal_key.txt``. Every submitted request id is
+recorded in ``<ComfyUI user dir>/sdxl_controlnet_img2img/fal_requests.jsonl`` before waiting; put an
+id into ``request_id`` to fetch that finished result instead of paying again.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from ..pipeline.fal_errors import FalCancelled, FalValidationError
+from ..pipeline.request import MAX_SEED, GenerationRequest
+from .comfy_hooks import CATEGORY, folder_paths, log, send_status
+from .convert import image_to_pil, pil_to_image
+from .sampler_inputs import (
+    SAMPLER_OUTPUT_TOOLTIPS,
+    SAMPLER_RETURN_NAMES,
+    SAMPLER_RETURN_TYPES,
+    image_inputs,
+    pair_batches,
+    request_dict,
+    request_widgets,
+)
+
+STATUS_EVENT = "sdxlcn.fal_status"
+USER_SUBDIR = "sdxl_controlnet_img2img"
+# progress units per request: where each state puts the bar (fal reports no step count)
+_PROGRESS = {"SUBMITTED": 5, "IN_QUEUE": 10, "IN_PROGRESS": 50, "COMPLETED": 90}
+_UNITS = 100
+
+
+def parse_loras(text: str) -> list[dict]:
+    """``url`` or ``url:scale`` per line (``#`` comments, blank lines ignored) -> fal's ``loras`` list."""
+    out = []
+    for n, raw in enumerate((text or "").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, scale = line, 1.0
+        head, sep, tail = line.rpartition(":")
+        if sep and head and "/" not in tail:
+            try:
+                scale = float(tail)
+                path = head.strip()
+            except ValueError:
+                pass
+        if not path.lower().startswith(("http://", "https://")):
+            raise FalValidationError(
+                "loras", f"line {n} ({path!r}) is not a URL; fal loads LoRAs from URLs: write one "
+                         "'https://.../file.safetensors:0.8' per line")
+        out.append({"path": path, "scale": scale})
+    return out
+
+
+def user_dir() -> Path | None:
+    fp = folder_paths()
+    if fp is None:
+        return None
+    try:
+        return Path(fp.get_user_directory()) / USER_SUBDIR
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _interrupted() -> bool:
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return False
+    try:
+        return bool(mm.processing_interrupted())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _raise_interrupt(exc: FalCancelled):
+    """Surface a cancel as ComfyUI's own interruption when inside ComfyUI, else as FalCancelled."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+
+        mm.throw_exception_if_processing_interrupted()
+    except ImportError:
+        pass
+    raise exc
+
+
+class _Reporter:
+    """fal status -> ComfyUI's progress bar, a websocket message for the frontend, and the server log."""
+
+    def __init__(self, n_requests: int, node_id):
+        self.node_id = node_id
+        self.total = max(n_requests, 1) * _UNITS
+        self.values = [0] * max(n_requests, 1)
+        self.lock = threading.Lock()
+        self.failed = threading.Event()  # the progress hook raised (ComfyUI interrupt): cancel
+        self.bar = None
+        try:
+            import comfy.utils  # type: ignore
+
+            self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id) if node_id is not None \
+                else comfy.utils.ProgressBar(self.total)
+        except Exception:  # noqa: BLE001 - outside ComfyUI
+            self.bar = None
+
+    def cancel_check(self) -> bool:
+        return self.failed.is_set() or _interrupted()
+
+    def for_request(self, index: int):
+        def on_status(st):
+            with self.lock:
+                self.values[index] = max(self.values[index], _PROGRESS.get(st.state, 0))
+                value = sum(self.values)
+            for line in st.logs:
+                log.info("fal %s: %s", st.request_id, line)
+            if st.state == "IN_QUEUE":
+                log.info("fal %s: in queue, position %s", st.request_id, st.queue_position)
+            send_status(STATUS_EVENT, {
+                "node": self.node_id, "request_id": st.request_id, "state": st.state,
+                "queue_position": st.queue_position, "elapsed": round(st.elapsed, 1),
+                "log": "\n".join(st.logs), "index": index,
+            })
+            if self.bar is not None:
+                try:
+                    self.bar.update_absolute(value, self.total)
+                except Exception:  # noqa: BLE001 - ComfyUI's interrupt, raised from its progress hook
+                    self.failed.set()
+        return on_status
+
+    def done(self):
+        if self.bar is not None:
+            try:
+                self.bar.update_absolute(self.total, self.total)
+            except Exception:  # noqa: BLE001
+                pass
+
+
+class SDXLCNFalImg2Img:
+    DESCRIPTION = ("SDXL ControlNet (Canny) image-to-image on fal (fal-ai/fast-sdxl-controlnet-canny/image-to-image): "
+                   "the same inputs and outputs as the local sampler, without a local GPU. fal bills each request. "
+                   "Key: FAL_KEY environment variable or <ComfyUI user dir>/sdxl_controlnet_img2img/fal_key.txt.")
+    CATEGORY = f"{CATEGORY}/sampling"
+    RETURN_TYPES = SAMPLER_RETURN_TYPES
+    RETURN_NAMES = SAMPLER_RETURN_NAMES
+    OUTPUT_TOOLTIPS = SAMPLER_OUTPUT_TOOLTIPS
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **image_inputs(),
+                **request_widgets(),
+            },
+            "optional": {
+                "loras": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "LoRAs fal loads, one per line: 'https://.../lora.safetensors:0.8' (URL, then an "
+                               "optional ':scale', default 1)."}),
+                "sync_mode": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "fal: return the images inline as data URIs instead of as files on fal's CDN."}),
+                "request_id": ("STRING", {
+                    "default": "",
+                    "tooltip": "Fetch the finished result of an earlier fal request by id (from the server log or "
+                               "user/sdxl_controlnet_img2img/fal_requests.jsonl) instead of submitting (and paying) "
+                               "again. Several ids: one per line."}),
+                "max_concurrency": ("INT", {
+                    "default": 4, "min": 1, "max": 16,
+                    "tooltip": "An input batch of B images is B fal requests; at most this many run at once."}),
+                "timeout_s": ("INT", {
+                    "default": 600, "min": 10, "max": 3600,
+                    "tooltip": "Seconds to wait for fal. The request id stays recorded: fetch it later by id."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def generate(self, image, control_image, loras="", sync_mode=False, request_id="", max_concurrency=4,
+                 timeout_s=600, unique_id=None, **widgets):
+        from ..pipeline.fal_remote import fetch_remote_result
+
+        udir = user_dir()
+        common = {
+            "key_file": (udir / "fal_key.txt") if udir is not None else None,
+            "request_log_dir": udir,
+            "timeout_s": float(timeout_s),
+        }
+        ids = [i.strip() for i in (request_id or "").replace(",", "\n").splitlines() if i.strip()]
+        try:
+            if ids:
+                reporter = _Reporter(len(ids), unique_id)
+                results = [fetch_remote_result(rid, on_status=reporter.for_request(k), cancel_check=reporter.cancel_check,
+                                               **common) for k, rid in enumerate(ids)]
+                seed = results[0].seed
+            else:
+                requests = self._requests(image, control_image, loras, sync_mode, widgets)
+                reporter = _Reporter(len(requests), unique_id)
+                results = self._run(requests, reporter, int(max_concurrency), common)
+                seed = int(widgets["seed"])
+        except FalCancelled as exc:
+            _raise_interrupt(exc)
+        reporter.done()
+        images, flags = [], []
+        for r in results:
+            images.extend(r.images)
+            flags.extend(r.has_nsfw_concepts)
+        if any(flags):
+            log.warning("SDXLCNFalImg2Img: fal flagged %d of %d images (has_nsfw_concepts)", sum(flags), len(flags))
+        return (pil_to_image(images), seed, json.dumps(flags), results[-1].prompt)
+
+    @staticmethod
+    def _requests(image, control_image, loras, sync_mode, widgets) -> list[GenerationRequest]:
+        pairs = pair_batches(image, control_image)
+        seed = int(widgets["seed"])
+        num_images = int(widgets["num_images"])
+        lora_list = parse_loras(loras)
+        out = []
+        for k, (bi, ci) in enumerate(pairs):
+            data = request_dict(widgets, image_to_pil(image, bi), image_to_pil(control_image, ci),
+                                (seed + k * num_images) % (MAX_SEED + 1))
+            data["loras"] = lora_list
+            data["sync_mode"] = bool(sync_mode)
+            out.append(GenerationRequest.from_dict(data))  # validate all before anything is paid
+        return out
+
+    @staticmethod
+    def _run(requests, reporter: _Reporter, max_concurrency: int, common):
+        from ..pipeline.fal_remote import run_remote_batch
+
+        return run_remote_batch(requests, max_concurrency=max_concurrency, on_status_for=reporter.for_request,
+                                cancel_check=reporter.cancel_check, **common)

@@ -1,0 +1,154 @@
+"""The ``SDXLCNFalImg2Img`` node, called as ComfyUI calls it, against the fal-protocol test server (no ComfyUI)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fal_server  # noqa: E402
+
+fal_server.configure_environment()
+
+from fal_server import TEST_KEY, fal, fal_test_server  # noqa: E402,F401
+
+from sdxl_controlnet_img2img.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from sdxl_controlnet_img2img.nodes.fal_node import SDXLCNFalImg2Img, parse_loras  # noqa: E402
+from sdxl_controlnet_img2img.nodes.sampler import SDXLCNImg2Img  # noqa: E402
+from sdxl_controlnet_img2img.pipeline import request_log  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.fal_errors import FalTimeout, FalValidationError  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.fal_remote import run_remote  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.request import GenerationRequest  # noqa: E402
+
+
+def widgets(**changes):
+    """The widget values ComfyUI passes: each input's default."""
+    req = SDXLCNFalImg2Img.INPUT_TYPES()["required"]
+    w = {k: v[1]["default"] for k, v in req.items() if k not in ("image", "control_image")}
+    w.update(prompt="a house", enable_safety_checker=True, seed=5)
+    w.update(changes)
+    return w
+
+
+def batch(n, h=24, w=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 256, (n, h, w, 3)).astype(np.float32) / 255.0)
+
+
+def inverted(image, i):
+    return 1.0 - image[i]
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    """ComfyUI's ``folder_paths`` is absent in tests: a stand-in giving the user directory."""
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_user_directory=lambda: str(tmp_path)))
+    return tmp_path / "sdxl_controlnet_img2img"
+
+
+def test_same_inputs_and_outputs_as_the_local_sampler_and_registered():
+    fal_types = SDXLCNFalImg2Img.INPUT_TYPES()
+    local = SDXLCNImg2Img.INPUT_TYPES()["required"]
+    expected = [k for k in local if k not in ("pipeline", "apply_canny")]  # apply_canny: fal always runs Canny
+    assert list(fal_types["required"]) == expected
+    for k in expected:
+        assert fal_types["required"][k] == local[k]
+    assert list(fal_types["optional"]) == ["loras", "sync_mode", "request_id", "max_concurrency", "timeout_s"]
+    assert SDXLCNFalImg2Img.RETURN_TYPES == SDXLCNImg2Img.RETURN_TYPES
+    assert SDXLCNFalImg2Img.RETURN_NAMES == SDXLCNImg2Img.RETURN_NAMES
+    assert NODE_CLASS_MAPPINGS["SDXLCNFalImg2Img"] is SDXLCNFalImg2Img
+    assert NODE_DISPLAY_NAME_MAPPINGS["SDXLCNFalImg2Img"] == "SDXL ControlNet Img2Img (fal)"
+    # the key is never a widget
+    names = {k.lower() for part in fal_types.values() for k in part}
+    assert not any("key" in n for n in names)
+
+
+def test_batch_fans_out_bounded_in_order(fal, user_dir):
+    fal.reset(run_s=0.3)
+    image, control = batch(3), batch(1, seed=9)
+    out, seed, flags, prompt = SDXLCNFalImg2Img().generate(image, control, max_concurrency=2, unique_id="12",
+                                                           **widgets(num_images=1, enable_safety_checker=True))
+    assert out.shape == (3, 24, 32, 3) and seed == 5 and flags == "[false, false, false]" and prompt == "a house"
+    for i in range(3):
+        assert torch.allclose(out[i], inverted(image, i), atol=1 / 255 + 1e-6)
+    assert fal.max_active == 2 and len(fal.jobs) == 3
+    assert sorted(j.args["seed"] for j in fal.jobs.values()) == [5, 6, 7]  # seed + k * num_images, as the sampler
+    recs = request_log.read(user_dir)
+    assert sorted(r["request_id"] for r in recs if r["event"] == "submitted") == sorted(fal.jobs)
+
+
+def test_loras_and_sync_mode_reach_fal(fal, user_dir):
+    SDXLCNFalImg2Img().generate(batch(1), batch(1), loras="https://h.example/a.safetensors:0.7\n# note\n"
+                                "https://h.example/b.safetensors", sync_mode=True, **widgets())
+    args = next(iter(fal.jobs.values())).args
+    assert args["loras"] == [{"path": "https://h.example/a.safetensors", "scale": 0.7},
+                             {"path": "https://h.example/b.safetensors", "scale": 1.0}]
+    assert args["sync_mode"] is True
+
+
+def test_lora_lines_must_be_urls():
+    with pytest.raises(FalValidationError) as err:
+        parse_loras("/models/loras/x.safetensors:0.5")
+    assert err.value.field == "loras"
+
+
+def test_request_id_input_recovers_a_result_without_paying_again(fal, user_dir):
+    fal.reset(run_s=0.6)
+    image = batch(1, seed=3)
+    from sdxl_controlnet_img2img.nodes.convert import image_to_pil
+
+    req = GenerationRequest.from_dict({"prompt": "p", "image_url": image_to_pil(image, 0),
+                                       "control_image_url": image_to_pil(image, 0), "seed": 1})
+    with pytest.raises(FalTimeout) as err:
+        run_remote(req, timeout_s=0.2, request_log_dir=user_dir, settings=fal_server.fast_settings())
+    rid = err.value.request_id
+    out, seed, _flags, _prompt = SDXLCNFalImg2Img().generate(batch(1), batch(1), request_id=f"  {rid}\n",
+                                                             **widgets())
+    assert seed == 1
+    assert torch.allclose(out[0], inverted(image, 0), atol=1 / 255 + 1e-6)
+    assert len([c for c in fal.calls if c[0] == "POST"]) == 1
+
+
+def test_comfyui_cancel_asks_fal_to_cancel_and_stops_at_once(fal, user_dir, monkeypatch):
+    """ComfyUI's interrupt flag (a stand-in ``comfy.model_management``: ComfyUI is absent here)."""
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    flag = threading.Event()
+
+    def throw():
+        if flag.is_set():
+            raise InterruptProcessingException()
+
+    mm = types.SimpleNamespace(processing_interrupted=flag.is_set, throw_exception_if_processing_interrupted=throw,
+                               InterruptProcessingException=InterruptProcessingException)
+    comfy = types.ModuleType("comfy")
+    comfy.model_management = mm
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    fal.reset(queue_s=30.0)
+    threading.Timer(0.5, flag.set).start()
+    t = time.monotonic()
+    with pytest.raises(InterruptProcessingException):
+        SDXLCNFalImg2Img().generate(batch(2), batch(1), **widgets())
+    assert time.monotonic() - t < 3
+    assert sorted(fal.cancelled) == sorted(fal.jobs) and len(fal.jobs) == 2
+    assert {r["request_id"] for r in request_log.read(user_dir) if r["event"] == "cancelled"} == set(fal.jobs)
+
+
+def test_key_file_in_user_dir_and_key_absent_from_outputs(fal, user_dir, monkeypatch, caplog):
+    monkeypatch.delenv("FAL_KEY")
+    user_dir.mkdir(parents=True, exist_ok=True)
+    (user_dir / "fal_key.txt").write_text(TEST_KEY + "\n")
+    out = SDXLCNFalImg2Img().generate(batch(1), batch(1), **widgets())
+    assert out[0].shape[0] == 1
+    text = repr(out[1:]) + caplog.text + request_log.log_path(user_dir).read_text()
+    assert TEST_KEY not in text and "test-secret-not-real" not in text
