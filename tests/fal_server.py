@@ -398,13 +398,18 @@ def _ensure_fal_client_hosts(host: str) -> None:
     assert host in fal_client.client.QUEUE_URL_FORMAT
 
 
+_server: FalTestServer | None = None
+
+
 @pytest.fixture(scope="session")
 def fal_test_server():
+    """One server per test session (several test modules import this fixture; it starts once)."""
+    global _server
     env = configure_environment()
     _ensure_fal_client_hosts(env["host"])
-    server = FalTestServer()
-    yield server
-    server.stop()
+    if _server is None:
+        _server = FalTestServer()
+    return _server
 
 
 @pytest.fixture
