@@ -412,3 +412,30 @@ def test_key_absent_from_every_output_log_and_error(fal, caplog, capsys, tmp_pat
     texts += [caplog.text, out.out, out.err, request_log.log_path(tmp_path).read_text()]
     assert_no_key(*texts)
     assert any("[fal key redacted]" in t for t in texts)  # the echoes were there, and were redacted
+
+
+def test_status_callback_raising_cancels_the_request(fal):
+    """ComfyUI's progress hook raises its interrupt from inside the callback: fal is still asked to cancel."""
+    fal.reset(queue_s=30.0)
+    req, _ = make_request()
+
+    def on_status(st):
+        if st.state == "IN_QUEUE":
+            raise RuntimeError("interrupted by the user")
+
+    with pytest.raises(FalCancelled) as err:
+        run_remote(req, on_status=on_status, settings=fast_settings())
+    assert fal.cancelled == [err.value.request_id]
+
+
+def test_local_failure_reason_for_the_fallback():
+    from sdxl_controlnet_img2img.pipeline.errors import RequestError
+    from sdxl_controlnet_img2img.pipeline.fal_remote import local_failure_reason
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    assert "out of GPU memory" in local_failure_reason(OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert "no usable GPU" in local_failure_reason(RuntimeError("Found no NVIDIA driver on your system."))
+    assert local_failure_reason(RequestError("strength", "must be in (0, 1]")) is None
+    assert local_failure_reason(FileNotFoundError("model.safetensors")) is None
