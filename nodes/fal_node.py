@@ -232,3 +232,21 @@ class SDXLCNFalImg2Img:
 
         return run_remote_batch(requests, max_concurrency=max_concurrency, on_status_for=reporter.for_request,
                                 cancel_check=reporter.cancel_check, **common)
+
+
+def run_requests_on_fal(requests, unique_id=None, max_concurrency: int = 4, timeout_s: float = 600.0):
+    """Run already-validated requests on fal with this node's progress, status and cancel handling
+    (the local sampler's ``fallback``). Returns the results in request order."""
+    udir = user_dir()
+    common = {
+        "key_file": (udir / "fal_key.txt") if udir is not None else None,
+        "request_log_dir": udir,
+        "timeout_s": float(timeout_s),
+    }
+    reporter = _Reporter(len(requests), unique_id)
+    try:
+        results = SDXLCNFalImg2Img._run(requests, reporter, int(max_concurrency), common)
+    except FalCancelled as exc:
+        _raise_interrupt(exc)
+    reporter.done()
+    return results

@@ -6,7 +6,7 @@ import json
 
 from ..pipeline.generate import generate
 from ..pipeline.request import MAX_SEED, GenerationRequest
-from .comfy_hooks import CATEGORY, Progress, log
+from .comfy_hooks import CATEGORY, Progress, log, send_status
 from .convert import image_to_pil, pil_to_image
 from .sampler_inputs import (
     SAMPLER_OUTPUT_TOOLTIPS,
@@ -17,6 +17,10 @@ from .sampler_inputs import (
     request_dict,
     request_widgets,
 )
+
+
+FALLBACK_CHOICES = ["off", "fal"]
+FAL_STATUS_EVENT = "sdxlcn.fal_status"
 
 
 class SDXLCNImg2Img:
@@ -40,9 +44,16 @@ class SDXLCNImg2Img:
                     "tooltip": "Run Canny (100/200) on the control image first, as fal does. Turn off when the "
                                "control image is already an edge map (e.g. from the Canny node)."}),
             },
+            "optional": {
+                "fallback": (FALLBACK_CHOICES, {
+                    "default": "off",
+                    "tooltip": "fal: when local generation cannot run (no usable GPU, out of memory), run the same "
+                               "request on fal instead (billed by fal; needs FAL_KEY). off: fail with the local error."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def sample(self, pipeline, image, control_image, apply_canny=True, **widgets):
+    def sample(self, pipeline, image, control_image, apply_canny=True, fallback="off", unique_id=None, **widgets):
         pairs = pair_batches(image, control_image)
         seed = int(widgets["seed"])
         num_images = int(widgets["num_images"])
@@ -54,23 +65,54 @@ class SDXLCNImg2Img:
             data["loras"] = list(getattr(pipeline, "loras", ()))
             requests.append(GenerationRequest.from_dict(data))  # validate all before any model work
 
-        hooks = _hooks_for(requests[0])
-        per_request = requests[0].steps_to_run * num_images
-        progress = Progress(per_request * len(requests))
         images, flags, prompt = [], [], requests[0].prompt
-        for k, req in enumerate(requests):
-            offset = k * per_request
-            result = generate(
-                pipeline.pipe, req,
-                on_step=lambda step, _total, latents, o=offset: progress.update(o + step, latents),
-                **hooks,
-            )
+        try:
+            results = self._run_local(pipeline, requests)
+        except Exception as exc:  # noqa: BLE001 - decided by local_failure_reason below
+            results = _fall_back_or_raise(exc, fallback, requests, unique_id)
+        for result in results:
             images.extend(result.images)
             flags.extend(result.has_nsfw_concepts)
             prompt = result.prompt
         if any(flags):
             log.warning("SDXLCNImg2Img: %d of %d images flagged by the safety checker", sum(flags), len(flags))
         return (pil_to_image(images), seed, json.dumps(flags), prompt)
+
+    @staticmethod
+    def _run_local(pipeline, requests):
+        hooks = _hooks_for(requests[0])
+        per_request = requests[0].steps_to_run * requests[0].num_images
+        progress = Progress(per_request * len(requests))
+        results = []
+        for k, req in enumerate(requests):
+            offset = k * per_request
+            results.append(generate(
+                pipeline.pipe, req,
+                on_step=lambda step, _total, latents, o=offset: progress.update(o + step, latents),
+                **hooks,
+            ))
+        return results
+
+
+def _fall_back_or_raise(exc: BaseException, fallback: str, requests, unique_id):
+    """Run ``requests`` on fal when ``fallback`` is on and the local failure is one fal can help with."""
+    if fallback != "fal":
+        raise exc
+    from ..pipeline.fal_remote import local_failure_reason
+
+    reason = local_failure_reason(exc)
+    if reason is None:
+        raise exc
+    local_loras = [l.path for r in requests for l in r.loras if not l.path.startswith(("http://", "https://"))]
+    if local_loras:
+        raise RuntimeError(f"{reason}, and fallback to fal cannot use local LoRA files ({', '.join(local_loras)}): "
+                           "give fal LoRAs as URLs on the fal node, or free GPU memory and run locally") from exc
+    message = f"{reason}: falling back to fal for {len(requests)} request(s)"
+    log.warning("SDXLCNImg2Img: %s", message)
+    send_status(FAL_STATUS_EVENT, {"node": unique_id, "state": "FALLBACK", "log": message})
+    from .fal_node import run_requests_on_fal
+
+    return run_requests_on_fal(requests, unique_id)
 
 
 def _hooks_for(request: GenerationRequest) -> dict:

@@ -269,7 +269,8 @@ def local_failure_reason(exc: BaseException) -> str | None:
     if name in ("OutOfMemoryError",) or "out of memory" in low:
         return f"local generation ran out of GPU memory ({name})"
     markers = ("no cuda gpus are available", "found no nvidia driver", "cuda driver", "torch not compiled with cuda",
-               "cuda error", "mps backend out of memory", "no usable gpu", "cudnn_status")
+               "cuda error", "mps backend out of memory", "no usable gpu", "cudnn_status",
+               "requires accelerator, but not found")
     if any(m in low for m in markers):
         return f"no usable GPU for local generation ({name}: {text[:200]})"
     return None

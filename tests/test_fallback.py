@@ -1,0 +1,89 @@
+"""The local sampler's opt-in ``fallback``: when local generation cannot run, the same requests go to fal."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fal_server  # noqa: E402
+
+fal_server.configure_environment()
+
+from fal_server import fal, fal_test_server  # noqa: E402,F401
+
+from sdxl_controlnet_img2img.nodes.sampler import SDXLCNImg2Img  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.handle import PipelineHandle  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.request import LoraSpec  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def unusable_gpu_pipe(tiny_models):
+    """A real pipeline set up for model CPU offload onto CUDA, on a machine whose torch has no CUDA:
+    it loads fine and fails when sampling starts, as on a box whose GPU is gone or unusable."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a usable CUDA GPU")
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline
+
+    cn = ControlNetModel.from_pretrained(tiny_models["controlnet"])
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(tiny_models["checkpoint"], controlnet=cn)
+    pipe.enable_model_cpu_offload(device="cuda")
+    return pipe
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_user_directory=lambda: str(tmp_path)))
+    return tmp_path / "sdxl_controlnet_img2img"
+
+
+def _args(handle, **changes):
+    spec = SDXLCNImg2Img.INPUT_TYPES()["required"]
+    args = {k: v[1]["default"] for k, v in spec.items() if len(v) > 1 and "default" in v[1]}
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, (2, 24, 32, 3)).astype(np.float32) / 255.0)
+    args.update(pipeline=handle, image=image, control_image=image[:1], prompt="a house", seed=9,
+                enable_safety_checker=False, num_inference_steps=4)
+    args.update(changes)
+    return args
+
+
+def test_without_fallback_the_local_error_stands(unusable_gpu_pipe, fal):
+    with pytest.raises(AssertionError, match="CUDA"):
+        SDXLCNImg2Img().sample(**_args(PipelineHandle(unusable_gpu_pipe)))
+    assert fal.jobs == {}
+
+
+def test_fallback_runs_the_same_requests_on_fal(unusable_gpu_pipe, fal, user_dir, caplog):
+    args = _args(PipelineHandle(unusable_gpu_pipe), fallback="fal", num_images=2)
+    with caplog.at_level("WARNING"):
+        images, seed, flags, prompt = SDXLCNImg2Img().sample(**args)
+    assert images.shape == (4, 24, 32, 3) and seed == 9 and json.loads(flags) == [False] * 4 and prompt == "a house"
+    assert sorted(j.args["seed"] for j in fal.jobs.values()) == [9, 11]  # seed + k * num_images, as locally
+    assert all(j.args["num_inference_steps"] == 4 and j.args["num_images"] == 2 for j in fal.jobs.values())
+    # the test server returns the inverted init image: the fal results really are what came back
+    assert torch.allclose(images[0], 1.0 - args["image"][0], atol=1 / 255 + 1e-6)
+    assert "falling back to fal" in caplog.text and "no usable GPU" in caplog.text
+
+
+def test_fallback_refuses_local_lora_files(unusable_gpu_pipe, fal, user_dir, tmp_path):
+    import lora_factory
+
+    path = tmp_path / "style.safetensors"
+    lora_factory.write(lora_factory.kohya_state_dict(unusable_gpu_pipe), path)
+    handle = PipelineHandle(unusable_gpu_pipe).with_lora(LoraSpec(str(path), 0.8))
+    with pytest.raises(RuntimeError, match="cannot use local LoRA files"):
+        SDXLCNImg2Img().sample(**_args(handle, fallback="fal"))
+    assert fal.jobs == {}
+
+
+def test_bad_requests_never_fall_back(unusable_gpu_pipe, fal, user_dir):
+    with pytest.raises(ValueError, match="^prompt: is required"):
+        SDXLCNImg2Img().sample(**_args(PipelineHandle(unusable_gpu_pipe), fallback="fal", prompt=""))
+    assert fal.jobs == {}
