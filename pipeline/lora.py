@@ -323,6 +323,8 @@ def _analyse(pipe, sd: dict, name: str) -> _Analysis:
                 target = model.get_submodule(layer) if model is not None else None
             except AttributeError:
                 target = None
+            if any(p == "base_layer" or p.startswith("lora_") for p in layer.split(".")):
+                target = None  # PEFT's own wrapper internals are no LoRA target
             if target is None:
                 why = "no such layer in this model"
             elif a is None or b is None:
@@ -379,8 +381,13 @@ def load_lora(pipe, source: str, lora_dirs=None, **resolve_kwargs) -> LoadedLora
         _delete_adapter(pipe, kept.pop(old_key).adapter_name)
     sd = read_lora_file(path, source)
     fmt = _lora_format(sd)
-    info = _analyse(pipe, sd, source)
     te_only_sd1 = any(k.startswith("lora_te_") for k in sd) and not any(k.startswith(("lora_te1_", "lora_te2_")) for k in sd)
+    try:
+        info = _analyse(pipe, sd, source)
+    except LoraError:
+        if not te_only_sd1:
+            raise
+        info = _Analysis({}, ["(layout not convertible for SDXL)"], set(), None, 0)
     if info.sd1_hint or (te_only_sd1 and (info.skipped or "unet" not in info.modules)):
         why = info.sd1_hint or "its text-encoder weights are named lora_te_* (SD 1.x/2.x); SDXL LoRAs use lora_te1_*/lora_te2_*"
         raise LoraError(source, f"is an SD 1.x/2.x LoRA, not an SDXL LoRA: {why}. Use an SDXL LoRA")
@@ -430,13 +437,9 @@ def _drop(sd: dict, tensor_ids: set) -> dict:
 
 
 def _delete_adapter(pipe, adapter_name: str) -> None:
-    from diffusers.utils.peft_utils import delete_adapter_layers
-
-    for comp in COMPONENTS:
-        model = getattr(pipe, comp, None)
-        if model is not None and adapter_name in (getattr(model, "peft_config", None) or {}):
-            delete_adapter_layers(model, adapter_name)
-            model.peft_config.pop(adapter_name, None)
+    present = any(adapter_name in (getattr(getattr(pipe, c, None), "peft_config", None) or {}) for c in COMPONENTS)
+    if present:
+        pipe.delete_adapters(adapter_name)
 
 
 def activate(pipe, loras, lora_dirs=None, **resolve_kwargs) -> list[LoadedLora]:
