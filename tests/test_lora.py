@@ -21,12 +21,20 @@ from sdxl_controlnet_img2img.pipeline.lora import LoraError, activate, load_lora
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest, LoraSpec  # noqa: E402
 
 
+def _own_pipeline(models):
+    """A pipeline object of our own, built with plain diffusers (the library loader caches and would hand
+    back the session's shared tiny_pipe, which must stay free of LoRA adapters)."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline
+
+    cn = ControlNetModel.from_pretrained(models["controlnet"], local_files_only=True)
+    p = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(models["checkpoint"], controlnet=cn, local_files_only=True)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_models):
-    """A pipeline of our own (LoRA adapters stay on it; the session's tiny_pipe stays clean)."""
-    from sdxl_controlnet_img2img.pipeline.loading import load_pipeline
-
-    p = load_pipeline(tiny_models["checkpoint"], tiny_models["controlnet"], device="cpu", dtype=torch.float32)
+    p = _own_pipeline(tiny_models)
     yield p
     L.unload_all(p)
 
@@ -101,9 +109,8 @@ def test_deterministic_and_a_then_b_equals_b_alone(pipe, inputs, lora_files, tin
     _run(pipe, inputs, [a])
     assert np.array_equal(_run(pipe, inputs, [b]), first_b)
     # and B on a fresh pipeline that never saw A
-    from sdxl_controlnet_img2img.pipeline.loading import load_pipeline
-
-    fresh = load_pipeline(tiny_models["checkpoint"], tiny_models["controlnet"], device="cpu", dtype=torch.float32)
+    fresh = _own_pipeline(tiny_models)
+    assert fresh is not pipe
     assert np.array_equal(_run(fresh, inputs, [b]), first_b)
 
 
