@@ -92,6 +92,11 @@ def cmd_generate(args) -> int:
     from .fal_cli import check_local_arguments
 
     check_local_arguments(args)
+    lora_dirs = list(getattr(args, "lora_dir", None) or []) + [str(Path(args.request).resolve().parent)]
+    if request.loras:
+        from .lora import resolve_request_loras
+
+        request = resolve_request_loras(request, lora_dirs)
     hooks = _model_hooks(args, request)  # before the pipeline, so a missing model fails fast
     t = time.perf_counter()
     pipe = load_pipeline(args.checkpoint, args.controlnet, device=args.device, dtype=_dtype(args.dtype))
@@ -134,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--controlnet", default=None, help="(local runs, required) SDXL Canny ControlNet: a diffusers folder")
     g.add_argument("--out", required=True, help="output folder for the images and result.json")
     g.add_argument("--format", choices=["png", "jpeg"], default="png", help="image file format (default png)")
+    g.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="folder to find LoRAs named by bare file name in the request's loras (repeatable; "
+                        "the request file's folder is searched too)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
     g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="weights precision (default auto: bf16/fp16 on CUDA, fp16 on MPS, fp32 on CPU)")

@@ -477,3 +477,19 @@ def unload_all(pipe) -> None:
     for l in list(loaded_adapters(pipe).values()):
         _delete_adapter(pipe, l.adapter_name)
     _ADAPTERS.pop(pipe, None)
+
+
+def resolve_request_loras(request, lora_dirs):
+    """``request`` with each LoRA given by a bare name that lies in ``lora_dirs`` replaced by its full path
+    (URLs, hub ids and existing paths are left as they are)."""
+    from dataclasses import replace
+
+    out = []
+    for spec in request.loras:
+        p = spec.path
+        if "://" not in p[:10] and not Path(p).expanduser().is_file():
+            found = find_in_dirs(p, lora_dirs)
+            if found is not None:
+                spec = LoraSpec(str(found), spec.scale)
+        out.append(spec)
+    return replace(request, loras=tuple(out))
