@@ -135,7 +135,15 @@ def test_comfyui_cancel_asks_fal_to_cancel_and_stops_at_once(fal, user_dir, monk
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
     fal.reset(queue_s=30.0)
-    threading.Timer(0.5, flag.set).start()
+
+    def interrupt_once_both_are_queued():  # a bounded poll, not a sleep-and-hope
+        end = time.monotonic() + 10
+        while len(fal.jobs) < 2 and time.monotonic() < end:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        flag.set()
+
+    threading.Thread(target=interrupt_once_both_are_queued, daemon=True).start()
     t = time.monotonic()
     with pytest.raises(InterruptProcessingException):
         SDXLCNFalImg2Img().generate(batch(2), batch(1), **widgets())
