@@ -2,11 +2,12 @@
 
 What fal returns, and what this matches
 ---------------------------------------
-fal's SDXL endpoints answer with ``has_nsfw_concepts``: one boolean per returned image. For an
-image that is flagged, the image itself comes back as a plain black image of the same size (the
-behaviour of diffusers' ``StableDiffusionSafetyChecker``, which fal's fast-sdxl apps run; users of
-fal report black images for flagged results, e.g. gokayfem/ComfyUI-fal-API issue #4). The request
-still succeeds; nothing is dropped or reordered.
+fal's SDXL endpoints answer with ``has_nsfw_concepts``: one boolean per returned image (that much
+is in fal's output schema). For an image that is flagged, the image itself comes back as a plain
+black image of the same size: fal's docs do not spell this out, but it is the behaviour of diffusers'
+``StableDiffusionSafetyChecker`` and what users of fal's API report (e.g. gokayfem/ComfyUI-fal-API
+issue #4, black images with the NSFW filter on). The request still succeeds; nothing is dropped or
+reordered.
 
 Locally we do the same, with the same model: the checker is diffusers' ``StableDiffusionSafetyChecker``
 (weights: ``CompVis/stable-diffusion-safety-checker``) with its CLIP image processor. Its own
