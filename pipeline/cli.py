@@ -81,7 +81,7 @@ def _model_hooks(args, request) -> dict:
 
 def cmd_generate(args) -> int:
     from .generate import generate
-    from .loading import load_pipeline
+    from .loading import LoadOptions, load_pipeline
     from .result import write_result
 
     request = read_request(Path(args.request))
@@ -99,7 +99,12 @@ def cmd_generate(args) -> int:
         request = resolve_request_loras(request, lora_dirs)
     hooks = _model_hooks(args, request)  # before the pipeline, so a missing model fails fast
     t = time.perf_counter()
-    pipe = load_pipeline(args.checkpoint, args.controlnet, device=args.device, dtype=_dtype(args.dtype))
+    options = LoadOptions(
+        device=args.device, dtype=_dtype(args.dtype), memory_mode=args.memory_mode, vae_tiling=args.vae_tiling,
+        vae=args.vae, config_dir=args.config_dir, controlnet_config_dir=args.controlnet_config_dir,
+        allow_pickle=args.allow_pickle,
+    )
+    pipe = load_pipeline(args.checkpoint, args.controlnet, options)
     load_s = time.perf_counter() - t
     print(f"loaded models in {load_s:.1f}s", file=sys.stderr)
     result = generate(pipe, request, on_step=TerminalProgress(), **hooks)
@@ -135,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="run one fal-shaped request and write images + result.json")
     g.add_argument("--request", required=True, help="request JSON in fal's input shape (prompt, image_url, control_image_url, ...)")
-    g.add_argument("--checkpoint", default=None, help="(local runs, required) SDXL base model: a diffusers folder")
-    g.add_argument("--controlnet", default=None, help="(local runs, required) SDXL Canny ControlNet: a diffusers folder")
+    g.add_argument("--checkpoint", default=None,
+                   help="(local runs, required) SDXL base model: a single .safetensors (e.g. sd_xl_base_1.0.safetensors) or a diffusers folder")
+    g.add_argument("--controlnet", default=None,
+                   help="(local runs, required) SDXL Canny ControlNet: a diffusers folder or its diffusion_pytorch_model.safetensors file")
     g.add_argument("--out", required=True, help="output folder for the images and result.json")
     g.add_argument("--format", choices=["png", "jpeg"], default="png", help="image file format (default png)")
     g.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
@@ -145,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
     g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="weights precision (default auto: bf16/fp16 on CUDA, fp16 on MPS, fp32 on CPU)")
+    g.add_argument("--memory-mode", choices=["none", "model_cpu_offload", "sequential_cpu_offload"], default="none",
+                   help="GPU memory saving: model_cpu_offload (about 1/2 the VRAM, a little slower) or "
+                        "sequential_cpu_offload (least VRAM, much slower); default none")
+    g.add_argument("--vae-tiling", action="store_true", help="encode/decode the VAE in tiles (large images, small GPUs)")
+    g.add_argument("--vae", default=None, help="a VAE to use instead of the checkpoint's, e.g. sdxl-vae-fp16-fix (file or folder)")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="accept .ckpt/.pt pickles (read with torch.load(weights_only=True)); refused by default")
+    g.add_argument("--config-dir", default=None,
+                   help="SDXL config folder for a single-file checkpoint (default: the bundled SDXL base 1.0 configs)")
+    g.add_argument("--controlnet-config-dir", default=None,
+                   help="folder with the config.json of a single-file ControlNet (default: bundled SDXL Canny config)")
     g.add_argument("--safety-checker", default=None, metavar="PATH",
                    help="safety checker folder (CompVis/stable-diffusion-safety-checker), used when the request has "
                         "enable_safety_checker true (default: look in ./models/safety_checker)")

@@ -1,12 +1,45 @@
-"""Loading a StableDiffusionXLControlNetImg2ImgPipeline from files on disk."""
+"""Loading a StableDiffusionXLControlNetImg2ImgPipeline from the files ComfyUI users keep.
+
+Base model: a single ``.safetensors`` in the original SGM layout (``sd_xl_base_1.0.safetensors``
+or a fine-tune), loaded offline with the bundled SDXL configs (:mod:`.sdxl_config`); a diffusers
+folder; or a hub repo id when the network is allowed.
+ControlNet: a diffusers folder, a single ``.safetensors`` with diffusers keys (bundled SDXL
+ControlNet config), or a single file in the original layout (``control_model.*``).
+
+Public API::
+
+    load_pipeline(base, controlnet, options=None, *, device=None, dtype=None, **option_fields) -> pipe  # cached
+    build_pipeline(base, controlnet, options) -> pipe                                                  # uncached
+    free_cached_pipeline() -> bool
+    LoadOptions(...)
+"""
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import re
+import threading
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .model_checks import (
+    HINT_BASE,
+    HINT_CONTROLNET,
+    TE2_PREFIX,
+    check_controlnet_config,
+    check_controlnet_file,
+    check_sdxl_base,
+    read_index,
+)
 
+MEMORY_MODES = ("none", "model_cpu_offload", "sequential_cpu_offload")
+ATTENTION_MODES = ("sdpa", "eager")  # anything else is passed to diffusers' set_attention_backend
+
+
+# ---------------------------------------------------------------- device and precision
 
 def default_device() -> str:
     import torch
@@ -28,20 +61,416 @@ def default_dtype(device: str):
     return torch.float32
 
 
-def load_pipeline(checkpoint: str | os.PathLike, controlnet: str | os.PathLike, *, device: str | None = None, dtype=None):
-    """Load SDXL (diffusers folder) + ControlNet (diffusers folder) into an img2img ControlNet pipeline."""
-    from diffusers import ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline
+def parse_dtype(value):
+    """None/"auto" -> None; "fp16"/"float16"/"bf16"/"fp32"... or a torch.dtype -> torch.dtype."""
+    if value is None or value == "auto":
+        return None
+    import torch
 
-    checkpoint, controlnet = Path(checkpoint), Path(controlnet)
-    for label, p in (("checkpoint", checkpoint), ("controlnet", controlnet)):
-        if not p.exists():
-            raise ModelLoadError(f"{label}: {p} does not exist; check the path")
-    device = device or default_device()
-    dtype = dtype or default_dtype(device)
-    cn = ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype, local_files_only=True)
-    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
-        checkpoint, controlnet=cn, torch_dtype=dtype, local_files_only=True
+    if isinstance(value, torch.dtype):
+        return value
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    try:
+        return names[str(value).lower()]
+    except KeyError:
+        raise ModelLoadError(f"dtype: {value!r} is not one of auto, fp32, fp16, bf16") from None
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load and place the pipeline. Every field is part of the cache key."""
+
+    device: str | None = None  # None: cuda, else mps, else cpu
+    dtype: object = None  # None/"auto": bf16 (or fp16) on CUDA, fp16 on MPS, fp32 on CPU; or "fp16"/torch.float16...
+    memory_mode: str = "none"  # none | model_cpu_offload | sequential_cpu_offload
+    vae_tiling: bool = False  # decode/encode in tiles: large images on small GPUs
+    vae: str | None = None  # a VAE to use instead of the checkpoint's (e.g. sdxl-vae-fp16-fix): folder or file
+    config_dir: str | None = None  # SDXL config folder for single-file checkpoints (default: bundled)
+    controlnet_config_dir: str | None = None  # config.json folder for single-file ControlNets (default: bundled)
+    allow_pickle: bool = False  # accept .ckpt/.pt (read with torch.load(weights_only=True))
+    compile: bool = False  # torch.compile the UNet and ControlNet (CUDA only; ignored elsewhere)
+    attention: str = "sdpa"  # sdpa | eager | a diffusers attention backend name (e.g. "flash")
+
+    def resolved(self) -> "LoadOptions":
+        """Fill device/dtype defaults and validate; the result is what the cache key uses."""
+        device = self.device or default_device()
+        dtype = parse_dtype(self.dtype) or default_dtype(device)
+        if self.memory_mode not in MEMORY_MODES:
+            raise ModelLoadError(f"memory_mode: {self.memory_mode!r} is not one of {', '.join(MEMORY_MODES)}")
+        if self.memory_mode != "none" and not device.startswith(("cuda", "xpu", "mps")):
+            raise ModelLoadError(
+                f"memory_mode: {self.memory_mode} moves weights between the CPU and a GPU, but the device is "
+                f"{device!r}. Use memory_mode none on the CPU."
+            )
+        if not isinstance(self.attention, str) or not self.attention:
+            raise ModelLoadError(f"attention: {self.attention!r} must be a name such as 'sdpa'")
+        return replace(self, device=device, dtype=dtype)
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d["dtype"] = str(d["dtype"]).replace("torch.", "") if d["dtype"] is not None else None
+        return d
+
+
+# ---------------------------------------------------------------- what a path is
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"))
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _classify(path, label: str, hint: str) -> tuple[str, object]:
+    """('folder'|'file'|'hub', value). Raises ModelLoadError for a missing path."""
+    if path is None or str(path).strip() == "":
+        raise ModelLoadError(f"{label}: no model given. {hint}")
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_dir():
+        return "folder", p.resolve()
+    if p.is_file():
+        return "file", p.resolve()
+    s = str(path)
+    if _REPO_ID.match(s) and not p.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if _hub_offline():
+            raise ModelLoadError(
+                f"{label}: {s} is not a file or folder here, and looks like a hub repo id, but the hub is offline "
+                f"(HF_HUB_OFFLINE). Download it into a folder and give that folder. {hint}"
+            )
+        return "hub", s
+    raise ModelLoadError(f"{label}: {p} does not exist. Check the path (and the file name's extension). {hint}")
+
+
+def _file_identity(kind: str, value) -> tuple:
+    """What identifies the source on disk, for the cache key: path + size + mtime of the files that matter."""
+    if kind == "hub":
+        return ("hub", value)
+    p = Path(value)
+    if kind == "file":
+        st = p.stat()
+        return ("file", str(p), st.st_size, st.st_mtime_ns)
+    stamps = []
+    for f in sorted(p.rglob("*")):
+        if f.suffix in (".json", ".safetensors", ".bin", ".txt", ".ckpt") and f.is_file():
+            st = f.stat()
+            stamps.append((str(f.relative_to(p)), st.st_size, st.st_mtime_ns))
+    return ("folder", str(p), tuple(stamps))
+
+
+def _wrap(label: str, where, exc: Exception, hint: str) -> ModelLoadError:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelLoadError(f"{label}: loading {where} failed ({type(exc).__name__}: {msg[:400]}). {hint}")
+
+
+# ---------------------------------------------------------------- ControlNet
+
+def load_controlnet(source, options: LoadOptions):
+    """A ControlNetModel from a diffusers folder, a single file (diffusers or original keys), or a hub id."""
+    import torch
+    from diffusers import ControlNetModel
+
+    label = "controlnet"
+    opts = options.resolved()
+    kind, value = _classify(source, label, HINT_CONTROLNET)
+    if kind == "hub":
+        try:
+            return ControlNetModel.from_pretrained(value, torch_dtype=opts.dtype)
+        except Exception as exc:  # noqa: BLE001
+            raise _wrap(label, value, exc, HINT_CONTROLNET) from None
+    if kind == "folder":
+        cfg_file = value / "config.json"
+        if not cfg_file.is_file():
+            found = ", ".join(sorted(f.name for f in value.iterdir())[:8]) or "nothing"
+            raise ModelLoadError(
+                f"{label}: {value} is a folder without config.json (found: {found}); expected a diffusers ControlNet "
+                f"folder. {HINT_CONTROLNET}"
+            )
+        try:
+            config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ModelLoadError(f"{label}: {cfg_file} is not valid JSON ({exc}).") from None
+        if config.get("_class_name") not in (None, "ControlNetModel"):
+            raise ModelLoadError(
+                f"{label}: {value} is a diffusers {config.get('_class_name')} folder, not a ControlNetModel. {HINT_CONTROLNET}"
+            )
+        check_controlnet_config(config, value, label)
+        weights = [f for f in value.iterdir() if f.name.startswith("diffusion_pytorch_model") and f.suffix == ".safetensors"]
+        for w in weights:
+            if not w.name.endswith("index.json"):
+                read_index(w, label)  # truncated/corrupt files get a clear message
+        try:
+            return ControlNetModel.from_pretrained(value, torch_dtype=opts.dtype, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise _wrap(label, value, exc, HINT_CONTROLNET) from None
+    # a single file
+    idx = read_index(value, label, allow_pickle=opts.allow_pickle)
+    fmt = check_controlnet_file(idx, label)
+    cfg_dir = Path(opts.controlnet_config_dir) if opts.controlnet_config_dir else None
+    if cfg_dir is None:
+        from .sdxl_config import CONTROLNET_SDXL_CONFIG
+
+        cfg_dir = CONTROLNET_SDXL_CONFIG
+    if fmt == "ldm":
+        try:
+            return ControlNetModel.from_single_file(
+                str(value), config=str(cfg_dir), local_files_only=True, torch_dtype=opts.dtype
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise _wrap(label, value, exc, HINT_CONTROLNET) from None
+    # diffusers keys in one file: build from the config and load the weights strictly
+    config = ControlNetModel.load_config(str(cfg_dir))
+    check_controlnet_config(config, cfg_dir, label)
+    try:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = ControlNetModel.from_config(config)
+    except ImportError:
+        model = ControlNetModel.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(idx.shapes))
+    wrong = sorted(k for k in expected if k in idx.shapes and idx.shapes[k] != expected[k])
+    if missing or wrong:
+        k = (wrong or missing)[0]
+        detail = (f"{len(wrong)} tensors have other shapes (e.g. {k}: file {idx.shapes[k]}, config {expected[k]})"
+                  if wrong else f"{len(missing)} tensors are missing (e.g. {k})")
+        raise ModelLoadError(
+            f"{label}: {value} is an SDXL ControlNet in diffusers layout, but it does not match the config in "
+            f"{cfg_dir}: {detail}. It is probably a different size (mid/small variant): put it in a folder next to its "
+            f"own config.json and give the folder (or pass controlnet_config_dir)."
+        )
+    sd = idx.state_dict if idx.state_dict is not None else _load_safetensors(value)
+    model.load_state_dict({k: sd[k].to(opts.dtype) for k in expected}, strict=True, assign=True)
+    model.eval()
+    return model
+
+
+def _load_safetensors(path, keys=None):
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for k in f.keys():
+            if keys is None or (keys(k) if callable(keys) else k in keys):
+                out[k] = f.get_tensor(k)
+    return out
+
+
+# ---------------------------------------------------------------- VAE override
+
+def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
+    """A user VAE (e.g. madebyollin/sdxl-vae-fp16-fix): a diffusers folder or a single file."""
+    from diffusers import AutoencoderKL
+
+    label = "vae"
+    opts = options.resolved()
+    hint = "Give a diffusers VAE folder (config.json + weights) or a VAE .safetensors file (e.g. sdxl_vae_fp16_fix.safetensors)."
+    kind, value = _classify(source, label, hint)
+    try:
+        if kind == "hub":
+            return AutoencoderKL.from_pretrained(value, torch_dtype=opts.dtype)
+        if kind == "folder":
+            sub = value / "vae" if (value / "vae" / "config.json").is_file() else value
+            return AutoencoderKL.from_pretrained(sub, torch_dtype=opts.dtype, local_files_only=True)
+        idx = read_index(value, label, allow_pickle=opts.allow_pickle)
+        if not any(k.split(".", 1)[-1].startswith(("encoder.", "decoder.")) or k.startswith(("encoder.", "decoder."))
+                   for k in idx.shapes):
+            raise ModelLoadError(f"{label}: {value} is not a VAE ({idx.summary()}). {hint}")
+        from .sdxl_config import SDXL_BASE_CONFIG
+
+        cfg = Path(config_dir) if config_dir else SDXL_BASE_CONFIG
+        vae = AutoencoderKL.from_single_file(
+            str(value), config=str(cfg), subfolder="vae", local_files_only=True, torch_dtype=opts.dtype
+        )
+        # a VAE given on its own is taken to be fp16-safe (that is what the option is for)
+        vae.register_to_config(force_upcast=False)
+        return vae
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(label, value, exc, hint) from None
+
+
+# ---------------------------------------------------------------- the pipeline
+
+def _base_folder_check(folder: Path, label: str) -> None:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        singles = sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".ckpt"))
+        extra = f" It holds {', '.join(singles[:4])}: give one of those files instead." if singles else ""
+        raise ModelLoadError(f"{label}: {folder} is a folder without model_index.json, so not a diffusers model.{extra} {HINT_BASE}")
+    try:
+        mi = json.loads(index.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelLoadError(f"{label}: {index} is not valid JSON ({exc}).") from None
+    if "text_encoder_2" not in mi or "unet" not in mi:
+        raise ModelLoadError(
+            f"{label}: {folder} is a diffusers {mi.get('_class_name', 'pipeline')} without the two SDXL text "
+            f"encoders (not SDXL base; SD 1.x/2.x or a refiner). {HINT_BASE}"
+        )
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for w in (folder / sub).glob("*.safetensors") if (folder / sub).is_dir() else ():
+            read_index(w, f"{label} ({sub})")
+
+
+def _load_text_encoder_2(path: Path, idx, config_dir: Path, dtype):
+    """The OpenCLIP bigG encoder, converted from only its own keys.
+
+    Passing only ``conditioner.embedders.1.*`` keeps diffusers from mistaking the first CLIP
+    encoder for it when both have the same width (as in tiny test models).
+    """
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModelWithProjection
+
+    sd = idx.state_dict if idx.state_dict is not None else _load_safetensors(path, lambda k: k.startswith(TE2_PREFIX))
+    sd = {k: v for k, v in sd.items() if k.startswith(TE2_PREFIX)}
+    return create_diffusers_clip_model_from_ldm(
+        CLIPTextModelWithProjection, sd, subfolder="text_encoder_2", config=str(config_dir),
+        torch_dtype=dtype, local_files_only=True,
     )
-    pipe.to(device)
+
+
+def build_pipeline(base, controlnet, options: LoadOptions | None = None):
+    """Load without the cache. Raises ModelLoadError (never a bare library error) for bad inputs."""
+    import torch
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+    opts = (options or LoadOptions()).resolved()
+    label = "checkpoint"
+    kind, value = _classify(base, label, HINT_BASE)
+    # check the base before spending time on the ControlNet
+    idx = config_dir = None
+    if kind == "folder":
+        _base_folder_check(value, label)
+    elif kind == "file":
+        idx = read_index(value, label, allow_pickle=opts.allow_pickle)
+        if opts.config_dir:
+            config_dir = Path(opts.config_dir)
+            if not (config_dir / "model_index.json").is_file():
+                raise ModelLoadError(f"config_dir: {config_dir} has no model_index.json; expected an SDXL config folder.")
+        else:
+            from .sdxl_config import sdxl_config_dir
+
+            config_dir = sdxl_config_dir()
+        unet_cfg = json.loads((config_dir / "unet" / "config.json").read_text(encoding="utf-8"))
+        check_sdxl_base(idx, label, expected_context=unet_cfg.get("cross_attention_dim"))
+    cn = load_controlnet(controlnet, opts)
+    extra = {}
+    if opts.vae:
+        extra["vae"] = load_vae(opts.vae, opts, config_dir)
+    try:
+        if kind == "file":
+            extra["text_encoder_2"] = _load_text_encoder_2(value, idx, config_dir, opts.dtype)
+            idx = None  # drop a pickle's tensors before diffusers reads the file itself
+            pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_single_file(
+                str(value), controlnet=cn, config=str(config_dir), local_files_only=True,
+                torch_dtype=opts.dtype, **extra,
+            )
+        else:
+            pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
+                str(value), controlnet=cn, torch_dtype=opts.dtype, local_files_only=(kind != "hub"), **extra,
+            )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(label, value, exc, HINT_BASE) from None
+    _place(pipe, opts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _place(pipe, opts: LoadOptions) -> None:
+    import torch
+
+    if opts.memory_mode == "model_cpu_offload":
+        pipe.enable_model_cpu_offload(device=opts.device)
+    elif opts.memory_mode == "sequential_cpu_offload":
+        pipe.enable_sequential_cpu_offload(device=opts.device)
+    else:
+        pipe.to(opts.device)
+    if opts.vae_tiling:
+        pipe.vae.enable_tiling()
+    if opts.attention == "eager":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        pipe.unet.set_attn_processor(AttnProcessor())
+        pipe.controlnet.set_attn_processor(AttnProcessor())
+    elif opts.attention != "sdpa":
+        try:
+            pipe.unet.set_attention_backend(opts.attention)
+            pipe.controlnet.set_attention_backend(opts.attention)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(
+                f"attention: {opts.attention!r} cannot be used here ({type(exc).__name__}: {str(exc)[:200]}). "
+                f"Use 'sdpa' (the default)."
+            ) from None
+    if opts.compile and opts.device.startswith("cuda"):
+        pipe.unet = torch.compile(pipe.unet)
+        pipe.controlnet = torch.compile(pipe.controlnet)
+
+
+# ---------------------------------------------------------------- the cache
+
+_lock = threading.RLock()
+_cache: dict = {"key": None, "pipe": None}
+
+
+def _cache_key(base, controlnet, opts: LoadOptions) -> tuple:
+    bk, bv = _classify(base, "checkpoint", HINT_BASE)
+    ck, cv = _classify(controlnet, "controlnet", HINT_CONTROLNET)
+    vae = _file_identity(*_classify(opts.vae, "vae", "")) if opts.vae else None
+    o = opts.describe()
+    o.pop("vae")
+    return (_file_identity(bk, bv), _file_identity(ck, cv), vae, tuple(sorted(o.items())))
+
+
+def free_cached_pipeline() -> bool:
+    """Drop the cached pipeline and give its memory back (gc + CUDA cache). True if one was cached."""
+    with _lock:
+        had = _cache["pipe"] is not None
+        _cache["key"] = _cache["pipe"] = None
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    return had
+
+
+def cached_pipeline():
+    """The pipeline currently held by the cache, or None."""
+    return _cache["pipe"]
+
+
+def load_pipeline(base, controlnet, options: LoadOptions | None = None, *, device=None, dtype=None, **option_fields):
+    """The cached loader. Same files (path, size, mtime) and same options -> the same pipeline object, no disk read.
+
+    A different model or option frees the previous pipeline first (so two never sit in memory together),
+    as far as nobody else holds a reference to it.
+    ``load_pipeline(ckpt, cn, device="cpu", dtype=torch.float32)`` keeps working.
+    """
+    opts = options or LoadOptions()
+    if device is not None or dtype is not None or option_fields:
+        unknown = set(option_fields) - {f.name for f in fields(LoadOptions)}
+        if unknown:
+            raise TypeError(f"load_pipeline: unknown options {sorted(unknown)}")
+        upd = dict(option_fields)
+        if device is not None:
+            upd["device"] = device
+        if dtype is not None:
+            upd["dtype"] = dtype
+        opts = replace(opts, **upd)
+    opts = opts.resolved()
+    with _lock:
+        key = _cache_key(base, controlnet, opts)
+        if _cache["key"] == key and _cache["pipe"] is not None:
+            return _cache["pipe"]
+        free_cached_pipeline()
+        pipe = build_pipeline(base, controlnet, opts)
+        _cache["key"], _cache["pipe"] = key, pipe
+        return pipe

@@ -1,0 +1,245 @@
+"""Look inside model files before loading them, and say clearly what is wrong.
+
+Only the safetensors header (key names, shapes, offsets) is read here, so a check costs
+microseconds even for a 7 GB checkpoint. ``.ckpt``/``.pt`` pickles are read only when the
+caller opted in (``allow_pickle``), and then with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+SAFETENSORS_EXT = {".safetensors", ".sft"}
+PICKLE_EXT = {".ckpt", ".pt", ".pth", ".bin"}
+_MAX_HEADER = 100_000_000  # safetensors itself refuses headers over 100 MB
+
+HINT_BASE = (
+    "Give an SDXL base checkpoint: a single .safetensors in the original (SGM) layout such as "
+    "sd_xl_base_1.0.safetensors or a fine-tune of it, or a diffusers folder with model_index.json."
+)
+HINT_CONTROLNET = (
+    "Give an SDXL ControlNet: a diffusers folder (config.json + diffusion_pytorch_model.safetensors, e.g. "
+    "diffusers/controlnet-canny-sdxl-1.0 or xinsir/controlnet-canny-sdxl-1.0) or that "
+    "diffusion_pytorch_model.safetensors file on its own."
+)
+
+
+@dataclass
+class TensorIndex:
+    """Key names and shapes of a weights file (no tensor data)."""
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    metadata: dict = field(default_factory=dict)
+    state_dict: dict | None = None  # only for pickles, which cannot be read lazily
+
+    def has_prefix(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.shapes)
+
+    def first(self, pattern: str) -> tuple[str, tuple[int, ...]] | None:
+        rx = re.compile(pattern)
+        for k in sorted(self.shapes):
+            if rx.search(k):
+                return k, self.shapes[k]
+        return None
+
+    def summary(self, n: int = 3) -> str:
+        keys = sorted(self.shapes)
+        roots = sorted({".".join(k.split(".")[:2]) for k in keys})
+        return f"{len(keys)} tensors, top-level names like {', '.join(roots[:6])}" + (" ..." if len(roots) > 6 else "")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
+    """Read and validate a safetensors header; raise ModelLoadError for truncated or corrupt files."""
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "Download the file again (compare its size with the source) and retry."
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{label}: {path} is {_size(size)}, too short to be a safetensors file. {fix}")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ModelLoadError(
+                f"{label}: {path} is not a readable safetensors file (its header claims {n} bytes but the file "
+                f"is {_size(size)}): it is corrupt, truncated, or not safetensors at all. {fix}"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header ({exc}). {fix}") from None
+    metadata = header.pop("__metadata__", None) or {}
+    shapes, end = {}, 0
+    try:
+        for k, v in header.items():
+            shapes[k] = tuple(int(s) for s in v["shape"])
+            end = max(end, int(v["data_offsets"][1]))
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header (bad entry for {k!r}). {fix}") from None
+    if 8 + n + end > size:
+        raise ModelLoadError(
+            f"{label}: {path} is truncated: it is {_size(size)} but its header says the tensors need "
+            f"{_size(8 + n + end)}. The download or copy did not finish. {fix}"
+        )
+    if not shapes:
+        raise ModelLoadError(f"{label}: {path} is a safetensors file with no tensors in it. {fix}")
+    return TensorIndex(path, shapes, metadata)
+
+
+def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -> TensorIndex:
+    """Read a .ckpt/.pt pickle with weights_only=True, only when the user opted in."""
+    path = Path(path)
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"{label}: {path} is a pickle checkpoint ({path.suffix}); pickles can run code when loaded, so they are "
+            f"refused by default. Use a .safetensors version of the model, or opt in with allow_pickle "
+            f"(CLI: --allow-pickle; it is then read with torch.load(weights_only=True), which refuses code)."
+        )
+    import torch
+
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported the same way
+        raise ModelLoadError(
+            f"{label}: {path} could not be read as a weights-only pickle ({type(exc).__name__}: {str(exc)[:300]}). "
+            f"It is corrupt, truncated, or contains objects other than tensors. Use a .safetensors version."
+        ) from None
+    while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ModelLoadError(f"{label}: {path} holds a {type(sd).__name__}, not a dict of tensors.")
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+    if not shapes:
+        raise ModelLoadError(f"{label}: {path} holds no tensors.")
+    return TensorIndex(path, shapes, state_dict=sd)
+
+
+def read_index(path: str | os.PathLike, label: str, allow_pickle: bool = False) -> TensorIndex:
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext in SAFETENSORS_EXT:
+        return read_safetensors_index(path, label)
+    if ext in PICKLE_EXT:
+        return read_pickle_index(path, label, allow_pickle)
+    raise ModelLoadError(
+        f"{label}: {path} has an unknown extension {ext!r}; expected .safetensors (or .ckpt with allow_pickle), "
+        f"or a diffusers folder."
+    )
+
+
+# ---------------------------------------------------------------- SDXL base checkpoints
+
+UNET_PREFIX = "model.diffusion_model."
+TE1_PREFIX = "conditioner.embedders.0.transformer."
+TE2_PREFIX = "conditioner.embedders.1.model."
+
+
+def _context_dim(idx: TensorIndex, prefix: str) -> int | None:
+    hit = idx.first(re.escape(prefix) + r".*attn2\.to_k\.weight$")
+    return hit[1][1] if hit else None
+
+
+def describe_base(idx: TensorIndex) -> str:
+    """What kind of model a single-file checkpoint is, in words (for error messages)."""
+    ctx = _context_dim(idx, UNET_PREFIX)
+    if idx.has_prefix(UNET_PREFIX):
+        if idx.has_prefix("cond_stage_model.transformer.") or ctx == 768:
+            return "a Stable Diffusion 1.x checkpoint (one CLIP ViT-L text encoder, UNet context 768)"
+        if idx.has_prefix("cond_stage_model.model.") or ctx == 1024:
+            return "a Stable Diffusion 2.x checkpoint (OpenCLIP ViT-H text encoder, UNet context 1024)"
+        if idx.has_prefix("conditioner.embedders.0.model.") and not idx.has_prefix(TE1_PREFIX):
+            return "an SDXL refiner checkpoint (only the OpenCLIP bigG text encoder, UNet context 1280)"
+        if idx.has_prefix(TE1_PREFIX) and idx.has_prefix(TE2_PREFIX):
+            return f"an SDXL base checkpoint (UNet context {ctx})"
+        if idx.has_prefix("conditioner.") is False:
+            return f"a UNet-only checkpoint in the original layout (no text encoders, UNet context {ctx})"
+        return f"a checkpoint in the original layout with unrecognised text encoders (UNet context {ctx})"
+    if idx.has_prefix("controlnet_cond_embedding.") or idx.has_prefix("control_model.") or idx.has_prefix("input_hint_block."):
+        return "a ControlNet, not a base model"
+    if idx.first(r"^(down_blocks|up_blocks|mid_block)\.") and idx.first(r"attn2\.to_k\.weight$"):
+        return "a UNet saved in diffusers layout (diffusion_pytorch_model.safetensors of a unet/ folder), not a whole checkpoint"
+    if idx.first(r"^(encoder|decoder)\.(down|up|mid)"):
+        return "a VAE on its own, not a whole checkpoint"
+    if idx.first(r"lora_(unet|te)|\.lora_(up|down|A|B)\."):
+        return "a LoRA, not a base model"
+    return f"not a Stable Diffusion checkpoint ({idx.summary()})"
+
+
+def check_sdxl_base(idx: TensorIndex, label: str, expected_context: int | None = None) -> None:
+    """Raise ModelLoadError unless ``idx`` is an SDXL base checkpoint in the original layout."""
+    kind = describe_base(idx)
+    if not kind.startswith("an SDXL base checkpoint"):
+        raise ModelLoadError(f"{label}: {idx.path} is {kind}. {HINT_BASE}")
+    ctx = _context_dim(idx, UNET_PREFIX)
+    if expected_context is not None and ctx != expected_context:
+        raise ModelLoadError(
+            f"{label}: {idx.path} has UNet context dimension {ctx} but the SDXL config in use expects "
+            f"{expected_context}. It is not a standard SDXL base; pass a matching config folder (config_dir / "
+            f"--config-dir) or use a standard SDXL checkpoint."
+        )
+
+
+# ---------------------------------------------------------------- ControlNets
+
+def describe_controlnet(idx: TensorIndex) -> tuple[str, str]:
+    """(format, description) of a ControlNet-like file. format is 'diffusers', 'ldm' or 'unsupported'."""
+    if idx.has_prefix("controlnet_cond_embedding.") and idx.has_prefix("controlnet_down_blocks."):
+        ctx = idx.first(r"attn2\.to_k\.weight$")
+        ctx = ctx[1][1] if ctx else None
+        if idx.has_prefix("add_embedding."):
+            return "diffusers", f"an SDXL ControlNet in diffusers layout (context {ctx})"
+        family = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}.get(ctx, "non-SDXL")
+        return "unsupported", f"a {family} ControlNet in diffusers layout (context {ctx}, no SDXL text-time embedding)"
+    pre = "control_model." if idx.has_prefix("control_model.") else ""
+    if idx.has_prefix(pre + "input_hint_block.") and idx.has_prefix(pre + "zero_convs."):
+        if idx.has_prefix(pre + "label_emb."):
+            return "ldm", "an SDXL ControlNet in the original (ldm/sgm) layout"
+        return "unsupported", "a Stable Diffusion 1.x/2.x ControlNet in the original layout (no SDXL label embedding)"
+    if idx.first(r"lllite"):
+        return "unsupported", "a ControlNet-LLLite (kohya) model, which diffusers cannot run"
+    if idx.first(r"lora_controlnet|control_lora") or "lora_controlnet" in idx.metadata:
+        return "unsupported", "a Control-LoRA (Stability), which diffusers cannot run as a ControlNet"
+    if idx.has_prefix("adapter.") or idx.has_prefix("body."):
+        return "unsupported", "a T2I-Adapter, not a ControlNet"
+    if idx.has_prefix(UNET_PREFIX):
+        return "unsupported", "a base model checkpoint, not a ControlNet"
+    return "unsupported", f"not a ControlNet ({idx.summary()})"
+
+
+def check_controlnet_file(idx: TensorIndex, label: str) -> str:
+    fmt, what = describe_controlnet(idx)
+    if fmt == "unsupported":
+        raise ModelLoadError(f"{label}: {idx.path} is {what}; expected an SDXL ControlNet. {HINT_CONTROLNET}")
+    return fmt
+
+
+def check_controlnet_config(config: dict, path, label: str) -> None:
+    if config.get("addition_embed_type") != "text_time":
+        ctx = config.get("cross_attention_dim")
+        raise ModelLoadError(
+            f"{label}: {path} is a ControlNet for Stable Diffusion 1.x/2.x (cross_attention_dim {ctx}, no SDXL "
+            f"text-time embedding); expected an SDXL ControlNet. {HINT_CONTROLNET}"
+        )
