@@ -346,6 +346,7 @@ def build_pipeline(base, controlnet, options: LoadOptions | None = None):
         _base_folder_check(value, label)
     elif kind == "file":
         idx = read_index(value, label, allow_pickle=opts.allow_pickle)
+        check_sdxl_base(idx, label)  # the kind of model first: no config or tokenizer needed to say "this is SD1.5"
         if opts.config_dir:
             config_dir = Path(opts.config_dir)
             if not (config_dir / "model_index.json").is_file():
