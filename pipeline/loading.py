@@ -36,7 +36,7 @@ from .model_checks import (
 )
 
 MEMORY_MODES = ("none", "model_cpu_offload", "sequential_cpu_offload")
-ATTENTION_MODES = ("sdpa", "eager")  # anything else is passed to diffusers' set_attention_backend
+ATTENTION_MODES = ("sdpa", "eager", "classic")  # eager == classic (plain AttnProcessor); anything else is passed to diffusers' set_attention_backend
 
 
 # ---------------------------------------------------------------- device and precision
@@ -90,7 +90,7 @@ class LoadOptions:
     controlnet_config_dir: str | None = None  # config.json folder for single-file ControlNets (default: bundled)
     allow_pickle: bool = False  # accept .ckpt/.pt (read with torch.load(weights_only=True))
     compile: bool = False  # torch.compile the UNet and ControlNet (CUDA only; ignored elsewhere)
-    attention: str = "sdpa"  # sdpa | eager | a diffusers attention backend name (e.g. "flash")
+    attention: str = "sdpa"  # sdpa | eager (alias classic) | a diffusers attention backend name (e.g. "flash")
 
     def resolved(self) -> "LoadOptions":
         """Fill device/dtype defaults and validate; the result is what the cache key uses."""
@@ -393,7 +393,7 @@ def _place(pipe, opts: LoadOptions) -> None:
         pipe.to(opts.device)
     if opts.vae_tiling:
         pipe.vae.enable_tiling()
-    if opts.attention == "eager":
+    if opts.attention in ("eager", "classic"):
         from diffusers.models.attention_processor import AttnProcessor
 
         pipe.unet.set_attn_processor(AttnProcessor())
