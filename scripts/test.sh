@@ -6,7 +6,7 @@ bash scripts/setup_venv.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 status=0
 .venv/bin/python -m pytest -q "$@" || status=$?
-if ls tests/js/*.test.mjs >/dev/null 2>if ls web/tests/*.test.mjs >/dev/null 2>&1; then1; then
+if ls tests/js/*.test.mjs >/dev/null 2>&1; then
   node --test tests/js/ || status=$?
 fi
 exit $status
