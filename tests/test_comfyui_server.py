@@ -17,9 +17,13 @@ pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_models):
+    from sdxl_controlnet_img2img.pipeline.tiny_models import build_tiny_safety_checker
+
     base = tmp_path_factory.mktemp("comfyui-base")
+    checker = build_tiny_safety_checker(tmp_path_factory.mktemp("checker") / "flags-everything", flag_everything=True)
     models = {"diffusers": {"tiny-sdxl": tiny_models["checkpoint"]},
-              "controlnet": {"tiny-controlnet-canny": tiny_models["controlnet"]}}
+              "controlnet": {"tiny-controlnet-canny": tiny_models["controlnet"]},
+              "safety_checker": {"tiny-checker": checker}}
     with running_comfyui(base, models) as s:
         yield s
 
@@ -62,7 +66,7 @@ def test_api_example_runs_on_tiny_models(server):
 def test_cancel_stops_a_long_run(server):
     wf = tiny_workflow()
     s = _sampler(wf)
-    s.update(num_inference_steps=50, strength=1.0, width=512, height=512, seed=7)
+    s.update(num_inference_steps=50, strength=1.0, width=384, height=384, seed=7)
     prompt_id = server.queue_prompt(wf)
     end = time.monotonic() + 60
     while time.monotonic() < end:  # wait until it is running
@@ -75,7 +79,7 @@ def test_cancel_stops_a_long_run(server):
     status, _ = server.post("/interrupt", {})
     assert status == 200
     entry = server.wait_history(prompt_id, deadline_s=60)
-    assert time.monotonic() - t0 < 15, "cancel took too long"
+    assert time.monotonic() - t0 < 30, "cancel took too long"  # within a step or two, on a busy 2-core CPU
     assert entry["status"]["status_str"] == "error"
     messages = json.dumps(entry["status"]["messages"])
     assert "execution_interrupted" in messages, messages
@@ -101,3 +105,15 @@ def test_bad_inputs_give_clear_errors_and_server_keeps_serving(server):
 
     ok = server.wait_history(server.queue_prompt(copy.deepcopy(tiny_workflow())))
     assert ok["status"]["status_str"] == "success"
+
+
+def test_safety_checker_from_the_models_folder_blacks_out_flagged_images(server):
+    from PIL import Image
+
+    wf = tiny_workflow()
+    _sampler(wf)["enable_safety_checker"] = True  # the tiny checker in models/safety_checker flags everything
+    entry = server.wait_history(server.queue_prompt(wf))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
+    with Image.open(server.base / "output" / saved[0]["subfolder"] / saved[0]["filename"]) as img:
+        assert img.size == (64, 64) and not np.asarray(img.convert("RGB")).any()
