@@ -8,11 +8,13 @@ from .loader import SDXLCNLoader
 from .lora_node import SDXLCNLoraLoader
 from .example_inputs import install_example_inputs
 from .model_folders import register_model_folders
+from .routes import register_routes
 from .sampler import SDXLCNImg2Img
 from .fal_node import SDXLCNFalImg2Img
 
 register_model_folders()
 install_example_inputs()
+register_routes()
 
 NODE_CLASS_MAPPINGS = {
     "SDXLCNLoader": SDXLCNLoader,

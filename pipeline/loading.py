@@ -428,10 +428,14 @@ def _cache_key(base, controlnet, opts: LoadOptions) -> tuple:
 
 
 def free_cached_pipeline() -> bool:
-    """Drop the cached pipeline and give its memory back (gc + CUDA cache). True if one was cached."""
+    """Drop the cached pipeline (and the cached safety checker / prompt expander with it) and give
+    the memory back (gc + CUDA cache). True if a pipeline was cached."""
+    from .model_hooks import free_model_hooks
+
     with _lock:
         had = _cache["pipe"] is not None
         _cache["key"] = _cache["pipe"] = None
+    free_model_hooks()
     gc.collect()
     try:
         import torch

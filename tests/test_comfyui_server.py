@@ -117,3 +117,11 @@ def test_safety_checker_from_the_models_folder_blacks_out_flagged_images(server)
     saved = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
     with Image.open(server.base / "output" / saved[0]["subfolder"] / saved[0]["filename"]) as img:
         assert img.size == (64, 64) and not np.asarray(img.convert("RGB")).any()
+
+
+def test_free_route_releases_the_cached_pipeline(server):
+    server.wait_history(server.queue_prompt(tiny_workflow()))
+    assert server.post("/sdxlcn/free", {}) == (200, {"freed": True})
+    assert server.post("/sdxlcn/free", {}) == (200, {"freed": False})
+    ok = server.wait_history(server.queue_prompt(tiny_workflow()))  # loads again on the next run
+    assert ok["status"]["status_str"] == "success"
