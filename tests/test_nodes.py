@@ -49,7 +49,10 @@ def test_public_node_contract():
         "SDXLCNLoader": "Load SDXL ControlNet Pipeline",
         "SDXLCNCanny": "Canny Edges (OpenCV)",
         "SDXLCNImg2Img": "SDXL ControlNet Img2Img",
+        "SDXLCNLoraLoader": "SDXL ControlNet LoRA",
+        "SDXLCNFalImg2Img": "SDXL ControlNet Img2Img (fal)",
     }
+    assert set(NODE_CLASS_MAPPINGS) == set(expected)
     for name, display in expected.items():
         assert NODE_DISPLAY_NAME_MAPPINGS[name] == display
         cls = NODE_CLASS_MAPPINGS[name]
