@@ -28,6 +28,7 @@ from .comfyui_harness import PACK_FOLDER, ROOT, SKIP_REASON, comfyui_dir, runnin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fal_server  # noqa: E402
+from fal_server import fal_test_server  # noqa: E402,F401  (one fal-protocol server per session, shared)
 
 CHROMIUM = os.environ.get("SDXLCN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -64,31 +65,26 @@ HARMLESS_CONSOLE = ("Failed to load resource", "api.comfy.org")
 
 
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory, tiny_models):
-    """ComfyUI with the pack and the tiny models; its fal client talks to the fal-protocol test server."""
-    env = fal_server.configure_environment()  # sets FAL_*_HOST and SSL_CERT_FILE, inherited by ComfyUI
-    fal = fal_server.FalTestServer()
+def comfy(tmp_path_factory, tiny_models, fal_test_server):
+    """ComfyUI with the pack and the tiny models; its fal client talks to the fal-protocol test server
+    (configure_environment set FAL_*_HOST and SSL_CERT_FILE in this process; ComfyUI inherits them)."""
     base = tmp_path_factory.mktemp("comfyui-browser")
     models = {"diffusers": {"tiny-sdxl": tiny_models["checkpoint"]},
               "controlnet": {"tiny-controlnet-canny": tiny_models["controlnet"]}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FAL_KEY", fal_server.TEST_KEY)
+        mp.delenv("FAL_KEY_ID", raising=False)
+        mp.delenv("FAL_KEY_SECRET", raising=False)
+        server_cm = running_comfyui(base, models)
+        server = server_cm.__enter__()
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("FAL_KEY", fal_server.TEST_KEY)
-            mp.delenv("FAL_KEY_ID", raising=False)
-            mp.delenv("FAL_KEY_SECRET", raising=False)
-            server_cm = running_comfyui(base, models)
-            server = server_cm.__enter__()
-        try:
-            assert env["host"]
-            server.fal = fal
-            for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):
-                status, body = server.post(f"/api/settings/{setting}", value)
-                assert status == 200, (setting, status, body)
-            yield server
-        finally:
-            server_cm.__exit__(None, None, None)
+        server.fal = fal_test_server
+        for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):
+            status, body = server.post(f"/api/settings/{setting}", value)
+            assert status == 200, (setting, status, body)
+        yield server
     finally:
-        fal.stop()
+        server_cm.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")
