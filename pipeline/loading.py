@@ -16,7 +16,6 @@ Public API::
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .memory import release_memory
 from .model_checks import (
     HINT_BASE,
     HINT_CONTROLNET,
@@ -436,14 +436,7 @@ def free_cached_pipeline() -> bool:
         had = _cache["pipe"] is not None
         _cache["key"] = _cache["pipe"] = None
     free_model_hooks()
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    release_memory()
     return had
 
 

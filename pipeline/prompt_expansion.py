@@ -29,6 +29,7 @@ import threading
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .memory import release_memory
 
 SEED_MODULUS = 2**32  # Fooocus reduces seeds like this (numpy's seed limit); kept for the same seed -> same text
 CHUNK_TOKENS = 75  # one CLIP text chunk: expansion fills the prompt up to the next multiple of this
@@ -215,16 +216,7 @@ def free_prompt_expander() -> bool:
         had = bool(_cache)
         _cache.clear()
     if had:
-        import gc
-
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:
-            pass
+        release_memory()
     return had
 
 

@@ -37,6 +37,7 @@ import threading
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .memory import release_memory
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 CHECKER_CLASS = "StableDiffusionSafetyChecker"
@@ -221,16 +222,7 @@ def free_safety_checker() -> bool:
         had = bool(_cache)
         _cache.clear()
     if had:
-        import gc
-
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:
-            pass
+        release_memory()
     return had
 
 
