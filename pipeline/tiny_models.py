@@ -34,6 +34,15 @@ def _byte_symbols() -> list[str]:
     return [symbols[b] for b in range(256)]
 
 
+def _write_bpe_files(folder: Path, tokens: list[str], merges: list[str]) -> None:
+    """Write vocab.json (token -> id, first occurrence wins) and merges.txt (duplicates dropped)."""
+    vocab: dict[str, int] = {}
+    for t in tokens:
+        vocab.setdefault(t, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n", encoding="utf-8")
+
+
 def write_clip_tokenizer(folder: str | os.PathLike) -> Path:
     """Write a small byte-level CLIP BPE vocabulary and load a CLIPTokenizer from it."""
     from transformers import CLIPTokenizer
@@ -58,11 +67,7 @@ def write_clip_tokenizer(folder: str | os.PathLike) -> Path:
             if current not in seen:
                 tokens.append(current)
                 seen.add(current)
-    vocab = {}
-    for t in tokens:
-        vocab.setdefault(t, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n", encoding="utf-8")
+    _write_bpe_files(folder, tokens, merges)
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
     tok.save_pretrained(folder)
     return folder
@@ -270,11 +275,7 @@ def write_gpt2_tokenizer(folder: str | os.PathLike, words=None) -> Path:
             if current not in seen:
                 tokens.append(current)
                 seen.add(current)
-    vocab = {}
-    for t in tokens:
-        vocab.setdefault(t, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n", encoding="utf-8")
+    _write_bpe_files(folder, tokens, merges)
     tok = GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     tok.save_pretrained(folder)
     return folder
