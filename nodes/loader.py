@@ -58,8 +58,8 @@ class SDXLCNLoader:
             compile=bool(compile),
             attention=attention,
         )
-        free_comfy_memory()
         log.info("SDXLCNLoader: %s + %s (%s)", checkpoint, controlnet, options)
-        pipe = load_pipeline(base_path, cn_path, options=options)
+        # ComfyUI's own models are unloaded only when we are about to read ours from disk
+        pipe = load_pipeline(base_path, cn_path, options=options, before_load=free_comfy_memory)
         return (PipelineHandle(pipe=pipe, source={"checkpoint": checkpoint, "controlnet": controlnet,
                                                   "dtype": dtype, "memory_mode": memory_mode}),)

@@ -445,12 +445,15 @@ def cached_pipeline():
     return _cache["pipe"]
 
 
-def load_pipeline(base, controlnet, options: LoadOptions | None = None, *, device=None, dtype=None, **option_fields):
+def load_pipeline(base, controlnet, options: LoadOptions | None = None, *, device=None, dtype=None,
+                  before_load=None, **option_fields):
     """The cached loader. Same files (path, size, mtime) and same options -> the same pipeline object, no disk read.
 
     A different model or option frees the previous pipeline first (so two never sit in memory together),
     as far as nobody else holds a reference to it.
     ``load_pipeline(ckpt, cn, device="cpu", dtype=torch.float32)`` keeps working.
+    ``before_load()`` is called only when the disk will be read (a cache miss), e.g. to ask a host
+    application to free its own models first.
     """
     opts = options or LoadOptions()
     if device is not None or dtype is not None or option_fields:
@@ -469,6 +472,8 @@ def load_pipeline(base, controlnet, options: LoadOptions | None = None, *, devic
         if _cache["key"] == key and _cache["pipe"] is not None:
             return _cache["pipe"]
         free_cached_pipeline()
+        if before_load is not None:
+            before_load()
         pipe = build_pipeline(base, controlnet, opts)
         _cache["key"], _cache["pipe"] = key, pipe
         return pipe

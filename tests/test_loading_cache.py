@@ -99,6 +99,16 @@ def test_free_cached_pipeline(models):
     assert free_cached_pipeline() is False
 
 
+def test_before_load_runs_only_on_a_cache_miss(models):
+    a, b = models
+    calls = []
+    free_cached_pipeline()
+    load_pipeline(a["checkpoint"], a["controlnet"], CPU, before_load=lambda: calls.append("a"))
+    load_pipeline(a["checkpoint"], a["controlnet"], CPU, before_load=lambda: calls.append("a again"))
+    load_pipeline(b["checkpoint"], b["controlnet"], CPU, before_load=lambda: calls.append("b"))
+    assert calls == ["a", "b"]
+
+
 def test_load_options_defaults_and_resolution():
     import torch
 
