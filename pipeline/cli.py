@@ -102,7 +102,7 @@ def cmd_generate(args) -> int:
     options = LoadOptions(
         device=args.device, dtype=_dtype(args.dtype), memory_mode=args.memory_mode, vae_tiling=args.vae_tiling,
         vae=args.vae, config_dir=args.config_dir, controlnet_config_dir=args.controlnet_config_dir,
-        allow_pickle=args.allow_pickle,
+        allow_pickle=args.allow_pickle, compile=args.compile, attention=args.attention,
     )
     pipe = load_pipeline(args.checkpoint, args.controlnet, options)
     load_s = time.perf_counter() - t
@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU memory saving: model_cpu_offload (about 1/2 the VRAM, a little slower) or "
                         "sequential_cpu_offload (least VRAM, much slower); default none")
     g.add_argument("--vae-tiling", action="store_true", help="encode/decode the VAE in tiles (large images, small GPUs)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and ControlNet (CUDA only, ignored elsewhere): slow first run, faster after")
+    g.add_argument("--attention", default="sdpa", metavar="BACKEND",
+                   help="attention: sdpa (default, PyTorch scaled-dot-product), classic (plain attention), "
+                        "or a diffusers attention backend name such as flash")
     g.add_argument("--vae", default=None, help="a VAE to use instead of the checkpoint's, e.g. sdxl-vae-fp16-fix (file or folder)")
     g.add_argument("--allow-pickle", action="store_true",
                    help="accept .ckpt/.pt pickles (read with torch.load(weights_only=True)); refused by default")
