@@ -1,0 +1,312 @@
+"""GPU: SDXL + ControlNet img2img at fal's defaults, 1024², with each speed option, against plain diffusers.
+
+Rows, all in one process and on the same weights (fal defaults: 25 steps x strength 0.95 = 23 steps run,
+CFG 7.5, ControlNet 0.5, one 1024x1024 image; warm median of ``--repeat`` requests each):
+
+  diffusers      the plain StableDiffusionXLControlNetImg2ImgPipeline in fp16 (what a diffusers user writes)
+  fp16+sdpa      this pack: ``generate()`` on the pipeline placed by the loader (``attention="sdpa"``)
+  +channels-last UNet, ControlNet and VAE in channels-last memory format
+  +fp16-fix VAE  a VAE that decodes in fp16 without the fp32 upcast (sdxl-vae-fp16-fix; with random weights a
+                 VAE of the same architecture with ``force_upcast=False`` stands in: speed and memory do not
+                 depend on the weights' values)
+  +compile       ``torch.compile`` of the UNet and ControlNet (the loader's ``compile=True``); compile time reported apart
+  model offload  the loader's ``memory_mode="model_cpu_offload"`` (with the fp16-fix VAE, no compile)
+
+For each: seconds per request, steps/s (steps run / seconds per request, VAE and text encoders included)
+and peak GPU memory (``torch.cuda.max_memory_allocated``). Prints a table and writes JSON to
+``bench/results/gpu-<time>.json``. Targets (issue 9, on an H100): <= 2.0 s without compile, <= 1.5 s with it,
+never slower than plain diffusers, peak < 12 GB without offload and < 8 GB with model offload.
+
+Weights: ``--checkpoint`` and ``--controlnet`` (and optionally ``--vae``, e.g. sdxl-vae-fp16-fix) load real
+models by path with the pack's loader. Without them the full SDXL base and SDXL ControlNet architectures are
+built with random weights from the configs bundled in ``pipeline/configs/`` (no download anywhere).
+
+Without a CUDA GPU it prints ``no CUDA GPU found: ...`` and exits 0.
+
+Run on a GPU machine:
+    python bench/gpu.py                         # random-init full-size models, --repeat 5
+    python bench/gpu.py --checkpoint sd_xl_base_1.0.safetensors --controlnet diffusers_xl_canny_full.safetensors \
+        --vae sdxl-vae-fp16-fix --repeat 10
+    python bench/gpu.py --rows diffusers,fp16+sdpa,+compile
+
+On a GPU machine with no network and no diffusers (torch with CUDA is there): download the wheels here and
+carry them over. In the repo root here (x86-64 Linux target, its Python version, e.g. 3.12)::
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl diffusers==0.42.1 transformers peft safetensors accelerate huggingface-hub tokenizers regex \
+        opencv-python-headless pillow filelock fsspec pyyaml packaging requests tqdm hf-xet importlib-metadata zipp \
+        charset-normalizer idna urllib3 certifi psutil numpy
+    (check each wheel's needs: unzip -p .whl/NAME-*.whl '*/METADATA' | grep ^Requires-Dist; keep one version each)
+
+and there, with the repo and .whl copied over::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:.. python3 bench/gpu.py     # .. so that the repo folder imports as the package (see below)
+
+The bench imports the pack as ``sdxl_controlnet_img2img``; it adds a shim for that itself when the repo is not
+pip-installed, so only the dependencies need installing there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import _common as C
+
+ROWS = ["diffusers", "fp16+sdpa", "+channels-last", "+fp16-fix VAE", "+compile", "model offload"]
+STEPS, STRENGTH, SIZE = 25, 0.95, 1024
+
+
+def ensure_package_importable():
+    """Make ``import sdxl_controlnet_img2img`` work from a plain checkout (no pip install needed)."""
+    try:
+        import sdxl_controlnet_img2img  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sdxl_controlnet_img2img", C.ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(C.ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["sdxl_controlnet_img2img"] = mod
+    spec.loader.exec_module(mod)
+
+
+def random_components(device, dtype):
+    """Full-size SDXL base + SDXL ControlNet with random weights, from the bundled configs."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sdxl_controlnet_img2img.pipeline.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG
+    from sdxl_controlnet_img2img.pipeline.tiny_models import write_clip_tokenizer
+
+    base = SDXL_BASE_CONFIG
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the GPU: minutes faster than on the CPU
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet")).to(dtype)
+        controlnet = ControlNetModel.from_config(ControlNetModel.load_config(CONTROLNET_SDXL_CONFIG)).to(dtype)
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base / "vae")).to(dtype)
+        te = CLIPTextModel(CLIPTextConfig.from_json_file(base / "text_encoder" / "config.json")).to(dtype)
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(base / "text_encoder_2" / "config.json")).to(dtype)
+    scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(base / "scheduler"))
+    with tempfile.TemporaryDirectory() as tmp:  # the token ids do not matter for speed
+        write_clip_tokenizer(tmp)
+        tok, tok2 = CLIPTokenizer.from_pretrained(tmp), CLIPTokenizer.from_pretrained(tmp)
+    comps = {"unet": unet, "vae": vae, "text_encoder": te, "text_encoder_2": te2, "tokenizer": tok,
+             "tokenizer_2": tok2, "scheduler": scheduler}
+    return comps, controlnet
+
+
+def fp16_fix_stand_in(vae, dtype):
+    """The fp16-fix VAE's architecture (SDXL's) with ``force_upcast=False``, random weights."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    cfg = dict(vae.config)
+    cfg["force_upcast"] = False
+    with torch.device(vae.device):
+        return AutoencoderKL.from_config(cfg).to(dtype)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="SDXL base (file or diffusers folder); default: random-init full-size SDXL")
+    ap.add_argument("--controlnet", help="SDXL Canny ControlNet (file or folder); needed with --checkpoint")
+    ap.add_argument("--vae", help="fp16-fix VAE (file or folder) for the +fp16-fix VAE rows; default: a stand-in")
+    ap.add_argument("--repeat", type=int, default=5, help="warm requests per row (default 5; median)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed requests per row first (default 1)")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="half precision to use (default fp16)")
+    args = ap.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        ap.error(f"--rows: unknown {bad}; choose from {ROWS}")
+    if bool(args.checkpoint) != bool(args.controlnet):
+        ap.error("--checkpoint and --controlnet go together")
+
+    try:
+        import torch
+    except ImportError:
+        C.die("no CUDA GPU found: torch is not installed")
+    if not torch.cuda.is_available():
+        C.die(f"no CUDA GPU found: torch.cuda.is_available() is False (torch {torch.__version__}, "
+              f"CUDA build {torch.version.cuda or 'none'}); run this on a machine with an NVIDIA GPU (see the docstring)")
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        C.die(f"diffusers/transformers missing ({exc}); install them, e.g. from wheels (see the docstring)", 2)
+
+    ensure_package_importable()
+    import numpy as np
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+    from PIL import Image
+
+    from sdxl_controlnet_img2img.pipeline import loading
+    from sdxl_controlnet_img2img.pipeline.generate import generate
+    from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
+
+    device, dtype = "cuda", {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    gpu = torch.cuda.get_device_name(0)
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    print(f"GPU: {gpu} ({total_gb:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"diffusers {diffusers.__version__}")
+    steps_run = int(STEPS * STRENGTH)
+
+    t = time.perf_counter()
+    if args.checkpoint:
+        weights = f"real: {args.checkpoint} + {args.controlnet}"
+        loaded = loading.build_pipeline(args.checkpoint, args.controlnet,
+                                        loading.LoadOptions(device=device, dtype=dtype))
+        comps = {k: v for k, v in loaded.components.items() if k != "controlnet"}
+        controlnet = loaded.controlnet
+        del loaded
+    else:
+        weights = "random-init full-size SDXL base + SDXL ControlNet (bundled configs)"
+        comps, controlnet = random_components(device, dtype)
+    comps = {k: v for k, v in comps.items() if k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                                     "tokenizer_2", "scheduler")}
+    print(f"weights: {weights} (ready in {time.perf_counter() - t:.0f}s)\n")
+    if args.vae:
+        fix_vae = loading.load_vae(args.vae, loading.LoadOptions(device=device, dtype=dtype).resolved()).to(device, dtype)
+    else:
+        fix_vae = None  # built when needed
+
+    init = Image.fromarray(C.synthetic_photo(SIZE, SIZE, seed=1, scene="photo"))
+    control = Image.fromarray(C.synthetic_photo(SIZE, SIZE, seed=2, scene="photo"))
+    request = GenerationRequest.from_dict({
+        "prompt": "ice fortress, aurora skies, polar wildlife", "image_url": init, "control_image_url": control,
+        "num_inference_steps": STEPS, "strength": STRENGTH, "guidance_scale": 7.5, "controlnet_conditioning_scale": 0.5,
+        "seed": 42, "enable_safety_checker": False})
+
+    def plain_call(pipe):
+        import cv2
+
+        edges = cv2.Canny(np.asarray(control), 100, 200)
+        ctl = Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
+        return pipe(prompt=request.prompt, negative_prompt="", image=init, control_image=ctl, height=SIZE,
+                    width=SIZE, strength=STRENGTH, num_inference_steps=STEPS, guidance_scale=7.5,
+                    controlnet_conditioning_scale=0.5, generator=torch.Generator("cpu").manual_seed(42)).images
+
+    def measure(name, fn, note=""):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.warmup):
+            fn()
+        torch.cuda.synchronize()
+        warm_s = time.perf_counter() - t
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.repeat):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        s = C.median(times)
+        row = {"row": name, "s_per_request": s, "steps_per_s": steps_run / s,
+               "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "all_s": times, "warmup_s": warm_s, "note": note}
+        print(f"{name:<16}{s:>9.3f} s{row['steps_per_s']:>9.2f}{row['peak_gb']:>10.2f} GB   {note}", flush=True)
+        return row
+
+    raw_unet, raw_cn = comps["unet"], controlnet
+    results = []
+    print(f"{'row':<16}{'s/request':>11}{'steps/s':>9}{'peak mem':>13}")
+
+    def ours(opts_kw, vae=None, channels_last=False):
+        c = dict(comps, unet=raw_unet)
+        if vae is not None:
+            c["vae"] = vae
+        pipe = StableDiffusionXLControlNetImg2ImgPipeline(**c, controlnet=raw_cn)
+        if channels_last:
+            for m in (pipe.unet, pipe.controlnet, pipe.vae):
+                m.to(memory_format=torch.channels_last)
+        loading._place(pipe, loading.LoadOptions(device=device, dtype=dtype, **opts_kw).resolved())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def contiguous():
+        for m in (raw_unet, raw_cn, comps["vae"], fix_vae):
+            if m is not None:
+                m.to(memory_format=torch.contiguous_format)
+
+    for name in rows:
+        torch.cuda.empty_cache()
+        if name == "diffusers":
+            contiguous()
+            pipe = StableDiffusionXLControlNetImg2ImgPipeline(**comps, controlnet=raw_cn).to(device)
+            pipe.set_progress_bar_config(disable=True)
+            results.append(measure(name, lambda: plain_call(pipe), "plain pipeline, fp16, diffusers defaults"))
+        elif name == "fp16+sdpa":
+            contiguous()
+            pipe = ours({"attention": "sdpa"})
+            results.append(measure(name, lambda: generate(pipe, request), "generate(), loader placement"))
+        elif name == "+channels-last":
+            pipe = ours({"attention": "sdpa"}, channels_last=True)
+            results.append(measure(name, lambda: generate(pipe, request), "channels-last UNet/ControlNet/VAE"))
+        elif name in ("+fp16-fix VAE", "+compile", "model offload"):
+            if fix_vae is None:
+                fix_vae = fp16_fix_stand_in(comps["vae"], dtype)
+            cl = name != "model offload"
+            if name == "+fp16-fix VAE":
+                pipe = ours({"attention": "sdpa"}, vae=fix_vae, channels_last=True)
+                note = "VAE decodes in fp16 (no upcast)" + ("" if args.vae else "; random-init stand-in")
+            elif name == "+compile":
+                pipe = ours({"attention": "sdpa", "compile": True}, vae=fix_vae, channels_last=True)
+                note = "torch.compile UNet + ControlNet; warm-up includes compiling"
+            else:
+                contiguous()
+                pipe = ours({"attention": "sdpa", "memory_mode": "model_cpu_offload"}, vae=fix_vae)
+                note = "model CPU offload, fp16-fix VAE"
+            results.append(measure(name, lambda: generate(pipe, request), note))
+            if name == "model offload":  # put the shared modules back on the GPU for any later row
+                pipe.remove_all_hooks()
+                for m in (raw_unet, raw_cn, fix_vae, *(comps[k] for k in ("vae", "text_encoder", "text_encoder_2"))):
+                    m.to(device)
+        del pipe
+
+    by = {r["row"]: r for r in results}
+    print()
+    checks = []
+    if "diffusers" in by:
+        base = by["diffusers"]["s_per_request"]
+        for r in results:
+            if r["row"] != "diffusers":
+                checks.append((r["s_per_request"] <= base * 1.02,
+                               f"{r['row']}: {base / r['s_per_request']:.2f}x plain diffusers' speed (never slower)"))
+    if "H100" in gpu:
+        nc = [by[r]["s_per_request"] for r in ("fp16+sdpa", "+channels-last", "+fp16-fix VAE") if r in by]
+        if nc:
+            checks.append((min(nc) <= 2.0, f"best without compile {min(nc):.2f} s/request (target <= 2.0 s)"))
+        if "+compile" in by:
+            checks.append((by["+compile"]["s_per_request"] <= 1.5,
+                           f"with compile {by['+compile']['s_per_request']:.2f} s/request (target <= 1.5 s)"))
+    for r in results:
+        limit = 8.0 if r["row"] == "model offload" else 12.0
+        if r["row"] != "diffusers":
+            checks.append((r["peak_gb"] < limit, f"{r['row']}: peak {r['peak_gb']:.2f} GB (target < {limit:.0f} GB)"))
+    for ok, text in checks:
+        print(C.check(ok, text))
+    C.RESULTS.mkdir(parents=True, exist_ok=True)
+    out = C.RESULTS / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+                               "diffusers": diffusers.__version__, "weights": weights, "dtype": args.dtype,
+                               "size": SIZE, "steps": STEPS, "strength": STRENGTH, "steps_run": steps_run,
+                               "repeat": args.repeat, "rows": results,
+                               "checks": [{"ok": ok, "text": t} for ok, t in checks]}, indent=2))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
