@@ -65,7 +65,7 @@ STEPS, STRENGTH, SIZE = 25, 0.95, 1024
 def ensure_package_importable():
     """Make ``import sdxl_controlnet_img2img`` work from a plain checkout (no pip install needed)."""
     try:
-        import sdxl_controlnet_img2img  # noqa: F401
+        import sdxl_controlnet_img2img  # noqa: F401  (only: is it importable)
         return
     except ImportError:
         pass
@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed requests per row first (default 1)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="half precision to use (default fp16)")
+    ap.add_argument("--dry-run-cpu", action="store_true",
+                    help="smoke-test this script's code path on the CPU with tiny models at 64x64 (fp32; no offload "
+                         "or compile rows; the figures mean nothing)")
     args = ap.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
@@ -138,16 +141,35 @@ def main(argv=None) -> int:
         import torch
     except ImportError:
         C.die("no CUDA GPU found: torch is not installed")
-    if not torch.cuda.is_available():
+    dry = args.dry_run_cpu
+    if not dry and not torch.cuda.is_available():
         C.die(f"no CUDA GPU found: torch.cuda.is_available() is False (torch {torch.__version__}, "
               f"CUDA build {torch.version.cuda or 'none'}); run this on a machine with an NVIDIA GPU (see the docstring)")
     try:
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
     except ImportError as exc:
         C.die(f"diffusers/transformers missing ({exc}); install them, e.g. from wheels (see the docstring)", 2)
 
     ensure_package_importable()
+    size = 64 if dry else SIZE
+    cuda = not dry
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak():
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb():
+        return torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
+
     import numpy as np
     from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
     from PIL import Image
@@ -156,15 +178,24 @@ def main(argv=None) -> int:
     from sdxl_controlnet_img2img.pipeline.generate import generate
     from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
-    device, dtype = "cuda", {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    gpu = torch.cuda.get_device_name(0)
-    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if dry:
+        device, dtype, gpu, total_gb = "cpu", torch.float32, "CPU dry run", 0.0
+        rows = [r for r in rows if r not in ("+compile", "model offload")]
+    else:
+        device, dtype = "cuda", {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        gpu = torch.cuda.get_device_name(0)
+        total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     print(f"GPU: {gpu} ({total_gb:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"diffusers {diffusers.__version__}")
     steps_run = int(STEPS * STRENGTH)
 
     t = time.perf_counter()
-    if args.checkpoint:
+    if dry:
+        from sdxl_controlnet_img2img.pipeline.tiny_models import tiny_components
+
+        weights = "tiny random-weight models (dry run)"
+        comps, controlnet = tiny_components()
+    elif args.checkpoint:
         weights = f"real: {args.checkpoint} + {args.controlnet}"
         loaded = loading.build_pipeline(args.checkpoint, args.controlnet,
                                         loading.LoadOptions(device=device, dtype=dtype))
@@ -182,8 +213,8 @@ def main(argv=None) -> int:
     else:
         fix_vae = None  # built when needed
 
-    init = Image.fromarray(C.synthetic_photo(SIZE, SIZE, seed=1, scene="photo"))
-    control = Image.fromarray(C.synthetic_photo(SIZE, SIZE, seed=2, scene="photo"))
+    init = Image.fromarray(C.synthetic_photo(size, size, seed=1, scene="photo"))
+    control = Image.fromarray(C.synthetic_photo(size, size, seed=2, scene="photo"))
     request = GenerationRequest.from_dict({
         "prompt": "ice fortress, aurora skies, polar wildlife", "image_url": init, "control_image_url": control,
         "num_inference_steps": STEPS, "strength": STRENGTH, "guidance_scale": 7.5, "controlnet_conditioning_scale": 0.5,
@@ -194,28 +225,28 @@ def main(argv=None) -> int:
 
         edges = cv2.Canny(np.asarray(control), 100, 200)
         ctl = Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
-        return pipe(prompt=request.prompt, negative_prompt="", image=init, control_image=ctl, height=SIZE,
-                    width=SIZE, strength=STRENGTH, num_inference_steps=STEPS, guidance_scale=7.5,
+        return pipe(prompt=request.prompt, negative_prompt="", image=init, control_image=ctl, height=size,
+                    width=size, strength=STRENGTH, num_inference_steps=STEPS, guidance_scale=7.5,
                     controlnet_conditioning_scale=0.5, generator=torch.Generator("cpu").manual_seed(42)).images
 
     def measure(name, fn, note=""):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         for _ in range(args.warmup):
             fn()
-        torch.cuda.synchronize()
+        sync()
         warm_s = time.perf_counter() - t
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak()
         times = []
         for _ in range(args.repeat):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             fn()
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t)
         s = C.median(times)
         row = {"row": name, "s_per_request": s, "steps_per_s": steps_run / s,
-               "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "all_s": times, "warmup_s": warm_s, "note": note}
+               "peak_gb": peak_gb(), "all_s": times, "warmup_s": warm_s, "note": note}
         print(f"{name:<16}{s:>9.3f} s{row['steps_per_s']:>9.2f}{row['peak_gb']:>10.2f} GB   {note}", flush=True)
         return row
 
@@ -240,8 +271,10 @@ def main(argv=None) -> int:
             if m is not None:
                 m.to(memory_format=torch.contiguous_format)
 
+    pipe = None
     for name in rows:
-        torch.cuda.empty_cache()
+        pipe = None
+        reset_peak()
         if name == "diffusers":
             contiguous()
             pipe = StableDiffusionXLControlNetImg2ImgPipeline(**comps, controlnet=raw_cn).to(device)
@@ -257,7 +290,6 @@ def main(argv=None) -> int:
         elif name in ("+fp16-fix VAE", "+compile", "model offload"):
             if fix_vae is None:
                 fix_vae = fp16_fix_stand_in(comps["vae"], dtype)
-            cl = name != "model offload"
             if name == "+fp16-fix VAE":
                 pipe = ours({"attention": "sdpa"}, vae=fix_vae, channels_last=True)
                 note = "VAE decodes in fp16 (no upcast)" + ("" if args.vae else "; random-init stand-in")
@@ -273,7 +305,7 @@ def main(argv=None) -> int:
                 pipe.remove_all_hooks()
                 for m in (raw_unet, raw_cn, fix_vae, *(comps[k] for k in ("vae", "text_encoder", "text_encoder_2"))):
                     m.to(device)
-        del pipe
+    pipe = None
 
     by = {r["row"]: r for r in results}
     print()
@@ -284,7 +316,7 @@ def main(argv=None) -> int:
             if r["row"] != "diffusers":
                 checks.append((r["s_per_request"] <= base * 1.02,
                                f"{r['row']}: {base / r['s_per_request']:.2f}x plain diffusers' speed (never slower)"))
-    if "H100" in gpu:
+    if "H100" in gpu and size == SIZE:
         nc = [by[r]["s_per_request"] for r in ("fp16+sdpa", "+channels-last", "+fp16-fix VAE") if r in by]
         if nc:
             checks.append((min(nc) <= 2.0, f"best without compile {min(nc):.2f} s/request (target <= 2.0 s)"))
@@ -293,15 +325,15 @@ def main(argv=None) -> int:
                            f"with compile {by['+compile']['s_per_request']:.2f} s/request (target <= 1.5 s)"))
     for r in results:
         limit = 8.0 if r["row"] == "model offload" else 12.0
-        if r["row"] != "diffusers":
+        if r["row"] != "diffusers" and cuda:
             checks.append((r["peak_gb"] < limit, f"{r['row']}: peak {r['peak_gb']:.2f} GB (target < {limit:.0f} GB)"))
     for ok, text in checks:
         print(C.check(ok, text))
     C.RESULTS.mkdir(parents=True, exist_ok=True)
-    out = C.RESULTS / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = C.RESULTS / f"gpu-{'dry-run-' if dry else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
                                "diffusers": diffusers.__version__, "weights": weights, "dtype": args.dtype,
-                               "size": SIZE, "steps": STEPS, "strength": STRENGTH, "steps_run": steps_run,
+                               "size": size, "steps": STEPS, "strength": STRENGTH, "steps_run": steps_run,
                                "repeat": args.repeat, "rows": results,
                                "checks": [{"ok": ok, "text": t} for ok, t in checks]}, indent=2))
     print(f"\nwritten: {out}")
