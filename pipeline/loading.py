@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import ModelLoadError
-from .memory import release_memory
+from .memory import SingleModelCache
 from .model_checks import (
     HINT_BASE,
     HINT_CONTROLNET,
@@ -168,7 +167,6 @@ def _wrap(label: str, where, exc: Exception, hint: str) -> ModelLoadError:
 
 def load_controlnet(source, options: LoadOptions):
     """A ControlNetModel from a diffusers folder, a single file (diffusers or original keys), or a hub id."""
-    import torch
     from diffusers import ControlNetModel
 
     label = "controlnet"
@@ -334,7 +332,6 @@ def _load_text_encoder_2(path: Path, idx, config_dir: Path, dtype):
 
 def build_pipeline(base, controlnet, options: LoadOptions | None = None):
     """Load without the cache. Raises ModelLoadError (never a bare library error) for bad inputs."""
-    import torch
     from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
 
     opts = (options or LoadOptions()).resolved()
@@ -414,8 +411,7 @@ def _place(pipe, opts: LoadOptions) -> None:
 
 # ---------------------------------------------------------------- the cache
 
-_lock = threading.RLock()
-_cache: dict = {"key": None, "pipe": None}
+_cache = SingleModelCache()
 
 
 def _cache_key(base, controlnet, opts: LoadOptions) -> tuple:
@@ -432,17 +428,14 @@ def free_cached_pipeline() -> bool:
     the memory back (gc + CUDA cache). True if a pipeline was cached."""
     from .model_hooks import free_model_hooks
 
-    with _lock:
-        had = _cache["pipe"] is not None
-        _cache["key"] = _cache["pipe"] = None
+    had = _cache.free()
     free_model_hooks()
-    release_memory()
     return had
 
 
 def cached_pipeline():
     """The pipeline currently held by the cache, or None."""
-    return _cache["pipe"]
+    return _cache.current()
 
 
 def load_pipeline(base, controlnet, options: LoadOptions | None = None, *, device=None, dtype=None,
@@ -467,13 +460,13 @@ def load_pipeline(base, controlnet, options: LoadOptions | None = None, *, devic
             upd["dtype"] = dtype
         opts = replace(opts, **upd)
     opts = opts.resolved()
-    with _lock:
-        key = _cache_key(base, controlnet, opts)
-        if _cache["key"] == key and _cache["pipe"] is not None:
-            return _cache["pipe"]
-        free_cached_pipeline()
+    key = _cache_key(base, controlnet, opts)
+
+    def _before_build():
+        from .model_hooks import free_model_hooks
+
+        free_model_hooks()  # the checker / expander go with the pipeline they served
         if before_load is not None:
             before_load()
-        pipe = build_pipeline(base, controlnet, opts)
-        _cache["key"], _cache["pipe"] = key, pipe
-        return pipe
+
+    return _cache.get_or_load(key, lambda: build_pipeline(base, controlnet, opts), _before_build)

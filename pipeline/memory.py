@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 
 def release_memory() -> None:
@@ -14,3 +15,40 @@ def release_memory() -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class SingleModelCache:
+    """Holds at most one loaded model, keyed by what it was loaded from (path, device, dtype, ...)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._key = None
+        self._value = None
+
+    def get_or_load(self, key, load, before_load=None):
+        """The cached model for ``key``; otherwise drop the previous model (memory given back, so two
+        never sit in memory at once), call ``before_load()`` if given, and cache ``load()``'s result."""
+        with self._lock:
+            if self._value is not None and self._key == key:
+                return self._value
+            if self._value is not None:
+                self._key = self._value = None
+                release_memory()
+            if before_load is not None:
+                before_load()
+            value = load()
+            self._key, self._value = key, value
+            return value
+
+    def free(self) -> bool:
+        """Drop the model and give its memory back. True if one was loaded."""
+        with self._lock:
+            had = self._value is not None
+            self._key = self._value = None
+        if had:
+            release_memory()
+        return had
+
+    def current(self):
+        with self._lock:
+            return self._value

@@ -25,11 +25,10 @@ import json
 import math
 import os
 import re
-import threading
 from pathlib import Path
 
 from .errors import ModelLoadError
-from .memory import release_memory
+from .memory import SingleModelCache
 
 SEED_MODULUS = 2**32  # Fooocus reduces seeds like this (numpy's seed limit); kept for the same seed -> same text
 CHUNK_TOKENS = 75  # one CLIP text chunk: expansion fills the prompt up to the next multiple of this
@@ -39,8 +38,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 WORD_LIST = "positive.txt"
 
-_lock = threading.Lock()
-_cache: dict[tuple, "LocalPromptExpander"] = {}
+_cache = SingleModelCache()
 
 
 def clean_prompt(text: str) -> str:
@@ -184,14 +182,7 @@ def load_prompt_expander(path: str | os.PathLike, *, device: str | None = None, 
 
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
     key = (str(folder.resolve()), device, str(dtype))
-    with _lock:
-        cached = _cache.get(key)
-        if cached is not None:
-            return cached
-        expander = _load(folder, device, dtype)
-        _cache.clear()  # one expansion model at a time
-        _cache[key] = expander
-        return expander
+    return _cache.get_or_load(key, lambda: _load(folder, device, dtype))
 
 
 def _load(folder: Path, device: str, dtype) -> LocalPromptExpander:
@@ -212,14 +203,8 @@ def _load(folder: Path, device: str, dtype) -> LocalPromptExpander:
 
 def free_prompt_expander() -> bool:
     """Drop the cached expansion model. Returns whether one was loaded."""
-    with _lock:
-        had = bool(_cache)
-        _cache.clear()
-    if had:
-        release_memory()
-    return had
+    return _cache.free()
 
 
 def cached_prompt_expander() -> LocalPromptExpander | None:
-    with _lock:
-        return next(iter(_cache.values()), None)
+    return _cache.current()

@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 from .errors import ModelLoadError
-from .memory import release_memory
+from .memory import SingleModelCache
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 CHECKER_CLASS = "StableDiffusionSafetyChecker"
@@ -45,8 +44,7 @@ CHECKER_CLASS = "StableDiffusionSafetyChecker"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-_lock = threading.Lock()
-_cache: dict[tuple, "LocalSafetyChecker"] = {}
+_cache = SingleModelCache()
 
 
 def _has_weights(folder: Path) -> bool:
@@ -176,14 +174,7 @@ def load_safety_checker(path: str | os.PathLike, *, device: str | None = None, d
     dtype = dtype or default_dtype(device)
     local = Path(path).expanduser()
     key = (str(local.resolve()) if local.exists() else str(path), device, str(dtype))
-    with _lock:
-        cached = _cache.get(key)
-        if cached is not None:
-            return cached
-        checker = _load(path, local, device, dtype, allow_network)
-        _cache.clear()  # one checker at a time, like the pipeline cache
-        _cache[key] = checker
-        return checker
+    return _cache.get_or_load(key, lambda: _load(path, local, device, dtype, allow_network))
 
 
 def _load(path, local: Path, device, dtype, allow_network: bool) -> LocalSafetyChecker:
@@ -218,15 +209,9 @@ def _load(path, local: Path, device, dtype, allow_network: bool) -> LocalSafetyC
 
 def free_safety_checker() -> bool:
     """Drop the cached checker (and its GPU memory). Returns whether one was loaded."""
-    with _lock:
-        had = bool(_cache)
-        _cache.clear()
-    if had:
-        release_memory()
-    return had
+    return _cache.free()
 
 
 def cached_safety_checker() -> LocalSafetyChecker | None:
     """The loaded checker, if any (for status displays and tests)."""
-    with _lock:
-        return next(iter(_cache.values()), None)
+    return _cache.current()
