@@ -88,6 +88,16 @@ def _raise_interrupt(exc: FalCancelled):
     raise exc
 
 
+def _fal_options(timeout_s) -> dict:
+    """Key file and request log in ComfyUI's user directory (None outside ComfyUI), and the wait limit."""
+    udir = user_dir()
+    return {
+        "key_file": (udir / "fal_key.txt") if udir is not None else None,
+        "request_log_dir": udir,
+        "timeout_s": float(timeout_s),
+    }
+
+
 class _Reporter:
     """fal status -> ComfyUI's progress bar, a websocket message for the frontend, and the server log."""
 
@@ -182,12 +192,7 @@ class SDXLCNFalImg2Img:
                  timeout_s=600, unique_id=None, **widgets):
         from ..pipeline.fal_remote import fetch_remote_result
 
-        udir = user_dir()
-        common = {
-            "key_file": (udir / "fal_key.txt") if udir is not None else None,
-            "request_log_dir": udir,
-            "timeout_s": float(timeout_s),
-        }
+        common = _fal_options(timeout_s)
         ids = [i.strip() for i in (request_id or "").replace(",", "\n").splitlines() if i.strip()]
         try:
             if ids:
@@ -237,15 +242,9 @@ class SDXLCNFalImg2Img:
 def run_requests_on_fal(requests, unique_id=None, max_concurrency: int = 4, timeout_s: float = 600.0):
     """Run already-validated requests on fal with this node's progress, status and cancel handling
     (the local sampler's ``fallback``). Returns the results in request order."""
-    udir = user_dir()
-    common = {
-        "key_file": (udir / "fal_key.txt") if udir is not None else None,
-        "request_log_dir": udir,
-        "timeout_s": float(timeout_s),
-    }
     reporter = _Reporter(len(requests), unique_id)
     try:
-        results = SDXLCNFalImg2Img._run(requests, reporter, int(max_concurrency), common)
+        results = SDXLCNFalImg2Img._run(requests, reporter, int(max_concurrency), _fal_options(timeout_s))
     except FalCancelled as exc:
         _raise_interrupt(exc)
     reporter.done()
