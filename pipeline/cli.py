@@ -100,7 +100,7 @@ def cmd_generate(args) -> int:
     hooks = _model_hooks(args, request)  # before the pipeline, so a missing model fails fast
     t = time.perf_counter()
     options = LoadOptions(
-        device=args.device, dtype=_dtype(args.dtype), memory_mode=args.memory_mode, vae_tiling=args.vae_tiling,
+        device=args.device, dtype=args.dtype, memory_mode=args.memory_mode, vae_tiling=args.vae_tiling,
         vae=args.vae, config_dir=args.config_dir, controlnet_config_dir=args.controlnet_config_dir,
         allow_pickle=args.allow_pickle, compile=args.compile, attention=args.attention,
     )
@@ -122,14 +122,6 @@ def cmd_make_tiny_models(args) -> int:
     paths = build_tiny_models(args.out)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
-
-
-def _dtype(name):
-    if name in (None, "auto"):
-        return None
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def build_parser() -> argparse.ArgumentParser:
