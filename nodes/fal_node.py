@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from ..pipeline.fal_errors import FalCancelled, FalValidationError
+from ..pipeline.fal_key import KEY_FILE_DIRNAME, KEY_FILE_NAME
 from ..pipeline.request import MAX_SEED, GenerationRequest
 from .comfy_hooks import CATEGORY, folder_paths, log, send_status
 from .convert import image_to_pil, pil_to_image
@@ -27,7 +28,6 @@ from .sampler_inputs import (
 )
 
 STATUS_EVENT = "sdxlcn.fal_status"
-USER_SUBDIR = "sdxl_controlnet_img2img"
 # progress units per request: where each state puts the bar (fal reports no step count)
 _PROGRESS = {"SUBMITTED": 5, "IN_QUEUE": 10, "IN_PROGRESS": 50, "COMPLETED": 90}
 _UNITS = 100
@@ -61,7 +61,7 @@ def user_dir() -> Path | None:
     if fp is None:
         return None
     try:
-        return Path(fp.get_user_directory()) / USER_SUBDIR
+        return Path(fp.get_user_directory()) / KEY_FILE_DIRNAME
     except Exception:  # noqa: BLE001
         return None
 
@@ -92,7 +92,7 @@ def _fal_options(timeout_s) -> dict:
     """Key file and request log in ComfyUI's user directory (None outside ComfyUI), and the wait limit."""
     udir = user_dir()
     return {
-        "key_file": (udir / "fal_key.txt") if udir is not None else None,
+        "key_file": (udir / KEY_FILE_NAME) if udir is not None else None,
         "request_log_dir": udir,
         "timeout_s": float(timeout_s),
     }

@@ -15,8 +15,6 @@ from pathlib import Path
 from .errors import SDXLCNError
 from .fal_cli import add_fal_fetch_parser, add_remote_arguments
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REQUEST = PACKAGE_ROOT / "workflows" / "requests" / "default.json"
 
 
 def _resolve_image_paths(data: dict, base: Path) -> dict:

@@ -31,11 +31,6 @@ _secrets: set[str] = set()
 _lock = threading.Lock()
 
 
-def default_key_file(user_dir) -> Path:
-    """The key file inside a ComfyUI user directory."""
-    return Path(user_dir) / KEY_FILE_DIRNAME / KEY_FILE_NAME
-
-
 def register_secret(value: str | None) -> None:
     """Remember ``value`` (and its parts) so :func:`redact` removes it from any text."""
     if not value:

@@ -54,7 +54,7 @@ from .fal_errors import (
 )
 from .fal_key import RedactingFilter, redact, resolve_key
 from .generate import GenerationResult
-from .images import download, load_image
+from .images import decode_image, download, load_image
 from .request import GenerationRequest
 
 ENDPOINT = "fal-ai/fast-sdxl-controlnet-canny/image-to-image"
@@ -429,9 +429,8 @@ def _decode_result(data, request: GenerationRequest | None, request_id: str, set
             if url[:5].lower() == "data:":
                 img = load_image(url, where)
             elif url[:8].lower().startswith(("https://", "http://")):
-                img = load_image_from_bytes(
-                    download(url, where, max_bytes=settings.max_download_bytes, timeout=settings.download_timeout_s),
-                    where)
+                raw = download(url, where, max_bytes=settings.max_download_bytes, timeout=settings.download_timeout_s)
+                img = decode_image(where, raw, f"the image at {where}")
             else:
                 raise ImageInputError(where, "is neither an http(s) URL nor a data URI")
         except ImageInputError as exc:
@@ -462,10 +461,6 @@ def _decode_result(data, request: GenerationRequest | None, request_id: str, set
         expanded_prompt=expanded,
         timings=all_timings,
     )
-
-
-def load_image_from_bytes(data: bytes, field_name: str):
-    return load_image(f"data:application/octet-stream;base64,{base64.b64encode(data).decode('ascii')}", field_name)
 
 
 def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, waiter: _Waiter, settings: FalSettings,

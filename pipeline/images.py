@@ -16,7 +16,8 @@ MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
-def _decode(field: str, data: bytes, where: str):
+def decode_image(field: str, data: bytes, where: str):
+    """Decode image bytes to an RGB PIL image (EXIF applied, alpha on white); errors name ``field`` and ``where``."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -88,9 +89,9 @@ def load_image(source, field: str = "image_url"):
             data = base64.b64decode(payload, validate=False) if ";base64" in header else urllib.parse.unquote_to_bytes(payload)
         except (binascii.Error, ValueError):
             raise ImageInputError(field, "is a data: URI whose base64 payload is invalid") from None
-        return _decode(field, data, "the data: URI")
+        return decode_image(field, data, "the data: URI")
     if lower.startswith(("http://", "https://")):
-        return _decode(field, download(source, field), _redact_url(source))
+        return decode_image(field, download(source, field), _redact_url(source))
     if lower.startswith("file://"):
         parsed = urllib.parse.urlsplit(source)
         path = urllib.request.url2pathname(parsed.path)
@@ -99,7 +100,7 @@ def load_image(source, field: str = "image_url"):
     p = Path(path).expanduser()
     if not p.is_file():
         raise ImageInputError(field, f"file not found: {p}; check the path")
-    return _decode(field, p.read_bytes(), str(p))
+    return decode_image(field, p.read_bytes(), str(p))
 
 
 def encode_image(image, fmt: str = "png") -> tuple[bytes, str]:
@@ -114,7 +115,3 @@ def encode_image(image, fmt: str = "png") -> tuple[bytes, str]:
         return buf.getvalue(), "image/png"
     raise ValueError(f"output format {fmt!r} is not supported; use png or jpeg")
 
-
-def to_data_uri(image, fmt: str = "png") -> str:
-    data, ctype = encode_image(image, fmt)
-    return f"data:{ctype};base64,{base64.b64encode(data).decode('ascii')}"

@@ -35,7 +35,6 @@ from .model_checks import (
 )
 
 MEMORY_MODES = ("none", "model_cpu_offload", "sequential_cpu_offload")
-ATTENTION_MODES = ("sdpa", "eager", "classic")  # eager == classic (plain AttnProcessor); anything else is passed to diffusers' set_attention_backend
 
 
 # ---------------------------------------------------------------- device and precision

@@ -81,14 +81,6 @@ def check_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def is_prompt_expansion_folder(folder: str | os.PathLike) -> bool:
-    try:
-        check_folder(folder)
-    except ModelLoadError:
-        return False
-    return True
-
-
 class _WordListBias:
     """Logits processor: allow only the listed token ids (and the comma), each at most once."""
 
@@ -127,7 +119,6 @@ class LocalPromptExpander:
         vocab = tokenizer.get_vocab()
         size = max(len(tokenizer), max(vocab.values()) + 1)
         self.allowed_bias = None
-        self.word_count = None
         if words:
             wanted = {"\u0120" + w.strip().lower() for w in words if w.strip()}  # GPT-2 marks a leading space as U+0120
             bias = torch.full((1, size), NEG_INF, dtype=torch.float32)
@@ -136,7 +127,6 @@ class LocalPromptExpander:
                 raise ModelLoadError(f"prompt expansion: none of the words in {WORD_LIST} is a single token of {source}")
             bias[0, ids] = 0.0
             self.allowed_bias = bias
-            self.word_count = len(ids)
         comma = tokenizer.convert_tokens_to_ids(",")
         self.comma_id = comma if isinstance(comma, int) and comma != tokenizer.unk_token_id else None
 

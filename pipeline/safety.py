@@ -51,15 +51,6 @@ def _has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
-def is_safety_checker_folder(folder: str | os.PathLike) -> bool:
-    """True when ``folder`` holds a safety checker (own layout or a diffusers pipeline's ``safety_checker/``)."""
-    try:
-        split_layout(folder)
-    except ModelLoadError:
-        return False
-    return True
-
-
 def _config_class(config_path: Path) -> list[str]:
     try:
         cfg = json.loads(config_path.read_text(encoding="utf-8"))

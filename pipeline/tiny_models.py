@@ -12,8 +12,6 @@ import json
 import os
 from pathlib import Path
 
-TINY_SIZE = 64  # a comfortable default image size for tiny-model runs
-
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _WORDS = [
     "ice", "fortress", "aurora", "skies", "polar", "wildlife", "twilight", "cartoon",
