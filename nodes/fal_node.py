@@ -14,16 +14,15 @@ from pathlib import Path
 
 from ..pipeline.fal_errors import FalCancelled, FalValidationError
 from ..pipeline.fal_key import KEY_FILE_DIRNAME, KEY_FILE_NAME
-from ..pipeline.request import MAX_SEED, GenerationRequest
+from ..pipeline.request import GenerationRequest
 from .comfy_hooks import CATEGORY, folder_paths, log, send_status
-from .convert import image_to_pil, pil_to_image
+from .convert import pil_to_image
 from .sampler_inputs import (
     SAMPLER_OUTPUT_TOOLTIPS,
     SAMPLER_RETURN_NAMES,
     SAMPLER_RETURN_TYPES,
+    build_requests,
     image_inputs,
-    pair_batches,
-    request_dict,
     request_widgets,
 )
 
@@ -218,18 +217,7 @@ class SDXLCNFalImg2Img:
 
     @staticmethod
     def _requests(image, control_image, loras, sync_mode, widgets) -> list[GenerationRequest]:
-        pairs = pair_batches(image, control_image)
-        seed = int(widgets["seed"])
-        num_images = int(widgets["num_images"])
-        lora_list = parse_loras(loras)
-        out = []
-        for k, (bi, ci) in enumerate(pairs):
-            data = request_dict(widgets, image_to_pil(image, bi), image_to_pil(control_image, ci),
-                                (seed + k * num_images) % (MAX_SEED + 1))
-            data["loras"] = lora_list
-            data["sync_mode"] = bool(sync_mode)
-            out.append(GenerationRequest.from_dict(data))  # validate all before anything is paid
-        return out
+        return build_requests(widgets, image, control_image, loras=parse_loras(loras), sync_mode=bool(sync_mode))
 
     @staticmethod
     def _run(requests, reporter: _Reporter, max_concurrency: int, common):

@@ -5,22 +5,19 @@ from __future__ import annotations
 import json
 
 from ..pipeline.generate import generate
-from ..pipeline.request import MAX_SEED, GenerationRequest
+from ..pipeline.request import GenerationRequest
 from .comfy_hooks import CATEGORY, Progress, log, send_status
-from .convert import image_to_pil, pil_to_image
+from .convert import pil_to_image
 from .sampler_inputs import (
     SAMPLER_OUTPUT_TOOLTIPS,
     SAMPLER_RETURN_NAMES,
     SAMPLER_RETURN_TYPES,
+    build_requests,
     image_inputs,
-    pair_batches,
-    request_dict,
     request_widgets,
 )
 
-
 FALLBACK_CHOICES = ["off", "fal"]
-FAL_STATUS_EVENT = "sdxlcn.fal_status"
 
 
 class SDXLCNImg2Img:
@@ -54,16 +51,9 @@ class SDXLCNImg2Img:
         }
 
     def sample(self, pipeline, image, control_image, apply_canny=True, fallback="off", unique_id=None, **widgets):
-        pairs = pair_batches(image, control_image)
         seed = int(widgets["seed"])
-        num_images = int(widgets["num_images"])
-        requests = []
-        for k, (bi, ci) in enumerate(pairs):
-            data = request_dict(widgets, image_to_pil(image, bi), image_to_pil(control_image, ci),
-                                (seed + k * num_images) % (MAX_SEED + 1))
-            data["apply_canny"] = bool(apply_canny)
-            data["loras"] = list(getattr(pipeline, "loras", ()))
-            requests.append(GenerationRequest.from_dict(data))  # validate all before any model work
+        requests = build_requests(widgets, image, control_image, apply_canny=bool(apply_canny),
+                                  loras=list(getattr(pipeline, "loras", ())))
 
         images, flags, prompt = [], [], requests[0].prompt
         try:
@@ -109,8 +99,9 @@ def _fall_back_or_raise(exc: BaseException, fallback: str, requests, unique_id):
                            "give fal LoRAs as URLs on the fal node, or free GPU memory and run locally") from exc
     message = f"{reason}: falling back to fal for {len(requests)} request(s)"
     log.warning("SDXLCNImg2Img: %s", message)
-    send_status(FAL_STATUS_EVENT, {"node": unique_id, "state": "FALLBACK", "log": message})
-    from .fal_node import run_requests_on_fal
+    from .fal_node import STATUS_EVENT, run_requests_on_fal
+
+    send_status(STATUS_EVENT, {"node": unique_id, "state": "FALLBACK", "log": message})
 
     return run_requests_on_fal(requests, unique_id)
 

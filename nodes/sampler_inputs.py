@@ -6,7 +6,7 @@ rename; add new inputs as optional at the end.
 
 from __future__ import annotations
 
-from ..pipeline.request import MAX_NUM_IMAGES, MAX_SEED
+from ..pipeline.request import MAX_NUM_IMAGES, MAX_SEED, GenerationRequest
 from ..pipeline.sizes import IMAGE_SIZE_PRESETS, MAX_SIDE, MIN_SIDE
 
 IMAGE_SIZE_CHOICES = ["none", *IMAGE_SIZE_PRESETS.keys(), "custom"]
@@ -102,3 +102,21 @@ def pair_batches(image, control_image):
             f"(shared by all) or exactly {b}"
         )
     return [(i, 0 if c == 1 else i) for i in range(b)]
+
+
+def build_requests(widgets: dict, image, control_image, **extra) -> list:
+    """One validated request per init image of the batch (all validated before any work or payment).
+
+    Init image ``k`` uses seed ``seed + k * num_images`` and image ``i`` of it ``+ i``, so every output
+    has its own seed and can be redone alone. ``extra`` adds request fields (loras, apply_canny, ...).
+    """
+    from .convert import image_to_pil
+
+    seed, num_images = int(widgets["seed"]), int(widgets["num_images"])
+    requests = []
+    for k, (bi, ci) in enumerate(pair_batches(image, control_image)):
+        data = request_dict(widgets, image_to_pil(image, bi), image_to_pil(control_image, ci),
+                            (seed + k * num_images) % (MAX_SEED + 1))
+        data.update(extra)
+        requests.append(GenerationRequest.from_dict(data))
+    return requests
