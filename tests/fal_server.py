@@ -422,6 +422,16 @@ def fal(fal_test_server, monkeypatch):
     return fal_test_server
 
 
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    """ComfyUI's ``folder_paths`` is absent in tests: a stand-in giving the user directory."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_user_directory=lambda: str(tmp_path)))
+    return tmp_path / "sdxl_controlnet_img2img"
+
+
 def fast_settings(**changes):
     from sdxl_controlnet_img2img.pipeline.fal_remote import FalSettings
 

@@ -17,7 +17,7 @@ import fal_server  # noqa: E402
 
 fal_server.configure_environment()
 
-from fal_server import TEST_KEY, fal, fal_test_server  # noqa: E402,F401
+from fal_server import TEST_KEY, fal, fal_test_server, user_dir  # noqa: E402,F401
 
 from sdxl_controlnet_img2img.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 from sdxl_controlnet_img2img.nodes.fal_node import SDXLCNFalImg2Img, parse_loras  # noqa: E402
@@ -44,13 +44,6 @@ def batch(n, h=24, w=32, seed=0):
 
 def inverted(image, i):
     return 1.0 - image[i]
-
-
-@pytest.fixture
-def user_dir(tmp_path, monkeypatch):
-    """ComfyUI's ``folder_paths`` is absent in tests: a stand-in giving the user directory."""
-    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_user_directory=lambda: str(tmp_path)))
-    return tmp_path / "sdxl_controlnet_img2img"
 
 
 def test_same_inputs_and_outputs_as_the_local_sampler_and_registered():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import fal_server  # noqa: E402
 
 fal_server.configure_environment()
 
-from fal_server import fal, fal_test_server  # noqa: E402,F401
+from fal_server import fal, fal_test_server, user_dir  # noqa: E402,F401
 
 from sdxl_controlnet_img2img.nodes.sampler import SDXLCNImg2Img  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.handle import PipelineHandle  # noqa: E402
@@ -35,12 +34,6 @@ def unusable_gpu_pipe(tiny_models):
     pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(tiny_models["checkpoint"], controlnet=cn)
     pipe.enable_model_cpu_offload(device="cuda")
     return pipe
-
-
-@pytest.fixture
-def user_dir(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_user_directory=lambda: str(tmp_path)))
-    return tmp_path / "sdxl_controlnet_img2img"
 
 
 def _args(handle, **changes):
