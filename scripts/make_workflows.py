@@ -120,7 +120,7 @@ def fal_graph():
     ]
 
 
-def main():
+def main(out_root: Path = ROOT):
     real = ("sd_xl_base_1.0.safetensors", "controlnet-canny-sdxl-1.0")
     tiny = ("tiny-sdxl", "tiny-controlnet-canny")
     graphs = {
@@ -137,14 +137,17 @@ def main():
             print(f"skipped {name}: its node is not defined yet")
             continue
         ui, api = build(graph)
-        ui_path = ROOT / "workflows" / f"{name}.json"
-        api_path = ROOT / "workflows" / "api" / f"{Path(name).name}.json"
+        ui_path = out_root / "workflows" / f"{name}.json"
+        api_path = out_root / "workflows" / "api" / f"{Path(name).name}.json"
         ui_path.parent.mkdir(parents=True, exist_ok=True)
         api_path.parent.mkdir(parents=True, exist_ok=True)
         ui_path.write_text(json.dumps(ui, indent=2) + "\n", encoding="utf-8")
         api_path.write_text(json.dumps(api, indent=2) + "\n", encoding="utf-8")
-        print(ui_path.relative_to(ROOT), api_path.relative_to(ROOT))
+        print(ui_path.relative_to(out_root), api_path.relative_to(out_root))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    # an optional folder to write into instead of the repository (tests compare against the committed files)
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)

@@ -140,8 +140,10 @@ def test_workflows_are_generated_from_the_current_nodes(tmp_path):
     import subprocess
     import sys
 
-    before = {p: p.read_text() for p in UI_FILES + API_FILES}
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_workflows.py")], check=True, capture_output=True)
-    after = {p: p.read_text() for p in UI_FILES + API_FILES}
-    changed = [p.name for p in before if before[p] != after[p]]
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_workflows.py"), str(tmp_path)],
+                   check=True, capture_output=True)
+    committed = {p.relative_to(ROOT): p.read_text() for p in UI_FILES + API_FILES}
+    generated = {p.relative_to(tmp_path): p.read_text() for p in (tmp_path / "workflows").rglob("*.json")}
+    assert set(generated) == set(committed), "run scripts/make_workflows.py and commit"
+    changed = [str(p) for p in committed if committed[p] != generated[p]]
     assert not changed, f"run scripts/make_workflows.py and commit: {changed}"
