@@ -1,0 +1,1 @@
+"""Local generation with diffusers: loading, devices, LoRA, generate, safety checker, prompt expansion."""
