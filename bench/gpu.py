@@ -19,7 +19,7 @@ never slower than plain diffusers, peak < 12 GB without offload and < 8 GB with 
 
 Weights: ``--checkpoint`` and ``--controlnet`` (and optionally ``--vae``, e.g. sdxl-vae-fp16-fix) load real
 models by path with the pack's loader. Without them the full SDXL base and SDXL ControlNet architectures are
-built with random weights from the configs bundled in ``pipeline/configs/`` (no download anywhere).
+built with random weights from the configs bundled in ``pipeline/local/configs/`` (no download anywhere).
 
 Without a CUDA GPU it prints ``no CUDA GPU found: ...`` and exits 0.
 
@@ -86,8 +86,8 @@ def random_components(device, dtype):
     from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sdxl_controlnet_img2img.pipeline.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG
-    from sdxl_controlnet_img2img.pipeline.tiny_models import write_clip_tokenizer
+    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG
+    from sdxl_controlnet_img2img.pipeline.local.tiny_models import write_clip_tokenizer
 
     base = SDXL_BASE_CONFIG
     torch.manual_seed(0)
@@ -174,8 +174,8 @@ def main(argv=None) -> int:
     from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
     from PIL import Image
 
-    from sdxl_controlnet_img2img.pipeline import loading
-    from sdxl_controlnet_img2img.pipeline.generate import generate
+    from sdxl_controlnet_img2img.pipeline.local import loading
+    from sdxl_controlnet_img2img.pipeline.local.generate import generate
     from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
     if dry:
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     if dry:
-        from sdxl_controlnet_img2img.pipeline.tiny_models import tiny_components
+        from sdxl_controlnet_img2img.pipeline.local.tiny_models import tiny_components
 
         weights = "tiny random-weight models (dry run)"
         comps, controlnet = tiny_components()

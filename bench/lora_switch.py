@@ -22,7 +22,7 @@ sys.path.insert(0, str(C.ROOT / "tests"))
 
 
 def _load(checkpoint, controlnet, device, dtype):
-    from sdxl_controlnet_img2img.pipeline import loading
+    from sdxl_controlnet_img2img.pipeline.local import loading
 
     free = getattr(loading, "free_cached_pipeline", None)
     if free is not None:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sdxl_controlnet_img2img.pipeline import lora as L
+    from sdxl_controlnet_img2img.pipeline.local import lora as L
     from sdxl_controlnet_img2img.pipeline.request import LoraSpec
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     if args.checkpoint:
         ckpt, cn = args.checkpoint, args.controlnet
     else:
-        from sdxl_controlnet_img2img.pipeline.tiny_models import build_tiny_models
+        from sdxl_controlnet_img2img.pipeline.local.tiny_models import build_tiny_models
 
         m = build_tiny_models(Path(tmp.name) / "models")
         ckpt, cn = m["checkpoint"], m["controlnet"]

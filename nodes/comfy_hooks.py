@@ -22,7 +22,20 @@ def folder_paths():
         return None
 
 
+def processing_interrupted() -> bool:
+    """Whether the user pressed Cancel in ComfyUI (False outside ComfyUI)."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return False
+    try:
+        return bool(mm.processing_interrupted())
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def throw_if_interrupted() -> None:
+    """Raise ComfyUI's own interruption when the user pressed Cancel (a no-op outside ComfyUI)."""
     try:
         import comfy.model_management as mm  # type: ignore
     except ImportError:
@@ -55,6 +68,7 @@ class Progress:
             pass
 
     def update(self, value: int, latents=None) -> None:
+        """Set the bar to ``value`` (with a preview of ``latents``); raises ComfyUI's interruption on Cancel."""
         throw_if_interrupted()
         if self.bar is None:
             return

@@ -12,10 +12,10 @@ import json
 import threading
 from pathlib import Path
 
-from ..pipeline.fal_errors import FalCancelled, FalValidationError
-from ..pipeline.fal_key import KEY_FILE_DIRNAME, KEY_FILE_NAME
+from ..pipeline.fal.errors import FalCancelled, FalValidationError
+from ..pipeline.fal.key import KEY_FILE_DIRNAME, KEY_FILE_NAME
 from ..pipeline.request import GenerationRequest
-from .comfy_hooks import CATEGORY, folder_paths, log, send_status
+from .comfy_hooks import CATEGORY, Progress, folder_paths, log, processing_interrupted, send_status, throw_if_interrupted
 from .convert import pil_to_image
 from .sampler_inputs import (
     SAMPLER_OUTPUT_TOOLTIPS,
@@ -65,28 +65,6 @@ def user_dir() -> Path | None:
         return None
 
 
-def _interrupted() -> bool:
-    try:
-        import comfy.model_management as mm  # type: ignore
-    except ImportError:
-        return False
-    try:
-        return bool(mm.processing_interrupted())
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _raise_interrupt(exc: FalCancelled):
-    """Surface a cancel as ComfyUI's own interruption when inside ComfyUI, else as FalCancelled."""
-    try:
-        import comfy.model_management as mm  # type: ignore
-
-        mm.throw_exception_if_processing_interrupted()
-    except ImportError:
-        pass
-    raise exc
-
-
 def _fal_options(timeout_s) -> dict:
     """Key file and request log in ComfyUI's user directory (None outside ComfyUI), and the wait limit."""
     udir = user_dir()
@@ -106,17 +84,10 @@ class _Reporter:
         self.values = [0] * max(n_requests, 1)
         self.lock = threading.Lock()
         self.failed = threading.Event()  # the progress hook raised (ComfyUI interrupt): cancel
-        self.bar = None
-        try:
-            import comfy.utils  # type: ignore
-
-            self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id) if node_id is not None \
-                else comfy.utils.ProgressBar(self.total)
-        except Exception:  # noqa: BLE001 - outside ComfyUI
-            self.bar = None
+        self.progress = Progress(self.total, node_id)
 
     def cancel_check(self) -> bool:
-        return self.failed.is_set() or _interrupted()
+        return self.failed.is_set() or processing_interrupted()
 
     def for_request(self, index: int):
         def on_status(st):
@@ -132,19 +103,17 @@ class _Reporter:
                 "queue_position": st.queue_position, "elapsed": round(st.elapsed, 1),
                 "log": "\n".join(st.logs), "index": index,
             })
-            if self.bar is not None:
-                try:
-                    self.bar.update_absolute(value, self.total)
-                except Exception:  # noqa: BLE001 - ComfyUI's interrupt, raised from its progress hook
-                    self.failed.set()
+            try:
+                self.progress.update(value)
+            except Exception:  # noqa: BLE001 - ComfyUI's interrupt
+                self.failed.set()
         return on_status
 
     def done(self):
-        if self.bar is not None:
-            try:
-                self.bar.update_absolute(self.total, self.total)
-            except Exception:  # noqa: BLE001
-                pass
+        try:
+            self.progress.update(self.total)
+        except Exception:  # noqa: BLE001 - a cancel after the results are in changes nothing
+            pass
 
 
 class SDXLCNFalImg2Img:
@@ -189,7 +158,7 @@ class SDXLCNFalImg2Img:
 
     def generate(self, image, control_image, loras="", sync_mode=False, request_id="", max_concurrency=4,
                  timeout_s=600, unique_id=None, **widgets):
-        from ..pipeline.fal_remote import fetch_remote_result
+        from ..pipeline.fal.client import fetch_remote_result
 
         common = _fal_options(timeout_s)
         ids = [i.strip() for i in (request_id or "").replace(",", "\n").splitlines() if i.strip()]
@@ -204,8 +173,9 @@ class SDXLCNFalImg2Img:
                 reporter = _Reporter(len(requests), unique_id)
                 results = self._run(requests, reporter, int(max_concurrency), common)
                 seed = int(widgets["seed"])
-        except FalCancelled as exc:
-            _raise_interrupt(exc)
+        except FalCancelled:
+            throw_if_interrupted()  # ComfyUI's own interruption inside ComfyUI
+            raise
         reporter.done()
         images, flags = [], []
         for r in results:
@@ -221,7 +191,7 @@ class SDXLCNFalImg2Img:
 
     @staticmethod
     def _run(requests, reporter: _Reporter, max_concurrency: int, common):
-        from ..pipeline.fal_remote import run_remote_batch
+        from ..pipeline.fal.client import run_remote_batch
 
         return run_remote_batch(requests, max_concurrency=max_concurrency, on_status_for=reporter.for_request,
                                 cancel_check=reporter.cancel_check, **common)
@@ -233,7 +203,8 @@ def run_requests_on_fal(requests, unique_id=None, max_concurrency: int = 4, time
     reporter = _Reporter(len(requests), unique_id)
     try:
         results = SDXLCNFalImg2Img._run(requests, reporter, int(max_concurrency), _fal_options(timeout_s))
-    except FalCancelled as exc:
-        _raise_interrupt(exc)
+    except FalCancelled:
+        throw_if_interrupted()  # ComfyUI's own interruption inside ComfyUI
+        raise
     reporter.done()
     return results

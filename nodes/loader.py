@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..pipeline.handle import PipelineHandle
+from ..pipeline.local.devices import MEMORY_MODES
 from .comfy_hooks import CATEGORY, free_comfy_memory, log
 from .model_folders import checkpoint_choices, controlnet_choices, resolve, vae_choices
 
 DTYPES = ["auto", "fp16", "bf16", "fp32"]
-MEMORY_MODES = ["none", "model_cpu_offload", "sequential_cpu_offload"]
 DEVICES = ["auto", "cuda", "mps", "cpu"]
 ATTENTION = ["sdpa", "classic"]
 
@@ -29,7 +29,7 @@ class SDXLCNLoader:
                 "checkpoint": (checkpoint_choices(), {"tooltip": "SDXL base: a single file (models/checkpoints) or a diffusers folder (models/diffusers)."}),
                 "controlnet": (controlnet_choices(), {"tooltip": "SDXL Canny ControlNet: a file or diffusers folder in models/controlnet."}),
                 "dtype": (DTYPES, {"default": "auto", "tooltip": "Weights precision. auto: bf16/fp16 on CUDA, fp16 on Apple MPS, fp32 on CPU."}),
-                "memory_mode": (MEMORY_MODES, {"default": "none", "tooltip": "none: all on the GPU (fastest, ~10 GB at fp16). "
+                "memory_mode": (list(MEMORY_MODES), {"default": "none", "tooltip": "none: all on the GPU (fastest, ~10 GB at fp16). "
                                                "model_cpu_offload: one model on the GPU at a time (8 GB cards). "
                                                "sequential_cpu_offload: smallest memory, much slower."}),
                 "vae_tiling": ("BOOLEAN", {"default": False, "tooltip": "Decode in tiles: less memory for large images, slightly slower."}),
@@ -44,7 +44,7 @@ class SDXLCNLoader:
 
     def load(self, checkpoint, controlnet, dtype="auto", memory_mode="none", vae_tiling=False,
              device="auto", vae="none", compile=False, attention="sdpa"):
-        from ..pipeline.loading import LoadOptions, load_pipeline
+        from ..pipeline.local.loading import LoadOptions, load_pipeline
 
         base_path = resolve("checkpoint", checkpoint)
         cn_path = resolve("controlnet", controlnet)

@@ -32,7 +32,7 @@ def _full_path(lora_name: str) -> str:
             return path
     if os.path.isfile(lora_name):  # outside ComfyUI (tests, scripts): a path
         return os.path.abspath(lora_name)
-    from ..pipeline.lora import LoraError
+    from ..pipeline.local.lora import LoraError
 
     raise LoraError(lora_name, "not found in ComfyUI's loras folder; put the file in models/loras and refresh")
 
@@ -58,7 +58,7 @@ class SDXLCNLoraLoader:
         }
 
     def add_lora(self, pipeline, lora_name, strength=1.0):
-        from ..pipeline.lora import load_lora
+        from ..pipeline.local.lora import load_lora
 
         path = _full_path(lora_name)
         load_lora(pipeline.pipe, path)  # read once now, so a bad file fails on this node

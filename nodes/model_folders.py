@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 
+from ..pipeline.local.model_hooks import PROMPT_EXPANSION_FOLDER, SAFETY_CHECKER_FOLDER, resolve_hooks
 from .comfy_hooks import folder_paths
 
-SAFETY_CHECKER_FOLDER = "safety_checker"
-PROMPT_EXPANSION_FOLDER = "prompt_expansion"
 WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -98,10 +97,6 @@ def search_dirs(folder_name: str) -> list[str]:
 
 def resolve_request_hooks(request) -> dict:
     """Safety checker / prompt expander for a request, from models/safety_checker and models/prompt_expansion."""
-    try:
-        from ..pipeline.model_hooks import resolve_hooks  # provided by the safety/expansion library
-    except ImportError:
-        return {}
     safety, expander = resolve_hooks(
         request,
         safety_dirs=search_dirs(SAFETY_CHECKER_FOLDER),

@@ -21,7 +21,7 @@ def register_routes() -> None:
 
     @instance.routes.post("/sdxlcn/free")
     async def free_models(_request):
-        from ..pipeline.loading import free_cached_pipeline
+        from ..pipeline.local.loading import free_cached_pipeline
 
         freed = free_cached_pipeline()
         log.info("SDXL ControlNet: freed cached models (pipeline was %s)", "loaded" if freed else "not loaded")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..pipeline.generate import generate
+from ..pipeline.local.generate import generate
 from ..pipeline.request import GenerationRequest
 from .comfy_hooks import CATEGORY, Progress, log, send_status
 from .convert import pil_to_image
@@ -57,7 +57,7 @@ class SDXLCNImg2Img:
 
         images, flags, prompt = [], [], requests[0].prompt
         try:
-            results = self._run_local(pipeline, requests)
+            results = self._run_local(pipeline, requests, unique_id)
         except Exception as exc:  # noqa: BLE001 - decided by local_failure_reason below
             results = _fall_back_or_raise(exc, fallback, requests, unique_id)
         for result in results:
@@ -69,10 +69,10 @@ class SDXLCNImg2Img:
         return (pil_to_image(images), seed, json.dumps(flags), prompt)
 
     @staticmethod
-    def _run_local(pipeline, requests):
+    def _run_local(pipeline, requests, unique_id=None):
         hooks = _hooks_for(requests[0])
         per_request = requests[0].steps_to_run * requests[0].num_images
-        progress = Progress(per_request * len(requests))
+        progress = Progress(per_request * len(requests), unique_id)
         results = []
         for k, req in enumerate(requests):
             offset = k * per_request
@@ -88,7 +88,7 @@ def _fall_back_or_raise(exc: BaseException, fallback: str, requests, unique_id):
     """Run ``requests`` on fal when ``fallback`` is on and the local failure is one fal can help with."""
     if fallback != "fal":
         raise exc
-    from ..pipeline.fal_remote import local_failure_reason
+    from ..pipeline.local.fallback import local_failure_reason
 
     reason = local_failure_reason(exc)
     if reason is None:

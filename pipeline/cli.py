@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import SDXLCNError
-from .fal_cli import add_fal_fetch_parser, add_remote_arguments
+from .fal.cli import add_fal_fetch_parser, add_remote_arguments
 
 
 
@@ -61,7 +61,7 @@ def _model_hooks(args, request) -> dict:
     else from ./models/safety_checker and ./models/prompt_expansion. Missing models are an error."""
     if not (request.enable_safety_checker or request.expand_prompt):
         return {}
-    from .model_hooks import MissingModelError, default_search_dirs, resolve_hooks
+    from .local.model_hooks import MissingModelError, default_search_dirs, resolve_hooks
 
     try:
         safety, expander = resolve_hooks(
@@ -78,21 +78,21 @@ def _model_hooks(args, request) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate
-    from .loading import LoadOptions, load_pipeline
+    from .local.generate import generate
+    from .local.loading import LoadOptions, load_pipeline
     from .result import write_result
 
     request = read_request(Path(args.request))
     if getattr(args, "remote", None) == "fal":
-        from .fal_cli import cmd_generate_remote
+        from .fal.cli import cmd_generate_remote
 
         return cmd_generate_remote(args, request)
-    from .fal_cli import check_local_arguments
+    from .fal.cli import check_local_arguments
 
     check_local_arguments(args)
     lora_dirs = list(getattr(args, "lora_dir", None) or []) + [str(Path(args.request).resolve().parent)]
     if request.loras:
-        from .lora import resolve_request_loras
+        from .local.lora import resolve_request_loras
 
         request = resolve_request_loras(request, lora_dirs)
     hooks = _model_hooks(args, request)  # before the pipeline, so a missing model fails fast
@@ -115,7 +115,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_make_tiny_models(args) -> int:
-    from .tiny_models import build_tiny_models
+    from .local.tiny_models import build_tiny_models
 
     paths = build_tiny_models(args.out)
     print(json.dumps({k: str(v) for k, v in paths.items()}))

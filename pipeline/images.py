@@ -36,7 +36,7 @@ def decode_image(field: str, data: bytes, where: str):
 
 def download(url: str, field: str, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
     """GET ``url`` with a timeout and a size cap; errors name ``field``."""
-    safe = _redact_url(url)
+    safe = redact_url(url)
     try:
         req = urllib.request.Request(url, headers={"User-Agent": "comfyui-sdxl-controlnet-img2img"})
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -56,7 +56,7 @@ def download(url: str, field: str, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout:
     return data
 
 
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
     """Drop query strings and credentials from a URL before it goes into a message."""
     parts = urllib.parse.urlsplit(url)
     netloc = parts.hostname or ""
@@ -91,7 +91,7 @@ def load_image(source, field: str = "image_url"):
             raise ImageInputError(field, "is a data: URI whose base64 payload is invalid") from None
         return decode_image(field, data, "the data: URI")
     if lower.startswith(("http://", "https://")):
-        return decode_image(field, download(source, field), _redact_url(source))
+        return decode_image(field, download(source, field), redact_url(source))
     if lower.startswith("file://"):
         parsed = urllib.parse.urlsplit(source)
         path = urllib.request.url2pathname(parsed.path)

@@ -1,12 +1,24 @@
-"""The result in fal's output shape, and writing it to a folder."""
+"""The result of a request, local or remote (:class:`GenerationResult`), in fal's output shape, and writing it to a folder."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .generate import GenerationResult
 from .images import encode_image
+
+
+@dataclass
+class GenerationResult:
+    images: list
+    seed: int
+    has_nsfw_concepts: list[bool]
+    width: int
+    height: int
+    prompt: str
+    expanded_prompt: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def write_result(result: GenerationResult, out_dir, fmt: str = "png", stem: str = "image", extra: dict | None = None) -> dict:

@@ -15,7 +15,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{"checkpoint": diffusers folder, "controlnet": diffusers folder} of tiny random-weight models."""
-    from sdxl_controlnet_img2img.pipeline.tiny_models import build_tiny_models
+    from sdxl_controlnet_img2img.pipeline.local.tiny_models import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
@@ -25,7 +25,7 @@ def tiny_pipe(tiny_models):
     """The tiny pipeline loaded through the library's loader, on the CPU in float32."""
     import torch
 
-    from sdxl_controlnet_img2img.pipeline.loading import load_pipeline
+    from sdxl_controlnet_img2img.pipeline.local.loading import load_pipeline
 
     return load_pipeline(tiny_models["checkpoint"], tiny_models["controlnet"], device="cpu", dtype=torch.float32)
 

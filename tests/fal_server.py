@@ -433,7 +433,7 @@ def user_dir(tmp_path, monkeypatch):
 
 
 def fast_settings(**changes):
-    from sdxl_controlnet_img2img.pipeline.fal_remote import FalSettings
+    from sdxl_controlnet_img2img.pipeline.fal.settings import FalSettings
 
     base = dict(http_timeout_s=3.0, max_retries=2, backoff_s=0.01, backoff_max_s=0.05, poll_interval_s=0.02,
                 download_timeout_s=3.0)

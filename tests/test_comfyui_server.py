@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_models):
-    from sdxl_controlnet_img2img.pipeline.tiny_models import build_tiny_safety_checker
+    from sdxl_controlnet_img2img.pipeline.local.tiny_models import build_tiny_safety_checker
 
     base = tmp_path_factory.mktemp("comfyui-base")
     checker = build_tiny_safety_checker(tmp_path_factory.mktemp("checker") / "flags-everything", flag_everything=True)

@@ -23,8 +23,8 @@ from sdxl_controlnet_img2img.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME
 from sdxl_controlnet_img2img.nodes.fal_node import SDXLCNFalImg2Img, parse_loras  # noqa: E402
 from sdxl_controlnet_img2img.nodes.sampler import SDXLCNImg2Img  # noqa: E402
 from sdxl_controlnet_img2img.pipeline import request_log  # noqa: E402
-from sdxl_controlnet_img2img.pipeline.fal_errors import FalTimeout, FalValidationError  # noqa: E402
-from sdxl_controlnet_img2img.pipeline.fal_remote import run_remote  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.fal.errors import FalTimeout, FalValidationError  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.fal.client import run_remote  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest  # noqa: E402
 
 

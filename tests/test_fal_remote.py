@@ -21,7 +21,7 @@ from PIL import Image, ImageOps  # noqa: E402
 
 from sdxl_controlnet_img2img.pipeline import request_log  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.errors import SDXLCNError  # noqa: E402
-from sdxl_controlnet_img2img.pipeline.fal_errors import (  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.fal.errors import (  # noqa: E402
     FalAuthError,
     FalCancelled,
     FalConnectionError,
@@ -34,7 +34,7 @@ from sdxl_controlnet_img2img.pipeline.fal_errors import (  # noqa: E402
     FalTimeout,
     FalValidationError,
 )
-from sdxl_controlnet_img2img.pipeline.fal_remote import (  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.fal.client import (  # noqa: E402
     ENDPOINT,
     fetch_remote_result,
     run_remote,
@@ -430,7 +430,7 @@ def test_status_callback_raising_cancels_the_request(fal):
 
 def test_local_failure_reason_for_the_fallback():
     from sdxl_controlnet_img2img.pipeline.errors import RequestError
-    from sdxl_controlnet_img2img.pipeline.fal_remote import local_failure_reason
+    from sdxl_controlnet_img2img.pipeline.local.fallback import local_failure_reason
 
     class OutOfMemoryError(RuntimeError):
         pass

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdxl_controlnet_img2img.pipeline.canny import canny_image
-from sdxl_controlnet_img2img.pipeline.generate import generate, prepare_inputs
+from sdxl_controlnet_img2img.pipeline.local.generate import generate, prepare_inputs
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 from sdxl_controlnet_img2img.pipeline.sizes import cover_resize
 

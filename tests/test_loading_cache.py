@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_controlnet_img2img.pipeline import loading
-from sdxl_controlnet_img2img.pipeline.loading import LoadOptions, cached_pipeline, free_cached_pipeline, load_pipeline
+from sdxl_controlnet_img2img.pipeline.local import loading
+from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, cached_pipeline, free_cached_pipeline, load_pipeline
 
 CPU = LoadOptions(device="cpu", dtype="fp32")
 

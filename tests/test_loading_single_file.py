@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-from sdxl_controlnet_img2img.pipeline.loading import LoadOptions, build_pipeline, load_pipeline
+from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline, load_pipeline
 
 # ---------------------------------------------------------------- diffusers -> SGM converter
 
@@ -227,7 +227,7 @@ def _own_memory(pipe):
 
 
 def test_single_file_generation_equals_folder_generation(single_files, folder_pipe, image_files):
-    from sdxl_controlnet_img2img.pipeline.generate import generate
+    from sdxl_controlnet_img2img.pipeline.local.generate import generate
     from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
     pipe = build_pipeline(single_files["checkpoint"], single_files["controlnet"], _opts(single_files))
@@ -265,7 +265,7 @@ def test_controlnet_single_file_mismatching_bundled_config_is_explained(single_f
 def test_single_file_with_the_bundled_sdxl_config_reports_the_architecture_mismatch(single_files, tmp_path, monkeypatch):
     # the bundled config is real SDXL (context 2048); the tiny file has context 64: refused before any loading
     tok = tmp_path / "tok"
-    from sdxl_controlnet_img2img.pipeline.tiny_models import write_clip_tokenizer
+    from sdxl_controlnet_img2img.pipeline.local.tiny_models import write_clip_tokenizer
 
     write_clip_tokenizer(tok)
     monkeypatch.setenv("SDXLCN_CLIP_TOKENIZER_DIR", str(tok))
@@ -315,7 +315,7 @@ def test_bundled_configs_describe_real_sdxl_base_and_controlnet():
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdxl_controlnet_img2img.pipeline.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG as B
+    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG as B
 
     def count(m):
         return sum(p.numel() for p in m.parameters())
@@ -332,8 +332,8 @@ def test_bundled_configs_describe_real_sdxl_base_and_controlnet():
 def test_sdxl_config_dir_assembles_tokenizers_offline(tmp_path, monkeypatch):
     from transformers import CLIPTokenizer
 
-    from sdxl_controlnet_img2img.pipeline.sdxl_config import sdxl_config_dir
-    from sdxl_controlnet_img2img.pipeline.tiny_models import write_clip_tokenizer
+    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import sdxl_config_dir
+    from sdxl_controlnet_img2img.pipeline.local.tiny_models import write_clip_tokenizer
 
     write_clip_tokenizer(tmp_path / "tok")
     monkeypatch.setenv("SDXLCN_CLIP_TOKENIZER_DIR", str(tmp_path / "tok"))
@@ -357,7 +357,7 @@ def _bpe_gz(path: Path, merges: list[str]) -> Path:
 def test_clip_vocab_derivation_from_open_clip_bpe_file(tmp_path):
     from transformers import CLIPTokenizer
 
-    from sdxl_controlnet_img2img.pipeline.sdxl_config import clip_vocab_from_bpe_gz
+    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import clip_vocab_from_bpe_gz
 
     merges = ["c a", "ca t</w>", "p h", "ph o", "pho t", "phot o</w>"]
     out = clip_vocab_from_bpe_gz(_bpe_gz(tmp_path / "bpe.txt.gz", merges), tmp_path / "tok")
@@ -371,7 +371,7 @@ def test_clip_vocab_derivation_from_open_clip_bpe_file(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR not set (a ComfyUI checkout to compare with)")
 def test_clip_vocab_derivation_equals_comfyui_vocab(tmp_path):
-    from sdxl_controlnet_img2img.pipeline.sdxl_config import clip_vocab_from_bpe_gz
+    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import clip_vocab_from_bpe_gz
 
     src = Path(os.environ["COMFYUI_DIR"]) / "comfy" / "sd1_tokenizer"
     merges = (src / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]

@@ -14,10 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora_factory as F  # noqa: E402
-from sdxl_controlnet_img2img.pipeline import lora as L  # noqa: E402
-from sdxl_controlnet_img2img.pipeline.generate import generate  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.local import lora as L  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.local.generate import generate  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.handle import PipelineHandle  # noqa: E402
-from sdxl_controlnet_img2img.pipeline.lora import LoraError, activate, load_lora  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.local.lora import LoraError, activate, load_lora  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest, LoraSpec  # noqa: E402
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sdxl_controlnet_img2img import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, WEB_DIRECTORY
-from sdxl_controlnet_img2img.pipeline.generate import generate
+from sdxl_controlnet_img2img.pipeline.local.generate import generate
 from sdxl_controlnet_img2img.pipeline.handle import PipelineHandle
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-from sdxl_controlnet_img2img.pipeline.generate import generate
-from sdxl_controlnet_img2img.pipeline.model_hooks import MissingModelError, find_prompt_expander, resolve_hooks
-from sdxl_controlnet_img2img.pipeline.prompt_expansion import (
+from sdxl_controlnet_img2img.pipeline.local.generate import generate
+from sdxl_controlnet_img2img.pipeline.local.model_hooks import MissingModelError, find_prompt_expander, resolve_hooks
+from sdxl_controlnet_img2img.pipeline.local.prompt_expansion import (
     cached_prompt_expander,
     free_prompt_expander,
     load_prompt_expander,
 )
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 from sdxl_controlnet_img2img.pipeline.result import write_result
-from sdxl_controlnet_img2img.pipeline.tiny_models import (
+from sdxl_controlnet_img2img.pipeline.local.tiny_models import (
     TINY_EXPANSION_WORDS,
     build_tiny_prompt_expander,
     build_tiny_safety_checker,

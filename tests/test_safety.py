@@ -11,20 +11,20 @@ import pytest
 import torch
 
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError, RequestError
-from sdxl_controlnet_img2img.pipeline.generate import generate
-from sdxl_controlnet_img2img.pipeline.model_hooks import (
+from sdxl_controlnet_img2img.pipeline.local.generate import generate
+from sdxl_controlnet_img2img.pipeline.local.model_hooks import (
     MissingModelError,
     find_safety_checker,
     resolve_hooks,
 )
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 from sdxl_controlnet_img2img.pipeline.result import write_result
-from sdxl_controlnet_img2img.pipeline.safety import (
+from sdxl_controlnet_img2img.pipeline.local.safety import (
     cached_safety_checker,
     free_safety_checker,
     load_safety_checker,
 )
-from sdxl_controlnet_img2img.pipeline.tiny_models import build_tiny_safety_checker
+from sdxl_controlnet_img2img.pipeline.local.tiny_models import build_tiny_safety_checker
 
 from .conftest import make_test_image
 

@@ -7,7 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import SDXLCNError
+from ..errors import SDXLCNError
 
 
 def add_remote_arguments(g) -> None:
@@ -76,7 +76,7 @@ def _printer():
 
 
 def _write(result, args, request_id, endpoint) -> int:
-    from .result import write_result
+    from ..result import write_result
 
     doc = write_result(result, args.out, fmt=args.format, extra={"request_id": request_id, "endpoint": endpoint})
     for img in doc["images"]:
@@ -86,7 +86,7 @@ def _write(result, args, request_id, endpoint) -> int:
 
 
 def cmd_generate_remote(args, request) -> int:
-    from .fal_remote import ENDPOINT, run_remote
+    from .client import ENDPOINT, run_remote
 
     log_dir = Path(args.request_log_dir or args.out)
     on_status, last = _printer()
@@ -99,8 +99,8 @@ def cmd_generate_remote(args, request) -> int:
 
 
 def cmd_fal_fetch(args) -> int:
-    from . import request_log
-    from .fal_remote import ENDPOINT, fetch_remote_result
+    from .. import request_log
+    from .client import ENDPOINT, fetch_remote_result
 
     log_dir = Path(args.request_log_dir or args.out)
     endpoint = args.endpoint

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import GenerationCancelled, SDXLCNError
+from ..errors import GenerationCancelled, SDXLCNError
 
 
 class FalError(SDXLCNError):

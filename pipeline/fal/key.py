@@ -21,7 +21,7 @@ import os
 import threading
 from pathlib import Path
 
-from .fal_errors import FalKeyMissing
+from .errors import FalKeyMissing
 
 KEY_FILE_DIRNAME = "sdxl_controlnet_img2img"
 KEY_FILE_NAME = "fal_key.txt"

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from .canny import canny_image
-from .errors import RequestError
-from .images import load_image
-from .request import GenerationRequest
-from .sizes import cover_resize, parse_image_size, target_size
+from ..canny import canny_image
+from ..errors import RequestError
+from ..images import load_image
+from ..request import GenerationRequest
+from ..result import GenerationResult
+from ..sizes import cover_resize, parse_image_size, target_size
 
 # on_step(step, total, latents): called after every denoising step; raise to cancel.
 StepCallback = Callable[[int, int, object], None]
@@ -31,18 +32,6 @@ class PreparedInputs:
     control_image: object  # PIL RGB at (width, height): the Canny map when apply_canny
     width: int
     height: int
-
-
-@dataclass
-class GenerationResult:
-    images: list
-    seed: int
-    has_nsfw_concepts: list[bool]
-    width: int
-    height: int
-    prompt: str
-    expanded_prompt: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def prepare_inputs(request: GenerationRequest) -> PreparedInputs:

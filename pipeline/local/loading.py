@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
+from .devices import MEMORY_MODES, default_device, default_dtype, parse_dtype
+from .hub import hub_offline, looks_like_repo_id
 from .memory import SingleModelCache
 from .model_checks import (
     HINT_BASE,
@@ -33,47 +34,6 @@ from .model_checks import (
     check_sdxl_base,
     read_index,
 )
-
-MEMORY_MODES = ("none", "model_cpu_offload", "sequential_cpu_offload")
-
-
-# ---------------------------------------------------------------- device and precision
-
-def default_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def default_dtype(device: str):
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.startswith("mps"):
-        return torch.float16
-    return torch.float32
-
-
-def parse_dtype(value):
-    """None/"auto" -> None; "fp16"/"float16"/"bf16"/"fp32"... or a torch.dtype -> torch.dtype."""
-    if value is None or value == "auto":
-        return None
-    import torch
-
-    if isinstance(value, torch.dtype):
-        return value
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    try:
-        return names[str(value).lower()]
-    except KeyError:
-        raise ModelLoadError(f"dtype: {value!r} is not one of auto, fp32, fp16, bf16") from None
-
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -113,14 +73,6 @@ class LoadOptions:
 
 # ---------------------------------------------------------------- what a path is
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"))
-
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def _classify(path, label: str, hint: str) -> tuple[str, object]:
     """('folder'|'file'|'hub', value). Raises ModelLoadError for a missing path."""
     if path is None or str(path).strip() == "":
@@ -131,8 +83,8 @@ def _classify(path, label: str, hint: str) -> tuple[str, object]:
     if p.is_file():
         return "file", p.resolve()
     s = str(path)
-    if _REPO_ID.match(s) and not p.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
-        if _hub_offline():
+    if looks_like_repo_id(s) and not p.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if hub_offline():
             raise ModelLoadError(
                 f"{label}: {s} is not a file or folder here, and looks like a hub repo id, but the hub is offline "
                 f"(HF_HUB_OFFLINE). Download it into a folder and give that folder. {hint}"

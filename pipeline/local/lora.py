@@ -29,8 +29,10 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SDXLCNError
-from .request import LoraSpec
+from ..errors import SDXLCNError
+from ..images import download, redact_url
+from ..request import LoraSpec
+from .hub import hub_offline, looks_like_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +77,6 @@ def default_cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sdxl_controlnet_img2img" / "loras"
-
-
-def network_allowed() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on")
-
-
-def _redact(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^\s]+)?$")
 
 
 def find_in_dirs(name: str, lora_dirs) -> Path | None:
@@ -135,7 +124,7 @@ def resolve_source(
         found = find_in_dirs(source, dirs)
         if found is not None:
             return found
-        if _HUB_ID.match(source) and not source.startswith((".", "~")):
+        if looks_like_repo_id(source, with_file=True):
             return _hub_file(source)
     where = f" (searched {', '.join(str(d) for d in dirs)})" if dirs else ""
     raise LoraError(name, f"not found{where}; give a file in the LoRA folder, a local path, an http(s) URL or a hub repo id")
@@ -143,10 +132,9 @@ def resolve_source(
 
 def _download_cached(url: str, cache_dir, max_bytes: int, timeout: float) -> Path:
     """Download ``url`` into the cache once; later calls reuse the file."""
-    from .errors import ImageInputError
-    from .images import download
+    from ..errors import ImageInputError
 
-    safe = _redact(url)
+    safe = redact_url(url)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     base = Path(urllib.parse.urlsplit(url).path).name or "lora.safetensors"
     base = re.sub(r"[^\w.-]", "_", base)[-80:]
@@ -169,7 +157,7 @@ def _hub_file(repo_spec: str) -> Path:
     """A LoRA file from the Hugging Face hub: ``owner/repo`` or ``owner/repo/path/in/repo``."""
     parts = repo_spec.split("/")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
-    online = network_allowed()
+    online = not hub_offline()
     try:
         from huggingface_hub import HfApi, hf_hub_download
     except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers

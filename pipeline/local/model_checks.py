@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 SAFETENSORS_EXT = {".safetensors", ".sft"}
 PICKLE_EXT = {".ckpt", ".pt", ".pth", ".bin"}

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from .errors import SDXLCNError
+from ..errors import SDXLCNError
 
 SAFETY_CHECKER_FOLDER = "safety_checker"
 PROMPT_EXPANSION_FOLDER = "prompt_expansion"
@@ -73,7 +73,7 @@ def _candidates(search_dirs: Iterable, folder_name: str) -> list[Path]:
 
 
 def _find(search_dirs, folder_name: str, field: str, source: str, check) -> Path:
-    from .errors import ModelLoadError
+    from ..errors import ModelLoadError
 
     search_dirs = [Path(d).expanduser() for d in (search_dirs or ()) if d is not None]
     near_misses = []
@@ -147,5 +147,5 @@ def free_model_hooks() -> None:
 
 def default_search_dirs() -> list[Path]:
     """Where the CLI looks when no path is given: ``./models`` and the package's own ``models/``."""
-    pkg = Path(__file__).resolve().parent.parent
+    pkg = Path(__file__).resolve().parents[2]
     return [Path.cwd() / "models", pkg / "models"]

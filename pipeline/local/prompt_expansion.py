@@ -27,7 +27,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 from .memory import SingleModelCache
 
 SEED_MODULUS = 2**32  # Fooocus reduces seeds like this (numpy's seed limit); kept for the same seed -> same text
@@ -163,7 +163,7 @@ class LocalPromptExpander:
 
 def load_prompt_expander(path: str | os.PathLike, *, device: str | None = None, dtype=None) -> LocalPromptExpander:
     """Load (once; later calls with the same folder/device/dtype reuse it) the expansion model in folder ``path``."""
-    from .loading import default_device
+    from .devices import default_device
 
     device = device or default_device()
     folder = check_folder(Path(path).expanduser())

@@ -35,7 +35,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 from .memory import SingleModelCache
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -159,7 +159,7 @@ def load_safety_checker(path: str | os.PathLike, *, device: str | None = None, d
     ``CompVis/stable-diffusion-safety-checker``; a hub id is read from the local Hugging Face cache
     only, unless ``allow_network`` is true.
     """
-    from .loading import default_device, default_dtype
+    from .devices import default_device, default_dtype
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)

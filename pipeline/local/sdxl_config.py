@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SDXL_BASE_CONFIG = CONFIGS / "sdxl_base"
@@ -87,9 +87,9 @@ def _comfy_tokenizer_dirs():
             yield Path(loc) / "sd1_tokenizer"
     if os.environ.get("COMFYUI_DIR"):
         yield Path(os.environ["COMFYUI_DIR"]) / "comfy" / "sd1_tokenizer"
-    # <ComfyUI>/custom_nodes/<this pack>/pipeline/sdxl_config.py
+    # <ComfyUI>/custom_nodes/<this pack>/pipeline/local/sdxl_config.py: the pack, custom_nodes, ComfyUI
     here = Path(__file__).resolve()
-    for parent in here.parents[1:4]:
+    for parent in here.parents[2:5]:
         yield parent / "comfy" / "sd1_tokenizer"
 
 

@@ -1,0 +1,263 @@
+"""fal-client wiring: an HTTP transport with bounded timeouts, our own retry policy, and a waiter
+that polls for cancel and a deadline while each call runs.
+
+``fal-client`` retries some failures itself for up to ~50 s. The client built here gives it an
+HTTP transport that caps every HTTP call's timeout and hands transient failures (429, 5xx, dropped
+or refused connections, HTTP timeouts) to :func:`call_with_retries`, a bounded retry with backoff
+(:class:`~.settings.FalSettings`). A submit is re-sent only when nothing reached fal (refused
+connection, 429, 5xx answers), so a retry never pays twice. Every HTTP call runs in a worker
+thread while the caller's ``cancel_check`` is polled every 50 ms (:class:`Waiter`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from .errors import (
+    FalAuthError,
+    FalConnectionError,
+    FalError,
+    FalRateLimited,
+    FalRequestFailed,
+    FalServerError,
+    FalTimeout,
+    FalValidationError,
+)
+from .key import redact
+from .settings import CancelCheck, FalSettings, FalStatus, StatusCallback, log
+
+
+class Transient(Exception):
+    """A failure worth retrying: raised from the transport so fal-client's own retry loop passes it up."""
+
+    def __init__(self, kind: str, message: str, status_code: int | None = None, sent: bool = True):
+        self.kind = kind  # "http", "timeout", "connection"
+        self.status_code = status_code
+        self.sent = sent  # whether the request may have reached fal
+        super().__init__(message)
+
+
+def detail_text(body) -> str:
+    if isinstance(body, dict) and "detail" in body:
+        body = body["detail"]
+    if isinstance(body, (list, dict)):
+        import json
+
+        return json.dumps(body)
+    return str(body)
+
+
+def make_transport(settings: FalSettings):
+    import httpx
+
+    try:
+        from fal_client.client import BackupDomainTransport
+
+        inner = BackupDomainTransport()
+    except Exception:  # older/newer fal-client without it
+        inner = httpx.HTTPTransport()
+
+    class BoundedTransport(httpx.BaseTransport):
+        def handle_request(self, request):
+            cap = settings.http_timeout_s
+            t = dict(request.extensions.get("timeout") or {})
+            for k in ("connect", "read", "write", "pool"):
+                v = t.get(k)
+                t[k] = cap if v is None else min(v, cap)
+            request.extensions["timeout"] = t
+            mapped = settings.host_map.get(request.url.host)
+            if mapped:
+                host, _, port = mapped.partition(":")
+                request.url = request.url.copy_with(host=host, port=int(port) if port else None)
+                request.headers["Host"] = mapped
+            try:
+                response = inner.handle_request(request)
+            except httpx.TimeoutException as exc:
+                sent = not isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout))
+                raise Transient("timeout", f"no answer within {cap:g} s ({type(exc).__name__})", sent=sent) from None
+            except httpx.TransportError as exc:
+                sent = not isinstance(exc, httpx.ConnectError)
+                raise Transient("connection", f"{type(exc).__name__}: {exc}", sent=sent) from None
+            if response.status_code == 429 or response.status_code >= 500:
+                try:
+                    response.read()
+                    try:
+                        text = detail_text(response.json())
+                    except ValueError:
+                        text = response.text[:300]
+                finally:
+                    response.close()
+                # fal did not accept the request: retrying a submit cannot pay twice
+                raise Transient("http", text.strip(), status_code=response.status_code, sent=False)
+            return response
+
+        def close(self):
+            inner.close()
+
+    return BoundedTransport()
+
+
+def make_client(key: str, settings: FalSettings):
+    """A ``fal_client.SyncClient`` whose HTTP client uses the bounded transport."""
+    import fal_client
+    import httpx
+
+    class _Client(fal_client.SyncClient):
+        @property
+        def _client(self):  # noqa: D401 - replaces fal_client's cached_property of the same name
+            c = self.__dict__.get("_sdxlcn_http")
+            if c is None:
+                c = httpx.Client(
+                    transport=make_transport(settings),
+                    headers={"Authorization": self._auth.header_value, "User-Agent": getattr(
+                        fal_client.client, "USER_AGENT", "fal-client (python)")},
+                    timeout=settings.http_timeout_s,
+                    follow_redirects=True,
+                )
+                self.__dict__["_sdxlcn_http"] = c
+            return c
+
+    return _Client(key=key, default_timeout=settings.http_timeout_s)
+
+
+# ---- waiting with cancel and a deadline -----------------------------------------------------
+
+class Cancelled(Exception):
+    pass
+
+
+class Deadline(Exception):
+    pass
+
+
+class Waiter:
+    def __init__(self, cancel_check: CancelCheck | None, deadline: float | None):
+        self.cancel_check = cancel_check
+        self.deadline = deadline
+
+    def check(self):
+        if self.cancel_check is not None and self.cancel_check():
+            raise Cancelled()
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise Deadline()
+
+    def sleep(self, seconds: float):
+        end = time.monotonic() + max(seconds, 0.0)
+        while True:
+            self.check()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.05, left))
+
+    def call(self, fn):
+        """Run ``fn`` in a daemon thread; stop waiting at once on cancel or deadline."""
+        box: dict = {}
+        done = threading.Event()
+
+        def target():
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+        self.check()
+        threading.Thread(target=target, name="sdxlcn-fal-call", daemon=True).start()
+        while not done.wait(0.05):
+            self.check()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+
+def notify(on_status: StatusCallback, status: FalStatus) -> None:
+    """Call ``on_status``; an exception from it (e.g. ComfyUI's interrupt) cancels the request."""
+    try:
+        on_status(status)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("fal: status callback raised %s; cancelling request %s", type(exc).__name__, status.request_id)
+        raise Cancelled() from exc
+
+
+def http_error(exc, what: str, request_id: str | None) -> FalError:
+    """A ``fal_client.FalClientHTTPError`` as one of our errors (redacted)."""
+    code = exc.status_code
+    detail = exc.message
+    rid = f" (request {request_id})" if request_id else ""
+    if code in (401, 403):
+        text = redact(detail_text(detail))
+        return FalAuthError(
+            f"fal refused the key (HTTP {code}) while {what}{rid}: {text}. "
+            "Check FAL_KEY (or the key file) and your fal balance at https://fal.ai/dashboard.",
+            code, text, request_id)
+    if code == 422:
+        items = detail if isinstance(detail, list) else []
+        if items and isinstance(items[0], dict):
+            first = items[0]
+            loc = [str(p) for p in first.get("loc", []) if p not in ("body",)]
+            fld = ".".join(loc) or "request"
+            msg = redact(first.get("msg", "is invalid"))
+            more = f" (and {len(items) - 1} more problem(s): {redact(detail_text(items[1:]))})" if len(items) > 1 else ""
+            return FalValidationError(fld, f"fal rejected this value: {msg}{more}{rid}", request_id)
+        return FalValidationError("request", f"fal rejected the request: {redact(detail_text(detail))}{rid}", request_id)
+    if code == 404 and request_id:
+        return FalRequestFailed(
+            f"fal does not know request {request_id} (HTTP 404) while {what}: {redact(detail_text(detail))}. "
+            "Check the id and the endpoint; fal keeps results for a limited time.", request_id)
+    return FalServerError(f"fal answered HTTP {code} while {what}{rid}: {redact(detail_text(detail))}", code, request_id)
+
+
+def call_with_retries(waiter: Waiter, fn, what: str, settings: FalSettings, request_id: str | None,
+                       submit: bool = False):
+    import fal_client
+
+    attempt = 0
+    while True:
+        try:
+            return waiter.call(fn)
+        except fal_client.FalClientHTTPError as exc:
+            raise http_error(exc, what, request_id) from None
+        except Transient as exc:
+            retryable = not (submit and exc.sent)
+            if retryable and attempt < settings.max_retries:
+                delay = min(settings.backoff_s * (2 ** attempt), settings.backoff_max_s)
+                attempt += 1
+                log.info("fal: %s failed (%s); retry %d/%d in %.1f s", what, redact(exc), attempt,
+                         settings.max_retries, delay)
+                waiter.sleep(delay)
+                continue
+            raise transient_error(exc, what, attempt, request_id, submit) from None
+
+
+def transient_error(exc: Transient, what: str, retries: int, request_id: str | None, submit: bool) -> FalError:
+    tried = f" after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else ""
+    rid = f" (request {request_id})" if request_id else ""
+    text = redact(exc)
+    recover = (f" The request may still finish: fetch it later by id {request_id}." if request_id else "")
+    if exc.kind == "http" and exc.status_code == 429:
+        return FalRateLimited(f"fal is rate-limiting this key (HTTP 429){tried} while {what}{rid}: {text}. "
+                              f"Lower the concurrency or try again later.{recover}", request_id)
+    if exc.kind == "http":
+        return FalServerError(f"fal had a server error (HTTP {exc.status_code}){tried} while {what}{rid}: {text}. "
+                              f"Try again later.{recover}", exc.status_code, request_id)
+    if submit and exc.sent:
+        note = (" The submission may have reached fal (check https://fal.ai/dashboard/requests) and was not "
+                "re-sent, so it is not paid twice.")
+    else:
+        note = recover
+    if exc.kind == "timeout":
+        return FalTimeout(f"fal did not answer{tried} while {what}{rid}: {text}.{note}", request_id)
+    return FalConnectionError(f"the connection to fal failed{tried} while {what}{rid}: {text}. "
+                              f"Check the network.{note}", request_id)
+
+
+def close_client(client) -> None:
+    c = client.__dict__.get("_sdxlcn_http")
+    if c is not None:
+        try:
+            c.close()
+        except Exception:  # noqa: BLE001
+            pass
