@@ -39,9 +39,9 @@ def request_widgets() -> dict:
         "num_images": ("INT", {"default": 1, "min": 1, "max": MAX_NUM_IMAGES,
                                "tooltip": "Images per init image (fal: num_images)."}),
         "enable_safety_checker": ("BOOLEAN", {
-            "default": True,
-            "tooltip": "Flag (and black out) NSFW results, as fal does. Locally this needs the safety checker model "
-                       "in models/safety_checker."}),
+            "default": False,
+            "tooltip": "Opt-in, as on fal: flag (and black out) NSFW results. Locally this needs the safety checker "
+                       "model in models/safety_checker (see README)."}),
         "expand_prompt": ("BOOLEAN", {
             "default": False,
             "tooltip": "Enrich the prompt with a prompt-expansion model (locally: models/prompt_expansion)."}),

@@ -40,7 +40,7 @@ class GenerationRequest:
     seed: int | None = None
     num_images: int = 1
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
-    enable_safety_checker: bool = True
+    enable_safety_checker: bool = False  # opt-in: fal's schema gives it no default
     expand_prompt: bool = False
     sync_mode: bool = False
     apply_canny: bool = True
@@ -74,6 +74,8 @@ class GenerationRequest:
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> "GenerationRequest":
         _check_str("prompt", self.prompt, required=True)
+        for name in ("image_url", "control_image_url"):
+            _check_image_source(name, getattr(self, name))
         _check_str("negative_prompt", self.negative_prompt)
         _check_number("controlnet_conditioning_scale", self.controlnet_conditioning_scale, 0.0, 1.0)
         parse_image_size(self.image_size)
@@ -163,6 +165,16 @@ def parse_loras(value) -> tuple[LoraSpec, ...]:
         _check_number(f"{name}.scale", scale, -4.0, 4.0)
         out.append(LoraSpec(path=item["path"], scale=float(scale)))
     return tuple(out)
+
+
+def _check_image_source(name, value):
+    """An image field holds text (a path, a file:// or http(s):// URL, a data: URI), a path object or a PIL image."""
+    import os
+
+    if isinstance(value, (str, os.PathLike)) or hasattr(value, "convert") and hasattr(value, "size"):
+        return
+    raise RequestError(name, f"must be a path, a file:// or http(s):// URL or a data: URI (text), got "
+                             f"{type(value).__name__} {value!r:.40}")
 
 
 def _check_str(name, value, required=False):

@@ -3,8 +3,9 @@
 Policy (documented in the README):
 - The target size is the preset, the custom ``{"width", "height"}``, or, when ``image_size``
   is absent/``None``, the control image's own size.
-- Width and height are floored to multiples of 8 (the SDXL VAE downsamples by 8), with
-  a minimum of 8 and a maximum of 4096 each.
+- Width and height are floored to multiples of 8 (the SDXL VAE downsamples by 8). Each side is
+  at least 64 (SDXL's UNet needs a latent of at least 8x8) and at most 4096; a control image
+  smaller than 64 px on a side with ``image_size`` none is refused (pick a preset or a custom size).
 - Both the init image and the control image are brought to the target size by
   *cover and centre-crop*: scaled (Lanczos) so they cover the target while keeping
   their aspect ratio, then cropped to it around the centre. Nothing is stretched.
@@ -24,12 +25,12 @@ IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
     "landscape_16_9": (1024, 576),
 }
 
-MIN_SIDE = 8
+MIN_SIDE = 64  # SDXL's UNet needs a latent of at least 8x8
 MAX_SIDE = 4096
 
 
 def floor_to_multiple_of_8(value: int) -> int:
-    return max(MIN_SIDE, (int(value) // 8) * 8)
+    return (int(value) // 8) * 8
 
 
 def check_side(field: str, value) -> int:
@@ -67,6 +68,11 @@ def target_size(image_size, control_size: tuple[int, int]) -> tuple[int, int]:
     """The (width, height) that generation runs at, floored to multiples of 8."""
     if image_size is None:
         w, h = control_size
+        if min(w, h) < MIN_SIDE:
+            raise RequestError(
+                "image_size",
+                f"is none, so the control image's size is used, but it is {w}x{h} and each side must be at least "
+                f"{MIN_SIDE} px; pick a preset (e.g. square) or a custom width/height, or use a larger control image")
     elif isinstance(image_size, str):
         w, h = IMAGE_SIZE_PRESETS[image_size]
     else:

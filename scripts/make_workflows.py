@@ -129,8 +129,7 @@ def main(out_root: Path = ROOT):
         if "SDXLCNLoraLoader" in NODE_CLASS_MAPPINGS else None,
         "sdxl_controlnet_img2img_fal": fal_graph() if "SDXLCNFalImg2Img" in NODE_CLASS_MAPPINGS else None,
         # tiny offline models, for tests and a quick check of an install (not a template: lives in a subfolder)
-        "tiny/sdxl_controlnet_img2img_tiny": local_graph(*tiny, {"image_size": "custom", "width": 64, "height": 64,
-                                                                  "enable_safety_checker": False}),
+        "tiny/sdxl_controlnet_img2img_tiny": local_graph(*tiny, {"image_size": "custom", "width": 64, "height": 64}),
     }
     for name, graph in graphs.items():
         if graph is None:

@@ -40,7 +40,7 @@ def _args(handle, **changes):
     spec = SDXLCNImg2Img.INPUT_TYPES()["required"]
     args = {k: v[1]["default"] for k, v in spec.items() if len(v) > 1 and "default" in v[1]}
     rng = np.random.default_rng(0)
-    image = torch.from_numpy(rng.integers(0, 256, (2, 24, 32, 3)).astype(np.float32) / 255.0)
+    image = torch.from_numpy(rng.integers(0, 256, (2, 64, 72, 3)).astype(np.float32) / 255.0)
     args.update(pipeline=handle, image=image, control_image=image[:1], prompt="a house", seed=9,
                 enable_safety_checker=False, num_inference_steps=4)
     args.update(changes)
@@ -57,7 +57,7 @@ def test_fallback_runs_the_same_requests_on_fal(unusable_gpu_pipe, fal, user_dir
     args = _args(PipelineHandle(unusable_gpu_pipe), fallback="fal", num_images=2)
     with caplog.at_level("WARNING"):
         images, seed, flags, prompt = SDXLCNImg2Img().sample(**args)
-    assert images.shape == (4, 24, 32, 3) and seed == 9 and json.loads(flags) == [False] * 4 and prompt == "a house"
+    assert images.shape == (4, 64, 72, 3) and seed == 9 and json.loads(flags) == [False] * 4 and prompt == "a house"
     assert sorted(j.args["seed"] for j in fal.jobs.values()) == [9, 11]  # seed + k * num_images, as locally
     assert all(j.args["num_inference_steps"] == 4 and j.args["num_images"] == 2 for j in fal.jobs.values())
     # the test server returns the inverted init image: the fal results really are what came back

@@ -63,18 +63,18 @@ def test_defaults_equal_plain_diffusers(tiny_pipe, plain_pipe, image_files):
 
 def test_custom_size_equals_plain_diffusers(tiny_pipe, plain_pipe, image_files):
     img, ctl = image_files(80, 60, 3), image_files(50, 70, 4)
-    req = _request(img, ctl, seed=7, image_size={"width": 52, "height": 44}, num_inference_steps=6)
+    req = _request(img, ctl, seed=7, image_size={"width": 76, "height": 68}, num_inference_steps=6)
     result = generate(tiny_pipe, req)
-    assert (result.width, result.height) == (48, 40)  # floored to multiples of 8
-    assert result.images[0].size == (48, 40)
-    _same(result.images, _plain(plain_pipe, img, ctl, 48, 40, [7], num_inference_steps=6))
+    assert (result.width, result.height) == (72, 64)  # floored to multiples of 8
+    assert result.images[0].size == (72, 64)
+    _same(result.images, _plain(plain_pipe, img, ctl, 72, 64, [7], num_inference_steps=6))
 
 
 def test_image_size_none_uses_control_size_with_differently_sized_inputs(tiny_pipe, plain_pipe, image_files):
-    img, ctl = image_files(96, 64, 5), image_files(72, 56, 6)
+    img, ctl = image_files(96, 64, 5), image_files(80, 70, 6)
     result = generate(tiny_pipe, _request(img, ctl, seed=3, num_inference_steps=6))
-    assert result.images[0].size == (72, 56)
-    _same(result.images, _plain(plain_pipe, img, ctl, 72, 56, [3], num_inference_steps=6))
+    assert result.images[0].size == (80, 64)
+    _same(result.images, _plain(plain_pipe, img, ctl, 80, 64, [3], num_inference_steps=6))
 
 
 def test_three_images_equal_plain_and_each_alone(tiny_pipe, plain_pipe, image_files):

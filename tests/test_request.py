@@ -50,7 +50,7 @@ def test_aliases_image_and_control_image():
     ("enable_safety_checker", "yes", "true or false"),
     ("image_size", "huge", "unknown preset"),
     ("image_size", {"width": 512}, '"width" and "height"'),
-    ("image_size.width", {"width": 5000, "height": 512}, "between 8 and 4096"),
+    ("image_size.width", {"width": 5000, "height": 512}, "between 64 and 4096"),
     ("loras", "x.safetensors", "list of"),
     ("loras[0].path", [{"path": ""}], "required"),
     ("loras[0].scale", [{"path": "a", "scale": 9}], "[-4.0, 4.0]"),
@@ -87,10 +87,27 @@ def test_seed_plus_index_wraps_and_seedless_gets_one():
 @pytest.mark.parametrize("image_size, expected", [
     ("square_hd", (1024, 1024)), ("square", (512, 512)), ("portrait_4_3", (768, 1024)),
     ("portrait_16_9", (576, 1024)), ("landscape_4_3", (1024, 768)), ("landscape_16_9", (1024, 576)),
-    ({"width": 1001, "height": 517}, (1000, 512)), (None, (72, 56)),
+    ({"width": 1001, "height": 517}, (1000, 512)), (None, (72, 64)),
 ])
 def test_target_sizes(image_size, expected):
-    assert target_size(image_size, (77, 63)) == expected
+    assert target_size(image_size, (77, 71)) == expected
+
+
+@pytest.mark.parametrize("size", [{"width": 10, "height": 10}, {"width": 512, "height": 63}])
+def test_custom_sizes_under_64_are_refused(size):
+    with pytest.raises(RequestError, match=r"image_size\.(width|height).*between 64 and 4096"):
+        GenerationRequest.from_dict({**BASE, "image_size": size})
+
+
+def test_a_control_image_under_64_with_image_size_none_is_refused():
+    with pytest.raises(RequestError, match=r"image_size: is none.*40x90.*at least 64.*preset"):
+        target_size(None, (40, 90))
+
+
+@pytest.mark.parametrize("value", [123, 1.5, ["a.png"], {"url": "a.png"}])
+def test_an_image_field_of_the_wrong_type_says_so(value):
+    with pytest.raises(RequestError, match=r"image_url: must be a path.*got " + type(value).__name__):
+        GenerationRequest.from_dict({**BASE, "image_url": value})
 
 
 def test_cover_resize_keeps_aspect_and_centre():
