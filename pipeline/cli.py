@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import SDXLCNError
 from .fal.cli import add_fal_fetch_parser, add_remote_arguments
+from .local.devices import MEMORY_MODES
 
 
 
@@ -21,7 +22,7 @@ def _resolve_image_paths(data: dict, base: Path) -> dict:
     data = dict(data)
     for key in ("image_url", "control_image_url", "image", "control_image"):
         v = data.get(key)
-        if isinstance(v, str) and "://" not in v[:12] and not v.startswith("data:"):
+        if isinstance(v, str) and v.strip() and "://" not in v[:12] and not v.startswith("data:"):
             p = Path(v).expanduser()
             data[key] = str(p if p.is_absolute() else (base / p))
     return data
@@ -36,6 +37,9 @@ def read_request(path: Path):
         raise SDXLCNError(f"--request: {path} not found") from None
     except json.JSONDecodeError as exc:
         raise SDXLCNError(f"--request: {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SDXLCNError(f"--request: {path} holds a JSON {type(data).__name__}; a request is a JSON object "
+                          '({"prompt": ..., "image_url": ..., "control_image_url": ...}), as fal takes it')
     return GenerationRequest.from_dict(_resolve_image_paths(data, path.resolve().parent))
 
 
@@ -77,10 +81,23 @@ def _model_hooks(args, request) -> dict:
     return {"safety_checker": safety, "prompt_expander": expander}
 
 
+def _check_loras(request, lora_dirs, allow_pickle: bool):
+    """``request`` with bare LoRA names resolved to files; every local LoRA file's header read (no model needed)."""
+    from .local.lora import check_lora_file
+    from .local.lora_sources import resolve_request_loras, resolve_source
+
+    request = resolve_request_loras(request, lora_dirs)
+    for spec in request.loras:
+        if not spec.path.lower().startswith(("http://", "https://")):
+            check_lora_file(resolve_source(spec.path, lora_dirs), spec.path, allow_pickle)
+    return request
+
+
 def cmd_generate(args) -> int:
-    from .local.generate import generate
-    from .local.loading import LoadOptions, load_pipeline
-    from .result import write_result
+    from .local.generate import generate, prepare_inputs
+    from .local.loading import LoadOptions, check_sources, load_pipeline
+    from .local.lora import load_lora
+    from .result import result_dir, write_result
 
     request = read_request(Path(args.request))
     if getattr(args, "remote", None) == "fal":
@@ -90,27 +107,33 @@ def cmd_generate(args) -> int:
     from .fal.cli import check_local_arguments
 
     check_local_arguments(args)
-    lora_dirs = list(getattr(args, "lora_dir", None) or []) + [str(Path(args.request).resolve().parent)]
-    if request.loras:
-        from .local.lora import resolve_request_loras
-
-        request = resolve_request_loras(request, lora_dirs)
-    hooks = _model_hooks(args, request)  # before the pipeline, so a missing model fails fast
+    # everything that can be checked without the models, first: device, model files, images, LoRAs, hooks
     t = time.perf_counter()
     options = LoadOptions(
         device=args.device, dtype=args.dtype, memory_mode=args.memory_mode, vae_tiling=args.vae_tiling,
         vae=args.vae, config_dir=args.config_dir, controlnet_config_dir=args.controlnet_config_dir,
         allow_pickle=args.allow_pickle, compile=args.compile, attention=args.attention,
-    )
+    ).resolved()
+    check_sources(args.checkpoint, args.controlnet, options)
+    prepared = prepare_inputs(request)
+    lora_dirs = list(getattr(args, "lora_dir", None) or []) + [str(Path(args.request).resolve().parent)]
+    if request.loras:
+        request = _check_loras(request, lora_dirs, args.allow_pickle)
+    hooks = _model_hooks(args, request)
+    print(f"checked the request, images and model files in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    t = time.perf_counter()
     pipe = load_pipeline(args.checkpoint, args.controlnet, options)
+    for spec in request.loras:
+        load_lora(pipe, spec.path, lora_dirs, allow_pickle=args.allow_pickle)
     load_s = time.perf_counter() - t
     print(f"loaded models in {load_s:.1f}s", file=sys.stderr)
-    result = generate(pipe, request, on_step=TerminalProgress(), **hooks)
+    result = generate(pipe, request, on_step=TerminalProgress(), prepared=prepared, **hooks)
     result.timings["load"] = load_s
-    doc = write_result(result, args.out, fmt=args.format)
+    out = result_dir(Path(args.out), args.overwrite)
+    doc = write_result(result, out, fmt=args.format)
     for img in doc["images"]:
         print(img["url"])
-    print(f"seed {doc['seed']}; result written to {Path(args.out) / 'result.json'}", file=sys.stderr)
+    print(f"seed {doc['seed']}; result written to {out / 'result.json'}", file=sys.stderr)
     return 0
 
 
@@ -134,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(local runs, required) SDXL base model: a single .safetensors (e.g. sd_xl_base_1.0.safetensors) or a diffusers folder")
     g.add_argument("--controlnet", default=None,
                    help="(local runs, required) SDXL Canny ControlNet: a diffusers folder or its diffusion_pytorch_model.safetensors file")
-    g.add_argument("--out", required=True, help="output folder for the images and result.json")
+    g.add_argument("--out", required=True, help="output folder for the images and result.json (an earlier result "
+                                                "there is kept: the new one goes to a run_NNN subfolder)")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out instead")
     g.add_argument("--format", choices=["png", "jpeg"], default="png", help="image file format (default png)")
     g.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
                    help="folder to find LoRAs named by bare file name in the request's loras (repeatable; "
@@ -142,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
     g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="weights precision (default auto: bf16/fp16 on CUDA, fp16 on MPS, fp32 on CPU)")
-    g.add_argument("--memory-mode", choices=["none", "model_cpu_offload", "sequential_cpu_offload"], default="none",
+    g.add_argument("--memory-mode", choices=list(MEMORY_MODES), default="none",
                    help="GPU memory saving: model_cpu_offload (about 1/2 the VRAM, a little slower) or "
                         "sequential_cpu_offload (least VRAM, much slower); default none")
     g.add_argument("--vae-tiling", action="store_true", help="encode/decode the VAE in tiles (large images, small GPUs)")
@@ -170,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny-models", help="write tiny random-weight SDXL + ControlNet models (offline demo and tests)")
     t.add_argument("--out", required=True, help="folder to write them into")
     t.set_defaults(func=cmd_make_tiny_models)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "\n".join(f"---- {name} ----\n{p.format_help()}" for name, p in sub.choices.items())
     return parser
 
 

@@ -62,7 +62,8 @@ class GenerationRequest:
         if unknown:
             raise RequestError(unknown[0], f"is not a field of this request; valid fields: {', '.join(sorted(known))}")
         for required in ("prompt", "image_url", "control_image_url"):
-            if data.get(required) in (None, ""):
+            value = data.get(required)
+            if value is None or isinstance(value, str) and not value.strip():
                 raise RequestError(required, "is required")
         kwargs = dict(data)
         if "loras" in kwargs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,21 @@ class GenerationResult:
     prompt: str
     expanded_prompt: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def result_dir(out, overwrite: bool = False) -> Path:
+    """``out``, or, when it already holds an earlier result and ``overwrite`` is off, its first free ``run_NNN``
+    subfolder (said on stderr): a rerun never replaces a user's earlier images without being asked."""
+    out = Path(out)
+    if overwrite or not (out / "result.json").exists():
+        return out
+    n = 2
+    while (out / f"run_{n:03d}" / "result.json").exists():
+        n += 1
+    fresh = out / f"run_{n:03d}"
+    print(f"{out} already holds an earlier result; writing to {fresh} (pass --overwrite to replace it)",
+          file=sys.stderr)
+    return fresh
 
 
 def write_result(result: GenerationResult, out_dir, fmt: str = "png", stem: str = "image", extra: dict | None = None) -> dict:

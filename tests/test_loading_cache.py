@@ -117,5 +117,10 @@ def test_load_options_defaults_and_resolution():
         "none", False, None, None, False, False, "sdpa")
     r = LoadOptions(device="cpu").resolved()
     assert r.device == "cpu" and r.dtype is torch.float32
-    assert LoadOptions(device="cuda", dtype="bf16").resolved().dtype is torch.bfloat16
-    assert LoadOptions(device="mps").resolved().dtype is torch.float16
+    assert LoadOptions(device="cpu", dtype="bf16").resolved().dtype is torch.bfloat16
+    from sdxl_controlnet_img2img.pipeline.local.devices import default_dtype
+
+    assert default_dtype("mps") is torch.float16
+    if not torch.cuda.is_available():  # a device that cannot be used is refused before anything loads
+        with pytest.raises(loading.ModelLoadError, match="device: cuda was asked for"):
+            LoadOptions(device="cuda", dtype="bf16").resolved()

@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora_factory as F  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.local import lora as L  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.local import lora_sources as S  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.local.generate import generate  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.handle import PipelineHandle  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.local.lora import LoraError, activate, load_lora  # noqa: E402
@@ -79,9 +80,9 @@ def count_reads(monkeypatch):
     calls = []
     real = L.read_lora_file
 
-    def counting(path, name=None):
+    def counting(path, name=None, *args, **kwargs):
         calls.append(str(path))
-        return real(path, name)
+        return real(path, name, *args, **kwargs)
 
     monkeypatch.setattr(L, "read_lora_file", counting)
     return calls
@@ -150,16 +151,16 @@ def test_two_chained_nodes_equal_the_list_of_two(pipe, inputs, lora_files):
 
 
 def test_lora_dirs_and_bare_names(pipe, lora_files):
-    found = L.resolve_source("kohya_a", [lora_files["dir"]])
+    found = S.resolve_source("kohya_a", [lora_files["dir"]])
     assert found == lora_files["kohya"].resolve()
     with pytest.raises(LoraError, match="'no_such_lora'.*not found"):
-        L.resolve_source("no_such_lora", [lora_files["dir"]])
+        S.resolve_source("no_such_lora", [lora_files["dir"]])
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LoraError, match="nobody-here/some-lora.*network access is off"):
-        L.resolve_source("nobody-here/some-lora")
+        S.resolve_source("nobody-here/some-lora")
 
 
 # ---- URLs: a real local HTTP server ----------------------------------------------------------------
@@ -210,11 +211,11 @@ def test_url_downloaded_once_into_cache(pipe, inputs, lora_files, http_server, t
 def test_url_errors_name_the_lora(http_server, tmp_path):
     url, _ = http_server
     with pytest.raises(LoraError, match=r"LoRA 'http://127\.0\.0\.1:\d+/missing\.safetensors'.*HTTP 404"):
-        L.resolve_source(url + "/missing.safetensors?key=secret", cache_dir=tmp_path)
+        S.resolve_source(url + "/missing.safetensors?key=secret", cache_dir=tmp_path)
     with pytest.raises(LoraError, match="big.safetensors.*over the 1000-byte limit"):
-        L.resolve_source(url + "/big.safetensors", cache_dir=tmp_path, max_bytes=1000)
+        S.resolve_source(url + "/big.safetensors", cache_dir=tmp_path, max_bytes=1000)
     with pytest.raises(LoraError, match="127.0.0.1:9/x.safetensors.*failed"):
-        L.resolve_source("http://127.0.0.1:9/x.safetensors", cache_dir=tmp_path, timeout=5)
+        S.resolve_source("http://127.0.0.1:9/x.safetensors", cache_dir=tmp_path, timeout=5)
     assert not any(tmp_path.iterdir())
 
 
@@ -232,7 +233,57 @@ def test_not_a_lora(pipe, tmp_path):
     pt = tmp_path / "text.pt"
     pt.write_text("hello")
     with pytest.raises(LoraError, match="text.pt.*is not a LoRA file"):
+        load_lora(pipe, str(pt), allow_pickle=True)
+
+
+def test_pickle_loras_need_the_opt_in(pipe, lora_files, tmp_path):
+    sd = L.read_lora_file(lora_files["kohya"])
+    pt = tmp_path / "kohya_lora.pt"
+    torch.save(sd, pt)
+    with pytest.raises(LoraError, match="kohya_lora.pt.*pickle.*refused by default.*allow_pickle"):
         load_lora(pipe, str(pt))
+    with pytest.raises(LoraError, match="refused by default"):
+        L.check_lora_file(pt)
+    L.check_lora_file(pt, allow_pickle=True)
+    assert load_lora(pipe, str(pt), allow_pickle=True).modules
+
+
+def test_check_lora_file_reads_only_the_header(lora_files, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    reads = []
+    real_open = safe_open
+
+    class Counting:
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def __enter__(self):
+            inner = self.f.__enter__()
+
+            class Proxy:
+                def keys(self_):
+                    return inner.keys()
+
+                def get_tensor(self_, k):
+                    reads.append(k)
+                    return inner.get_tensor(k)
+            return Proxy()
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    import safetensors
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    L.check_lora_file(lora_files["kohya"])
+    assert reads == []
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(LoraError, match="junk.safetensors.*not a readable safetensors"):
+        L.check_lora_file(junk)
+    with pytest.raises(LoraError, match="file not found"):
+        L.check_lora_file(tmp_path / "missing.safetensors")
 
 
 def _sd15_lora(te_only_signature: bool):

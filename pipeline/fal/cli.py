@@ -31,7 +31,9 @@ def add_fal_fetch_parser(sub) -> None:
     f = sub.add_parser("fal-fetch", help="fetch the result of an already submitted fal request by its id "
                                          "(nothing is submitted or billed again)")
     f.add_argument("--request-id", required=True, help="the id printed by 'generate --remote fal' / in fal_requests.jsonl")
-    f.add_argument("--out", required=True, help="output folder for the images and result.json")
+    f.add_argument("--out", required=True, help="output folder for the images and result.json (an earlier result "
+                                                "there is kept: the new one goes to a run_NNN subfolder)")
+    f.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out instead")
     f.add_argument("--format", choices=["png", "jpeg"], default="png", help="image file format (default png)")
     f.add_argument("--endpoint", default=None, help="fal endpoint id (default: from the request log, else the SDXL one)")
     _add_common(f)
@@ -76,24 +78,27 @@ def _printer():
 
 
 def _write(result, args, request_id, endpoint) -> int:
-    from ..result import write_result
+    from ..result import result_dir, write_result
 
-    doc = write_result(result, args.out, fmt=args.format, extra={"request_id": request_id, "endpoint": endpoint})
+    out = result_dir(args.out, args.overwrite)
+    doc = write_result(result, out, fmt=args.format, extra={"request_id": request_id, "endpoint": endpoint})
     for img in doc["images"]:
         print(img["url"])
-    print(f"seed {doc['seed']}; result written to {Path(args.out) / 'result.json'}", file=sys.stderr)
+    print(f"seed {doc['seed']}; result written to {out / 'result.json'}", file=sys.stderr)
     return 0
 
 
 def cmd_generate_remote(args, request) -> int:
     from .client import ENDPOINT, run_remote
+    from .key import resolve_key
 
+    key = resolve_key(None, args.fal_key_file)  # no key: say so before announcing anything
     log_dir = Path(args.request_log_dir or args.out)
     on_status, last = _printer()
-    print(f"running on fal ({ENDPOINT}); fal bills this request. Request ids are recorded in "
+    print(f"running on fal ({ENDPOINT}); fal bills this request. Its id will be recorded in "
           f"{log_dir / 'fal_requests.jsonl'}", file=sys.stderr)
     with _Interrupt() as cancelled:
-        result = run_remote(request, key_file=args.fal_key_file, on_status=on_status, cancel_check=cancelled,
+        result = run_remote(request, key=key, on_status=on_status, cancel_check=cancelled,
                             timeout_s=args.fal_timeout, request_log_dir=log_dir)
     return _write(result, args, last.get("id"), ENDPOINT)
 

@@ -78,19 +78,27 @@ def resolve_key(key: str | None = None, key_file=None) -> str:
         found = f"{os.environ['FAL_KEY_ID'].strip()}:{os.environ['FAL_KEY_SECRET'].strip()}"
     elif key_file is not None:
         path = Path(key_file)
-        if path.is_file():
-            try:
-                lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-            except (OSError, UnicodeDecodeError) as exc:
-                raise FalKeyMissing(f"the fal key file {path} cannot be read ({exc.__class__.__name__})") from None
-            lines = [ln for ln in lines if ln and not ln.startswith("#")]
-            if lines:
-                found = lines[0]
+        if not path.exists():
+            raise FalKeyMissing(
+                f"no fal key found: the key file {path} does not exist and FAL_KEY is not set. Create the file with "
+                "the key on its first line, or set FAL_KEY (or FAL_KEY_ID and FAL_KEY_SECRET). "
+                "Get a key at https://fal.ai/dashboard/keys.")
+        try:
+            # utf-8-sig: a key file saved by Windows Notepad starts with a byte-order mark
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FalKeyMissing(f"the fal key file {path} cannot be read ({exc.__class__.__name__}); it must be "
+                                "a text file with the key on its first line") from None
+        lines = [ln for ln in lines if ln and not ln.startswith("#")]
+        if lines:
+            found = lines[0]
     if not found:
-        where = f" or put it on the first line of {Path(key_file)}" if key_file is not None else ""
+        where = (f", or put it on the first line of {Path(key_file)}" if key_file is not None else
+                 ", or put it on the first line of a key file (ComfyUI: <ComfyUI user dir>/"
+                 f"{KEY_FILE_DIRNAME}/{KEY_FILE_NAME}; command line: --fal-key-file FILE)")
         raise FalKeyMissing(
-            "no fal key found: set the FAL_KEY environment variable (or FAL_KEY_ID and FAL_KEY_SECRET) "
-            f"before starting ComfyUI{where}. Get a key at https://fal.ai/dashboard/keys. "
+            "no fal key found: set the FAL_KEY environment variable (or FAL_KEY_ID and FAL_KEY_SECRET) in the "
+            f"environment ComfyUI or the command line runs in{where}. Get a key at https://fal.ai/dashboard/keys. "
             "Never put the key in a widget or a workflow."
         )
     register_secret(found)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from .devices import MEMORY_MODES, default_device, default_dtype, parse_dtype
+from .devices import MEMORY_MODES, check_device, default_device, default_dtype, parse_dtype
 from .hub import hub_offline, looks_like_repo_id
 from .memory import SingleModelCache
 from .model_checks import (
@@ -52,7 +52,7 @@ class LoadOptions:
 
     def resolved(self) -> "LoadOptions":
         """Fill device/dtype defaults and validate; the result is what the cache key uses."""
-        device = self.device or default_device()
+        device = check_device(self.device) if self.device else default_device()
         dtype = parse_dtype(self.dtype) or default_dtype(device)
         if self.memory_mode not in MEMORY_MODES:
             raise ModelLoadError(f"memory_mode: {self.memory_mode!r} is not one of {', '.join(MEMORY_MODES)}")
@@ -116,6 +116,47 @@ def _wrap(label: str, where, exc: Exception, hint: str) -> ModelLoadError:
 
 # ---------------------------------------------------------------- ControlNet
 
+def _check_controlnet_folder(value: Path, label: str) -> None:
+    """A diffusers ControlNet folder: config.json of an SDXL ControlNetModel, weights whose headers read."""
+    cfg_file = value / "config.json"
+    if not cfg_file.is_file():
+        found = ", ".join(sorted(f.name for f in value.iterdir())[:8]) or "nothing"
+        raise ModelLoadError(
+            f"{label}: {value} is a folder without config.json (found: {found}); expected a diffusers ControlNet "
+            f"folder. {HINT_CONTROLNET}"
+        )
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelLoadError(f"{label}: {cfg_file} is not valid JSON ({exc}).") from None
+    if config.get("_class_name") not in (None, "ControlNetModel"):
+        raise ModelLoadError(
+            f"{label}: {value} is a diffusers {config.get('_class_name')} folder, not a ControlNetModel. {HINT_CONTROLNET}"
+        )
+    check_controlnet_config(config, value, label)
+    weights = [f for f in value.iterdir() if f.name.startswith("diffusion_pytorch_model") and f.suffix == ".safetensors"]
+    for w in weights:
+        if not w.name.endswith("index.json"):
+            read_index(w, label)  # truncated/corrupt files get a clear message
+
+
+def check_sources(base, controlnet, options: "LoadOptions | None" = None) -> None:
+    """Everything about the model files that can be checked without reading weights (paths, file headers, the
+    kind of model, configs) and the device, so a bad input is refused before a long load. Raises ModelLoadError."""
+    opts = (options or LoadOptions()).resolved()
+    for label, source, hint, check_file, check_folder in (
+            ("checkpoint", base, HINT_BASE, check_sdxl_base, _base_folder_check),
+            ("controlnet", controlnet, HINT_CONTROLNET, check_controlnet_file, _check_controlnet_folder)):
+        kind, value = _classify(source, label, hint)
+        if kind == "folder":
+            check_folder(value, label)
+        elif kind == "file" and (value.suffix.lower() == ".safetensors" or not opts.allow_pickle):
+            # the header only; a pickle has none and is refused here unless opted in (then reading it is the load)
+            check_file(read_index(value, label), label)
+    if opts.vae:
+        _classify(opts.vae, "vae", "Give a diffusers VAE folder or a VAE .safetensors file.")
+
+
 def load_controlnet(source, options: LoadOptions):
     """A ControlNetModel from a diffusers folder, a single file (diffusers or original keys), or a hub id."""
     from diffusers import ControlNetModel
@@ -129,26 +170,7 @@ def load_controlnet(source, options: LoadOptions):
         except Exception as exc:  # noqa: BLE001
             raise _wrap(label, value, exc, HINT_CONTROLNET) from None
     if kind == "folder":
-        cfg_file = value / "config.json"
-        if not cfg_file.is_file():
-            found = ", ".join(sorted(f.name for f in value.iterdir())[:8]) or "nothing"
-            raise ModelLoadError(
-                f"{label}: {value} is a folder without config.json (found: {found}); expected a diffusers ControlNet "
-                f"folder. {HINT_CONTROLNET}"
-            )
-        try:
-            config = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ModelLoadError(f"{label}: {cfg_file} is not valid JSON ({exc}).") from None
-        if config.get("_class_name") not in (None, "ControlNetModel"):
-            raise ModelLoadError(
-                f"{label}: {value} is a diffusers {config.get('_class_name')} folder, not a ControlNetModel. {HINT_CONTROLNET}"
-            )
-        check_controlnet_config(config, value, label)
-        weights = [f for f in value.iterdir() if f.name.startswith("diffusion_pytorch_model") and f.suffix == ".safetensors"]
-        for w in weights:
-            if not w.name.endswith("index.json"):
-                read_index(w, label)  # truncated/corrupt files get a clear message
+        _check_controlnet_folder(value, label)
         try:
             return ControlNetModel.from_pretrained(value, torch_dtype=opts.dtype, local_files_only=True)
         except Exception as exc:  # noqa: BLE001
