@@ -42,6 +42,21 @@ class SDXLCNLoader:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, checkpoint, controlnet, device="auto", vae="none"):
+        """Before the graph runs: the files are there and their headers are an SDXL base and an SDXL ControlNet,
+        and the device is usable, so a bad choice is refused without a long load."""
+        from ..pipeline.errors import SDXLCNError
+        from ..pipeline.local.loading import LoadOptions, check_sources
+
+        try:
+            vae_path = None if vae in (None, "", "none") else resolve("vae", vae)
+            check_sources(resolve("checkpoint", checkpoint), resolve("controlnet", controlnet),
+                          LoadOptions(device=None if device == "auto" else device, vae=vae_path))
+        except (SDXLCNError, FileNotFoundError) as exc:
+            return str(exc)
+        return True
+
     def load(self, checkpoint, controlnet, dtype="auto", memory_mode="none", vae_tiling=False,
              device="auto", vae="none", compile=False, attention="sdpa"):
         from ..pipeline.local.loading import LoadOptions, load_pipeline

@@ -54,12 +54,28 @@ class SDXLCNLoraLoader:
                 "lora_name": (_lora_names(), {"tooltip": "A LoRA file from models/loras (SDXL LoRAs only)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
                                        "tooltip": "LoRA scale (fal's loras[].scale): 0 turns it off, 1 is full strength."}),
-            }
+            },
+            "optional": {
+                "allow_pickle": ("BOOLEAN", {"default": False, "tooltip": (
+                    "Accept a .pt/.bin/.ckpt LoRA (pickle files can run code when read; they are then read with "
+                    "torch.load(weights_only=True)). Off: only .safetensors LoRAs.")}),
+            },
         }
 
-    def add_lora(self, pipeline, lora_name, strength=1.0):
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name, allow_pickle=False):
+        """Before the graph runs (so before the pipeline loads): the file is there and its header is a LoRA's."""
+        from ..pipeline.local.lora import LoraError, check_lora_file
+
+        try:
+            check_lora_file(_full_path(lora_name), lora_name, bool(allow_pickle))
+        except LoraError as exc:
+            return str(exc)
+        return True
+
+    def add_lora(self, pipeline, lora_name, strength=1.0, allow_pickle=False):
         from ..pipeline.local.lora import load_lora
 
         path = _full_path(lora_name)
-        load_lora(pipeline.pipe, path)  # read once now, so a bad file fails on this node
+        load_lora(pipeline.pipe, path, allow_pickle=bool(allow_pickle))  # read once now, so a bad file fails here
         return (pipeline.with_lora(LoraSpec(path, float(strength))),)

@@ -60,13 +60,22 @@ def checkpoint_choices() -> list[str]:
     return sorted(_weight_files("checkpoints")) + sorted(_subfolders_with("diffusers", "model_index.json"))
 
 
+def _files_and_folders(name: str) -> list[str]:
+    """Single weight files, then diffusers folders (with config.json), of a model folder; a file inside a listed
+    folder is that folder's weights, not a model of its own, so it is listed once, as the folder."""
+    folders = sorted(_subfolders_with(name, "config.json"))
+    inside = tuple(f + "/" for f in folders)
+    files = sorted(f for f in _weight_files(name) if not f.replace(os.sep, "/").startswith(inside))
+    return files + folders
+
+
 def controlnet_choices() -> list[str]:
     """ControlNet files and diffusers folders (with config.json) in models/controlnet."""
-    return sorted(_weight_files("controlnet")) + sorted(_subfolders_with("controlnet", "config.json"))
+    return _files_and_folders("controlnet")
 
 
 def vae_choices() -> list[str]:
-    return ["none"] + sorted(_weight_files("vae")) + sorted(_subfolders_with("vae", "config.json"))
+    return ["none"] + _files_and_folders("vae")
 
 
 def resolve(kind: str, name: str) -> str:

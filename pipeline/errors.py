@@ -2,7 +2,15 @@
 
 
 class SDXLCNError(Exception):
-    """Base class for errors a user can act on (shown verbatim in ComfyUI's error dialog)."""
+    """Base class for errors a user can act on (shown verbatim in ComfyUI's error dialog).
+
+    Every subclass reports its module as ``sdxlcn``: ComfyUI's error dialog names an exception by its dotted
+    path, which would otherwise carry the pack's folder name (``comfyui-sdxl-...pipeline.fal.errors.FalKeyMissing``).
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__module__ = "sdxlcn"
 
 
 class RequestError(SDXLCNError, ValueError):
@@ -30,3 +38,6 @@ class ModelLoadError(SDXLCNError, RuntimeError):
 
 class GenerationCancelled(SDXLCNError):
     """Raised from a step callback to stop a running generation."""
+
+
+SDXLCNError.__module__ = "sdxlcn"

@@ -157,3 +157,69 @@ def test_pack_imports_cheaply_and_without_diffusers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ---- refused before the graph runs (VALIDATE_INPUTS) ------------------------------------------------------------
+
+def test_loader_validates_files_and_device_before_anything_loads(tiny_models, tmp_path):
+    loader = NODE_CLASS_MAPPINGS["SDXLCNLoader"]
+    ckpt, cn = str(tiny_models["checkpoint"]), str(tiny_models["controlnet"])
+    assert loader.VALIDATE_INPUTS(checkpoint=ckpt, controlnet=cn) is True
+    truncated = tmp_path / "half.safetensors"
+    truncated.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\": {\"dtype\": \"F16\", \"shape\": [4]")
+    msg = loader.VALIDATE_INPUTS(checkpoint=str(truncated), controlnet=cn)
+    assert isinstance(msg, str) and msg.startswith("checkpoint:") and "half.safetensors" in msg
+    msg = loader.VALIDATE_INPUTS(checkpoint=ckpt, controlnet=str(tmp_path / "gone.safetensors"))
+    assert isinstance(msg, str) and "controlnet" in msg and "gone.safetensors" in msg
+    msg = loader.VALIDATE_INPUTS(checkpoint=ckpt, controlnet=cn, device="banana")
+    assert isinstance(msg, str) and msg.startswith("device: 'banana' is not a device name")
+    if not torch.cuda.is_available():
+        msg = loader.VALIDATE_INPUTS(checkpoint=ckpt, controlnet=cn, device="cuda")
+        assert isinstance(msg, str) and msg.startswith("device: cuda was asked for")
+
+
+def test_lora_node_validates_the_file_before_the_pipeline_loads(tmp_path):
+    node = NODE_CLASS_MAPPINGS["SDXLCNLoraLoader"]
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    msg = node.VALIDATE_INPUTS(lora_name=str(junk))
+    assert isinstance(msg, str) and "junk.safetensors" in msg and "not a readable safetensors" in msg
+    pt = tmp_path / "style.pt"
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, pt)
+    msg = node.VALIDATE_INPUTS(lora_name=str(pt))
+    assert isinstance(msg, str) and "refused by default" in msg and "allow_pickle" in msg
+    assert node.VALIDATE_INPUTS(lora_name=str(pt), allow_pickle=True) is True
+    assert "allow_pickle" in node.INPUT_TYPES()["optional"]
+
+
+def test_error_types_read_short_in_comfyuis_dialog():
+    from sdxl_controlnet_img2img.pipeline.fal.errors import FalKeyMissing
+    from sdxl_controlnet_img2img.pipeline.local.lora import LoraError
+    from sdxl_controlnet_img2img.pipeline.errors import RequestError
+
+    for cls in (FalKeyMissing, LoraError, RequestError):
+        assert f"{cls.__module__}.{cls.__qualname__}" == f"sdxlcn.{cls.__name__}"
+
+
+def test_a_diffusers_controlnet_folder_is_listed_once(tmp_path, monkeypatch):
+    """models/controlnet holding a diffusers folder and a single file: the folder's own weights file is not a
+    second entry. folder_paths is ComfyUI's; here a stand-in answering from a real folder."""
+    import os
+    import types
+
+    from sdxl_controlnet_img2img.nodes import comfy_hooks, model_folders
+
+    root = tmp_path / "controlnet"
+    (root / "canny-sdxl").mkdir(parents=True)
+    (root / "canny-sdxl" / "config.json").write_text("{}")
+    (root / "canny-sdxl" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    (root / "single.safetensors").write_bytes(b"x")
+
+    def filenames(name):
+        return sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+                      for d, _, fs in os.walk(root) for f in fs)
+
+    fake = types.SimpleNamespace(get_folder_paths=lambda name: [str(root)], get_filename_list=filenames)
+    monkeypatch.setattr(model_folders, "folder_paths", lambda: fake)
+    monkeypatch.setattr(comfy_hooks, "folder_paths", lambda: fake)
+    assert model_folders.controlnet_choices() == ["single.safetensors", "canny-sdxl"]
