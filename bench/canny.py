@@ -35,6 +35,13 @@ def kornia_like_comfyui(image, low=0.4, high=0.8):
     return edges.repeat(1, 3, 1, 1).movedim(1, -1)
 
 
+def _seconds(fn, *args):
+    """(seconds, result) of one call."""
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true",
@@ -84,10 +91,11 @@ def main(argv=None) -> int:
         per = max(1, args.repeat // max(args.kornia_repeat, 1))
         for k in range(max(args.kornia_repeat, 1)):
             for _ in range((per + 1) // 2):
-                t = time.perf_counter(); run_node(); node_s.append(time.perf_counter() - t)
-            t = time.perf_counter(); kout = kornia_like_comfyui(image); kornia_s.append(time.perf_counter() - t)
+                node_s.append(_seconds(run_node)[0])
+            seconds, kout = _seconds(kornia_like_comfyui, image)
+            kornia_s.append(seconds)
             for _ in range(per // 2):
-                t = time.perf_counter(); run_node(); node_s.append(time.perf_counter() - t)
+                node_s.append(_seconds(run_node)[0])
         assert kout.shape == image.shape and kout.dtype == torch.float32, kout.shape
         k, n = C.median(kornia_s), C.median(node_s)
         ratio = k / n

@@ -123,10 +123,12 @@ def main(argv=None) -> int:
     cold_load, cold_run, warm_load, warm_run = [], [], [], []
     for _ in range(args.cold_repeat):
         free_cached_pipeline()
-        l, r = load_and_run()
-        cold_load.append(l); cold_run.append(r)
-        l, r = load_and_run()
-        warm_load.append(l); warm_run.append(r)
+        load_s, run_s = load_and_run()
+        cold_load.append(load_s)
+        cold_run.append(run_s)
+        load_s, run_s = load_and_run()
+        warm_load.append(load_s)
+        warm_run.append(run_s)
     cl, wl = C.median(cold_load), C.median(warm_load)
     warm_ratio = wl / cl
     print(f"cold: load {C.fmt_s(cl):>10} + run {C.fmt_s(C.median(cold_run)):>10}  (median of {args.cold_repeat})")

@@ -140,6 +140,8 @@ def cmd_generate(args) -> int:
 def cmd_make_tiny_models(args) -> int:
     from .local.tiny_models import build_tiny_models
 
+    print(f"writing tiny random-weight SDXL + ControlNet models into {args.out} (reused when already there)",
+          file=sys.stderr)
     paths = build_tiny_models(args.out)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0

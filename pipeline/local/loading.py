@@ -25,6 +25,7 @@ from ..errors import ModelLoadError
 from .devices import MEMORY_MODES, check_device, default_device, default_dtype, parse_dtype
 from .hub import hub_offline, looks_like_repo_id
 from .memory import SingleModelCache
+from .quiet import drop_known_noise
 from .model_checks import (
     HINT_BASE,
     HINT_CONTROLNET,
@@ -166,13 +167,13 @@ def load_controlnet(source, options: LoadOptions):
     kind, value = _classify(source, label, HINT_CONTROLNET)
     if kind == "hub":
         try:
-            return ControlNetModel.from_pretrained(value, torch_dtype=opts.dtype)
+            return ControlNetModel.from_pretrained(value, dtype=opts.dtype)
         except Exception as exc:  # noqa: BLE001
             raise _wrap(label, value, exc, HINT_CONTROLNET) from None
     if kind == "folder":
         _check_controlnet_folder(value, label)
         try:
-            return ControlNetModel.from_pretrained(value, torch_dtype=opts.dtype, local_files_only=True)
+            return ControlNetModel.from_pretrained(value, dtype=opts.dtype, local_files_only=True)
         except Exception as exc:  # noqa: BLE001
             raise _wrap(label, value, exc, HINT_CONTROLNET) from None
     # a single file
@@ -186,7 +187,7 @@ def load_controlnet(source, options: LoadOptions):
     if fmt == "ldm":
         try:
             return ControlNetModel.from_single_file(
-                str(value), config=str(cfg_dir), local_files_only=True, torch_dtype=opts.dtype
+                str(value), config=str(cfg_dir), local_files_only=True, dtype=opts.dtype
             )
         except Exception as exc:  # noqa: BLE001
             raise _wrap(label, value, exc, HINT_CONTROLNET) from None
@@ -241,10 +242,10 @@ def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
     kind, value = _classify(source, label, hint)
     try:
         if kind == "hub":
-            return AutoencoderKL.from_pretrained(value, torch_dtype=opts.dtype)
+            return AutoencoderKL.from_pretrained(value, dtype=opts.dtype)
         if kind == "folder":
             sub = value / "vae" if (value / "vae" / "config.json").is_file() else value
-            return AutoencoderKL.from_pretrained(sub, torch_dtype=opts.dtype, local_files_only=True)
+            return AutoencoderKL.from_pretrained(sub, dtype=opts.dtype, local_files_only=True)
         idx = read_index(value, label, allow_pickle=opts.allow_pickle)
         if not any(k.split(".", 1)[-1].startswith(("encoder.", "decoder.")) or k.startswith(("encoder.", "decoder."))
                    for k in idx.shapes):
@@ -253,7 +254,7 @@ def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
 
         cfg = Path(config_dir) if config_dir else SDXL_BASE_CONFIG
         vae = AutoencoderKL.from_single_file(
-            str(value), config=str(cfg), subfolder="vae", local_files_only=True, torch_dtype=opts.dtype
+            str(value), config=str(cfg), subfolder="vae", local_files_only=True, dtype=opts.dtype
         )
         # a VAE given on its own is taken to be fp16-safe (that is what the option is for)
         vae.register_to_config(force_upcast=False)
@@ -305,6 +306,7 @@ def _load_text_encoder_2(path: Path, idx, config_dir: Path, dtype):
 
 def build_pipeline(base, controlnet, options: LoadOptions | None = None):
     """Load without the cache. Raises ModelLoadError (never a bare library error) for bad inputs."""
+    drop_known_noise()
     from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
 
     opts = (options or LoadOptions()).resolved()
@@ -337,11 +339,11 @@ def build_pipeline(base, controlnet, options: LoadOptions | None = None):
             idx = None  # drop a pickle's tensors before diffusers reads the file itself
             pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_single_file(
                 str(value), controlnet=cn, config=str(config_dir), local_files_only=True,
-                torch_dtype=opts.dtype, **extra,
+                dtype=opts.dtype, **extra,
             )
         else:
             pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
-                str(value), controlnet=cn, torch_dtype=opts.dtype, local_files_only=(kind != "hub"), **extra,
+                str(value), controlnet=cn, dtype=opts.dtype, local_files_only=(kind != "hub"), **extra,
             )
     except ModelLoadError:
         raise

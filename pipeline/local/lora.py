@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..request import LoraSpec
 from .lora_sources import LoraError, resolve_source
+from .quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def load_lora(pipe, source: str, lora_dirs=None, allow_pickle: bool = False, **r
         log.warning("LoRA %r: loaded %d of %d layers; skipped %s", source, info.total - len(info.skipped), info.total, shown)
     adapter = "sdxlcn_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
     try:
-        with _quiet_libraries():
+        with quiet_libraries():
             pipe.load_lora_weights(sd, adapter_name=adapter)
     except (ValueError, RuntimeError, KeyError) as exc:
         _delete_adapter(pipe, adapter)
@@ -277,25 +278,6 @@ def load_lora(pipe, source: str, lora_dirs=None, allow_pickle: bool = False, **r
     loaded = LoadedLora(source, str(path), adapter, fmt, dict(info.modules), tuple(info.skipped))
     kept[key] = loaded
     return loaded
-
-
-class _quiet_libraries:
-    """Silence diffusers'/transformers' per-load chatter (other adapters' weights listed as "MISSING",
-    "no LoRA keys for text_encoder_2"); what matters is reported by this module's own analysis."""
-
-    def __enter__(self):
-        import diffusers.utils.logging as dl
-        import transformers.utils.logging as tl
-
-        self._levels = [(m, m.get_verbosity()) for m in (dl, tl)]
-        for m, _ in self._levels:
-            m.set_verbosity_error()
-        return self
-
-    def __exit__(self, *exc):
-        for m, level in self._levels:
-            m.set_verbosity(level)
-        return False
 
 
 def _drop(sd: dict, tensor_ids: set) -> dict:
