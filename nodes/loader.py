@@ -59,7 +59,7 @@ class SDXLCNLoader:
 
     def load(self, checkpoint, controlnet, dtype="auto", memory_mode="none", vae_tiling=False,
              device="auto", vae="none", compile=False, attention="sdpa"):
-        from ..pipeline.local.loading import LoadOptions, load_pipeline
+        from ..pipeline.local.loading import LoadOptions, PipelineRef
 
         base_path = resolve("checkpoint", checkpoint)
         cn_path = resolve("controlnet", controlnet)
@@ -74,7 +74,8 @@ class SDXLCNLoader:
             attention=attention,
         )
         log.info("SDXLCNLoader: %s + %s (%s)", checkpoint, controlnet, options)
-        # ComfyUI's own models are unloaded only when we are about to read ours from disk
-        pipe = load_pipeline(base_path, cn_path, options=options, before_load=free_comfy_memory)
-        return (PipelineHandle(pipe=pipe, source={"checkpoint": checkpoint, "controlnet": controlnet,
-                                                  "dtype": dtype, "memory_mode": memory_mode}),)
+        # the value passed on holds no weights: old values in ComfyUI's cache keep nothing alive
+        ref = PipelineRef(base_path, cn_path, options, before_load=free_comfy_memory)
+        ref.get()  # load now, so errors and load time show on this node
+        return (PipelineHandle(ref=ref, source={"checkpoint": checkpoint, "controlnet": controlnet,
+                                                "dtype": dtype, "memory_mode": memory_mode}),)

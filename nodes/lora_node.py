@@ -77,5 +77,5 @@ class SDXLCNLoraLoader:
         from ..pipeline.local.lora import load_lora
 
         path = _full_path(lora_name)
-        load_lora(pipeline.pipe, path, allow_pickle=bool(allow_pickle))  # read once now, so a bad file fails here
+        load_lora(pipeline.get_pipe(), path, allow_pickle=bool(allow_pickle))  # read once now, so a bad file fails here
         return (pipeline.with_lora(LoraSpec(path, float(strength))),)

@@ -70,6 +70,7 @@ class SDXLCNImg2Img:
 
     @staticmethod
     def _run_local(pipeline, requests, unique_id=None):
+        pipe = pipeline.get_pipe()
         hooks = _hooks_for(requests[0])
         per_request = requests[0].steps_to_run * requests[0].num_images
         progress = Progress(per_request * len(requests), unique_id)
@@ -77,7 +78,7 @@ class SDXLCNImg2Img:
         for k, req in enumerate(requests):
             offset = k * per_request
             results.append(generate(
-                pipeline.pipe, req,
+                pipe, req,
                 on_step=lambda step, _total, latents, o=offset: progress.update(o + step, latents),
                 **hooks,
             ))

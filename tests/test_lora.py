@@ -145,7 +145,7 @@ def test_two_chained_nodes_equal_the_list_of_two(pipe, inputs, lora_files):
     (h1,) = node.add_lora(base_handle, str(lora_files["kohya"]), 0.6)
     (h2,) = SDXLCNLoraLoader().add_lora(h1, str(lora_files["peft"]), 1.1)
     assert base_handle.loras == () and len(h1.loras) == 1  # branches stay independent
-    chained = _run(h2.pipe, inputs, h2.loras)
+    chained = _run(h2.get_pipe(), inputs, h2.loras)
     listed = _run(pipe, inputs, [LoraSpec(str(lora_files["kohya"]), 0.6), LoraSpec(str(lora_files["peft"]), 1.1)])
     assert np.array_equal(chained, listed)
 

@@ -413,15 +413,36 @@ def cached_pipeline():
     return _cache.current()
 
 
+@dataclass(frozen=True)
+class PipelineRef:
+    """What a pipeline is loaded from, standing in for it without holding its weights: :meth:`get` returns the
+    cached pipeline, loading it again when it was freed or replaced by another one."""
+
+    base: str
+    controlnet: str
+    options: LoadOptions
+    before_load: object = None  # called on a cache miss, before reading the disk
+    after_load: object = None  # called with the new pipeline after a cache miss
+
+    def get(self):
+        return load_pipeline(self.base, self.controlnet, self.options, before_load=self.before_load,
+                             after_load=self.after_load)
+
+    def is_loaded(self) -> bool:
+        """Whether the cache holds this pipeline now (nothing is loaded to find out)."""
+        return _cache.has(_cache_key(self.base, self.controlnet, self.options.resolved()))
+
+
 def load_pipeline(base, controlnet, options: LoadOptions | None = None, *, device=None, dtype=None,
-                  before_load=None, **option_fields):
+                  before_load=None, after_load=None, **option_fields):
     """The cached loader. Same files (path, size, mtime) and same options -> the same pipeline object, no disk read.
 
     A different model or option frees the previous pipeline first (so two never sit in memory together),
     as far as nobody else holds a reference to it.
     ``load_pipeline(ckpt, cn, device="cpu", dtype=torch.float32)`` keeps working.
     ``before_load()`` is called only when the disk will be read (a cache miss), e.g. to ask a host
-    application to free its own models first.
+    application to free its own models first; ``after_load(pipe)`` right after such a load (e.g. to register the
+    pipeline with the host's memory management).
     """
     opts = options or LoadOptions()
     if device is not None or dtype is not None or option_fields:
@@ -444,4 +465,10 @@ def load_pipeline(base, controlnet, options: LoadOptions | None = None, *, devic
         if before_load is not None:
             before_load()
 
-    return _cache.get_or_load(key, lambda: build_pipeline(base, controlnet, opts), _before_build)
+    def _build():
+        pipe = build_pipeline(base, controlnet, opts)
+        if after_load is not None:
+            after_load(pipe)
+        return pipe
+
+    return _cache.get_or_load(key, _build, _before_build)

@@ -49,6 +49,10 @@ class SingleModelCache:
             release_memory()
         return had
 
+    def has(self, key) -> bool:
+        with self._lock:
+            return self._value is not None and self._key == key
+
     def current(self):
         with self._lock:
             return self._value
