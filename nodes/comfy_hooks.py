@@ -43,16 +43,6 @@ def throw_if_interrupted() -> None:
     mm.throw_exception_if_processing_interrupted()
 
 
-def free_comfy_memory() -> None:
-    """Ask ComfyUI to unload its own models before we load a large diffusers pipeline."""
-    try:
-        import comfy.model_management as mm  # type: ignore
-    except ImportError:
-        return
-    mm.unload_all_models()
-    mm.soft_empty_cache()
-
-
 class Progress:
     """ComfyUI's progress bar (with step previews) over ``total`` steps; a no-op outside ComfyUI."""
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from ..pipeline.handle import PipelineHandle
 from ..pipeline.local.devices import MEMORY_MODES
-from .comfy_hooks import CATEGORY, free_comfy_memory, log
+from .comfy_hooks import CATEGORY, log
 from .model_folders import checkpoint_choices, controlnet_choices, resolve, vae_choices
 
 DTYPES = ["auto", "fp16", "bf16", "fp32"]
-DEVICES = ["auto", "cuda", "mps", "cpu"]
+DEVICES = ["auto", "cuda", "xpu", "mps", "cpu"]
 ATTENTION = ["sdpa", "classic"]
 
 
@@ -28,14 +28,16 @@ class SDXLCNLoader:
             "required": {
                 "checkpoint": (checkpoint_choices(), {"tooltip": "SDXL base: a single file (models/checkpoints) or a diffusers folder (models/diffusers)."}),
                 "controlnet": (controlnet_choices(), {"tooltip": "SDXL Canny ControlNet: a file or diffusers folder in models/controlnet."}),
-                "dtype": (DTYPES, {"default": "auto", "tooltip": "Weights precision. auto: bf16/fp16 on CUDA, fp16 on Apple MPS, fp32 on CPU."}),
-                "memory_mode": (list(MEMORY_MODES), {"default": "none", "tooltip": "none: all on the GPU (fastest, ~10 GB at fp16). "
-                                               "model_cpu_offload: one model on the GPU at a time (8 GB cards). "
-                                               "sequential_cpu_offload: smallest memory, much slower."}),
+                "dtype": (DTYPES, {"default": "auto", "tooltip": "Weights precision. auto: as ComfyUI runs its own SDXL (its --force-fp16/--bf16-unet/--fp32 flags apply); outside ComfyUI bf16 on Ampere and newer, fp16 on older cards and Apple MPS, fp32 on the CPU."}),
+                "memory_mode": (list(MEMORY_MODES), {"default": "auto", "tooltip": (
+                    "auto: chosen from the GPU's memory and the models' sizes (the log says what and why; follows "
+                    "ComfyUI's --lowvram/--novram). none: all on the GPU, managed by ComfyUI like its own models "
+                    "(fastest; ~12 GB at 1024x1024). model_cpu_offload: one model on the GPU at a time (12 GB cards). "
+                    "sequential_cpu_offload: layer by layer (8 GB cards, much slower).")}),
                 "vae_tiling": ("BOOLEAN", {"default": False, "tooltip": "Decode in tiles: less memory for large images, slightly slower."}),
             },
             "optional": {
-                "device": (DEVICES, {"default": "auto", "tooltip": "Where to run. auto picks CUDA, then MPS, then CPU."}),
+                "device": (DEVICES, {"default": "auto", "tooltip": "Where to run. auto: ComfyUI's device (its --cpu, --directml, XPU... apply); another choice runs there, outside ComfyUI's memory management."}),
                 "vae": (vae_choices(), {"default": "none", "tooltip": "Optional replacement VAE, e.g. sdxl-vae-fp16-fix, so fp16 decoding needs no upcast."}),
                 "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the UNet and ControlNet (CUDA): slow first run, faster after."}),
                 "attention": (ATTENTION, {"default": "sdpa", "tooltip": "sdpa: PyTorch scaled-dot-product attention (fast). classic: plain attention."}),
@@ -57,13 +59,21 @@ class SDXLCNLoader:
             return str(exc)
         return True
 
-    def load(self, checkpoint, controlnet, dtype="auto", memory_mode="none", vae_tiling=False,
+    def load(self, checkpoint, controlnet, dtype="auto", memory_mode="auto", vae_tiling=False,
              device="auto", vae="none", compile=False, attention="sdpa"):
         from ..pipeline.local.loading import LoadOptions, PipelineRef
+        from . import comfy_memory
 
         base_path = resolve("checkpoint", checkpoint)
         cn_path = resolve("controlnet", controlnet)
         vae_path = None if vae in (None, "", "none") else resolve("vae", vae)
+        comfy = comfy_memory.device_and_dtype()  # None outside ComfyUI
+        after_load = None
+        if comfy is not None and device in ("auto", comfy[0]):
+            # ComfyUI's device and precision; ComfyUI places the weights (comfy_memory.adopt)
+            device, auto_dtype = comfy
+            dtype = auto_dtype if dtype == "auto" else dtype
+            after_load = lambda pipe: comfy_memory.adopt(pipe, memory_mode)  # noqa: E731
         options = LoadOptions(
             device=None if device == "auto" else device,
             dtype=None if dtype == "auto" else dtype,
@@ -72,10 +82,11 @@ class SDXLCNLoader:
             vae=vae_path,
             compile=bool(compile),
             attention=attention,
+            host_placement=after_load is not None,
         )
         log.info("SDXLCNLoader: %s + %s (%s)", checkpoint, controlnet, options)
         # the value passed on holds no weights: old values in ComfyUI's cache keep nothing alive
-        ref = PipelineRef(base_path, cn_path, options, before_load=free_comfy_memory)
+        ref = PipelineRef(base_path, cn_path, options, after_load=after_load)
         ref.get()  # load now, so errors and load time show on this node
         return (PipelineHandle(ref=ref, source={"checkpoint": checkpoint, "controlnet": controlnet,
-                                                "dtype": dtype, "memory_mode": memory_mode}),)
+                                                "dtype": str(dtype), "memory_mode": memory_mode}),)

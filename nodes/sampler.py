@@ -70,8 +70,11 @@ class SDXLCNImg2Img:
 
     @staticmethod
     def _run_local(pipeline, requests, unique_id=None):
+        from . import comfy_memory
+
         pipe = pipeline.get_pipe()
         hooks = _hooks_for(requests[0])
+        comfy_memory.before_sampling(pipe, *_output_size(requests[0]))
         per_request = requests[0].steps_to_run * requests[0].num_images
         progress = Progress(per_request * len(requests), unique_id)
         results = []
@@ -105,6 +108,13 @@ def _fall_back_or_raise(exc: BaseException, fallback: str, requests, unique_id):
     send_status(STATUS_EVENT, {"node": unique_id, "state": "FALLBACK", "log": message})
 
     return run_requests_on_fal(requests, unique_id)
+
+
+def _output_size(request: GenerationRequest) -> tuple[int, int]:
+    """(width, height) the request runs at (its control image is a PIL image made by this node)."""
+    from ..pipeline.sizes import parse_image_size, target_size
+
+    return target_size(parse_image_size(request.image_size), request.control_image_url.size)
 
 
 def _hooks_for(request: GenerationRequest) -> dict:

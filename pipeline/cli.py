@@ -166,12 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
                    help="folder to find LoRAs named by bare file name in the request's loras (repeatable; "
                         "the request file's folder is searched too)")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, xpu, mps or cpu (default: the best available, in "
+                                                   "that order)")
     g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                   help="weights precision (default auto: bf16/fp16 on CUDA, fp16 on MPS, fp32 on CPU)")
-    g.add_argument("--memory-mode", choices=list(MEMORY_MODES), default="none",
-                   help="GPU memory saving: model_cpu_offload (about 1/2 the VRAM, a little slower) or "
-                        "sequential_cpu_offload (least VRAM, much slower); default none")
+                   help="weights precision (default auto: bf16 on CUDA cards of compute capability 8.0+ (Ampere and "
+                        "newer), fp16 on older ones, XPU without bf16 and MPS, fp32 on the CPU)")
+    g.add_argument("--memory-mode", choices=list(MEMORY_MODES), default="auto",
+                   help="GPU memory: auto (default: chosen from the free GPU memory and the models' sizes, said in "
+                        "the log), none (all on the GPU, ~12 GB at 1024x1024), model_cpu_offload (one model at a "
+                        "time, ~9 GB), sequential_cpu_offload (layer by layer, ~3 GB, much slower)")
     g.add_argument("--vae-tiling", action="store_true", help="encode/decode the VAE in tiles (large images, small GPUs)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNet (CUDA only, ignored elsewhere): slow first run, faster after")

@@ -6,6 +6,8 @@ Policy (documented in the README):
 - Width and height are floored to multiples of 8 (the SDXL VAE downsamples by 8). Each side is
   at least 64 (SDXL's UNet needs a latent of at least 8x8) and at most 4096; a control image
   smaller than 64 px on a side with ``image_size`` none is refused (pick a preset or a custom size).
+- At most :data:`MAX_PIXELS` (2048x2048 = 4.2 MP) in all: a larger size (e.g. a 12 MP phone photo as the control
+  image with ``image_size`` none) is refused with a message naming ``image_size`` and what to pick.
 - Both the init image and the control image are brought to the target size by
   *cover and centre-crop*: scaled (Lanczos) so they cover the target while keeping
   their aspect ratio, then cropped to it around the centre. Nothing is stretched.
@@ -27,6 +29,7 @@ IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
 
 MIN_SIDE = 64  # SDXL's UNet needs a latent of at least 8x8
 MAX_SIDE = 4096
+MAX_PIXELS = 2048 * 2048  # 4.2 MP: four times SDXL's native 1024x1024; beyond it SDXL repeats itself and memory explodes
 
 
 def floor_to_multiple_of_8(value: int) -> int:
@@ -77,7 +80,15 @@ def target_size(image_size, control_size: tuple[int, int]) -> tuple[int, int]:
         w, h = IMAGE_SIZE_PRESETS[image_size]
     else:
         w, h = image_size["width"], image_size["height"]
-    return floor_to_multiple_of_8(w), floor_to_multiple_of_8(h)
+    w, h = floor_to_multiple_of_8(w), floor_to_multiple_of_8(h)
+    if w * h > MAX_PIXELS:
+        source = "the control image's size (image_size none)" if image_size is None else f"image_size {image_size!r}"
+        raise RequestError(
+            "image_size",
+            f"{source} is {w}x{h} = {w * h / 1e6:.1f} MP, over the {MAX_PIXELS / 1e6:.1f} MP this pack runs SDXL at "
+            "(2048x2048; SDXL's own size is 1024x1024); pick a preset such as square_hd or landscape_4_3, or a "
+            "custom width/height")
+    return w, h
 
 
 def cover_resize(image, size: tuple[int, int]):

@@ -114,7 +114,7 @@ def test_load_options_defaults_and_resolution():
 
     o = LoadOptions()
     assert (o.memory_mode, o.vae_tiling, o.vae, o.config_dir, o.allow_pickle, o.compile, o.attention) == (
-        "none", False, None, None, False, False, "sdpa")
+        "auto", False, None, None, False, False, "sdpa")
     r = LoadOptions(device="cpu").resolved()
     assert r.device == "cpu" and r.dtype is torch.float32
     assert LoadOptions(device="cpu", dtype="bf16").resolved().dtype is torch.bfloat16

@@ -222,3 +222,14 @@ def test_undecodable_file(tmp_path):
     p.write_bytes(_png_bytes()[:20])
     with pytest.raises(ImageInputError, match="^image_url: .*broken.png is not a readable image"):
         load_image(str(p), "image_url")
+
+
+@pytest.mark.parametrize("image_size, control", [(None, (4032, 3024)), ({"width": 4096, "height": 2048}, (64, 64))])
+def test_sizes_over_the_maximum_are_refused(image_size, control):
+    with pytest.raises(RequestError, match=r"image_size: .*MP, over the 4.2 MP.*pick a preset"):
+        target_size(image_size, control)
+
+
+def test_the_largest_allowed_sizes_pass():
+    assert target_size({"width": 4096, "height": 1024}, (64, 64)) == (4096, 1024)
+    assert target_size(None, (2048, 2048)) == (2048, 2048)

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from ..errors import ModelLoadError
 
-MEMORY_MODES = ("none", "model_cpu_offload", "sequential_cpu_offload")
+# auto: chosen from the free GPU memory and the models' sizes when the pipeline is placed (memory_plan.py)
+MEMORY_MODES = ("auto", "none", "model_cpu_offload", "sequential_cpu_offload")
 
 
 def default_device() -> str:
+    """The best device torch can use here: CUDA (or ROCm), then Intel XPU, then Apple MPS, then the CPU."""
     import torch
 
     if torch.cuda.is_available():
         return "cuda"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
@@ -47,21 +51,43 @@ def check_device(device: str) -> str:
         "xpu": hasattr(torch, "xpu") and torch.xpu.is_available(),
     }
     if dev.type not in available:
-        raise ModelLoadError(f"device: {device!r} is not supported here; use auto, cuda, xpu, mps or cpu")
+        return device  # a backend torch knows (e.g. DirectML's privateuseone, as ComfyUI picks it): torch decides
     if not available[dev.type]:
         raise ModelLoadError(f"device: {device} was asked for, but it is not available on this machine; "
                              "use device auto or cpu")
     return device
 
 
-def default_dtype(device: str):
+def dtype_for(device_type: str, cuda_capability: tuple[int, int] | None = None, xpu_bf16: bool = False):
+    """The default precision for a device, from the facts that decide it (the narrowest point tests stub).
+
+    CUDA: bf16 only where the card computes it natively (compute capability >= 8.0: Ampere and newer);
+    ``torch.cuda.is_bf16_supported()`` also says True on Turing/Volta/Pascal (T4, V100, RTX 20xx, GTX 16xx),
+    where bf16 is emulated and very slow, so those get fp16. XPU: bf16 where the card supports it, else fp16.
+    MPS: fp16. CPU: fp32 (bf16 on the CPU is slower than fp32 on most machines; ask for it with dtype bf16).
+    """
     import torch
 
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.startswith("mps"):
+    if device_type == "cuda":
+        return torch.bfloat16 if cuda_capability is not None and tuple(cuda_capability) >= (8, 0) else torch.float16
+    if device_type == "xpu":
+        return torch.bfloat16 if xpu_bf16 else torch.float16
+    if device_type == "mps":
         return torch.float16
     return torch.float32
+
+
+def default_dtype(device: str):
+    """:func:`dtype_for` the device ``device`` names, with its facts read from torch."""
+    import torch
+
+    dev = torch.device(device)
+    capability = xpu_bf16 = None
+    if dev.type == "cuda" and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability(dev)
+    if dev.type == "xpu" and hasattr(torch, "xpu"):
+        xpu_bf16 = bool(getattr(torch.xpu, "is_bf16_supported", lambda: False)())
+    return dtype_for(dev.type, capability, bool(xpu_bf16))
 
 
 def parse_dtype(value):
@@ -78,3 +104,18 @@ def parse_dtype(value):
         return names[str(value).lower()]
     except KeyError:
         raise ModelLoadError(f"dtype: {value!r} is not one of auto, fp32, fp16, bf16") from None
+
+
+def free_memory_bytes(device: str) -> int | None:
+    """Free memory on a GPU device as torch sees it (None for the CPU, MPS and devices that cannot tell)."""
+    import torch
+
+    dev = torch.device(device)
+    try:
+        if dev.type == "cuda":
+            return int(torch.cuda.mem_get_info(dev)[0])
+        if dev.type == "xpu" and hasattr(torch.xpu, "mem_get_info"):
+            return int(torch.xpu.mem_get_info(dev)[0])
+    except Exception:  # noqa: BLE001 - a driver that cannot tell: decide as if unknown
+        return None
+    return None

@@ -25,7 +25,6 @@ from ..errors import ModelLoadError
 from .devices import MEMORY_MODES, check_device, default_device, default_dtype, parse_dtype
 from .hub import hub_offline, looks_like_repo_id
 from .memory import SingleModelCache
-from .quiet import drop_known_noise
 from .model_checks import (
     HINT_BASE,
     HINT_CONTROLNET,
@@ -35,6 +34,9 @@ from .model_checks import (
     check_sdxl_base,
     read_index,
 )
+from .placement import place
+from .quiet import drop_known_noise
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -42,7 +44,7 @@ class LoadOptions:
 
     device: str | None = None  # None: cuda, else mps, else cpu
     dtype: object = None  # None/"auto": bf16 (or fp16) on CUDA, fp16 on MPS, fp32 on CPU; or "fp16"/torch.float16...
-    memory_mode: str = "none"  # none | model_cpu_offload | sequential_cpu_offload
+    memory_mode: str = "auto"  # auto | none | model_cpu_offload | sequential_cpu_offload (memory_plan.py)
     vae_tiling: bool = False  # decode/encode in tiles: large images on small GPUs
     vae: str | None = None  # a VAE to use instead of the checkpoint's (e.g. sdxl-vae-fp16-fix): folder or file
     config_dir: str | None = None  # SDXL config folder for single-file checkpoints (default: bundled)
@@ -50,6 +52,7 @@ class LoadOptions:
     allow_pickle: bool = False  # accept .ckpt/.pt (read with torch.load(weights_only=True))
     compile: bool = False  # torch.compile the UNet and ControlNet (CUDA only; ignored elsewhere)
     attention: str = "sdpa"  # sdpa | eager (alias classic) | a diffusers attention backend name (e.g. "flash")
+    host_placement: bool = False  # leave the weights on the CPU: a host application (ComfyUI) places them
 
     def resolved(self) -> "LoadOptions":
         """Fill device/dtype defaults and validate; the result is what the cache key uses."""
@@ -57,7 +60,7 @@ class LoadOptions:
         dtype = parse_dtype(self.dtype) or default_dtype(device)
         if self.memory_mode not in MEMORY_MODES:
             raise ModelLoadError(f"memory_mode: {self.memory_mode!r} is not one of {', '.join(MEMORY_MODES)}")
-        if self.memory_mode != "none" and not device.startswith(("cuda", "xpu", "mps")):
+        if self.memory_mode not in ("auto", "none") and not device.startswith(("cuda", "xpu", "mps")):
             raise ModelLoadError(
                 f"memory_mode: {self.memory_mode} moves weights between the CPU and a GPU, but the device is "
                 f"{device!r}. Use memory_mode none on the CPU."
@@ -349,39 +352,9 @@ def build_pipeline(base, controlnet, options: LoadOptions | None = None):
         raise
     except Exception as exc:  # noqa: BLE001
         raise _wrap(label, value, exc, HINT_BASE) from None
-    _place(pipe, opts)
+    place(pipe, opts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _place(pipe, opts: LoadOptions) -> None:
-    import torch
-
-    if opts.memory_mode == "model_cpu_offload":
-        pipe.enable_model_cpu_offload(device=opts.device)
-    elif opts.memory_mode == "sequential_cpu_offload":
-        pipe.enable_sequential_cpu_offload(device=opts.device)
-    else:
-        pipe.to(opts.device)
-    if opts.vae_tiling:
-        pipe.vae.enable_tiling()
-    if opts.attention in ("eager", "classic"):
-        from diffusers.models.attention_processor import AttnProcessor
-
-        pipe.unet.set_attn_processor(AttnProcessor())
-        pipe.controlnet.set_attn_processor(AttnProcessor())
-    elif opts.attention != "sdpa":
-        try:
-            pipe.unet.set_attention_backend(opts.attention)
-            pipe.controlnet.set_attention_backend(opts.attention)
-        except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(
-                f"attention: {opts.attention!r} cannot be used here ({type(exc).__name__}: {str(exc)[:200]}). "
-                f"Use 'sdpa' (the default)."
-            ) from None
-    if opts.compile and opts.device.startswith("cuda"):
-        pipe.unet = torch.compile(pipe.unet)
-        pipe.controlnet = torch.compile(pipe.controlnet)
 
 
 # ---------------------------------------------------------------- the cache
