@@ -1,0 +1,92 @@
+"""Run by tests/test_comfy_memory.py under ComfyUI's interpreter, with ComfyUI's own model management imported from
+its checkout (``--cpu``: this machine has no GPU). Prints one JSON line of findings; the test asserts on them.
+
+usage: python comfy_memory_probe.py COMFYUI_DIR PACK_ROOT TINY_MODELS_DIR
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import sys
+import weakref
+from pathlib import Path
+
+comfy_dir, pack_root, tiny_dir = (Path(a) for a in sys.argv[1:4])
+sys.argv = [str(comfy_dir / "main.py"), "--cpu"]
+sys.path.insert(0, str(comfy_dir))
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+import comfy.model_management as mm  # noqa: E402
+import torch  # noqa: E402
+from comfy.model_patcher import ModelPatcher  # noqa: E402
+
+# the pack, imported under a folder name as ComfyUI imports it
+spec = importlib.util.spec_from_file_location("sdxlcn_pack", pack_root / "__init__.py",
+                                              submodule_search_locations=[str(pack_root)])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["sdxlcn_pack"] = pack
+spec.loader.exec_module(pack)
+from sdxlcn_pack.nodes import comfy_memory  # noqa: E402
+from sdxlcn_pack.pipeline.local.loading import cached_pipeline  # noqa: E402
+from sdxlcn_pack.pipeline.local.placement import memory_mode_of  # noqa: E402
+from sdxlcn_pack.pipeline.local.tiny_models import build_tiny_models  # noqa: E402
+
+found: dict = {}
+models = build_tiny_models(tiny_dir)
+found["device_dtype"] = [comfy_memory.device_and_dtype()[0], str(comfy_memory.device_and_dtype()[1])]
+
+Loader = pack.NODE_CLASS_MAPPINGS["SDXLCNLoader"]
+Sampler = pack.NODE_CLASS_MAPPINGS["SDXLCNImg2Img"]
+handle = Loader().load(str(models["checkpoint"]), str(models["controlnet"]))[0]
+pipe = handle.get_pipe()
+found["placement"] = memory_mode_of(pipe)
+patcher = comfy_memory.patcher_of(pipe)
+found["registered"] = patcher is not None
+
+
+def ours_loaded() -> bool:
+    return any(lm.model is patcher for lm in mm.current_loaded_models)
+
+
+# one of ComfyUI's own models, loaded as ComfyUI loads its models
+other = ModelPatcher(torch.nn.Linear(64, 64), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+mm.load_models_gpu([other])
+
+spec_inputs = Sampler.INPUT_TYPES()["required"]
+widgets = {k: v[1]["default"] for k, v in spec_inputs.items() if len(v) > 1 and isinstance(v[1], dict) and "default" in v[1]}
+image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+widgets.update(prompt="a house", seed=3, num_inference_steps=4, image_size="none")
+
+
+def sample():
+    return Sampler().sample(pipeline=handle, image=image, control_image=image, **widgets)[0]
+
+
+first = sample()
+found["loaded_after_sampling"] = ours_loaded()
+found["other_kept_loaded"] = any(lm.model is other for lm in mm.current_loaded_models)
+
+# ComfyUI's "Unload models" (POST /free) runs unload_all_models(): on a CPU ComfyUI the pipeline itself goes
+pipe_ref = weakref.ref(pipe)
+del pipe
+mm.unload_all_models()
+gc.collect()
+found["untracked_after_unload"] = not ours_loaded()
+found["pipeline_freed_after_unload"] = pipe_ref() is None and cached_pipeline() is None
+
+# the next run loads it again, registers it again and gives the same picture
+second = sample()
+found["reloaded"] = cached_pipeline() is not None and comfy_memory.patcher_of(cached_pipeline()) is not None
+found["same_picture_after_reload"] = bool(torch.equal(first, second))
+
+# a large free_memory request (another model needing everything) evicts ours too
+patcher = comfy_memory.patcher_of(cached_pipeline())
+found["loaded_before_big_request"] = ours_loaded()
+mm.free_memory(1e30, mm.get_torch_device())
+gc.collect()
+found["evicted_by_big_request"] = not ours_loaded() and cached_pipeline() is None
+print("PROBE " + json.dumps(found))
