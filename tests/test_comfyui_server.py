@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from .comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, running_comfyui
+from .comfyui_harness import PACK_FOLDER, ROOT, SKIP_REASON, comfyui_dir, running_comfyui
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
 
@@ -38,7 +38,9 @@ def _sampler(wf):
 
 def test_pack_loads_without_import_errors(server):
     log = server.log()
-    assert "IMPORT FAILED" not in log and "Cannot import" not in log, log[-3000:]
+    # only the pack's own lines: ComfyUI's audio extras fail to import where torchaudio is absent (as here)
+    failed = [ln for ln in log.splitlines() if ("IMPORT FAILED" in ln or "Cannot import" in ln) and PACK_FOLDER in ln]
+    assert not failed and f"custom_nodes/{PACK_FOLDER}" in log, log[-3000:]
     info = server.get("/object_info")
     for name in ("SDXLCNLoader", "SDXLCNCanny", "SDXLCNImg2Img"):
         assert name in info, name
