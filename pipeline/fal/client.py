@@ -66,7 +66,7 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
             waiter.sleep(settings.poll_interval_s)
         timings["fal_wait"] = time.perf_counter() - t_wait
         t = time.perf_counter()
-        data = call_with_retries(waiter, lambda: handle.get(interval=settings.poll_interval_s),
+        data = call_with_retries(waiter, lambda: handle.get(),  # called once fal reports COMPLETED: nothing left to poll
                                   "fetching the result", settings, request_id)
         timings["fetch"] = time.perf_counter() - t
         result = decode_result(data, request, request_id, settings, timings)
