@@ -334,3 +334,21 @@ def test_partial_lora_reports_skipped_parts(pipe, inputs, tmp_path, caplog):
     assert len(info.skipped) == 1 and "up_blocks.3" in info.skipped[0]
     assert "partial.safetensors" in caplog.text and "skipped" in caplog.text
     activate(pipe, [])
+
+
+def test_adapters_beyond_the_active_set_are_bounded(tiny_models, tmp_path, count_reads):
+    """Trying many LoRAs does not grow memory without bound: inactive adapters beyond MAX_INACTIVE_ADAPTERS go,
+    least recently used first, and are read again (same picture) when used again."""
+    own = _own_pipeline(tiny_models)
+    paths = [F.write(F.peft_state_dict(own, seed=20 + i), tmp_path / f"try_{i}.safetensors") for i in range(6)]
+    for p in paths:
+        activate(own, [LoraSpec(str(p), 1.0)])
+    kept = L.loaded_adapters(own)
+    assert len(kept) == 1 + L.MAX_INACTIVE_ADAPTERS
+    assert [l.path for l in kept.values()] == [str(p.resolve()) for p in paths[-4:]]  # the newest stay
+    assert len(own.unet.peft_config) == len(kept)  # deleted from the model too, not only from our list
+    reads = len(count_reads)
+    activate(own, [LoraSpec(str(paths[0]), 1.0)])  # evicted earlier: read again
+    assert len(count_reads) == reads + 1
+    activate(own, [LoraSpec(str(paths[-1]), 1.0)])  # still kept: no read
+    assert len(count_reads) == reads + 1

@@ -224,7 +224,9 @@ def _analyse(pipe, sd: dict, name: str) -> _Analysis:
 
 # ---- adapters kept per pipeline ------------------------------------------------------------------
 
-_ADAPTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipe -> {file key: LoadedLora}
+_ADAPTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipe -> {file key: LoadedLora}, LRU order
+MAX_INACTIVE_ADAPTERS = 3  # LoRAs kept on the pipe beyond the active set (each is 50-400 MB for SDXL)
+_PICKLE_OPTED_IN: set[str] = set()  # resolved paths of pickled LoRAs the user allowed
 
 
 def _file_key(path: Path) -> tuple:
@@ -245,11 +247,14 @@ def load_lora(pipe, source: str, lora_dirs=None, allow_pickle: bool = False, **r
     path = resolve_source(source, lora_dirs, **resolve_kwargs)
     key = _file_key(path)
     kept = loaded_adapters(pipe)
+    if allow_pickle:
+        _PICKLE_OPTED_IN.add(key[0])  # a later re-read (after eviction) keeps the user's opt-in
     if key in kept:
+        kept[key] = kept.pop(key)  # most recently used last: eviction takes the oldest first
         return kept[key]
     for old_key in [k for k in kept if k[0] == key[0]]:  # same file, changed on disk
         _delete_adapter(pipe, kept.pop(old_key).adapter_name)
-    sd = read_lora_file(path, source, allow_pickle)
+    sd = read_lora_file(path, source, allow_pickle or key[0] in _PICKLE_OPTED_IN)
     fmt = _lora_format(sd)
     te_only_sd1 = any(k.startswith("lora_te_") for k in sd) and not any(k.startswith(("lora_te1_", "lora_te2_")) for k in sd)
     try:
@@ -311,6 +316,7 @@ def activate(pipe, loras, lora_dirs=None, **resolve_kwargs) -> list[LoadedLora]:
     for s, l in zip(specs, loaded):
         weights[l.adapter_name] = weights.get(l.adapter_name, 0.0) + float(s.scale)
     names, scales = list(weights), list(weights.values())
+    _evict_inactive(pipe, set(names))
     for comp in COMPONENTS:
         model = getattr(pipe, comp, None)
         if model is None or not getattr(model, "peft_config", None):
@@ -321,6 +327,16 @@ def activate(pipe, loras, lora_dirs=None, **resolve_kwargs) -> list[LoadedLora]:
         else:
             set_adapter_layers(model, enabled=False)
     return loaded
+
+
+def _evict_inactive(pipe, active: set) -> None:
+    """Delete the least recently used adapters outside ``active`` beyond :data:`MAX_INACTIVE_ADAPTERS`, so memory
+    (and the per-step cost of unfused adapters) does not grow with every LoRA a user tries."""
+    kept = loaded_adapters(pipe)
+    inactive = [k for k, l in kept.items() if l.adapter_name not in active]  # oldest first
+    for key in inactive[: max(0, len(inactive) - MAX_INACTIVE_ADAPTERS)]:
+        log.info("LoRA %r: dropped from memory (not used recently; read again when used)", kept[key].name)
+        _delete_adapter(pipe, kept.pop(key).adapter_name)
 
 
 def unload_all(pipe) -> None:
