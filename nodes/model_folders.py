@@ -104,11 +104,13 @@ def search_dirs(folder_name: str) -> list[str]:
     return _folders(folder_name)
 
 
-def resolve_request_hooks(request) -> dict:
+def resolve_request_hooks(request, device: str | None = None, dtype=None) -> dict:
     """Safety checker / prompt expander for a request, from models/safety_checker and models/prompt_expansion."""
     safety, expander = resolve_hooks(
         request,
         safety_dirs=search_dirs(SAFETY_CHECKER_FOLDER),
         expansion_dirs=search_dirs(PROMPT_EXPANSION_FOLDER),
+        device=device,
+        dtype=dtype,
     )
     return {"safety_checker": safety, "prompt_expander": expander}

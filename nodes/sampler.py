@@ -73,8 +73,8 @@ class SDXLCNImg2Img:
         from . import comfy_memory
 
         pipe = pipeline.get_pipe()
-        hooks = _hooks_for(requests[0])
         comfy_memory.before_sampling(pipe, *_output_size(requests[0]))
+        hooks = _hooks_for(requests[0], pipe)
         per_request = requests[0].steps_to_run * requests[0].num_images
         progress = Progress(per_request * len(requests), unique_id)
         results = []
@@ -117,10 +117,11 @@ def _output_size(request: GenerationRequest) -> tuple[int, int]:
     return target_size(parse_image_size(request.image_size), request.control_image_url.size)
 
 
-def _hooks_for(request: GenerationRequest) -> dict:
-    """The safety checker / prompt expander the request asks for (loaded from ComfyUI's model folders)."""
+def _hooks_for(request: GenerationRequest, pipe) -> dict:
+    """The safety checker / prompt expander the request asks for (loaded from ComfyUI's model folders), on the
+    pipeline's device and in its dtype."""
     if not (request.enable_safety_checker or request.expand_prompt):
         return {}
     from .model_folders import resolve_request_hooks
 
-    return resolve_request_hooks(request)
+    return resolve_request_hooks(request, device=str(pipe._execution_device), dtype=pipe.unet.dtype)

@@ -60,7 +60,7 @@ class TerminalProgress:
         self.stream.flush()
 
 
-def _model_hooks(args, request) -> dict:
+def _model_hooks(args, request, options) -> dict:
     """The safety checker / prompt expander the request enables: from --safety-checker / --prompt-expansion,
     else from ./models/safety_checker and ./models/prompt_expansion. Missing models are an error."""
     if not (request.enable_safety_checker or request.expand_prompt):
@@ -70,7 +70,7 @@ def _model_hooks(args, request) -> dict:
     try:
         safety, expander = resolve_hooks(
             request, default_search_dirs(), safety_checker_path=getattr(args, "safety_checker", None),
-            prompt_expansion_path=getattr(args, "prompt_expansion", None), device=args.device,
+            prompt_expansion_path=getattr(args, "prompt_expansion", None), device=options.device, dtype=options.dtype,
         )
     except MissingModelError as exc:
         option = "--safety-checker" if exc.field == "enable_safety_checker" else "--prompt-expansion"
@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
     lora_dirs = list(getattr(args, "lora_dir", None) or []) + [str(Path(args.request).resolve().parent)]
     if request.loras:
         request = _check_loras(request, lora_dirs, args.allow_pickle)
-    hooks = _model_hooks(args, request)
+    hooks = _model_hooks(args, request, options)
     print(f"checked the request, images and model files in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     t = time.perf_counter()
     pipe = load_pipeline(args.checkpoint, args.controlnet, options)

@@ -11,6 +11,7 @@ from ..errors import RequestError
 from ..images import load_image
 from ..request import GenerationRequest
 from ..result import GenerationResult
+from .vae_decode import LatentsKeeper, auto_vae_tiling, to_pil_checked
 from ..sizes import cover_resize, parse_image_size, target_size
 
 # on_step(step, total, latents): called after every denoising step; raise to cancel.
@@ -73,7 +74,7 @@ def pipeline_call_kwargs(request: GenerationRequest, inputs: PreparedInputs, pro
         "controlnet_conditioning_scale": float(request.controlnet_conditioning_scale),
         "num_images_per_prompt": 1,
         "generator": make_generator(request.image_seed(index)),
-        "output_type": "pil",
+        "output_type": "np",  # checked for NaN/inf, then made PIL images as diffusers would (vae_decode.py)
     }
 
 
@@ -138,12 +139,13 @@ def generate(
     total = per_image * request.num_images
     images = []
     t = time.perf_counter()
-    for index in range(request.num_images):
-        kwargs = pipeline_call_kwargs(request, prepared, prompt, index)
-        if on_step is not None:
-            kwargs["callback_on_step_end"] = _step_callback(on_step, index * per_image, total)
+    with auto_vae_tiling(pipe, prepared.width, prepared.height):
+        for index in range(request.num_images):
+            kwargs = pipeline_call_kwargs(request, prepared, prompt, index)
+            keeper = LatentsKeeper(_step_callback(on_step, index * per_image, total) if on_step is not None else None)
+            kwargs["callback_on_step_end"] = keeper
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
-        images.extend(pipe(**kwargs).images)
+            images.extend(to_pil_checked(pipe, pipe(**kwargs).images, keeper.latents))
     timings["inference"] = time.perf_counter() - t
 
     flags = [False] * len(images)

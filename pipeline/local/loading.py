@@ -236,7 +236,9 @@ def _load_safetensors(path, keys=None):
 # ---------------------------------------------------------------- VAE override
 
 def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
-    """A user VAE (e.g. madebyollin/sdxl-vae-fp16-fix): a diffusers folder or a single file."""
+    """A user VAE (e.g. madebyollin/sdxl-vae-fp16-fix): a diffusers folder (its config decides ``force_upcast``) or
+    a single file (upcast like the stock SDXL VAE unless its weights show it is fp16-safe)."""
+    import torch
     from diffusers import AutoencoderKL
 
     label = "vae"
@@ -256,11 +258,21 @@ def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
         from .sdxl_config import SDXL_BASE_CONFIG
 
         cfg = Path(config_dir) if config_dir else SDXL_BASE_CONFIG
+        channels = json.loads((cfg / "vae" / "config.json").read_text(encoding="utf-8")).get("latent_channels", 4)
+        conv_in = next((shape for k, shape in idx.shapes.items() if k.endswith("decoder.conv_in.weight")), None)
+        if conv_in is not None and len(conv_in) == 4 and conv_in[1] != channels:
+            raise ModelLoadError(
+                f"{label}: {value} decodes {conv_in[1]}-channel latents (an SD3/Flux-style VAE), but SDXL's have "
+                f"{channels}. Use an SDXL VAE (sdxl_vae.safetensors or sdxl-vae-fp16-fix), or none.")
         vae = AutoencoderKL.from_single_file(
             str(value), config=str(cfg), subfolder="vae", local_files_only=True, dtype=opts.dtype
         )
-        # a VAE given on its own is taken to be fp16-safe (that is what the option is for)
-        vae.register_to_config(force_upcast=False)
+        # keep the SDXL config's force_upcast (fp32 decode in fp16) unless the weights show the VAE is fp16-safe
+        if opts.dtype == torch.float16 and vae.config.force_upcast:
+            from .vae_decode import fp16_safe
+
+            if fp16_safe(vae):
+                vae.register_to_config(force_upcast=False)
         return vae
     except ModelLoadError:
         raise

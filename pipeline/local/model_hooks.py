@@ -114,12 +114,13 @@ def find_prompt_expander(search_dirs) -> Path:
 
 
 def resolve_hooks(request, search_dirs=None, *, safety_dirs=None, expansion_dirs=None,
-                  safety_checker_path=None, prompt_expansion_path=None, device: str | None = None):
+                  safety_checker_path=None, prompt_expansion_path=None, device: str | None = None, dtype=None):
     """``(safety_checker, prompt_expander)`` for ``request``, loaded (and cached) only when it enables them.
 
     A hook the request does not enable is ``None`` and its model is not loaded. An explicit
     ``*_path`` wins over searching; otherwise ``safety_dirs`` / ``expansion_dirs`` (or the shared
     ``search_dirs``) are searched with :func:`find_safety_checker` / :func:`find_prompt_expander`.
+    ``device``/``dtype``: the pipeline's, so the side models run where it runs (default: the best device).
     Raises :class:`MissingModelError` (nothing found) or ``ModelLoadError`` (found but unloadable).
     """
     safety = expander = None
@@ -127,12 +128,12 @@ def resolve_hooks(request, search_dirs=None, *, safety_dirs=None, expansion_dirs
         from .safety import load_safety_checker
 
         path = safety_checker_path or find_safety_checker(safety_dirs if safety_dirs is not None else search_dirs)
-        safety = load_safety_checker(path, device=device)
+        safety = load_safety_checker(path, device=device, dtype=dtype)
     if getattr(request, "expand_prompt", False):
         from .prompt_expansion import load_prompt_expander
 
         path = prompt_expansion_path or find_prompt_expander(expansion_dirs if expansion_dirs is not None else search_dirs)
-        expander = load_prompt_expander(path, device=device)
+        expander = load_prompt_expander(path, device=device, dtype=dtype)
     return safety, expander
 
 
