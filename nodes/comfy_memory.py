@@ -81,19 +81,34 @@ def _container_and_patcher_classes():
     return _classes["container"], _classes["patcher"]
 
 
+_RELEASED: list = []  # (pipe, patcher) emptied during ComfyUI's unload, kept alive until a safe point
+
+
 def _on_detach(patcher, unpatch_all):
-    """ComfyUI unloaded our models. On a CPU-only ComfyUI that frees nothing, so the pipeline itself goes."""
+    """ComfyUI unloaded our models. On a CPU-only ComfyUI that moves nothing, so the weights are dropped here.
+
+    This runs inside ComfyUI's ``free_memory`` loop: nothing may be garbage-collected now (the container dying would
+    run ComfyUI's finalizer, which edits the list being iterated). So the weights go to the ``meta`` device (their
+    memory is returned at once), the pipeline leaves our cache, and the emptied objects are kept until
+    :func:`release_pending` runs at the start of our next node."""
     if not unpatch_all:  # a re-load of an already loaded model, or the patcher being collected: not an unload
         return
     if str(patcher.load_device) != str(patcher.offload_device):
         return  # the weights moved to the offload device; the next run loads them back
-    from ..pipeline.local.loading import cached_pipeline, free_cached_pipeline
+    from ..pipeline.local.loading import forget_cached_pipeline
 
     pipe = patcher.model.pipe_ref()
-    if pipe is not None and pipe is cached_pipeline():
-        del pipe
-        log.info("SDXL ControlNet: ComfyUI unloaded the pipeline; it is freed and loads again when next used")
-        free_cached_pipeline()
+    if pipe is None:
+        return
+    patcher.model.to("meta")
+    forget_cached_pipeline(pipe)
+    _RELEASED.append((pipe, patcher))
+    log.info("SDXL ControlNet: ComfyUI unloaded the pipeline; its memory is freed and it loads again when next used")
+
+
+def release_pending() -> None:
+    """Let go of pipelines emptied during an unload (call where collecting garbage is safe: our own nodes)."""
+    _RELEASED.clear()
 
 
 def choose_mode(pipe, mode: str, device: str) -> str:
@@ -122,6 +137,7 @@ def adopt(pipe, mode: str) -> None:
     mm = model_management()
     if mm is None:
         return
+    release_pending()
     from ..pipeline.local.placement import apply_memory_mode
 
     device = mm.get_torch_device()
@@ -149,6 +165,7 @@ def before_sampling(pipe, width: int, height: int) -> None:
     mm = model_management()
     if mm is None:
         return
+    release_pending()
     from ..pipeline.local.memory_plan import STAGES, component_bytes, working_bytes
 
     work = working_bytes(width, height)

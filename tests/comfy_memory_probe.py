@@ -49,12 +49,9 @@ found["registered"] = patcher is not None
 
 
 def ours_loaded() -> bool:
-    return any(lm.model is patcher for lm in mm.current_loaded_models)
+    return any(lm.model is comfy_memory.patcher_of(cached_pipeline()) for lm in mm.current_loaded_models
+               if cached_pipeline() is not None)
 
-
-# one of ComfyUI's own models, loaded as ComfyUI loads its models
-other = ModelPatcher(torch.nn.Linear(64, 64), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-mm.load_models_gpu([other])
 
 spec_inputs = Sampler.INPUT_TYPES()["required"]
 widgets = {k: v[1]["default"] for k, v in spec_inputs.items() if len(v) > 1 and isinstance(v[1], dict) and "default" in v[1]}
@@ -68,25 +65,31 @@ def sample():
 
 first = sample()
 found["loaded_after_sampling"] = ours_loaded()
-found["other_kept_loaded"] = any(lm.model is other for lm in mm.current_loaded_models)
 
-# ComfyUI's "Unload models" (POST /free) runs unload_all_models(): on a CPU ComfyUI the pipeline itself goes
+# ComfyUI's "Unload models" (POST /free) runs unload_all_models(), here with ours the only model loaded (where
+# freeing inside ComfyUI's loop would break its bookkeeping): on a CPU ComfyUI the weights go at once
 pipe_ref = weakref.ref(pipe)
 del pipe
 mm.unload_all_models()
 gc.collect()
-found["untracked_after_unload"] = not ours_loaded()
-found["pipeline_freed_after_unload"] = pipe_ref() is None and cached_pipeline() is None
+found["untracked_after_unload"] = not ours_loaded() and len(mm.current_loaded_models) == 0
+found["weights_released_after_unload"] = cached_pipeline() is None and pipe_ref().unet.device.type == "meta"
 
-# the next run loads it again, registers it again and gives the same picture
+# the next run loads it again, registers it again and gives the same picture; the emptied pipeline is let go
 second = sample()
+gc.collect()
+found["emptied_pipeline_let_go"] = pipe_ref() is None
 found["reloaded"] = cached_pipeline() is not None and comfy_memory.patcher_of(cached_pipeline()) is not None
 found["same_picture_after_reload"] = bool(torch.equal(first, second))
 
-# a large free_memory request (another model needing everything) evicts ours too
+# one of ComfyUI's own models, loaded as ComfyUI loads its models: our run does not unload it
+other = ModelPatcher(torch.nn.Linear(64, 64), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+mm.load_models_gpu([other])
 patcher = comfy_memory.patcher_of(cached_pipeline())
-found["loaded_before_big_request"] = ours_loaded()
+sample()
+found["other_kept_loaded"] = any(lm.model is other for lm in mm.current_loaded_models) and ours_loaded()
+
+# a large free_memory request (another model needing everything) evicts ours too
 mm.free_memory(1e30, mm.get_torch_device())
-gc.collect()
 found["evicted_by_big_request"] = not ours_loaded() and cached_pipeline() is None
 print("PROBE " + json.dumps(found))

@@ -42,6 +42,13 @@ class ComfyUI:
         self.base, self.port, self.proc, self.log_path = base, port, proc, log_path
         self.url = f"http://127.0.0.1:{port}"
 
+    def rss_bytes(self) -> int:
+        """The server process's resident memory now."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -84,8 +91,10 @@ class ComfyUI:
 
 
 @contextlib.contextmanager
-def running_comfyui(base: Path, models: dict[str, dict[str, Path]] | None = None, deadline_s: float = 180):
-    """Run ComfyUI with the pack, ``models`` = {folder: {name: path}} linked into models/."""
+def running_comfyui(base: Path, models: dict[str, dict[str, Path]] | None = None, deadline_s: float = 180,
+                    extra_args: tuple[str, ...] = ()):
+    """Run ComfyUI with the pack, ``models`` = {folder: {name: path}} linked into models/; ``extra_args`` go to
+    main.py (e.g. ``--cache-lru 8``)."""
     cdir = comfyui_dir()
     assert cdir is not None, SKIP_REASON
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
@@ -104,7 +113,8 @@ def running_comfyui(base: Path, models: dict[str, dict[str, Path]] | None = None
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)],
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
+             *extra_args],
             cwd=cdir, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     server = ComfyUI(base, port, proc, log_path)

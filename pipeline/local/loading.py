@@ -393,6 +393,11 @@ def free_cached_pipeline() -> bool:
     return had
 
 
+def forget_cached_pipeline(pipe) -> bool:
+    """Stop caching ``pipe`` (if it is the cached one) without collecting garbage; the next load reads the disk."""
+    return _cache.forget(pipe)
+
+
 def cached_pipeline():
     """The pipeline currently held by the cache, or None."""
     return _cache.current()

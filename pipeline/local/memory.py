@@ -49,6 +49,15 @@ class SingleModelCache:
             release_memory()
         return had
 
+    def forget(self, value) -> bool:
+        """Drop the reference to ``value`` if it is the cached model, without collecting garbage (for a caller
+        inside a host's own memory bookkeeping, where a collection must not run). True if it was cached."""
+        with self._lock:
+            if self._value is not None and self._value is value:
+                self._key = self._value = None
+                return True
+            return False
+
     def has(self, key) -> bool:
         with self._lock:
             return self._value is not None and self._key == key

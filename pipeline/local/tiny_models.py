@@ -71,8 +71,9 @@ def write_clip_tokenizer(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def tiny_components(seed: int = 0):
-    """Build the tiny SDXL components (unet, vae, text encoders, tokenizers, scheduler) and a ControlNet."""
+def tiny_components(seed: int = 0, scale: int = 1):
+    """Build the tiny SDXL components (unet, vae, text encoders, tokenizers, scheduler) and a ControlNet.
+    ``scale`` widens the UNet and ControlNet (8: a ~600 MB pipeline, big enough to see in a process's memory)."""
     import tempfile
 
     import torch
@@ -80,8 +81,9 @@ def tiny_components(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
+    widths = (32 * scale, 64 * scale)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=widths,
         layers_per_block=2,
         sample_size=32,
         in_channels=4,
@@ -98,7 +100,7 @@ def tiny_components(seed: int = 0):
     )
     torch.manual_seed(seed + 1)
     controlnet = ControlNetModel(
-        block_out_channels=(32, 64),
+        block_out_channels=widths,
         layers_per_block=2,
         in_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -164,7 +166,7 @@ def tiny_components(seed: int = 0):
     }, controlnet
 
 
-def build_tiny_models(root: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+def build_tiny_models(root: str | os.PathLike, seed: int = 0, scale: int = 1) -> dict[str, Path]:
     """Save a tiny SDXL base (diffusers folder) and a tiny ControlNet (diffusers folder) under ``root``.
 
     Returns ``{"checkpoint": <folder>, "controlnet": <folder>}``. Idempotent: an existing
@@ -178,7 +180,7 @@ def build_tiny_models(root: str | os.PathLike, seed: int = 0) -> dict[str, Path]
     done = root / ".complete"
     if done.exists():
         return {"checkpoint": base_dir, "controlnet": cn_dir}
-    components, controlnet = tiny_components(seed)
+    components, controlnet = tiny_components(seed, scale)
     pipe = StableDiffusionXLControlNetImg2ImgPipeline(**components, controlnet=controlnet)
     # The base model folder is a plain SDXL layout (no controlnet entry), like stabilityai/stable-diffusion-xl-base-1.0.
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
