@@ -344,3 +344,74 @@ def test_fal_status_shows_on_the_node_and_clears(comfy, page):
     assert _serialized_leaks(page, [fal_server.TEST_KEY, "test-secret-not-real"]) == []
     with contextlib.suppress(Exception):
         page.eval("() => { delete window.__sdxlcnSeen; delete window.__sdxlcnLines; }")
+
+
+# ---- the newer Vue node renderer (a frontend setting): the same behaviour, read from the DOM ------------------------
+
+@pytest.fixture
+def vue_page(comfy, browser, request):
+    status, body = comfy.post("/api/settings/Comfy.VueNodes.Enabled", True)
+    assert status == 200, body
+    try:
+        ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
+        tab = Page(ctx.new_page(), request.node.name)
+        try:
+            tab.page.goto(comfy.url)
+            tab.wait("() => !!(window.app && window.app.graph && window.LiteGraph"
+                     " && window.LiteGraph.registered_node_types['SDXLCNImg2Img'])", timeout_s=120)
+            assert tab.eval("() => window.app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") is True
+            yield tab
+        finally:
+            ctx.close()
+        assert not tab.pack_problems, "\n".join(tab.pack_problems)
+    finally:
+        comfy.post("/api/settings/Comfy.VueNodes.Enabled", False)
+
+
+def _vue_rows(tab: Page, node_type: str) -> list[str]:
+    """The text rows of a node as the Vue renderer draws it (its DOM element, data-node-id)."""
+    tab.wait("(t) => { const n = window.app.graph.nodes.find(n => n.type === t);"
+             " return !!(n && document.querySelector(`[data-node-id=\"${n.id}\"]`)); }", node_type, timeout_s=30)
+    return tab.eval("""(t) => { const n = window.app.graph.nodes.find(n => n.type === t);
+        return document.querySelector(`[data-node-id="${n.id}"]`).innerText.split('\\n'); }""", node_type)
+
+
+def test_vue_renderer_shows_width_height_only_for_custom(vue_page):
+    vue_page.load(json.loads(EXAMPLE.read_text()))
+    rows = _vue_rows(vue_page, "SDXLCNImg2Img")
+    assert "image_size · control image size" in rows and "width" not in rows and "height" not in rows, rows
+    node_id = vue_page.node_state("SDXLCNImg2Img")["id"]
+    _set_combo(vue_page, node_id, "image_size", "custom")
+    vue_page.wait("(id) => document.querySelector(`[data-node-id=\"${id}\"]`).innerText.split('\\n')"
+                  ".includes('width')", node_id, timeout_s=10)
+    rows = _vue_rows(vue_page, "SDXLCNImg2Img")
+    assert "width" in rows and "height" in rows, rows
+    vue_page.screenshot("vue_image_size_custom")
+    _set_combo(vue_page, node_id, "image_size", "landscape_4_3")
+    vue_page.wait("(id) => !document.querySelector(`[data-node-id=\"${id}\"]`).innerText.split('\\n')"
+                  ".includes('width')", node_id, timeout_s=10)
+    saved = vue_page.eval("(id) => window.app.graph.serialize().nodes.find(n => n.id === id)", node_id)
+    assert "landscape_4_3" in saved["widgets_values"] and 1024 in saved["widgets_values"]
+    assert _serialized_leaks(vue_page) == []
+
+
+@pytest.mark.skipif(not FAL.is_file(), reason="no fal example workflow yet")
+def test_vue_renderer_shows_the_fal_status_under_the_node(comfy, vue_page):
+    comfy.fal.reset(queue_s=3.0, queue_ahead=3, run_s=3.0, logs=["loading model", "step 1/2", "step 2/2"])
+    vue_page.load(json.loads(FAL.read_text()))
+    fal_id = vue_page.node_state("SDXLCNFalImg2Img")["id"]
+    # another seed than the classic-renderer test's run, so ComfyUI does not answer from its cache
+    vue_page.eval("(id) => { window.app.graph.getNodeById(id).widgets.find(w => w.name === 'seed').value = 4242; }", fal_id)
+    box = f'[data-node-id="{fal_id}"] > .sdxlcn-fal-status'
+    vue_page.eval("() => window.app.queuePrompt(0, 1)")
+    vue_page.wait("(sel) => { const b = document.querySelector(sel); return !!(b && b.innerText.includes('queue position')); }",
+                  box, timeout_s=60)
+    vue_page.screenshot("vue_fal_status_in_queue")
+    vue_page.wait("(sel) => !document.querySelector(sel)", box, timeout_s=120)  # cleared when it finished
+    vue_page.wait("async () => Object.values(await (await fetch('/api/history')).json())"
+                  ".some(e => e.prompt[2] && Object.values(e.prompt[2]).some(n => n.class_type === 'SDXLCNFalImg2Img'))",
+                  timeout_s=120)
+    entry = vue_page.eval("""async () => Object.values(await (await fetch('/api/history')).json())
+        .find(e => Object.values(e.prompt[2]).some(n => n.class_type === 'SDXLCNFalImg2Img'))""")
+    assert entry["status"]["status_str"] == "success" and any("images" in o for o in entry["outputs"].values())
+    assert _serialized_leaks(vue_page, [fal_server.TEST_KEY, "test-secret-not-real"]) == []

@@ -70,6 +70,40 @@ function chain(proto, name, fn) {
 function redraw() {
   app.graph?.setDirtyCanvas?.(true, false);
   app.canvas?.setDirty?.(true, false);
+  showStatusInVueNodes();
+}
+
+/** The newer Vue node renderer draws nodes as DOM, not on the canvas: there the status is a box under the node. */
+function showStatusInVueNodes() {
+  if (typeof document === "undefined") return;
+  for (const box of document.querySelectorAll(".sdxlcn-fal-status")) {
+    if (!falStatus.lines(box.dataset.nodeId).length) box.remove();
+  }
+  for (const node of app.graph?.nodes ?? []) {
+    if (node.type !== FAL_NODE_TYPE) continue;
+    const lines = falStatus.lines(node.id);
+    const element = document.querySelector(`[data-node-id="${node.id}"]`);
+    if (!lines.length || !element) continue;
+    let box = element.querySelector(":scope > .sdxlcn-fal-status");
+    if (!box) {
+      box = document.createElement("div");
+      box.className = "sdxlcn-fal-status";
+      box.dataset.nodeId = String(node.id);
+      Object.assign(box.style, {
+        position: "absolute", top: "100%", left: "0", right: "0", marginTop: "8px", padding: "6px",
+        borderRadius: "6px", border: "1px solid #4a90d9", background: "rgba(20, 24, 32, 0.85)",
+        font: "12px sans-serif", color: "#a9b4c2", whiteSpace: "nowrap", overflow: "hidden",
+        textOverflow: "ellipsis", pointerEvents: "none",
+      });
+      element.appendChild(box);
+    }
+    box.replaceChildren(...lines.map((line, i) => {
+      const row = document.createElement("div");
+      row.textContent = line;
+      if (i === 0) row.style.color = "#e8f1ff";
+      return row;
+    }));
+  }
 }
 
 function drawStatus(node, ctx) {
