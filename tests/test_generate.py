@@ -135,3 +135,25 @@ def test_apply_canny_false_uses_control_image_as_given(image_files):
     from PIL import Image
 
     assert np.array_equal(np.asarray(raw.control_image), np.asarray(Image.open(ctl).convert("RGB")))
+
+
+def test_prompt_and_init_image_are_encoded_once_per_request(tiny_pipe, image_files, monkeypatch):
+    """num_images 3: the text encoders and the VAE encoder run as often as for one image (the images themselves
+    stay pixel-equal to separate calls: test_three_images_equal_plain_and_each_alone)."""
+    calls = {"vae": 0, "te": 0, "te2": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(tiny_pipe.vae, "encode", counting("vae", tiny_pipe.vae.encode))
+    monkeypatch.setattr(tiny_pipe.text_encoder, "forward", counting("te", tiny_pipe.text_encoder.forward))
+    monkeypatch.setattr(tiny_pipe.text_encoder_2, "forward", counting("te2", tiny_pipe.text_encoder_2.forward))
+    img, ctl = image_files(64, 64, 1), image_files(64, 64, 2)
+    generate(tiny_pipe, _request(img, ctl, seed=5, num_images=1, num_inference_steps=2))
+    one = dict(calls)
+    calls.update(vae=0, te=0, te2=0)
+    generate(tiny_pipe, _request(img, ctl, seed=5, num_images=3, num_inference_steps=2))
+    assert calls == one and one["vae"] == 1 and one["te"] >= 1

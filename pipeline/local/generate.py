@@ -78,6 +78,58 @@ def pipeline_call_kwargs(request: GenerationRequest, inputs: PreparedInputs, pro
     }
 
 
+@dataclass
+class EncodedRequest:
+    """What every image of a request shares, computed once: the prompt embeddings and the init image's latent
+    distribution (under CPU offload each encode streams the text encoders or the VAE through the GPU)."""
+
+    embeds: dict  # prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
+    latent_dist: object  # the VAE's DiagonalGaussianDistribution of the init image
+    dtype: object  # the dtype the pipeline computes latents in (the prompt embeddings')
+
+
+def encode_request(pipe, request: GenerationRequest, inputs: PreparedInputs, prompt: str) -> EncodedRequest:
+    """Encode the prompts and the init image once, exactly as the diffusers call would for each image."""
+    import torch
+
+    device = pipe._execution_device
+    cfg = float(request.guidance_scale) > 1 and pipe.unet.config.time_cond_proj_dim is None
+    with torch.no_grad():
+        embeds = dict(zip(
+            ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+            pipe.encode_prompt(prompt, None, device, 1, cfg, request.negative_prompt, None)))
+        dtype = embeds["prompt_embeds"].dtype
+        image = pipe.image_processor.preprocess(inputs.init_image, height=inputs.height, width=inputs.width)
+        image = image.to(dtype=torch.float32).to(device=device, dtype=dtype)
+        vae = pipe.vae
+        upcast = bool(vae.config.force_upcast)
+        if upcast:  # as the pipeline does: the SDXL VAE overflows in fp16
+            image = image.float()
+            vae.to(dtype=torch.float32)
+        try:
+            dist = vae.encode(image).latent_dist
+        finally:
+            if upcast:
+                vae.to(dtype)
+    return EncodedRequest(embeds, dist, dtype)
+
+
+def image_latents(pipe, encoded: EncodedRequest, generator):
+    """Image latents for one call, sampled with that call's generator as diffusers' ``prepare_latents`` samples
+    them (so the generator then gives the same noise): pixel for pixel what the call would compute itself."""
+    import torch
+
+    with torch.no_grad():
+        latents = encoded.latent_dist.sample(generator).to(encoded.dtype)
+        config = pipe.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents)
+            return (latents - mean) * config.scaling_factor / std
+        return config.scaling_factor * latents
+
+
 def _step_callback(on_step: StepCallback, offset: int, total: int):
     def _callback(_pipe, step_index, _timestep, callback_kwargs):
         on_step(offset + step_index + 1, total, callback_kwargs.get("latents"))
@@ -140,8 +192,12 @@ def generate(
     images = []
     t = time.perf_counter()
     with auto_vae_tiling(pipe, prepared.width, prepared.height):
+        encoded = encode_request(pipe, request, prepared, prompt) if request.num_images > 1 else None
         for index in range(request.num_images):
             kwargs = pipeline_call_kwargs(request, prepared, prompt, index)
+            if encoded is not None:  # the shared encodings instead of the prompt and the init image
+                kwargs.update(encoded.embeds, prompt=None, negative_prompt=None,
+                              image=image_latents(pipe, encoded, kwargs["generator"]))
             keeper = LatentsKeeper(_step_callback(on_step, index * per_image, total) if on_step is not None else None)
             kwargs["callback_on_step_end"] = keeper
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
