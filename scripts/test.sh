@@ -5,7 +5,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 status=0
-.venv/bin/python -m pytest -q "$@" || status=$?
+# --rootdir=tests: the repository root is the pack's package (it has __init__.py); pytest would import it under the
+# clone's folder name, which fails when that name is not a Python identifier (e.g. comfyui-sdxl-controlnet-img2img)
+.venv/bin/python -m pytest -q --rootdir=tests "$@" || status=$?
 if ls tests/js/*.test.mjs >/dev/null 2>&1; then
   node --test tests/js/ || status=$?
 fi

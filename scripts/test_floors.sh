@@ -10,4 +10,4 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 .venv-floors/bin/pip install $(sed -n 's/>=/==/p' requirements.txt) >&2
 .venv-floors/bin/pip install --no-deps -e . >&2
 .venv-floors/bin/pip list 2>/dev/null | grep -iE "^($(sed 's/>=.*//' requirements.txt | tr '\n' '|' | sed 's/|$//' | sed 's/-/[-_]/g')) "
-HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv-floors/bin/python -m pytest -q "$@"
+HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv-floors/bin/python -m pytest -q --rootdir=tests "$@"

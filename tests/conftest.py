@@ -8,8 +8,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import numpy as np
+import sys
+from pathlib import Path
+
 import pytest
+
+# The tests' helper modules (fal_server, comfyui_harness, pictures) import by name from this folder. The tests are not
+# a package: under pytest's importlib mode a package here would be imported as part of the pack's own folder, whose
+# name (a clone's directory) need not be a Python identifier.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pictures import make_test_image  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,24 +37,6 @@ def tiny_pipe(tiny_models):
     from sdxl_controlnet_img2img.pipeline.local.loading import load_pipeline
 
     return load_pipeline(tiny_models["checkpoint"], tiny_models["controlnet"], device="cpu", dtype=torch.float32)
-
-
-def make_test_image(width: int, height: int, seed: int = 0):
-    """A deterministic picture with edges (shapes on a gradient) as a PIL RGB image."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), np.full_like(x, 90)], axis=2)
-    img = Image.fromarray(base.astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(6):
-        x0, y0 = int(rng.integers(0, width - 4)), int(rng.integers(0, height - 4))
-        x1, y1 = x0 + int(rng.integers(4, max(5, width // 2))), y0 + int(rng.integers(4, max(5, height // 2)))
-        color = tuple(int(c) for c in rng.integers(0, 256, 3))
-        draw.rectangle([x0, y0, x1, y1], fill=color)
-        draw.ellipse([x0 // 2, y0 // 2, x1 // 2 + 2, y1 // 2 + 2], outline=(255, 255, 255), width=2)
-    return img
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ Run it (about 3 minutes on 2 CPU cores)::
 
     .venv/bin/pip install playwright   # the Python package only; no `playwright install`
     COMFYUI_DIR=/work/comfyui COMFYUI_PYTHON=/work/comfyui-venv/bin/python \\
-        .venv/bin/python -m pytest tests/test_browser.py -v
+        .venv/bin/python -m pytest --rootdir=tests tests/test_browser.py -v
 
 Screenshots and the browser console go to ``test-artifacts/browser/``. With
 ``SDXLCN_UPDATE_SCREENSHOT=1`` the example workflow's screenshot is also copied to
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .comfyui_harness import PACK_FOLDER, ROOT, SKIP_REASON, comfyui_dir, running_comfyui
+from comfyui_harness import PACK_FOLDER, ROOT, SKIP_REASON, comfyui_dir, running_comfyui
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fal_server  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .comfyui_harness import SKIP_REASON, comfyui_dir
+from comfyui_harness import SKIP_REASON, comfyui_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, running_comfyui
+from comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, running_comfyui
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
 

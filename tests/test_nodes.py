@@ -15,7 +15,7 @@ from sdxl_controlnet_img2img.pipeline.local.generate import generate
 from sdxl_controlnet_img2img.pipeline.handle import PipelineHandle
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
-from .conftest import make_test_image
+from pictures import make_test_image
 
 
 def _image_batch(*pils):

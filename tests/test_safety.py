@@ -26,7 +26,7 @@ from sdxl_controlnet_img2img.pipeline.local.safety import (
 )
 from sdxl_controlnet_img2img.pipeline.local.tiny_models import build_tiny_safety_checker
 
-from .conftest import make_test_image
+from pictures import make_test_image
 
 
 @pytest.fixture(scope="module")
