@@ -133,7 +133,7 @@ class GenerationRequest:
             "expand_prompt": self.expand_prompt,
             "sync_mode": self.sync_mode,
         }
-        if self.image_size is not None:
+        if parse_image_size(self.image_size) is not None:  # "none" means: leave the field out, as fal expects
             args["image_size"] = self.image_size
         if self.seed is not None:
             args["seed"] = self.seed

@@ -13,6 +13,7 @@ The key is never written (only ids, the endpoint, the time and a few request fie
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from datetime import datetime, timezone
@@ -39,6 +40,22 @@ def append(log_dir, event: str, request_id: str, **fields) -> Path:
             f.flush()
             os.fsync(f.fileno())
     return path
+
+
+def record(log_dir, event: str, request_id: str, **fields) -> bool:
+    """:func:`append`, but a failed write (disk full, no permission) never ends the run that paid for the request:
+    the id goes to the log as a warning instead, so it is printed somewhere. False when it could not be written."""
+    if log_dir is None:
+        return False
+    try:
+        append(log_dir, event, request_id, **fields)
+        return True
+    except OSError as exc:
+        logging.getLogger("sdxl_controlnet_img2img.fal").warning(
+            "fal: could not record request %s (%s) in %s (%s): note this id to fetch its result later with "
+            "`python -m sdxl_controlnet_img2img fal-fetch --request-id %s --out DIR`",
+            request_id, event, log_path(log_dir), exc, request_id)
+        return False
 
 
 def read(log_dir) -> list[dict]:
@@ -80,4 +97,5 @@ def pending(log_dir) -> list[dict]:
             state[rid] = dict(rec)
         elif rid in state:
             state[rid]["last_event"] = rec.get("event")
+    # "cancel_requested" stays pending: fal may have run (and billed) the request anyway
     return [r for r in state.values() if r.get("last_event") not in ("completed", "cancelled")]

@@ -69,6 +69,10 @@ class Behaviour:
     run_s: float = 0.05  # time IN_PROGRESS
     logs: list = field(default_factory=lambda: ["loading model", "step 1/2", "step 2/2"])
     submit_statuses: list = field(default_factory=list)  # HTTP statuses answered before the submit succeeds
+    # 5xx answered by an ingress in front of fal (no x-fal-request-id header: the request never reached fal)
+    submit_ingress_statuses: list = field(default_factory=list)
+    # 5xx answered by fal *after* it accepted the submission (the job exists; the header carries its id)
+    submit_accepted_statuses: list = field(default_factory=list)
     status_statuses: list = field(default_factory=list)  # same, for status polls
     result_statuses: list = field(default_factory=list)  # same, for the result
     auth_detail: str | None = None  # answer every call with 401 and this detail (may contain the key: tests redact)
@@ -79,6 +83,7 @@ class Behaviour:
     no_images: bool = False
     image_status: int = 200  # HTTP status of the result image files
     completed_error: str | None = None  # COMPLETED with this error
+    fail_prompts: list = field(default_factory=list)  # requests with one of these prompts complete with an error
     nsfw: list | None = None  # has_nsfw_concepts to report
     reject: list = field(default_factory=list)  # extra 422 problems ({loc, msg, type}) for every request
 
@@ -165,6 +170,7 @@ class FalTestServer:
             self.active = 0
             self.max_active = 0
             self.uploads: list[str] = []
+            self.submissions = 0  # POSTs to the app: each one fal accepts is billed
 
     def _pop(self, name: str):
         lst = getattr(self.behaviour, name)
@@ -173,12 +179,13 @@ class FalTestServer:
         return None
 
     # ---- HTTP ----------------------------------------------------------------------------
-    def _send(self, h, code: int, body, ctype="application/json", headers=None):
+    def _send(self, h, code: int, body, ctype="application/json", headers=None, fal_id: str | None = "srv"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         h.send_response(code)
         h.send_header("Content-Type", ctype)
         h.send_header("Content-Length", str(len(data)))
-        h.send_header("x-fal-request-id", "srv")
+        if fal_id is not None:  # fal itself answered (an ingress error has no such header)
+            h.send_header("x-fal-request-id", fal_id)
         for k, v in (headers or {}).items():
             h.send_header(k, v)
         h.end_headers()
@@ -229,9 +236,14 @@ class FalTestServer:
         return self._send(h, 404, {"detail": "not found"})
 
     def _submit(self, h, app: str, raw: bytes):
+        with self.lock:
+            self.submissions += 1
         code = self._pop("submit_statuses")
         if code:
             return self._send(h, code, {"detail": f"injected {code}"})
+        code = self._pop("submit_ingress_statuses")
+        if code:
+            return self._send(h, code, b"<html>502 Bad Gateway</html>", ctype="text/html", fal_id=None)
         args = json.loads(raw or b"{}")
         if self.behaviour.validation_at == "submit":
             problems = _validate(args) + list(self.behaviour.reject)
@@ -242,6 +254,9 @@ class FalTestServer:
             self.jobs[rid] = Job(rid, args, self.behaviour)
             self.active += 1
             self.max_active = max(self.max_active, self.active)
+        code = self._pop("submit_accepted_statuses")
+        if code:
+            return self._send(h, code, {"detail": f"injected {code} after accepting"}, fal_id=rid)
         base = f"{self.base}/{app}/requests/{rid}"
         return self._send(h, 200, {"request_id": rid, "status_url": base + "/status", "response_url": base,
                                    "cancel_url": base + "/cancel", "queue_position": self.behaviour.queue_ahead})
@@ -283,6 +298,8 @@ class FalTestServer:
             body["metrics"] = {"inference_time": 0.01}
             if b.completed_error:
                 body["error"] = b.completed_error
+            elif job.args.get("prompt") in b.fail_prompts:
+                body["error"] = f"runner failed for prompt {job.args.get('prompt')!r}"
         return self._send(h, 200, body)
 
     def _cancel(self, h, job: Job):

@@ -306,8 +306,8 @@ def test_recover_result_by_recorded_id_after_client_timeout(fal, tmp_path):
 
 def test_fetch_unknown_id_is_clear(fal):
     with pytest.raises(FalRequestFailed) as err:
-        fetch_remote_result("no-such-id", settings=fast_settings())
-    assert "no-such-id" in str(err.value) and "404" in str(err.value)
+        fetch_remote_result("3f2b8c1e-0d4a-4b6e-9c7f-1a2b3c4d5e6f", settings=fast_settings())
+    assert "3f2b8c1e-0d4a-4b6e-9c7f-1a2b3c4d5e6f" in str(err.value) and "404" in str(err.value)
 
 
 def test_cancel_mid_run_asks_fal_and_stops_at_once(fal, tmp_path):

@@ -16,6 +16,7 @@ path (:class:`GenerationResult`, images as PIL).
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -23,7 +24,7 @@ from typing import Callable
 from .. import request_log
 from ..request import GenerationRequest
 from ..result import GenerationResult
-from .errors import FalCancelled, FalRequestFailed, FalTimeout, FalValidationError
+from .errors import FalBatchIncomplete, FalCancelled, FalError, FalRequestFailed, FalTimeout, FalValidationError
 from .files import decode_result, fal_arguments, prepare_image
 from .key import redact, resolve_key
 from .settings import DEFAULT_TIMEOUT_S, ENDPOINT, CancelCheck, FalSettings, FalStatus, StatusCallback, log
@@ -72,23 +73,39 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
         result = decode_result(data, request, request_id, settings, timings)
     except Cancelled:
         log.warning("fal: cancelling request %s", request_id)
-        try:
-            # a short, bounded cancel: the user asked to stop
-            Waiter(None, time.monotonic() + min(settings.http_timeout_s, 10.0)).call(handle.cancel)
-            cancelled = "fal was asked to cancel it (fal honours this while the request is queued)"
-        except Exception as exc:  # noqa: BLE001
-            cancelled = f"asking fal to cancel it failed ({redact(type(exc).__name__)})"
-        if request_log_dir is not None:
-            request_log.append(request_log_dir, "cancelled", request_id, endpoint=endpoint)
-        raise FalCancelled(f"cancelled while waiting for fal request {request_id}; {cancelled}.", request_id) from None
+        event, said = _cancel(handle, settings)
+        # only a request fal reports as cancelled is done with; otherwise fal may still run (and bill) it
+        request_log.record(request_log_dir, event, request_id, endpoint=endpoint)
+        raise FalCancelled(f"cancelled while waiting for fal request {request_id}; {said}.", request_id) from None
     except Deadline:
         raise FalTimeout(
             f"fal request {request_id} did not finish within the time allowed. It may still finish (and is billed): "
             f"fetch it later by id {request_id} (node input 'request_id', or "
             f"`python -m sdxl_controlnet_img2img fal-fetch --request-id {request_id} --out DIR`).", request_id) from None
-    if request_log_dir is not None:
-        request_log.append(request_log_dir, "completed", request_id, endpoint=endpoint)
+    request_log.record(request_log_dir, "completed", request_id, endpoint=endpoint)
     return result
+
+
+def _cancel(handle, settings: FalSettings) -> tuple[str, str]:
+    """Ask fal to cancel, then look once at the request: ("cancelled" | "cancel_requested", what to tell the user).
+    fal honours a cancel while the request is queued; a running or finished one may still be billed."""
+    import fal_client
+
+    deadline = time.monotonic() + min(settings.http_timeout_s, 10.0)  # bounded: the user asked to stop
+    try:
+        Waiter(None, deadline).call(handle.cancel)
+    except Exception as exc:  # noqa: BLE001 - fal refuses with 400 (ALREADY_COMPLETED); the status below tells
+        log.info("fal: cancel answered %s", redact(type(exc).__name__))
+    try:  # one quick look: a slow answer is not worth keeping a user who pressed Cancel waiting
+        status = Waiter(None, min(deadline, time.monotonic() + 1.0)).call(lambda: handle.status(with_logs=False))
+    except Exception:  # noqa: BLE001
+        status = None
+    if isinstance(status, fal_client.Completed) and "cancel" in f"{status.error} {status.error_type}".lower():
+        return "cancelled", "fal cancelled it (nothing is billed for a request cancelled in the queue)"
+    return "cancel_requested", (
+        f"fal was asked to cancel it, but it was already {'done' if isinstance(status, fal_client.Completed) else 'running'}"
+        f": it may still finish and be billed. Its id stays in the pending list: fetch the result with "
+        f"`python -m sdxl_controlnet_img2img fal-fetch --request-id {handle.request_id} --out DIR` (or `fal-pending`)")
 
 
 def run_remote(
@@ -129,14 +146,18 @@ def run_remote(
             timings["prepare"] = time.perf_counter() - t
             handle = call_with_retries(waiter, lambda: client.submit(endpoint, args), "submitting the request",
                                         settings, None, submit=True)
+        except FalError as exc:
+            if exc.request_id:  # fal received it (and may bill it) but the answer failed: keep the id
+                request_log.record(request_log_dir, "submitted", exc.request_id, endpoint=endpoint, seed=request.seed,
+                                   prompt=request.prompt[:200], num_images=request.num_images, submit_error=True)
+            raise
         except Cancelled:
             raise FalCancelled("cancelled before the request was submitted to fal (nothing was billed)") from None
         except Deadline:
             raise FalTimeout("timed out before the request was submitted to fal (nothing was billed)") from None
         request_id = handle.request_id
-        if request_log_dir is not None:
-            request_log.append(request_log_dir, "submitted", request_id, endpoint=endpoint, seed=request.seed,
-                               prompt=request.prompt[:200], num_images=request.num_images)
+        request_log.record(request_log_dir, "submitted", request_id, endpoint=endpoint, seed=request.seed,
+                           prompt=request.prompt[:200], num_images=request.num_images)
         log.info("fal: submitted request %s to %s", request_id, endpoint)
         try:
             if on_status is not None:
@@ -167,9 +188,7 @@ def fetch_remote_result(
     Nothing new is submitted, so nothing is billed again.
     """
     settings = settings or FalSettings()
-    request_id = (request_id or "").strip()
-    if not request_id:
-        raise FalValidationError("request_id", "is empty; give the id of a submitted fal request")
+    request_id = check_request_id(request_id)
     if endpoint is None and request_log_dir is not None:
         rec = request_log.find(request_log_dir, request_id)
         endpoint = rec.get("endpoint") if rec else None
@@ -185,12 +204,28 @@ def fetch_remote_result(
         close_client(client)
 
 
+_REQUEST_ID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def check_request_id(request_id) -> str:
+    """``request_id`` as fal issues them (a UUID); anything else is refused before a URL is built from it (a
+    shared workflow could otherwise send the user's key to another app's path)."""
+    text = (request_id or "").strip() if isinstance(request_id, str) else ""
+    if not text:
+        raise FalValidationError("request_id", "is empty; give the id of a submitted fal request")
+    if not _REQUEST_ID.match(text):
+        raise FalValidationError("request_id", f"{text[:60]!r} is not a fal request id (a UUID such as "
+                                               "3f2b8c1e-0d4a-4b6e-9c7f-1a2b3c4d5e6f); nothing was sent")
+    return text
+
+
 def run_remote_batch(requests, *, max_concurrency: int = 4, on_status_for: Callable[[int], StatusCallback] | None = None,
                      **kwargs) -> list[GenerationResult]:
     """Run several requests with at most ``max_concurrency`` in flight; results in input order.
 
-    Every request runs to its end (each is billed, so none is abandoned half-way); then the first
-    failure is raised: a :class:`FalCancelled` if any, else the first in input order. ``kwargs``
+    Every request runs to its end (each is billed, so none is abandoned half-way). When some fail and some
+    complete, :class:`FalBatchIncomplete` carries the completed results (paid for: never dropped) and the failures;
+    when all fail, the first failure is raised (a :class:`FalCancelled` if any, else the first in input order). ``kwargs``
     go to :func:`run_remote` (one shared ``cancel_check`` cancels all); ``on_status_for(i)`` gives
     request ``i``'s status callback.
     """
@@ -212,6 +247,8 @@ def run_remote_batch(requests, *, max_concurrency: int = 4, on_status_for: Calla
             except BaseException as exc:  # noqa: BLE001 - re-raised below, in input order
                 outcomes.append((None, exc))
     errors = [exc for _res, exc in outcomes if exc is not None]
+    if errors and any(res is not None for res, _exc in outcomes):
+        raise FalBatchIncomplete([res for res, _exc in outcomes], [exc for _res, exc in outcomes])
     for exc in errors:
         if isinstance(exc, FalCancelled):
             raise exc

@@ -68,3 +68,14 @@ class FalImageDownloadError(FalError):
 
 class FalCancelled(FalError, GenerationCancelled):
     """The user cancelled; fal was asked to cancel the request."""
+
+
+class FalBatchIncomplete(FalError):
+    """Some requests of a batch completed and some failed. ``results[i]`` is request i's result (None where it
+    failed), ``errors[i]`` its failure (None where it completed): the completed results were paid for."""
+
+    def __init__(self, results: list, errors: list):
+        self.results, self.errors = results, errors
+        failed = [f"#{i + 1}: {e}" for i, e in enumerate(errors) if e is not None]
+        done = sum(r is not None for r in results)
+        super().__init__(f"{done} of {len(results)} fal requests completed; {len(failed)} failed: " + "; ".join(failed))

@@ -28,13 +28,27 @@ from .key import redact
 from .settings import CancelCheck, FalSettings, FalStatus, StatusCallback, log
 
 
+def received_by_fal(response) -> str | None:
+    """The request id when fal itself answered (so a submit reached it and may be billed), else None.
+
+    fal-client's own rule (``_maybe_retry_request``): only a 5xx *without* an ``x-fal-request-id`` header is an
+    ingress error, one that never reached fal and may be sent again. A 429 is a refusal (nothing was queued), so
+    it is retried too. fal-client has no public function for this test; it is written once, here.
+    """
+    if response.status_code == 429:
+        return None
+    return response.headers.get("x-fal-request-id") or None
+
+
 class Transient(Exception):
     """A failure worth retrying: raised from the transport so fal-client's own retry loop passes it up."""
 
-    def __init__(self, kind: str, message: str, status_code: int | None = None, sent: bool = True):
+    def __init__(self, kind: str, message: str, status_code: int | None = None, sent: bool = True,
+                 request_id: str | None = None):
         self.kind = kind  # "http", "timeout", "connection"
         self.status_code = status_code
         self.sent = sent  # whether the request may have reached fal
+        self.request_id = request_id  # fal's id for it, when fal answered
         super().__init__(message)
 
 
@@ -88,8 +102,9 @@ def make_transport(settings: FalSettings):
                         text = response.text[:300]
                 finally:
                     response.close()
-                # fal did not accept the request: retrying a submit cannot pay twice
-                raise Transient("http", text.strip(), status_code=response.status_code, sent=False)
+                received = received_by_fal(response)
+                raise Transient("http", text.strip(), status_code=response.status_code, sent=received is not None,
+                                request_id=received)
             return response
 
         def close(self):
@@ -234,12 +249,18 @@ def call_with_retries(waiter: Waiter, fn, what: str, settings: FalSettings, requ
 
 def transient_error(exc: Transient, what: str, retries: int, request_id: str | None, submit: bool) -> FalError:
     tried = f" after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else ""
+    request_id = request_id or (exc.request_id if submit else None)
     rid = f" (request {request_id})" if request_id else ""
     text = redact(exc)
     recover = (f" The request may still finish: fetch it later by id {request_id}." if request_id else "")
     if exc.kind == "http" and exc.status_code == 429:
         return FalRateLimited(f"fal is rate-limiting this key (HTTP 429){tried} while {what}{rid}: {text}. "
                               f"Lower the concurrency or try again later.{recover}", request_id)
+    if exc.kind == "http" and submit and exc.sent:
+        return FalServerError(
+            f"fal received the submission but answered HTTP {exc.status_code}{tried}{rid}: {text}. It was not sent "
+            f"again (that would be billed twice).{recover} If it never finishes, try again later.",
+            exc.status_code, request_id)
     if exc.kind == "http":
         return FalServerError(f"fal had a server error (HTTP {exc.status_code}){tried} while {what}{rid}: {text}. "
                               f"Try again later.{recover}", exc.status_code, request_id)
