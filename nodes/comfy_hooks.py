@@ -93,10 +93,13 @@ class Progress:
 
 
 def send_status(event: str, data: dict) -> None:
-    """A custom websocket message to the frontend (``api.addEventListener(event, ...)``)."""
+    """A custom websocket message to the frontend (``api.addEventListener(event, ...)``), sent only to the client
+    that queued the running prompt (it carries request ids and fal's logs)."""
     try:
         from server import PromptServer  # type: ignore
 
-        PromptServer.instance.send_sync(event, data)
+        client = PromptServer.instance.client_id
+        if client is not None:
+            PromptServer.instance.send_sync(event, data, client)
     except Exception:
         pass

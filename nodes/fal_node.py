@@ -12,7 +12,7 @@ import json
 import threading
 from pathlib import Path
 
-from ..pipeline.fal.errors import FalCancelled, FalValidationError
+from ..pipeline.fal.errors import FalBatchIncomplete, FalCancelled, FalError, FalValidationError
 from ..pipeline.fal.key import KEY_FILE_DIRNAME, KEY_FILE_NAME
 from ..pipeline.request import GenerationRequest
 from .comfy_hooks import CATEGORY, Progress, folder_paths, log, processing_interrupted, send_status, throw_if_interrupted
@@ -131,7 +131,7 @@ class SDXLCNFalImg2Img:
         return {
             "required": {
                 **image_inputs(),
-                **request_widgets(),
+                **_fal_widgets(),
             },
             "optional": {
                 "loras": ("STRING", {
@@ -187,14 +187,64 @@ class SDXLCNFalImg2Img:
 
     @staticmethod
     def _requests(image, control_image, loras, sync_mode, widgets) -> list[GenerationRequest]:
-        return build_requests(widgets, image, control_image, loras=parse_loras(loras), sync_mode=bool(sync_mode))
+        requests = build_requests(widgets, image, control_image, loras=parse_loras(loras), sync_mode=bool(sync_mode))
+        refuse_edge_maps(requests)
+        return requests
 
     @staticmethod
     def _run(requests, reporter: _Reporter, max_concurrency: int, common):
         from ..pipeline.fal.client import run_remote_batch
 
-        return run_remote_batch(requests, max_concurrency=max_concurrency, on_status_for=reporter.for_request,
-                                cancel_check=reporter.cancel_check, **common)
+        try:
+            return run_remote_batch(requests, max_concurrency=max_concurrency, on_status_for=reporter.for_request,
+                                    cancel_check=reporter.cancel_check, **common)
+        except FalBatchIncomplete as exc:
+            raise _keep_completed(exc) from None
+
+
+def refuse_edge_maps(requests) -> None:
+    """fal runs Canny on the control image itself: an edge map sent to it gives edges of edges."""
+    import numpy as np
+
+    from ..pipeline.canny import looks_like_edge_map
+
+    for i, r in enumerate(requests):
+        if not r.apply_canny or looks_like_edge_map(np.asarray(r.control_image_url.convert("RGB"))):
+            raise FalValidationError(
+                "control_image", f"(request {i + 1}) is an edge map (e.g. from the Canny Edges node), but fal runs "
+                "Canny on the control image itself and would find the edges of the edges. Connect the source "
+                "picture (the Canny node's input) to control_image; to run on an edge map, use the local sampler "
+                "with apply_canny off")
+
+
+def _keep_completed(exc: FalBatchIncomplete) -> FalError:
+    """Save the images of the requests that completed (paid for) to ComfyUI's output folder; the error names them
+    and the failed requests' ids."""
+    saved = []
+    fp = folder_paths()
+    out = Path(fp.get_output_directory()) if fp is not None and hasattr(fp, "get_output_directory") else None
+    for i, result in enumerate(exc.results):
+        if result is None or out is None:
+            continue
+        for j, img in enumerate(result.images):
+            path = out / f"sdxlcn_fal_batch_{i + 1:02d}_{j:02d}_seed{result.seed}.png"
+            img.save(path)
+            saved.append(path.name)
+    failed = [f"#{i + 1}" + (f" (request {e.request_id})" if getattr(e, "request_id", None) else "") + f": {e}"
+              for i, e in enumerate(exc.errors) if e is not None]
+    kept = (f"The completed images were saved to the output folder: {', '.join(saved)}." if saved else
+            "The completed results are in the error's .results.")
+    return FalError(f"{len(failed)} of {len(exc.errors)} fal requests failed ({'; '.join(failed)}). {kept} "
+                    "Fetch a failed request that has an id later with the node's request_id input.")
+
+
+def _fal_widgets() -> dict:
+    """The sampler's widgets, with the tooltips that differ on fal."""
+    widgets = request_widgets()
+    kind, opts = widgets["seed"]
+    widgets["seed"] = (kind, {**opts, "tooltip": "fal's seed for the request: fal seeds a request's num_images once "
+                                                 "(not seed + i per image as the local sampler does)."})
+    return widgets
 
 
 def run_requests_on_fal(requests, unique_id=None, max_concurrency: int = 4, timeout_s: float = 600.0):

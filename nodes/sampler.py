@@ -97,6 +97,10 @@ def _fall_back_or_raise(exc: BaseException, fallback: str, requests, unique_id):
     reason = local_failure_reason(exc)
     if reason is None:
         raise exc
+    if not all(r.apply_canny for r in requests):
+        raise RuntimeError(f"{reason}, and fallback to fal needs the source control image: fal runs Canny itself, "
+                           "and this sampler's control image is already an edge map (apply_canny off). Connect the "
+                           "source picture to control_image with apply_canny on to allow the fallback") from exc
     local_loras = [l.path for r in requests for l in r.loras if not l.path.startswith(("http://", "https://"))]
     if local_loras:
         raise RuntimeError(f"{reason}, and fallback to fal cannot use local LoRA files ({', '.join(local_loras)}): "

@@ -39,3 +39,16 @@ def canny_image(image, low_threshold=DEFAULT_LOW_THRESHOLD, high_threshold=DEFAU
     from PIL import Image
 
     return Image.fromarray(canny_edges(np.asarray(image.convert("RGB")), low_threshold, high_threshold, l2_gradient))
+
+
+def looks_like_edge_map(rgb: np.ndarray) -> bool:
+    """Whether an 8-bit RGB image is a Canny edge map (grey levels 0 and 255 only, mostly black), not a picture:
+    sent to fal, which runs Canny itself, it would give edges of edges."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
+        return False
+    if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+        return False
+    grey = rgb[..., 0]
+    if not np.isin(grey, (0, 255)).all():
+        return False
+    return float((grey == 255).mean()) < 0.5

@@ -84,6 +84,7 @@ class Behaviour:
     image_status: int = 200  # HTTP status of the result image files
     completed_error: str | None = None  # COMPLETED with this error
     fail_prompts: list = field(default_factory=list)  # requests with one of these prompts complete with an error
+    fail_seeds: list = field(default_factory=list)  # same, by seed
     nsfw: list | None = None  # has_nsfw_concepts to report
     reject: list = field(default_factory=list)  # extra 422 problems ({loc, msg, type}) for every request
 
@@ -298,7 +299,7 @@ class FalTestServer:
             body["metrics"] = {"inference_time": 0.01}
             if b.completed_error:
                 body["error"] = b.completed_error
-            elif job.args.get("prompt") in b.fail_prompts:
+            elif job.args.get("prompt") in b.fail_prompts or job.args.get("seed") in b.fail_seeds:
                 body["error"] = f"runner failed for prompt {job.args.get('prompt')!r}"
         return self._send(h, 200, body)
 
@@ -441,11 +442,13 @@ def fal(fal_test_server, monkeypatch):
 
 @pytest.fixture
 def user_dir(tmp_path, monkeypatch):
-    """ComfyUI's ``folder_paths`` is absent in tests: a stand-in giving the user directory."""
+    """ComfyUI's ``folder_paths`` is absent in tests: a stand-in giving the user directory (and an output folder)."""
     import sys
     import types
 
-    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_user_directory=lambda: str(tmp_path)))
+    (tmp_path / "output").mkdir(exist_ok=True)
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(
+        get_user_directory=lambda: str(tmp_path), get_output_directory=lambda: str(tmp_path / "output")))
     return tmp_path / "sdxl_controlnet_img2img"
 
 

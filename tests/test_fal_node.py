@@ -23,7 +23,7 @@ from sdxl_controlnet_img2img.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME
 from sdxl_controlnet_img2img.nodes.fal_node import SDXLCNFalImg2Img, parse_loras  # noqa: E402
 from sdxl_controlnet_img2img.nodes.sampler import SDXLCNImg2Img  # noqa: E402
 from sdxl_controlnet_img2img.pipeline import request_log  # noqa: E402
-from sdxl_controlnet_img2img.pipeline.fal.errors import FalTimeout, FalValidationError  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.fal.errors import FalError, FalTimeout, FalValidationError  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.fal.client import run_remote  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest  # noqa: E402
 
@@ -51,8 +51,10 @@ def test_same_inputs_and_outputs_as_the_local_sampler_and_registered():
     local = SDXLCNImg2Img.INPUT_TYPES()["required"]
     expected = [k for k in local if k not in ("pipeline", "apply_canny")]  # apply_canny: fal always runs Canny
     assert list(fal_types["required"]) == expected
-    for k in expected:
-        assert fal_types["required"][k] == local[k]
+    for k in expected:  # the same types, defaults and ranges (tooltips may say what differs on fal)
+        strip = lambda spec: (spec[0], {o: v for o, v in (spec[1] if len(spec) > 1 else {}).items() if o != "tooltip"})  # noqa: E731
+        assert strip(fal_types["required"][k]) == strip(local[k])
+    assert "not seed + i" in fal_types["required"]["seed"][1]["tooltip"]
     assert list(fal_types["optional"]) == ["loras", "sync_mode", "request_id", "max_concurrency", "timeout_s"]
     assert SDXLCNFalImg2Img.RETURN_TYPES == SDXLCNImg2Img.RETURN_TYPES
     assert SDXLCNFalImg2Img.RETURN_NAMES == SDXLCNImg2Img.RETURN_NAMES
@@ -153,3 +155,34 @@ def test_key_file_in_user_dir_and_key_absent_from_outputs(fal, user_dir, monkeyp
     assert out[0].shape[0] == 1
     text = repr(out[1:]) + caplog.text + request_log.log_path(user_dir).read_text()
     assert TEST_KEY not in text and "test-secret-not-real" not in text
+
+
+def test_an_edge_map_is_refused_before_anything_is_paid(fal, user_dir):
+    """The documented swap (local sampler -> fal node) keeps the Canny node's output on control_image: fal would
+    run Canny on the edges again. Refused, naming the input to connect, with nothing sent."""
+    from pictures import make_test_image
+
+    from sdxl_controlnet_img2img.pipeline.canny import canny_edges  # what the Canny Edges node outputs
+
+    fal.reset()
+    rgb = np.asarray(make_test_image(96, 64, 3))
+    picture = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None]
+    edges = torch.from_numpy(canny_edges(rgb).astype(np.float32) / 255.0)[None]
+    with pytest.raises(FalValidationError, match=r"control_image: .*edge map.*Connect the source picture"):
+        SDXLCNFalImg2Img().generate(picture, edges, **widgets())
+    assert fal.submissions == 0
+    result = SDXLCNFalImg2Img().generate(picture, picture, **widgets())  # the source picture itself goes
+    assert result[0].shape[0] == 1 and fal.submissions == 1
+
+
+def test_a_batch_with_a_failed_request_keeps_the_paid_images(fal, user_dir):
+    """3 init images = 3 requests; the second fails on fal: the two completed (paid) results are saved to the
+    output folder and the error names them and the failed request's id."""
+    requests = SDXLCNFalImg2Img._requests(batch(3), batch(1), "", False, widgets())
+    fal.reset(fail_seeds=[requests[1].seed])
+    with pytest.raises(FalError) as err:
+        SDXLCNFalImg2Img().generate(batch(3), batch(1), **widgets())
+    saved = sorted(p.name for p in (user_dir.parent / "output").iterdir())
+    assert len(saved) == 2 and all(name in str(err.value) for name in saved)
+    failed_id = next(rid for rid, job in fal.jobs.items() if job.args["seed"] == requests[1].seed)
+    assert "1 of 3 fal requests failed" in str(err.value) and failed_id in str(err.value)

@@ -105,3 +105,20 @@ def test_image_size_none_from_a_request_file_is_not_sent_to_fal():
     req = GenerationRequest.from_dict({"prompt": "x", "image_url": "a.png", "control_image_url": "b.png",
                                        "image_size": "none"})
     assert "image_size" not in req.to_fal_arguments()
+
+
+def test_pending_requests_are_listed_and_fetched_by_the_cli(fal, tmp_path, capsys):
+    from sdxl_controlnet_img2img.pipeline.cli import main
+
+    fal.reset(submit_accepted_statuses=[500])
+    with pytest.raises(FalServerError):
+        run_remote(_request("a lost one"), request_log_dir=tmp_path, settings=fast_settings())
+    rid = next(iter(fal.jobs))
+    assert main(["fal-pending", "--request-log-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert rid in out and "a lost one" in out
+    assert main(["fal-pending", "--request-log-dir", str(tmp_path), "--fetch", str(tmp_path / "got")]) == 0
+    assert (tmp_path / "got" / rid / "image_000.png").is_file() and fal.submissions == 1
+    assert request_log.pending(tmp_path) == []
+    assert main(["fal-pending", "--request-log-dir", str(tmp_path)]) == 0
+    assert "no pending fal requests" in capsys.readouterr().err

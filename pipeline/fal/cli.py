@@ -38,6 +38,48 @@ def add_fal_fetch_parser(sub) -> None:
     f.add_argument("--endpoint", default=None, help="fal endpoint id (default: from the request log, else the SDXL one)")
     _add_common(f)
     f.set_defaults(func=cmd_fal_fetch)
+    p = sub.add_parser("fal-pending", help="list submitted fal requests whose result was never fetched (paid, "
+                                           "recoverable), and optionally fetch them")
+    p.add_argument("--request-log-dir", required=True,
+                   help="folder of fal_requests.jsonl: the --out folder of 'generate --remote fal', or ComfyUI's "
+                        "user/sdxl_controlnet_img2img")
+    p.add_argument("--fetch", metavar="OUT", default=None,
+                   help="fetch each pending result into OUT/<request id>/ (nothing is submitted or billed again)")
+    p.add_argument("--fal-key-file", default=None, help="a file whose first line is the fal key (for --fetch)")
+    p.add_argument("--fal-timeout", type=float, default=600.0, help="seconds to wait for each result (default 600)")
+    p.set_defaults(func=cmd_fal_pending)
+
+
+def cmd_fal_pending(args) -> int:
+    from .. import request_log
+    from ..result import write_result
+    from .client import ENDPOINT, fetch_remote_result
+
+    pending = request_log.pending(args.request_log_dir)
+    if not pending:
+        print(f"no pending fal requests in {request_log.log_path(args.request_log_dir)}", file=sys.stderr)
+        return 0
+    for rec in pending:
+        state = rec.get("last_event", "submitted")
+        print(f"{rec['request_id']}  {rec.get('time', '?')}  {state:16s}  {rec.get('prompt', '')[:60]!r}")
+    if args.fetch is None:
+        print(f"{len(pending)} pending; fetch them with --fetch OUT (or one with fal-fetch --request-id ID)",
+              file=sys.stderr)
+        return 0
+    failed = 0
+    for rec in pending:
+        rid = rec["request_id"]
+        try:
+            result = fetch_remote_result(rid, key_file=args.fal_key_file, endpoint=rec.get("endpoint") or ENDPOINT,
+                                         timeout_s=args.fal_timeout, request_log_dir=args.request_log_dir)
+        except SDXLCNError as exc:
+            failed += 1
+            print(f"{rid}: {exc}", file=sys.stderr)
+            continue
+        doc = write_result(result, Path(args.fetch) / rid, extra={"request_id": rid})
+        for img in doc["images"]:
+            print(img["url"])
+    return 2 if failed else 0
 
 
 class _Interrupt:
