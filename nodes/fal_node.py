@@ -144,8 +144,9 @@ class SDXLCNFalImg2Img:
                 "request_id": ("STRING", {
                     "default": "",
                     "tooltip": "Fetch the finished result of an earlier fal request by id (from the server log or "
-                               "user/sdxl_controlnet_img2img/fal_requests.jsonl) instead of submitting (and paying) "
-                               "again. Several ids: one per line."}),
+                               "user/sdxl_controlnet_img2img/fal_requests.jsonl; `python -m sdxl_controlnet_img2img "
+                               "fal-pending --request-log-dir <that folder>` lists the unfetched ones) instead of "
+                               "submitting (and paying) again. Several ids: one per line."}),
                 "max_concurrency": ("INT", {
                     "default": 4, "min": 1, "max": 16,
                     "tooltip": "An input batch of B images is B fal requests; at most this many run at once."}),
