@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from ..pipeline.local.generate import generate
-from ..pipeline.request import GenerationRequest
+from ..pipeline.local.schedulers import SCHEDULER_TOOLTIP
+from ..pipeline.request import DEFAULT_SCHEDULER, SCHEDULERS, GenerationRequest
 from .comfy_hooks import CATEGORY, Progress, log, send_status
 from .convert import pil_to_image
 from .sampler_inputs import (
@@ -46,14 +47,26 @@ class SDXLCNImg2Img:
                     "default": "off",
                     "tooltip": "fal: when local generation cannot run (no usable GPU, out of memory), run the same "
                                "request on fal instead (billed by fal; needs FAL_KEY). off: fail with the local error."}),
+                # added later: after the older inputs, so saved workflows' widget values keep their places
+                "scheduler": (list(SCHEDULERS), {"default": DEFAULT_SCHEDULER, "tooltip": SCHEDULER_TOOLTIP}),
+                "control_start": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "Local only: the fraction of the steps at which the ControlNet starts acting "
+                               "(0 = from the first step, as fal does), like Apply ControlNet's start_percent."}),
+                "control_end": ("FLOAT", {
+                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "Local only: the fraction of the steps after which the ControlNet stops (1 = to the "
+                               "last step, as fal does); lower it to let the prompt finish the details."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def sample(self, pipeline, image, control_image, apply_canny=True, fallback="off", unique_id=None, **widgets):
+    def sample(self, pipeline, image, control_image, apply_canny=True, fallback="off", scheduler=DEFAULT_SCHEDULER,
+               control_start=0.0, control_end=1.0, unique_id=None, **widgets):
         seed = int(widgets["seed"])
         requests = build_requests(widgets, image, control_image, apply_canny=bool(apply_canny),
-                                  loras=list(getattr(pipeline, "loras", ())))
+                                  loras=list(getattr(pipeline, "loras", ())), local_scheduler=scheduler,
+                                  local_control_start=float(control_start), local_control_end=float(control_end))
 
         images, flags, prompt = [], [], requests[0].prompt
         try:
@@ -101,6 +114,11 @@ def _fall_back_or_raise(exc: BaseException, fallback: str, requests, unique_id):
         raise RuntimeError(f"{reason}, and fallback to fal needs the source control image: fal runs Canny itself, "
                            "and this sampler's control image is already an edge map (apply_canny off). Connect the "
                            "source picture to control_image with apply_canny on to allow the fallback") from exc
+    local = sorted({name for r in requests for name in r.local_only_changes()})
+    if local:
+        raise RuntimeError(f"{reason}, and fallback to fal cannot honour the local-only {', '.join(local)} (fal "
+                           "uses its own sampler, the ControlNet in every step): set them to their defaults to allow "
+                           "the fallback") from exc
     local_loras = [l.path for r in requests for l in r.loras if not l.path.startswith(("http://", "https://"))]
     if local_loras:
         raise RuntimeError(f"{reason}, and fallback to fal cannot use local LoRA files ({', '.join(local_loras)}): "

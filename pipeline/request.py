@@ -18,6 +18,12 @@ from .sizes import parse_image_size
 
 MAX_SEED = 2**64 - 1
 MAX_NUM_IMAGES = 8
+# local-only sampler choices (pipeline/local/schedulers.py builds each from the loaded scheduler's config)
+DEFAULT_SCHEDULER = "default"
+SCHEDULERS = (DEFAULT_SCHEDULER, "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "unipc",
+              "ddim")
+LOCAL_ONLY_DEFAULTS = {"apply_canny": True, "local_scheduler": DEFAULT_SCHEDULER, "local_control_start": 0.0,
+                       "local_control_end": 1.0}
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,11 @@ class GenerationRequest:
     expand_prompt: bool = False
     sync_mode: bool = False
     apply_canny: bool = True
+    # local only, never sent to fal (prefixed so they cannot collide with a field fal adds): the sampler and the
+    # fraction of the steps in which the ControlNet acts, as ComfyUI's Apply ControlNet start/end percent
+    local_scheduler: str = DEFAULT_SCHEDULER
+    local_control_start: float = 0.0
+    local_control_end: float = 1.0
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -96,7 +107,19 @@ class GenerationRequest:
             if not isinstance(getattr(self, name), bool):
                 raise RequestError(name, f"must be true or false, got {getattr(self, name)!r}")
         parse_loras(self.loras)
+        if self.local_scheduler not in SCHEDULERS:
+            raise RequestError("local_scheduler", f"{self.local_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        _check_number("local_control_start", self.local_control_start, 0.0, 1.0)
+        _check_number("local_control_end", self.local_control_end, 0.0, 1.0)
+        if self.local_control_start > self.local_control_end:
+            raise RequestError("local_control_start", f"{self.local_control_start} is after local_control_end "
+                                                      f"{self.local_control_end}: the ControlNet would act in no step; "
+                                                      "set the start at or before the end")
         return self
+
+    def local_only_changes(self) -> dict:
+        """The local-only fields set away from their defaults (what fal cannot honour)."""
+        return {k: getattr(self, k) for k, v in LOCAL_ONLY_DEFAULTS.items() if getattr(self, k) != v}
 
     # ---- derived values ------------------------------------------------------------------
     @property

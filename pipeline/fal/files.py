@@ -77,8 +77,13 @@ def fal_arguments(request: GenerationRequest) -> dict:
                 f"loras[{i}].path",
                 f"{lora.path!r} is a local file; fal needs a LoRA URL (https://...). Upload it (e.g. to Hugging "
                 "Face or fal storage) or run locally")
-    if not request.apply_canny:
-        log.warning("fal: apply_canny=false is local-only; fal always runs Canny on the control image")
+    local = request.local_only_changes()
+    if local:
+        name = next(iter(local))
+        raise FalValidationError(
+            name, f"is {local[name]!r}, a local-only setting fal cannot honour (fal runs Canny on the control image "
+                  "itself, with its own sampler, the ControlNet acting in every step); leave it at its default to "
+                  "run on fal, or run locally")
     return args
 
 

@@ -11,6 +11,7 @@ from ..errors import RequestError
 from ..images import load_image
 from ..request import GenerationRequest
 from ..result import GenerationResult
+from .schedulers import use_scheduler
 from .vae_decode import LatentsKeeper, auto_vae_tiling, to_pil_checked
 from ..sizes import cover_resize, parse_image_size, target_size
 
@@ -72,6 +73,8 @@ def pipeline_call_kwargs(request: GenerationRequest, inputs: PreparedInputs, pro
         "num_inference_steps": int(request.num_inference_steps),
         "guidance_scale": float(request.guidance_scale),
         "controlnet_conditioning_scale": float(request.controlnet_conditioning_scale),
+        "control_guidance_start": float(request.local_control_start),
+        "control_guidance_end": float(request.local_control_end),
         "num_images_per_prompt": 1,
         "generator": make_generator(request.image_seed(index)),
         "output_type": "np",  # checked for NaN/inf, then made PIL images as diffusers would (vae_decode.py)
@@ -186,6 +189,7 @@ def generate(
 
     activate(pipe, request.loras)
     timings["lora"] = time.perf_counter() - t
+    use_scheduler(pipe, request.local_scheduler)
 
     per_image = request.steps_to_run
     total = per_image * request.num_images
