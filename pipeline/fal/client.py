@@ -122,7 +122,7 @@ def run_remote(
 ) -> GenerationResult:
     """Run ``request`` on fal and return the same result shape as the local path.
 
-    ``key`` / ``key_file``: see :func:`fal_key.resolve_key` (environment first, then the file).
+    ``key`` / ``key_file``: see :func:`.key.resolve_key` (environment first, then the file).
     ``on_status(FalStatus)`` is called on every state change, queue position and new log lines.
     ``cancel_check()`` returning true cancels: fal is asked to cancel and :class:`FalCancelled` is
     raised at once. ``timeout_s`` bounds the whole wait (:class:`FalTimeout`, with the request id).
