@@ -126,6 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed requests per row first (default 1)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="half precision to use (default fp16)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the card's dense 16-bit peak for the MFU column (default: from bench/flops.py's table)")
     ap.add_argument("--dry-run-cpu", action="store_true",
                     help="smoke-test this script's code path on the CPU with tiny models at 64x64 (fp32; no offload "
                          "or compile rows; the figures mean nothing)")
@@ -175,6 +177,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from sdxl_controlnet_img2img.pipeline.local import loading
+    from sdxl_controlnet_img2img.pipeline.local.placement import place
     from sdxl_controlnet_img2img.pipeline.local.generate import generate
     from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
     elif args.checkpoint:
         weights = f"real: {args.checkpoint} + {args.controlnet}"
         loaded = loading.build_pipeline(args.checkpoint, args.controlnet,
-                                        loading.LoadOptions(device=device, dtype=dtype))
+                                        loading.LoadOptions(device=device, dtype=dtype, memory_mode="none"))
         comps = {k: v for k, v in loaded.components.items() if k != "controlnet"}
         controlnet = loaded.controlnet
         del loaded
@@ -262,7 +265,7 @@ def main(argv=None) -> int:
         if channels_last:
             for m in (pipe.unet, pipe.controlnet, pipe.vae):
                 m.to(memory_format=torch.channels_last)
-        loading._place(pipe, loading.LoadOptions(device=device, dtype=dtype, **opts_kw).resolved())
+        place(pipe, loading.LoadOptions(device=device, dtype=dtype, **{"memory_mode": "none", **opts_kw}).resolved())
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -307,6 +310,17 @@ def main(argv=None) -> int:
                     m.to(device)
     pipe = None
 
+    # model FLOP utilisation: the FLOPs of one image (counted on meta tensors, bench/flops.py) / time / the card's peak
+    from flops import flops_per_image, peak_tflops
+
+    image_flops = flops_per_image(size, size, steps_run)["total"]  # full-size SDXL (the dry run's tiny models: n/a)
+    peak = args.peak_tflops or (peak_tflops(gpu) if cuda else None)
+    print(f"\none image = {image_flops / 1e12:.1f} TFLOP; peak {peak or '?'} TFLOP/s ({gpu})")
+    for r in results if cuda else ():
+        r["tflops_per_s"] = image_flops / r["s_per_request"] / 1e12
+        r["mfu"] = r["tflops_per_s"] / peak if peak else None
+        mfu = f"{r['mfu'] * 100:5.1f} %" if r["mfu"] is not None else "   ?"
+        print(f"{r['row']:<16}{r['tflops_per_s']:>9.1f} TFLOP/s   MFU {mfu}")
     by = {r["row"]: r for r in results}
     print()
     checks = []
@@ -323,6 +337,9 @@ def main(argv=None) -> int:
         if "+compile" in by:
             checks.append((by["+compile"]["s_per_request"] <= 1.5,
                            f"with compile {by['+compile']['s_per_request']:.2f} s/request (target <= 1.5 s)"))
+            if by["+compile"].get("mfu") is not None:
+                checks.append((by["+compile"]["mfu"] >= 0.45,
+                               f"with compile MFU {by['+compile']['mfu'] * 100:.1f} % (target >= 45 %)"))
     for r in results:
         limit = 8.0 if r["row"] == "model offload" else 12.0
         if r["row"] != "diffusers" and cuda:
