@@ -25,7 +25,9 @@ def resolve_memory_mode(pipe, device: str, free_bytes: int | None = None) -> str
     memory cannot be read; otherwise from the free memory (``free_bytes``, default: as torch reads it) and the models'
     sizes (:func:`memory_plan.choose_memory_mode`)."""
     free = free_bytes if free_bytes is not None else free_memory_bytes(device)
-    if free is None:
+    if device.startswith(("cpu", "mps")):
+        mode, why = "none", f"on {device} the models share the machine's memory: nothing to offload"
+    elif free is None:
         mode, why = "none", f"the device {device} does not report its free memory"
     else:
         mode, why = choose_memory_mode(free, component_bytes(pipe))
