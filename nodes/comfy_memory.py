@@ -148,9 +148,10 @@ def adopt(pipe, mode: str) -> None:
     container_cls, patcher_cls = _container_and_patcher_classes()
     from comfy.patcher_extension import CallbacksMP  # type: ignore
 
-    container = container_cls(pipe)
-    size = sum(t.numel() * t.element_size() for t in (*container.parameters(), *container.buffers()))
-    patcher = patcher_cls(container, load_device=device, offload_device=mm.unet_offload_device(), size=size)
+    from ..pipeline.local.memory_plan import component_bytes
+
+    size = sum(component_bytes(pipe).values())
+    patcher = patcher_cls(container_cls(pipe), load_device=device, offload_device=mm.unet_offload_device(), size=size)
     patcher.add_callback_with_key(CallbacksMP.ON_DETACH, CALLBACK_KEY, _on_detach)
     _PATCHERS[pipe] = patcher
 

@@ -11,9 +11,9 @@ from ..errors import RequestError
 from ..images import load_image
 from ..request import GenerationRequest
 from ..result import GenerationResult
+from ..sizes import cover_resize, parse_image_size, target_size
 from .schedulers import use_scheduler
 from .vae_decode import LatentsKeeper, auto_vae_tiling, to_pil_checked
-from ..sizes import cover_resize, parse_image_size, target_size
 
 # on_step(step, total, latents): called after every denoising step; raise to cancel.
 StepCallback = Callable[[int, int, object], None]

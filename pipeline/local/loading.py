@@ -42,7 +42,7 @@ from .quiet import drop_known_noise
 class LoadOptions:
     """How to load and place the pipeline. Every field is part of the cache key."""
 
-    device: str | None = None  # None: cuda, else mps, else cpu
+    device: str | None = None  # None: the best available (devices.default_device)
     dtype: object = None  # None/"auto": bf16 (or fp16) on CUDA, fp16 on MPS, fp32 on CPU; or "fp16"/torch.float16...
     memory_mode: str = "auto"  # auto | none | model_cpu_offload | sequential_cpu_offload (memory_plan.py)
     vae_tiling: bool = False  # decode/encode in tiles: large images on small GPUs
@@ -417,10 +417,6 @@ class PipelineRef:
     def get(self):
         return load_pipeline(self.base, self.controlnet, self.options, before_load=self.before_load,
                              after_load=self.after_load)
-
-    def is_loaded(self) -> bool:
-        """Whether the cache holds this pipeline now (nothing is loaded to find out)."""
-        return _cache.has(_cache_key(self.base, self.controlnet, self.options.resolved()))
 
 
 def load_pipeline(base, controlnet, options: LoadOptions | None = None, *, device=None, dtype=None,

@@ -58,10 +58,6 @@ class SingleModelCache:
                 return True
             return False
 
-    def has(self, key) -> bool:
-        with self._lock:
-            return self._value is not None and self._key == key
-
     def current(self):
         with self._lock:
             return self._value

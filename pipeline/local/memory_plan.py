@@ -42,16 +42,20 @@ def component_bytes(pipe) -> dict[str, int]:
     return out
 
 
-def working_bytes(width: int, height: int, vae_bytes_per_element: int = 4) -> int:
-    """Estimated peak working memory of one image at ``width`` x ``height``: the larger of denoising and decoding."""
-    mp = width * height / MEGAPIXEL
-    vae = VAE_DECODE_BYTES_PER_MP.get(vae_bytes_per_element, VAE_DECODE_BYTES_PER_MP[4])
-    return int(mp * max(DENOISE_BYTES_PER_MP, vae))
+def denoise_bytes(width: int, height: int) -> int:
+    """Estimated working memory of the UNet + ControlNet pass (with CFG) at ``width`` x ``height``."""
+    return int(width * height / MEGAPIXEL * DENOISE_BYTES_PER_MP)
 
 
 def vae_decode_bytes(width: int, height: int, vae_bytes_per_element: int = 4) -> int:
-    return int(width * height / MEGAPIXEL * VAE_DECODE_BYTES_PER_MP.get(vae_bytes_per_element,
-                                                                         VAE_DECODE_BYTES_PER_MP[4]))
+    """Estimated working memory of one VAE decode at ``width`` x ``height``."""
+    per_mp = VAE_DECODE_BYTES_PER_MP.get(vae_bytes_per_element, VAE_DECODE_BYTES_PER_MP[4])
+    return int(width * height / MEGAPIXEL * per_mp)
+
+
+def working_bytes(width: int, height: int, vae_bytes_per_element: int = 4) -> int:
+    """Estimated peak working memory of one image at ``width`` x ``height``: the larger of denoising and decoding."""
+    return max(denoise_bytes(width, height), vae_decode_bytes(width, height, vae_bytes_per_element))
 
 
 def choose_memory_mode(free_bytes: int, sizes: dict[str, int], width: int = 1024, height: int = 1024,
@@ -61,7 +65,7 @@ def choose_memory_mode(free_bytes: int, sizes: dict[str, int], width: int = 1024
     total = sum(sizes.values())
     stage = sum(sizes.get(n, 0) for n in STAGES)
     work = working_bytes(width, height, vae_bytes_per_element)
-    denoise = int(width * height / MEGAPIXEL * DENOISE_BYTES_PER_MP)
+    denoise = denoise_bytes(width, height)
     usable = free_bytes - HEADROOM_BYTES
     if total + work <= usable:
         return "none", (f"all models ({gib(total)}) and the working memory at {width}x{height} ({gib(work)}) fit "

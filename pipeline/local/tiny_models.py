@@ -81,15 +81,12 @@ def tiny_components(seed: int = 0, scale: int = 1):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
-    widths = (32 * scale, 64 * scale)
-    unet = UNet2DConditionModel(
-        block_out_channels=widths,
+    # what the tiny UNet and its ControlNet share (a ControlNet mirrors its UNet's down path)
+    shared = dict(
+        block_out_channels=(32 * scale, 64 * scale),
         layers_per_block=2,
-        sample_size=32,
         in_channels=4,
-        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -98,21 +95,11 @@ def tiny_components(seed: int = 0, scale: int = 1):
         projection_class_embeddings_input_dim=80,  # 6 * 8 + 32
         cross_attention_dim=64,
     )
+    unet = UNet2DConditionModel(sample_size=32, out_channels=4, up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                **shared)
     torch.manual_seed(seed + 1)
-    controlnet = ControlNetModel(
-        block_out_channels=widths,
-        layers_per_block=2,
-        in_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        conditioning_embedding_out_channels=(8, 16, 32, 32),  # downsamples by 8, like the VAE
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64,
-    )
+    controlnet = ControlNetModel(conditioning_embedding_out_channels=(8, 16, 32, 32),  # downsamples by 8, like the VAE
+                                 **shared)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
