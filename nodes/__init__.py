@@ -11,6 +11,7 @@ from .model_folders import register_model_folders
 from .routes import register_routes
 from .sampler import SDXLCNImg2Img
 from .fal_node import SDXLCNFalImg2Img
+from .from_comfy_node import SDXLCNFromComfyModels
 
 register_model_folders()
 install_example_inputs()
@@ -22,6 +23,7 @@ NODE_CLASS_MAPPINGS = {
     "SDXLCNCanny": SDXLCNCanny,
     "SDXLCNImg2Img": SDXLCNImg2Img,
     "SDXLCNFalImg2Img": SDXLCNFalImg2Img,
+    "SDXLCNFromComfyModels": SDXLCNFromComfyModels,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,4 +32,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SDXLCNCanny": "Canny Edges (OpenCV)",
     "SDXLCNImg2Img": "SDXL ControlNet Img2Img",
     "SDXLCNFalImg2Img": "SDXL ControlNet Img2Img (fal)",
+    "SDXLCNFromComfyModels": "SDXL ControlNet Pipeline from ComfyUI Models",
 }

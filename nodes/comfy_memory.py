@@ -167,6 +167,8 @@ def before_sampling(pipe, width: int, height: int) -> None:
     if mm is None:
         return
     release_pending()
+    if getattr(pipe, "codec", None) is not None:
+        return  # on ComfyUI's own models: its codec has ComfyUI load them before each denoise
     from ..pipeline.local.memory_plan import STAGES, component_bytes, working_bytes
 
     work = working_bytes(width, height)

@@ -13,7 +13,7 @@ from ..request import GenerationRequest
 from ..result import GenerationResult
 from ..sizes import cover_resize, parse_image_size, target_size
 from .schedulers import use_scheduler
-from .vae_decode import LatentsKeeper, auto_vae_tiling, to_pil_checked
+from .vae_decode import LatentsKeeper, auto_vae_tiling, checked_latents, to_pil_checked
 
 # on_step(step, total, latents): called after every denoising step; raise to cancel.
 StepCallback = Callable[[int, int, object], None]
@@ -26,6 +26,23 @@ class SafetyChecker(Protocol):
 
 class PromptExpander(Protocol):
     def __call__(self, prompt: str, seed: int) -> str: ...
+
+
+class Codec(Protocol):
+    """Text encoding and the VAE done outside diffusers, by a host application's own loaded models (the pipeline
+    then has skeleton text encoders and VAE: see ``skeleton.py``)."""
+
+    def encode_text(self, text: str):
+        """(embeddings ``[1, tokens, 2048]``, pooled ``[1, 1280]``) on the pipeline's device, in its dtype."""
+
+    def encode_image(self, image):
+        """The latents of a PIL image, scaled as the UNet takes them (VAE latents x its scaling factor)."""
+
+    def before_denoise(self, width: int, height: int) -> None:
+        """Make the UNet and ControlNet ready to run (the host loads them, evicting what it must)."""
+
+    def decode(self, latents) -> list:
+        """PIL images of UNet-scale latents."""
 
 
 @dataclass
@@ -117,6 +134,37 @@ def encode_request(pipe, request: GenerationRequest, inputs: PreparedInputs, pro
     return EncodedRequest(embeds, dist, dtype)
 
 
+def encode_with_codec(codec: Codec, request: GenerationRequest, inputs: PreparedInputs, prompt: str) -> EncodedRequest:
+    """The prompts and the init image encoded by ``codec``, in the form the diffusers call takes them. The negative
+    prompt is encoded even when empty, as diffusers does for a string (it zeroes only a missing one), and the two
+    embeddings are brought to one length by repetition, as a host sampler does for prompts over 77 tokens."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        positive, pooled = codec.encode_text(prompt)
+        negative, negative_pooled = codec.encode_text(request.negative_prompt)
+        length = math.lcm(positive.shape[1], negative.shape[1])
+        positive = positive.repeat(1, length // positive.shape[1], 1)
+        negative = negative.repeat(1, length // negative.shape[1], 1)
+        latents = codec.encode_image(inputs.init_image)
+    embeds = {"prompt_embeds": positive, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+              "negative_pooled_prompt_embeds": negative_pooled}
+    return EncodedRequest(embeds, latents, positive.dtype)
+
+
+def codec_latents(encoded: EncodedRequest, generator):
+    """The codec's image latents for one call. The generator first draws what diffusers' posterior sample would
+    draw, so the noise added next is the very noise the plain diffusers call adds for this seed (a host VAE gives
+    the posterior's mean, which for SDXL's VAE is within its tiny spread of a sample)."""
+    import torch
+
+    latents = encoded.latent_dist
+    torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    return latents.to(encoded.dtype)
+
+
 def image_latents(pipe, encoded: EncodedRequest, generator):
     """Image latents for one call, sampled with that call's generator as diffusers' ``prepare_latents`` samples
     them (so the generator then gives the same noise): pixel for pixel what the call would compute itself."""
@@ -141,6 +189,33 @@ def _step_callback(on_step: StepCallback, offset: int, total: int):
     return _callback
 
 
+def _denoise_each(pipe, request, prepared, prompt, on_step, encoded, codec=None) -> list:
+    """One diffusers call per image (seed + index), on shared encodings when given; the images as PIL."""
+    per_image = request.steps_to_run
+    total = per_image * request.num_images
+    images, latents = [], []
+    for index in range(request.num_images):
+        kwargs = pipeline_call_kwargs(request, prepared, prompt, index)
+        if codec is not None:  # the host's encodings; the host's VAE decodes once all images are denoised
+            kwargs.update(encoded.embeds, prompt=None, negative_prompt=None, output_type="latent",
+                          image=codec_latents(encoded, kwargs["generator"]))
+            codec.before_denoise(prepared.width, prepared.height)
+        elif encoded is not None:  # the shared encodings instead of the prompt and the init image
+            kwargs.update(encoded.embeds, prompt=None, negative_prompt=None,
+                          image=image_latents(pipe, encoded, kwargs["generator"]))
+        keeper = LatentsKeeper(_step_callback(on_step, index * per_image, total) if on_step is not None else None)
+        kwargs["callback_on_step_end"] = keeper
+        kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+        out = pipe(**kwargs).images
+        if codec is not None:
+            latents.append(checked_latents(out))
+        else:
+            images.extend(to_pil_checked(pipe, out, keeper.latents))
+    for item in latents:
+        images.extend(codec.decode(item))
+    return images
+
+
 def generate(
     pipe,
     request: GenerationRequest,
@@ -149,13 +224,17 @@ def generate(
     safety_checker: SafetyChecker | None = None,
     prompt_expander: PromptExpander | None = None,
     prepared: PreparedInputs | None = None,
+    codec: Codec | None = None,
 ) -> GenerationResult:
     """Run ``request`` on a loaded ``StableDiffusionXLControlNetImg2ImgPipeline``.
 
     A request without a seed gets a random one, returned in the result. Image ``i`` uses
     seed ``seed + i``. ``on_step`` is called after each denoising step (raise from it to cancel).
+    With a ``codec`` (a host application's text encoders and VAE), ``pipe`` is a skeleton pipeline whose UNet and
+    ControlNet hold the host's modules: LoRAs are then the host's business, not the request's.
     """
     request = request.with_seed()
+    codec = codec if codec is not None else getattr(pipe, "codec", None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if request.enable_safety_checker and safety_checker is None:
@@ -170,6 +249,9 @@ def generate(
             "is on but no prompt-expansion model is loaded; put one in models/prompt_expansion "
             "(see README, 'Prompt expansion'), or set expand_prompt to false",
         )
+    if codec is not None and request.loras:
+        raise RequestError("loras", "this pipeline runs on ComfyUI's own models: apply LoRAs with ComfyUI's LoRA "
+                                    "loader on the MODEL and CLIP before they reach it")
     if prepared is None:
         prepared = prepare_inputs(request)
     timings["prepare"] = time.perf_counter() - t0
@@ -184,28 +266,22 @@ def generate(
 
     # The request's LoRA set becomes the pipe's active set just before sampling (files already kept
     # as adapters are not read again; an empty set switches every adapter off).
-    t = time.perf_counter()
-    from .lora import activate
+    if codec is None:
+        t = time.perf_counter()
+        from .lora import activate
 
-    activate(pipe, request.loras)
-    timings["lora"] = time.perf_counter() - t
+        activate(pipe, request.loras)
+        timings["lora"] = time.perf_counter() - t
     use_scheduler(pipe, request.local_scheduler)
 
-    per_image = request.steps_to_run
-    total = per_image * request.num_images
-    images = []
     t = time.perf_counter()
-    with auto_vae_tiling(pipe, prepared.width, prepared.height):
-        encoded = encode_request(pipe, request, prepared, prompt) if request.num_images > 1 else None
-        for index in range(request.num_images):
-            kwargs = pipeline_call_kwargs(request, prepared, prompt, index)
-            if encoded is not None:  # the shared encodings instead of the prompt and the init image
-                kwargs.update(encoded.embeds, prompt=None, negative_prompt=None,
-                              image=image_latents(pipe, encoded, kwargs["generator"]))
-            keeper = LatentsKeeper(_step_callback(on_step, index * per_image, total) if on_step is not None else None)
-            kwargs["callback_on_step_end"] = keeper
-            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
-            images.extend(to_pil_checked(pipe, pipe(**kwargs).images, keeper.latents))
+    if codec is None:
+        with auto_vae_tiling(pipe, prepared.width, prepared.height):
+            encoded = encode_request(pipe, request, prepared, prompt) if request.num_images > 1 else None
+            images = _denoise_each(pipe, request, prepared, prompt, on_step, encoded)
+    else:
+        images = _denoise_each(pipe, request, prepared, prompt, on_step,
+                               encode_with_codec(codec, request, prepared, prompt), codec)
     timings["inference"] = time.perf_counter() - t
 
     flags = [False] * len(images)

@@ -128,3 +128,13 @@ def decode_fp32(pipe, latents):
         return pipe.image_processor.postprocess(image, output_type="np")
     finally:
         vae.to(dtype=dtype)
+
+
+def checked_latents(latents):
+    """``latents`` when every value is finite; otherwise a clear error (a decode would give a black image)."""
+    import torch
+
+    if not torch.isfinite(latents).all():
+        raise RuntimeError("the denoised latents have NaN/inf values (an overflow in the model's dtype): load the "
+                           "checkpoint in another precision (e.g. ComfyUI's --bf16-unet or --fp32-unet)")
+    return latents

@@ -1,0 +1,234 @@
+"""Run by tests/test_comfy_graft.py under ComfyUI's interpreter (``--cpu``), with ComfyUI imported from its checkout.
+
+Builds tiny SDXL-shaped models twice from the same random weights: as diffusers models (our own path) and as
+ComfyUI's own objects (``comfy.model_base.SDXL`` in a ``ModelPatcher``, ComfyUI's SDXL CLIP with its real tokenizer,
+ComfyUI's VAE, a ControlNet through ComfyUI's own ControlNet loader). Then runs our sampler node on a pipeline from
+``SDXLCNFromComfyModels`` and compares. Prints one ``PROBE {json}`` line; the test asserts on it.
+
+usage: python comfy_graft_probe.py COMFYUI_DIR PACK_ROOT WORK_DIR
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+comfy_dir, pack_root, work = (Path(a) for a in sys.argv[1:4])
+sys.argv = [str(comfy_dir / "main.py"), "--cpu"]
+sys.path.insert(0, str(comfy_dir))
+sys.path.insert(0, str(pack_root / "tests"))
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+import comfy.controlnet  # noqa: E402
+import comfy.model_detection  # noqa: E402
+import comfy.model_management as mm  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.sdxl_clip  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import comfy.utils  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep  # noqa: E402
+from comfy.model_patcher import ModelPatcher  # noqa: E402
+from PIL import Image  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("sdxlcn_pack", pack_root / "__init__.py",
+                                              submodule_search_locations=[str(pack_root)])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["sdxlcn_pack"] = pack
+spec.loader.exec_module(pack)
+from sdxlcn_pack.pipeline.handle import PipelineHandle  # noqa: E402
+from sdxlcn_pack.pipeline.local.tiny_models import tiny_components  # noqa: E402
+
+import lora_factory  # noqa: E402
+from pictures import make_test_image  # noqa: E402
+
+found: dict = {}
+work.mkdir(parents=True, exist_ok=True)
+
+# --- the diffusers side: the tiny models with ComfyUI's CLIP vocabulary and a VAE ComfyUI can build --------------
+from diffusers import AutoencoderKL, StableDiffusionXLControlNetImg2ImgPipeline  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+
+parts, controlnet = tiny_components(seed=3)
+text = parts["text_encoder"].config.to_dict()
+text.update(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+torch.manual_seed(5)
+parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text))
+parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**text))
+vocab = comfy_dir / "comfy" / "sd1_tokenizer"
+parts["tokenizer"] = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77)
+parts["tokenizer_2"] = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77,
+                                     pad_token="!")
+torch.manual_seed(6)
+# ComfyUI's VAE normalises in 32 groups; the posterior's spread is made negligible (log-variance at its -30 clamp)
+# so that ComfyUI's VAE (the posterior mean) and diffusers' (a sample) encode alike
+parts["vae"] = AutoencoderKL(block_out_channels=[32, 32, 64, 64], layers_per_block=1, norm_num_groups=32,
+                             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                             latent_channels=4, sample_size=32, scaling_factor=0.13025)
+with torch.no_grad():
+    parts["vae"].quant_conv.weight[4:] = 0
+    parts["vae"].quant_conv.bias[4:] = -40.0
+# ComfyUI's ControlNet class has SDXL's hint encoder (16, 32, 96, 256 channels) built in
+from diffusers import ControlNetModel  # noqa: E402
+
+torch.manual_seed(7)
+controlnet = ControlNetModel.from_config({**controlnet.config, "conditioning_embedding_out_channels": [16, 32, 96, 256]})
+with torch.no_grad():  # its output convs start at zero: make them act
+    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        conv.weight.normal_(0, 0.3)
+for m in (*parts.values(), controlnet):
+    if isinstance(m, torch.nn.Module):
+        m.eval()
+diffusers_pipe = StableDiffusionXLControlNetImg2ImgPipeline(controlnet=controlnet, **parts)
+
+# --- the same weights as ComfyUI's own objects --------------------------------------------------------------------
+UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 80, "in_channels": 4, "model_channels": 32,
+        "num_res_blocks": [2, 2], "transformer_depth": [0, 0, 2, 2], "channel_mult": [1, 2],
+        "transformer_depth_middle": 2, "use_linear_in_transformer": True, "context_dim": 64, "num_head_channels": 16,
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2], "use_temporal_attention": False,
+        "use_temporal_resblock": False}
+
+
+def comfy_sdxl_model(unet):
+    config = comfy.supported_models.SDXL(dict(UNET))
+    config.unet_config["num_head_channels"] = UNET["num_head_channels"]  # its defaults say SDXL's 64
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({}, device="cpu")
+    base.embedder = Timestep(8)  # this tiny SDXL's size embeddings are 8 wide (SDXL's: 256)
+    names = comfy.utils.unet_to_diffusers(UNET)
+    sd = unet.state_dict()
+    base.diffusion_model.load_state_dict({names[k]: v.clone() for k, v in sd.items()}, strict=True)
+    return ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def comfy_controlnet(cn):
+    """ComfyUI's own diffusers-format ControlNet loader (its config detection only knows full-size SDXL: told)."""
+    known = comfy.model_detection.unet_config_from_diffusers_unet
+    comfy.model_detection.unet_config_from_diffusers_unet = lambda *_a, **_k: {**UNET, "num_heads": -1}
+    try:
+        return comfy.controlnet.load_controlnet_state_dict({k: v.clone() for k, v in cn.state_dict().items()})
+    finally:
+        comfy.model_detection.unet_config_from_diffusers_unet = known
+
+
+def comfy_clip():
+    small = {k: text[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                                  "projection_dim", "hidden_act", "vocab_size")}
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    # fp32 like the diffusers side (ComfyUI keeps text encoders in fp16 even on the CPU; --fp32-text-enc does this)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, "clip_l_model_config": dict(small),
+                                                        "clip_g_model_config": dict(small)})
+    inner = clip.cond_stage_model
+    # transformers 5 names CLIP-L's tensors without its "text_model." (ComfyUI's names have it); CLIP-L's projection
+    # is unused by SDXL (its pooled output comes from CLIP-G)
+    inner.clip_l.load_sd({f"text_model.{k}": v.clone() for k, v in parts["text_encoder"].state_dict().items()})
+    inner.clip_g.load_sd({k: v.clone() for k, v in parts["text_encoder_2"].state_dict().items()})
+    return clip
+
+
+def comfy_vae():
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    sd = {k: v.clone() for k, v in parts["vae"].state_dict().items()}
+    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+
+
+model, clip, vae = comfy_sdxl_model(parts["unet"]), comfy_clip(), comfy_vae()
+control_net = comfy_controlnet(controlnet)
+
+Builder = pack.NODE_CLASS_MAPPINGS["SDXLCNFromComfyModels"]
+Sampler = pack.NODE_CLASS_MAPPINGS["SDXLCNImg2Img"]
+LoraNode = pack.NODE_CLASS_MAPPINGS["SDXLCNLoraLoader"]
+init, control = make_test_image(64, 64, seed=1), make_test_image(64, 64, seed=2)
+to_image = lambda pil: torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)[None]  # noqa: E731
+WIDGETS = dict(prompt="a photo of a red castle", negative_prompt="blurry", image_size="custom", width=64, height=64,
+               num_inference_steps=4, guidance_scale=7.5, strength=0.95, controlnet_conditioning_scale=0.5, seed=7,
+               num_images=2, enable_safety_checker=False, expand_prompt=False)
+
+
+def ours_on_comfy(handle):
+    images = Sampler().sample(handle, to_image(init), to_image(control), apply_canny=True, **WIDGETS)[0]
+    return images.numpy()
+
+
+def ours_on_diffusers(loras=()):
+    return Sampler().sample(PipelineHandle(pipe=diffusers_pipe, loras=tuple(loras)), to_image(init),
+                            to_image(control), apply_canny=True, **WIDGETS)[0].numpy()
+
+
+def max_pixel_diff(a, b):
+    return int(np.abs(np.round(a * 255) - np.round(b * 255)).max())
+
+
+# 1. no copies: every parameter of the grafted UNet / ControlNet is one of ComfyUI's tensors
+handle = Builder().build(model, clip, vae, control_net)[0]
+pipe = handle.get_pipe()
+theirs = {p.data_ptr() for p in (*model.model.diffusion_model.parameters(),
+                                 *control_net.control_model.parameters())}
+mine = [p.data_ptr() for p in (*pipe.unet.parameters(), *pipe.controlnet.parameters())]
+found["grafted_tensors"] = len(mine)
+found["no_own_storage"] = len(mine) > 0 and set(mine) <= theirs
+found["vae_skeleton_empty"] = all(p.device.type == "meta" for p in pipe.vae.parameters())
+
+# 2. the image equals our own diffusers path on the same weights
+base = ours_on_comfy(handle)
+ref = ours_on_diffusers()
+found["shape"] = list(base.shape)
+found["vs_diffusers_max_diff"] = max_pixel_diff(base, ref)
+found["vs_diffusers_mean_diff"] = float(np.abs(base - ref).mean() * 255)
+
+# 3. a LoRA from ComfyUI's LoRA loader changes it exactly as it changes ComfyUI's weights: the same image as our
+#    diffusers path with the weights ComfyUI patched; and close to the same LoRA file on our own LoRA path (peft
+#    adds the low-rank product at run time instead of merging it: float rounding apart)
+lora_file = work / "tiny_lora.safetensors"
+lora_factory.write(lora_factory.kohya_state_dict(diffusers_pipe, te=False, amp=0.3), lora_file)
+lora_model, _ = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(lora_file)), 1.0, 0.0)
+lora_handle = Builder().build(lora_model, clip, vae, control_net)[0]
+with_lora = ours_on_comfy(lora_handle)
+found["lora_changes_it"] = max_pixel_diff(with_lora, base)
+mm.load_models_gpu([lora_model])
+patched = {k: v.detach().clone() for k, v in lora_handle.get_pipe().unet.state_dict().items()}
+original = {k: v.clone() for k, v in diffusers_pipe.unet.state_dict().items()}
+diffusers_pipe.unet.load_state_dict(patched)
+found["lora_vs_comfy_weights_max_diff"] = max_pixel_diff(with_lora, ours_on_diffusers())
+diffusers_pipe.unet.load_state_dict(original)
+from sdxlcn_pack.pipeline.request import LoraSpec  # noqa: E402
+
+ref_lora = ours_on_diffusers((LoraSpec(str(lora_file), 1.0),))
+found["lora_vs_our_lora_mean_diff"] = float(np.abs(with_lora - ref_lora).mean() * 255)
+found["base_again_after_lora"] = max_pixel_diff(ours_on_comfy(handle), base)
+
+# 4. refusals, each naming the input
+def refusal(**swap):
+    args = {**dict(model=model, clip=clip, vae=vae, control_net=control_net), **swap}
+    try:
+        Builder().build(**args)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+sd15 = comfy.supported_models.SD15({**UNET, "num_classes": None, "adm_in_channels": None,
+                                    "use_linear_in_transformer": False})
+found["refuses_sd15"] = refusal(model=ModelPatcher(sd15.get_model({}, device="cpu"), load_device="cpu",
+                                                   offload_device="cpu"))
+found["refuses_control_lora"] = refusal(control_net=comfy.controlnet.ControlLora({"lora_controlnet": torch.zeros(1)}))
+try:
+    LoraNode().add_lora(handle, "x.safetensors")
+    found["lora_node_refuses"] = None
+except ValueError as exc:
+    found["lora_node_refuses"] = str(exc)
+
+# 5. patches that live inside ComfyUI's sampler are named
+patched = model.clone()
+patched.set_model_attn2_patch(lambda q, k, v, extra_options: (q, k, v))
+from sdxlcn_pack.nodes.comfy_graft import comfy_only_patches  # noqa: E402
+
+found["named_patches"] = comfy_only_patches(patched)
+print("PROBE " + json.dumps(found))

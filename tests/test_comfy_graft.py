@@ -1,0 +1,56 @@
+"""Our sampler on ComfyUI's own models (``SDXLCNFromComfyModels``), with ComfyUI imported from its checkout (as
+ComfyUI runs it with --cpu): tiny SDXL-shaped models built as ComfyUI's own objects from the same random weights
+as a diffusers pipeline. The grafted pipeline holds no tensor of its own, gives the very pixels of our diffusers
+path, follows a LoRA from ComfyUI's LoRA loader exactly, and refuses what it cannot run, naming the input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfyui_harness import SKIP_REASON, comfyui_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
+
+
+@pytest.fixture(scope="module")
+def found(tmp_path_factory):
+    work = tmp_path_factory.mktemp("graft")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    out = subprocess.run([python, str(ROOT / "tests" / "comfy_graft_probe.py"), str(comfyui_dir()), str(ROOT),
+                          str(work)], cwd=work, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert out.returncode == 0 and lines, out.stdout[-2000:] + out.stderr[-4000:]
+    return json.loads(lines[-1][len("PROBE "):])
+
+
+def test_no_copy_of_comfyui_weights(found):
+    assert found["grafted_tensors"] > 600  # every UNet and ControlNet tensor of the tiny models
+    assert found["no_own_storage"]  # each is one of ComfyUI's own tensors
+    assert found["vae_skeleton_empty"]  # the diffusers VAE is a config on meta; ComfyUI's VAE does the work
+
+
+def test_same_pixels_as_our_diffusers_path(found):
+    assert found["shape"] == [2, 64, 64, 3]  # num_images 2, each with seed + i
+    assert found["vs_diffusers_max_diff"] == 0
+
+
+def test_comfyui_lora_applies_exactly(found):
+    assert found["lora_changes_it"] > 50
+    assert found["lora_vs_comfy_weights_max_diff"] <= 1  # = our path on the weights ComfyUI patched (rounding)
+    assert found["lora_vs_our_lora_mean_diff"] < 0.01  # = the same file through our own LoRA loader
+    assert found["base_again_after_lora"] == 0  # the LoRA clone does not leak into the base MODEL's runs
+
+
+def test_refusals_name_the_input(found):
+    assert found["refuses_sd15"].startswith("model:") and "not SDXL" in found["refuses_sd15"]
+    assert found["refuses_control_lora"].startswith("control_net:") and "Control-LoRA" in found["refuses_control_lora"]
+    assert "ComfyUI's 'Load LoRA'" in found["lora_node_refuses"]
+    assert found["named_patches"] == ["attn2_patch (patches)"]
