@@ -21,6 +21,11 @@ EXAMPLE_IMAGE = "sdxlcn_fortress.png"  # copied into ComfyUI's input folder by t
 CORE = {
     "LoadImage": ([], [("image", EXAMPLE_IMAGE), ("upload", "image")], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "SaveImage": ([("images", "IMAGE")], [("filename_prefix", "sdxlcn")], []),
+    "CheckpointLoaderSimple": ([], [("ckpt_name", "")], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "LoraLoader": ([("model", "MODEL"), ("clip", "CLIP")],
+                   [("lora_name", ""), ("strength_model", 1.0), ("strength_clip", 1.0)],
+                   [("MODEL", "MODEL"), ("CLIP", "CLIP")]),
+    "ControlNetLoader": ([], [("control_net_name", "")], [("CONTROL_NET", "CONTROL_NET")]),
 }
 
 DEFAULT_REQUEST = {
@@ -112,6 +117,21 @@ def local_graph(checkpoint, controlnet, sampler_values=None, lora=None):
     return nodes
 
 
+def comfy_models_graph(checkpoint, controlnet_file, lora):
+    """ComfyUI's own loaders (and LoRA stack) feeding our sampler: one copy of SDXL in memory."""
+    values = {**DEFAULT_REQUEST, "apply_canny": False}
+    return [
+        (1, "LoadImage", {}, {}),
+        (2, "SDXLCNCanny", {}, {"image": (1, 0)}),
+        (7, "CheckpointLoaderSimple", {"ckpt_name": checkpoint}, {}),
+        (8, "LoraLoader", {"lora_name": lora}, {"model": (7, 0), "clip": (7, 1)}),
+        (9, "ControlNetLoader", {"control_net_name": controlnet_file}, {}),
+        (3, "SDXLCNFromComfyModels", {}, {"model": (8, 0), "clip": (8, 1), "vae": (7, 2), "control_net": (9, 0)}),
+        (4, "SDXLCNImg2Img", values, {"pipeline": (3, 0), "image": (1, 0), "control_image": (2, 0)}),
+        (5, "SaveImage", {}, {"images": (4, 0)}),
+    ]
+
+
 def fal_graph():
     return [
         (1, "LoadImage", {}, {}),
@@ -127,6 +147,8 @@ def main(out_root: Path = ROOT):
         "sdxl_controlnet_img2img": local_graph(*real),
         "sdxl_controlnet_img2img_lora": local_graph(*real, lora="example_sdxl_lora.safetensors")
         if "SDXLCNLoraLoader" in NODE_CLASS_MAPPINGS else None,
+        "sdxl_controlnet_img2img_comfy_models": comfy_models_graph(
+            real[0], "controlnet-canny-sdxl-1.0/diffusion_pytorch_model.safetensors", "example_sdxl_lora.safetensors"),
         "sdxl_controlnet_img2img_fal": fal_graph() if "SDXLCNFalImg2Img" in NODE_CLASS_MAPPINGS else None,
         # tiny offline models, for tests and a quick check of an install (not a template: lives in a subfolder)
         "tiny/sdxl_controlnet_img2img_tiny": local_graph(*tiny, {"image_size": "custom", "width": 64, "height": 64}),

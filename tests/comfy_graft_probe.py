@@ -42,7 +42,11 @@ pack = importlib.util.module_from_spec(spec)
 sys.modules["sdxlcn_pack"] = pack
 spec.loader.exec_module(pack)
 from sdxlcn_pack.pipeline.handle import PipelineHandle  # noqa: E402
-from sdxlcn_pack.pipeline.local.tiny_models import tiny_components  # noqa: E402
+from sdxlcn_pack.pipeline.local.tiny_models import (  # noqa: E402
+    TINY_ADDITION_TIME_EMBED_DIM,
+    TINY_UNET_LDM_CONFIG,
+    tiny_components,
+)
 
 import lora_factory  # noqa: E402
 from pictures import make_test_image  # noqa: E402
@@ -87,12 +91,7 @@ for m in (*parts.values(), controlnet):
 diffusers_pipe = StableDiffusionXLControlNetImg2ImgPipeline(controlnet=controlnet, **parts)
 
 # --- the same weights as ComfyUI's own objects --------------------------------------------------------------------
-UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "num_classes": "sequential", "adm_in_channels": 80, "in_channels": 4, "model_channels": 32,
-        "num_res_blocks": [2, 2], "transformer_depth": [0, 0, 2, 2], "channel_mult": [1, 2],
-        "transformer_depth_middle": 2, "use_linear_in_transformer": True, "context_dim": 64, "num_head_channels": 16,
-        "transformer_depth_output": [0, 0, 0, 2, 2, 2], "use_temporal_attention": False,
-        "use_temporal_resblock": False}
+UNET = TINY_UNET_LDM_CONFIG
 
 
 def comfy_sdxl_model(unet):
@@ -100,7 +99,7 @@ def comfy_sdxl_model(unet):
     config.unet_config["num_head_channels"] = UNET["num_head_channels"]  # its defaults say SDXL's 64
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({}, device="cpu")
-    base.embedder = Timestep(8)  # this tiny SDXL's size embeddings are 8 wide (SDXL's: 256)
+    base.embedder = Timestep(TINY_ADDITION_TIME_EMBED_DIM)  # this tiny SDXL's size embeddings (SDXL's: 256)
     names = comfy.utils.unet_to_diffusers(UNET)
     sd = unet.state_dict()
     base.diffusion_model.load_state_dict({names[k]: v.clone() for k, v in sd.items()}, strict=True)

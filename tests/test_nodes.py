@@ -51,6 +51,7 @@ def test_public_node_contract():
         "SDXLCNImg2Img": "SDXL ControlNet Img2Img",
         "SDXLCNLoraLoader": "SDXL ControlNet LoRA",
         "SDXLCNFalImg2Img": "SDXL ControlNet Img2Img (fal)",
+        "SDXLCNFromComfyModels": "SDXL ControlNet Pipeline from ComfyUI Models",
     }
     assert set(NODE_CLASS_MAPPINGS) == set(expected)
     for name, display in expected.items():

@@ -19,9 +19,15 @@ CORE = {
     "LoadImage": {"inputs": {}, "widgets": [("image", ("COMBO_FILES", {})), ("upload", ("UPLOAD", {}))],
                   "outputs": ["IMAGE", "MASK"]},
     "SaveImage": {"inputs": {"images": "IMAGE"}, "widgets": [("filename_prefix", ("STRING", {}))], "outputs": []},
+    "CheckpointLoaderSimple": {"inputs": {}, "widgets": [("ckpt_name", ([], {}))], "outputs": ["MODEL", "CLIP", "VAE"]},
+    "LoraLoader": {"inputs": {"model": "MODEL", "clip": "CLIP"},
+                   "widgets": [("lora_name", ([], {})), ("strength_model", ("FLOAT", {"min": -100.0, "max": 100.0})),
+                               ("strength_clip", ("FLOAT", {"min": -100.0, "max": 100.0}))],
+                   "outputs": ["MODEL", "CLIP"]},
+    "ControlNetLoader": {"inputs": {}, "widgets": [("control_net_name", ([], {}))], "outputs": ["CONTROL_NET"]},
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
-DYNAMIC_COMBOS = {"checkpoint", "controlnet", "vae", "lora_name"}  # model file lists: filled by ComfyUI at run time
+DYNAMIC_COMBOS = {"checkpoint", "controlnet", "vae", "lora_name", "ckpt_name", "control_net_name"}  # model file lists: filled by ComfyUI at run time
 
 DOCUMENTED_DEFAULTS = {
     "prompt": "Ice fortress, aurora skies, polar wildlife, twilight",

@@ -71,6 +71,18 @@ def write_clip_tokenizer(folder: str | os.PathLike) -> Path:
     return folder
 
 
+# The tiny UNet (scale 1) described in the original LDM ("SGM") terms, as ComfyUI and SDXL's own configs describe
+# a UNet: what a host that holds these weights in LDM modules reports (see skeleton.unet_config_from_ldm).
+TINY_UNET_LDM_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 80, "in_channels": 4, "model_channels": 32,
+    "num_res_blocks": [2, 2], "transformer_depth": [0, 0, 2, 2], "channel_mult": [1, 2],
+    "transformer_depth_middle": 2, "use_linear_in_transformer": True, "context_dim": 64, "num_head_channels": 16,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2], "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+TINY_ADDITION_TIME_EMBED_DIM = 8
+
+
 def tiny_components(seed: int = 0, scale: int = 1):
     """Build the tiny SDXL components (unet, vae, text encoders, tokenizers, scheduler) and a ControlNet.
     ``scale`` widens the UNet and ControlNet (8: a ~600 MB pipeline, big enough to see in a process's memory)."""
@@ -90,7 +102,7 @@ def tiny_components(seed: int = 0, scale: int = 1):
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
-        addition_time_embed_dim=8,
+        addition_time_embed_dim=TINY_ADDITION_TIME_EMBED_DIM,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=80,  # 6 * 8 + 32
         cross_attention_dim=64,
