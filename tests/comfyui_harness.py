@@ -106,6 +106,7 @@ def running_comfyui(base: Path, models: dict[str, dict[str, Path]] | None = None
         for name, path in entries.items():
             dst = base / "models" / folder / name
             if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)  # a name may hold a subfolder, as ComfyUI lists them
                 dst.symlink_to(Path(path).resolve())
     port = free_port()
     log_path = base / "comfyui.log"
