@@ -73,7 +73,8 @@ def _native_graph(wf: dict) -> dict:
     sampler = next(k for k, n in wf.items() if n["class_type"] == "SDXLCNImg2Img")
     inputs = wf.pop(sampler)["inputs"]
     ours = next(k for k, n in wf.items() if n["class_type"] == "SDXLCNFromComfyModels")
-    model, clip, vae, control_net = (wf.pop(ours)["inputs"][k] for k in ("model", "clip", "vae", "control_net"))
+    links = wf.pop(ours)["inputs"]
+    model, clip, vae, control_net = (links[k] for k in ("model", "clip", "vae", "control_net"))
     canny = next(k for k, n in wf.items() if n["class_type"] == "SDXLCNCanny")
     picture = wf[canny]["inputs"]["image"]
     save = next(k for k, n in wf.items() if n["class_type"] == "SaveImage")
