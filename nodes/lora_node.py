@@ -74,12 +74,12 @@ class SDXLCNLoraLoader:
         return True
 
     def add_lora(self, pipeline, lora_name, strength=1.0, allow_pickle=False):
-        from ..pipeline.local.lora import load_lora
+        from ..pipeline.local.lora_fused import preload
 
         if pipeline.source.get("from") == "ComfyUI models":
             raise ValueError("pipeline: this pipeline runs on ComfyUI's own models; add LoRAs with ComfyUI's 'Load "
                              "LoRA' between Load Checkpoint and 'SDXL ControlNet Pipeline from ComfyUI Models' "
                              "(its strength_model and strength_clip), not with this node")
         path = _full_path(lora_name)
-        load_lora(pipeline.get_pipe(), path, allow_pickle=bool(allow_pickle))  # read once now, so a bad file fails here
+        preload(pipeline.get_pipe(), path, allow_pickle=bool(allow_pickle))  # read once now, so a bad file fails here
         return (pipeline.with_lora(LoraSpec(path, float(strength))),)

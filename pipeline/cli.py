@@ -96,7 +96,7 @@ def _check_loras(request, lora_dirs, allow_pickle: bool):
 def cmd_generate(args) -> int:
     from .local.generate import generate, prepare_inputs
     from .local.loading import LoadOptions, check_sources, load_pipeline
-    from .local.lora import load_lora
+    from .local.lora_fused import preload
     from .result import result_dir, write_result
 
     request = read_request(Path(args.request))
@@ -124,7 +124,7 @@ def cmd_generate(args) -> int:
     t = time.perf_counter()
     pipe = load_pipeline(args.checkpoint, args.controlnet, options)
     for spec in request.loras:
-        load_lora(pipe, spec.path, lora_dirs, allow_pickle=args.allow_pickle)
+        preload(pipe, spec.path, lora_dirs, allow_pickle=args.allow_pickle)
     load_s = time.perf_counter() - t
     print(f"loaded models in {load_s:.1f}s", file=sys.stderr)
     result = generate(pipe, request, on_step=TerminalProgress(), prepared=prepared, **hooks)

@@ -12,6 +12,7 @@ from ..images import load_image
 from ..request import GenerationRequest
 from ..result import GenerationResult
 from ..sizes import cover_resize, parse_image_size, target_size
+from .compile import compiled_call
 from .schedulers import use_scheduler
 from .vae_decode import LatentsKeeper, auto_vae_tiling, checked_latents, to_pil_checked
 
@@ -206,7 +207,8 @@ def _denoise_each(pipe, request, prepared, prompt, on_step, encoded, codec=None)
         keeper = LatentsKeeper(_step_callback(on_step, index * per_image, total) if on_step is not None else None)
         kwargs["callback_on_step_end"] = keeper
         kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
-        out = pipe(**kwargs).images
+        with compiled_call(pipe):
+            out = pipe(**kwargs).images
         if codec is not None:
             latents.append(checked_latents(out))
         else:
@@ -268,9 +270,9 @@ def generate(
     # as adapters are not read again; an empty set switches every adapter off).
     if codec is None:
         t = time.perf_counter()
-        from .lora import activate
+        from .lora_fused import activate_any
 
-        activate(pipe, request.loras)
+        activate_any(pipe, request.loras)
         timings["lora"] = time.perf_counter() - t
     use_scheduler(pipe, request.local_scheduler)
 

@@ -48,8 +48,6 @@ def apply_memory_mode(pipe, mode: str, device: str) -> None:
 
 def place(pipe, opts) -> None:
     """Place a freshly built pipeline as the resolved :class:`~.loading.LoadOptions` ``opts`` say."""
-    import torch
-
     if opts.host_placement:
         _MEMORY_MODE[pipe] = "host"
     else:
@@ -72,5 +70,6 @@ def place(pipe, opts) -> None:
                 f"Use 'sdpa' (the default)."
             ) from None
     if opts.compile and opts.device.startswith("cuda"):
-        pipe.unet = torch.compile(pipe.unet)
-        pipe.controlnet = torch.compile(pipe.controlnet)
+        from .compile import compile_models
+
+        compile_models(pipe)
