@@ -5,6 +5,8 @@ from __future__ import annotations
 from ..pipeline.handle import PipelineHandle
 from .comfy_hooks import CATEGORY
 
+SOURCE = "ComfyUI models"  # PipelineHandle.source["from"] of a pipeline made by this node
+
 
 class SDXLCNFromComfyModels:
     DESCRIPTION = ("Makes an SDXL ControlNet pipeline from ComfyUI's own loaded models (Load Checkpoint, Load LoRA, "
@@ -39,4 +41,4 @@ class SDXLCNFromComfyModels:
             pipe = build_grafted_pipeline(model, clip, vae, control_net)
         except NotGraftable as exc:
             raise ValueError(str(exc)) from None
-        return (PipelineHandle(pipe=pipe, source={"from": "ComfyUI models"}),)
+        return (PipelineHandle(pipe=pipe, source={"from": SOURCE}),)

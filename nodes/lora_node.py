@@ -76,7 +76,9 @@ class SDXLCNLoraLoader:
     def add_lora(self, pipeline, lora_name, strength=1.0, allow_pickle=False):
         from ..pipeline.local.lora_fused import preload
 
-        if pipeline.source.get("from") == "ComfyUI models":
+        from .from_comfy_node import SOURCE
+
+        if pipeline.source.get("from") == SOURCE:
             raise ValueError("pipeline: this pipeline runs on ComfyUI's own models; add LoRAs with ComfyUI's 'Load "
                              "LoRA' between Load Checkpoint and 'SDXL ControlNet Pipeline from ComfyUI Models' "
                              "(its strength_model and strength_clip), not with this node")

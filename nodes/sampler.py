@@ -34,7 +34,7 @@ class SDXLCNImg2Img:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "pipeline": ("SDXLCN_PIPELINE", {"tooltip": "From 'Load SDXL ControlNet Pipeline' (and LoRA nodes)."}),
+                "pipeline": ("SDXLCN_PIPELINE", {"tooltip": "From 'Load SDXL ControlNet Pipeline' (and LoRA nodes), or from 'SDXL ControlNet Pipeline from ComfyUI Models'."}),
                 **image_inputs(),
                 **request_widgets(),
                 "apply_canny": ("BOOLEAN", {
