@@ -10,19 +10,15 @@ usage: python comfy_graft_probe.py COMFYUI_DIR PACK_ROOT WORK_DIR
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 comfy_dir, pack_root, work = (Path(a) for a in sys.argv[1:4])
-sys.argv = [str(comfy_dir / "main.py"), "--cpu"]
-sys.path.insert(0, str(comfy_dir))
 sys.path.insert(0, str(pack_root / "tests"))
+from comfy_probe_start import start  # noqa: E402
 
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+pack = start(comfy_dir, pack_root)
 import comfy.controlnet  # noqa: E402
 import comfy.model_detection  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
@@ -36,11 +32,6 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep  # noqa: E40
 from comfy.model_patcher import ModelPatcher  # noqa: E402
 from PIL import Image  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("sdxlcn_pack", pack_root / "__init__.py",
-                                              submodule_search_locations=[str(pack_root)])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["sdxlcn_pack"] = pack
-spec.loader.exec_module(pack)
 from sdxlcn_pack.pipeline.handle import PipelineHandle  # noqa: E402
 from sdxlcn_pack.pipeline.local.tiny_models import (  # noqa: E402
     TINY_ADDITION_TIME_EMBED_DIM,

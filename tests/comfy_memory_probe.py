@@ -7,29 +7,19 @@ usage: python comfy_memory_probe.py COMFYUI_DIR PACK_ROOT TINY_MODELS_DIR
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import sys
 import weakref
 from pathlib import Path
 
+from comfy_probe_start import start
+
 comfy_dir, pack_root, tiny_dir = (Path(a) for a in sys.argv[1:4])
-sys.argv = [str(comfy_dir / "main.py"), "--cpu"]
-sys.path.insert(0, str(comfy_dir))
-
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+pack = start(comfy_dir, pack_root)
 import comfy.model_management as mm  # noqa: E402
 import torch  # noqa: E402
 from comfy.model_patcher import ModelPatcher  # noqa: E402
 
-# the pack, imported under a folder name as ComfyUI imports it
-spec = importlib.util.spec_from_file_location("sdxlcn_pack", pack_root / "__init__.py",
-                                              submodule_search_locations=[str(pack_root)])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["sdxlcn_pack"] = pack
-spec.loader.exec_module(pack)
 from sdxlcn_pack.nodes import comfy_memory  # noqa: E402
 from sdxlcn_pack.pipeline.local.loading import cached_pipeline  # noqa: E402
 from sdxlcn_pack.pipeline.local.placement import memory_mode_of  # noqa: E402
