@@ -85,10 +85,11 @@ diffusers_pipe = StableDiffusionXLControlNetImg2ImgPipeline(controlnet=controlne
 UNET = TINY_UNET_LDM_CONFIG
 
 
-def comfy_sdxl_model(unet):
+def comfy_sdxl_model(unet, storage=torch.float32, compute=None):
+    """ComfyUI's SDXL model class on these weights; ``storage``/``compute`` as --fp8_e4m3fn-unet makes them."""
     config = comfy.supported_models.SDXL(dict(UNET))
     config.unet_config["num_head_channels"] = UNET["num_head_channels"]  # its defaults say SDXL's 64
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(storage, compute)
     base = config.get_model({}, device="cpu")
     base.embedder = Timestep(TINY_ADDITION_TIME_EMBED_DIM)  # this tiny SDXL's size embeddings (SDXL's: 256)
     names = comfy.utils.unet_to_diffusers(UNET)
@@ -194,7 +195,24 @@ ref_lora = ours_on_diffusers((LoraSpec(str(lora_file), 1.0),))
 found["lora_vs_our_lora_mean_diff"] = float(np.abs(with_lora - ref_lora).mean() * 255)
 found["base_again_after_lora"] = max_pixel_diff(ours_on_comfy(handle), base)
 
-# 4. refusals, each naming the input
+# 4. fp8 storage computed in fp32 (ComfyUI's --fp8_e4m3fn-unet: its layers cast per call): the grafted pipeline
+#    runs, and gives our diffusers path's image on the same (fp8-rounded) weights
+from sdxlcn_pack.pipeline.local.lora import unload_all  # noqa: E402
+
+unload_all(diffusers_pipe)
+diffusers_pipe.unload_lora_weights()  # the plain layers again (PEFT's wrappers gone)
+fp8_model = comfy_sdxl_model(parts["unet"], torch.float8_e4m3fn, torch.float32)
+fp8_handle = Builder().build(fp8_model, clip, vae, control_net)[0]
+found["fp8_storage"] = str(next(fp8_handle.get_pipe().unet.parameters()).dtype)
+found["fp8_compute"] = str(fp8_handle.get_pipe().unet.dtype)
+with_fp8 = ours_on_comfy(fp8_handle)
+rounded = {k: v.float() for k, v in fp8_handle.get_pipe().unet.state_dict().items()}
+diffusers_pipe.unet.load_state_dict(rounded)
+found["fp8_vs_diffusers_max_diff"] = max_pixel_diff(with_fp8, ours_on_diffusers())
+found["fp8_changes_it"] = max_pixel_diff(with_fp8, base)
+diffusers_pipe.unet.load_state_dict(original)
+
+# 5. refusals, each naming the input
 def refusal(**swap):
     args = {**dict(model=model, clip=clip, vae=vae, control_net=control_net), **swap}
     try:
@@ -215,7 +233,7 @@ try:
 except ValueError as exc:
     found["lora_node_refuses"] = str(exc)
 
-# 5. patches that live inside ComfyUI's sampler are named
+# 6. patches that live inside ComfyUI's sampler are named
 patched = model.clone()
 patched.set_model_attn2_patch(lambda q, k, v, extra_options: (q, k, v))
 from sdxlcn_pack.nodes.comfy_graft import comfy_only_patches  # noqa: E402

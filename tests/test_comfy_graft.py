@@ -1,7 +1,8 @@
 """Our sampler on ComfyUI's own models (``SDXLCNFromComfyModels``), with ComfyUI imported from its checkout (as
 ComfyUI runs it with --cpu): tiny SDXL-shaped models built as ComfyUI's own objects from the same random weights
 as a diffusers pipeline. The grafted pipeline holds no tensor of its own, gives the very pixels of our diffusers
-path, follows a LoRA from ComfyUI's LoRA loader exactly, and refuses what it cannot run, naming the input."""
+path, follows a LoRA from ComfyUI's LoRA loader exactly, runs ComfyUI's fp8 storage in its compute dtype, and
+refuses what it cannot run, naming the input."""
 
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def test_comfyui_lora_applies_exactly(found):
     assert found["lora_vs_comfy_weights_max_diff"] <= 1  # = our path on the weights ComfyUI patched (rounding)
     assert found["lora_vs_our_lora_mean_diff"] < 0.01  # = the same file through our own LoRA loader
     assert found["base_again_after_lora"] == 0  # the LoRA clone does not leak into the base MODEL's runs
+
+
+def test_fp8_storage_runs_in_the_compute_dtype(found):
+    assert (found["fp8_storage"], found["fp8_compute"]) == ("torch.float8_e4m3fn", "torch.float32")
+    assert found["fp8_changes_it"] > 0  # the weights really are rounded to fp8
+    assert found["fp8_vs_diffusers_max_diff"] <= 1  # = our diffusers path on the fp8-rounded weights
 
 
 def test_refusals_name_the_input(found):
