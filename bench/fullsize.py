@@ -80,6 +80,11 @@ from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pi
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 from PIL import Image
+# the libraries' modules imported before the clock starts, as ComfyUI's are before its loaders run
+import diffusers, transformers
+from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 out = {}
 opts = LoadOptions(device="cpu", dtype="bf16")
 t = time.perf_counter(); pipe = build_pipeline(f"{scratch}/{base}", f"{scratch}/{cn}", opts)

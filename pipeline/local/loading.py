@@ -28,7 +28,6 @@ from .memory import SingleModelCache
 from .model_checks import (
     HINT_BASE,
     HINT_CONTROLNET,
-    TE2_PREFIX,
     check_controlnet_config,
     check_controlnet_file,
     check_sdxl_base,
@@ -189,8 +188,11 @@ def load_controlnet(source, options: LoadOptions):
         cfg_dir = CONTROLNET_SDXL_CONFIG
     if fmt == "ldm":
         try:
+            from .lazy_checkpoint import LazyCheckpoint
+
+            source = idx.state_dict if idx.state_dict is not None else LazyCheckpoint(idx, opts.dtype)
             return ControlNetModel.from_single_file(
-                str(value), config=str(cfg_dir), local_files_only=True, dtype=opts.dtype
+                source, config=str(cfg_dir), local_files_only=True, torch_dtype=opts.dtype
             )
         except Exception as exc:  # noqa: BLE001
             raise _wrap(label, value, exc, HINT_CONTROLNET) from None
@@ -216,21 +218,12 @@ def load_controlnet(source, options: LoadOptions):
             f"{cfg_dir}: {detail}. It is probably a different size (mid/small variant): put it in a folder next to its "
             f"own config.json and give the folder (or pass controlnet_config_dir)."
         )
-    sd = idx.state_dict if idx.state_dict is not None else _load_safetensors(value)
+    from .lazy_checkpoint import LazyCheckpoint
+
+    sd = idx.state_dict if idx.state_dict is not None else LazyCheckpoint(idx, opts.dtype)
     model.load_state_dict({k: sd[k].to(opts.dtype) for k in expected}, strict=True, assign=True)
     model.eval()
     return model
-
-
-def _load_safetensors(path, keys=None):
-    from safetensors import safe_open
-
-    out = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for k in f.keys():
-            if keys is None or (keys(k) if callable(keys) else k in keys):
-                out[k] = f.get_tensor(k)
-    return out
 
 
 # ---------------------------------------------------------------- VAE override
@@ -302,23 +295,6 @@ def _base_folder_check(folder: Path, label: str) -> None:
             read_index(w, f"{label} ({sub})")
 
 
-def _load_text_encoder_2(path: Path, idx, config_dir: Path, dtype):
-    """The OpenCLIP bigG encoder, converted from only its own keys.
-
-    Passing only ``conditioner.embedders.1.*`` keeps diffusers from mistaking the first CLIP
-    encoder for it when both have the same width (as in tiny test models).
-    """
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModelWithProjection
-
-    sd = idx.state_dict if idx.state_dict is not None else _load_safetensors(path, lambda k: k.startswith(TE2_PREFIX))
-    sd = {k: v for k, v in sd.items() if k.startswith(TE2_PREFIX)}
-    return create_diffusers_clip_model_from_ldm(
-        CLIPTextModelWithProjection, sd, subfolder="text_encoder_2", config=str(config_dir),
-        torch_dtype=dtype, local_files_only=True,
-    )
-
-
 def build_pipeline(base, controlnet, options: LoadOptions | None = None):
     """Load without the cache. Raises ModelLoadError (never a bare library error) for bad inputs."""
     drop_known_noise()
@@ -350,12 +326,10 @@ def build_pipeline(base, controlnet, options: LoadOptions | None = None):
         extra["vae"] = load_vae(opts.vae, opts, config_dir)
     try:
         if kind == "file":
-            extra["text_encoder_2"] = _load_text_encoder_2(value, idx, config_dir, opts.dtype)
-            idx = None  # drop a pickle's tensors before diffusers reads the file itself
-            pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_single_file(
-                str(value), controlnet=cn, config=str(config_dir), local_files_only=True,
-                dtype=opts.dtype, **extra,
-            )
+            from .single_file import build_from_single_file
+
+            pipe = build_from_single_file(idx, config_dir, opts.dtype, controlnet=cn, **extra)
+            idx = None
         else:
             pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
                 str(value), controlnet=cn, dtype=opts.dtype, local_files_only=(kind != "hub"), **extra,

@@ -39,6 +39,7 @@ class TensorIndex:
     shapes: dict[str, tuple[int, ...]]
     metadata: dict = field(default_factory=dict)
     state_dict: dict | None = None  # only for pickles, which cannot be read lazily
+    locations: dict = field(default_factory=dict)  # safetensors: key -> (dtype name, first byte, end byte) in the file
 
     def has_prefix(self, prefix: str) -> bool:
         return any(k.startswith(prefix) for k in self.shapes)
@@ -87,11 +88,13 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
     except (UnicodeDecodeError, ValueError) as exc:
         raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header ({exc}). {fix}") from None
     metadata = header.pop("__metadata__", None) or {}
-    shapes, end = {}, 0
+    shapes, locations, end = {}, {}, 0
     try:
         for k, v in header.items():
             shapes[k] = tuple(int(s) for s in v["shape"])
-            end = max(end, int(v["data_offsets"][1]))
+            begin, stop = (int(o) for o in v["data_offsets"])
+            locations[k] = (str(v["dtype"]), 8 + n + begin, 8 + n + stop)
+            end = max(end, stop)
     except (KeyError, TypeError, ValueError, IndexError):
         raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header (bad entry for {k!r}). {fix}") from None
     if 8 + n + end > size:
@@ -101,7 +104,7 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
         )
     if not shapes:
         raise ModelLoadError(f"{label}: {path} is a safetensors file with no tensors in it. {fix}")
-    return TensorIndex(path, shapes, metadata)
+    return TensorIndex(path, shapes, metadata, locations=locations)
 
 
 def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -> TensorIndex:

@@ -1,0 +1,79 @@
+"""A safetensors checkpoint as a dict whose tensors are read, and cast to the load dtype, only when a converter
+asks for them: diffusers' single-file converters then hold one component's tensors at a time, already in the
+dtype the model keeps, instead of the whole file in its own dtype beside the cast copies.
+
+Each tensor is copied (cast) out of a read-only memory map of the file, and the map's pages are then given back
+(``MADV_DONTNEED``): mapped pages count in the process's resident memory while they are mapped, the page cache does
+not. Faster than ``read()`` into fresh memory (5.1 s vs 7.3 s for the full-size SDXL file to bf16 on this 2-core
+machine). Measured on the full-size SDXL single file + ControlNet in bf16 (``bench/fullsize.py``): see the
+README's Performance table.
+"""
+
+from __future__ import annotations
+
+from .model_checks import TensorIndex
+
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+           "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+class LazyCheckpoint(dict):
+    """The tensors of ``index`` (a safetensors :class:`TensorIndex`) whose key passes ``keep``; each access reads
+    the tensor from the file and casts a floating one to ``dtype`` (None: as stored). Nothing is cached."""
+
+    def __init__(self, index: TensorIndex, dtype=None, keep=None):
+        super().__init__((k, None) for k in index.locations if keep is None or keep(k))
+        self._index, self._dtype = index, dtype
+        self._map = None  # the file, mapped read-only on the first read
+
+    def _read(self, key):
+        import mmap
+        import warnings
+
+        import torch
+
+        name, begin, end = self._index.locations[key]
+        dtype, shape = getattr(torch, _DTYPES[name]), self._index.shapes[key]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype if self._dtype is None or not dtype.is_floating_point else self._dtype)
+        if self._map is None:
+            with open(self._index.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():  # read-only on purpose: the tensor is only read from, then copied
+            warnings.simplefilter("ignore", UserWarning)
+            stored = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=begin)
+        stored = stored.view(dtype).reshape(shape)
+        cast = self._dtype is not None and dtype.is_floating_point and dtype != self._dtype
+        kept = stored.to(self._dtype) if cast else stored.clone()
+        del stored
+        if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):  # give the file's pages back now
+            start = begin - begin % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return kept
+
+    def __getitem__(self, key):
+        if not dict.__contains__(self, key):
+            raise KeyError(key)
+        return self._read(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def pop(self, key, *default):
+        if key in self:
+            value = self[key]
+            dict.pop(self, key)
+            return value
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def items(self):
+        return [(k, self[k]) for k in list(self.keys())]
+
+    def values(self):
+        return [self[k] for k in list(self.keys())]
+
+    def copy(self):
+        return {k: self[k] for k in self.keys()}

@@ -1,0 +1,45 @@
+"""``LazyCheckpoint``: a safetensors file read one tensor at a time, cast on reading, equals what safetensors
+itself reads cast by torch, for every cast the loader makes (the same width in place, widening and narrowing),
+and leaves integer tensors alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdxl_controlnet_img2img.pipeline.local.lazy_checkpoint import LazyCheckpoint
+from sdxl_controlnet_img2img.pipeline.local.model_checks import read_safetensors_index
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(300, 70, generator=g).half(), "b.weight": torch.randn(5, generator=g),
+               "c.bias": torch.randn(3, 4, 5, generator=g).bfloat16(), "ids": torch.arange(77)[None],
+               "empty": torch.zeros(0, 4).half()}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16, torch.float32])
+def test_values_equal_safetensors_own_read_cast_by_torch(checkpoint, dtype):
+    expected = load_file(str(checkpoint))
+    lazy = LazyCheckpoint(read_safetensors_index(checkpoint, "x"), dtype)
+    assert set(lazy) == set(expected)
+    for key, ref in expected.items():
+        want = ref.to(dtype) if dtype is not None and ref.is_floating_point() else ref
+        got = lazy[key]
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), key
+    assert lazy["a.weight"].data_ptr() != lazy["a.weight"].data_ptr()  # read afresh each time, nothing kept
+
+
+def test_keep_and_pop_work_like_a_dict(checkpoint):
+    lazy = LazyCheckpoint(read_safetensors_index(checkpoint, "x"), torch.bfloat16, keep=lambda k: k.endswith("weight"))
+    assert sorted(lazy) == ["a.weight", "b.weight"] and "ids" not in lazy
+    assert lazy.pop("b.weight").dtype == torch.bfloat16 and "b.weight" not in lazy
+    assert lazy.get("b.weight") is None and lazy.pop("b.weight", 1) == 1
+    with pytest.raises(KeyError):
+        lazy["ids"]
+    assert [k for k, _ in lazy.items()] == ["a.weight"]
