@@ -5,7 +5,8 @@ while writing, about 14 GiB of RAM): an SDXL base as one ``.safetensors`` in the
 and an SDXL ControlNet in the diffusers layout as one file (fp16, 2.5 GB; its zero convs re-initialised so it
 acts). Then, each in a fresh process (so peak RSS is the load's own): our loader in bf16 and, when ``COMFYUI_DIR``
 (and ``COMFYUI_PYTHON``) point at a ComfyUI checkout, ComfyUI's CheckpointLoaderSimple + ControlNetLoader with
-``--cpu --bf16-unet``: first load, second load in the same process, peak RSS; then one generation at 512x512,
+``--cpu --bf16-unet``: first load, second load in the same process, peak RSS (each side's library modules are
+imported before its clock starts, as ComfyUI's are when its loaders run); then one generation at 512x512,
 2 denoising steps (ours: the sampler's request at strength 0.95; ComfyUI: CLIPTextEncode, ControlNetApplyAdvanced
 at 0.5, VAEEncode, KSampler at denoise 0.95, VAEDecode). Prints ratios ours / ComfyUI; ``--json`` writes
 bench/results/fullsize.json.
