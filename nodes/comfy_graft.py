@@ -161,8 +161,9 @@ def graft(skeleton_model, comfy_model, names: dict, what: str) -> int:
     for name, leaf in leaf_modules(skeleton_model).items():
         param = "weight" if getattr(leaf, "weight", None) is not None else "bias"
         target = names.get(f"{name}.{param}")
+        target = target.rsplit(".", 1)[0] if target else None  # the layer's name (without .weight)
         try:
-            theirs = comfy_model.get_submodule(target.rsplit(".", 1)[0]) if target else None
+            theirs = comfy_model.get_submodule(target) if target else None
         except AttributeError:
             theirs = None
         if theirs is None:

@@ -10,6 +10,7 @@ usage: python comfy_graft_probe.py COMFYUI_DIR PACK_ROOT WORK_DIR
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from comfy_probe_start import start  # noqa: E402
 
 pack = start(comfy_dir, pack_root)
 import comfy.controlnet  # noqa: E402
+import comfy.model_base  # noqa: E402
 import comfy.model_detection  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.sd  # noqa: E402
@@ -227,6 +229,25 @@ sd15 = comfy.supported_models.SD15({**UNET, "num_classes": None, "adm_in_channel
 found["refuses_sd15"] = refusal(model=ModelPatcher(sd15.get_model({}, device="cpu"), load_device="cpu",
                                                    offload_device="cpu"))
 found["refuses_control_lora"] = refusal(control_net=comfy.controlnet.ControlLora({"lora_controlnet": torch.zeros(1)}))
+edm = model.clone()  # Playground v2.5's kind: an SDXL model class predicting EDM
+edm.model = comfy.model_base.SDXL(model.model.model_config, model_type=comfy.model_base.ModelType.EDM, device="cpu")
+found["refuses_edm"] = refusal(model=edm)
+union_model = copy.copy(control_net.control_model)  # ControlNet Union has a task embedding
+union_model.task_embedding = torch.nn.Parameter(torch.zeros(1, 1))
+union = comfy.controlnet.ControlNet(union_model, load_device="cpu")
+found["refuses_union"] = refusal(control_net=union)
+
+
+class CustomLinear(torch.nn.Module):  # what a quantized format's layer looks like: not a torch.nn.Linear
+    def __init__(self, linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+
+block = model.model.diffusion_model.input_blocks[4][1].transformer_blocks[0].attn1
+plain_to_q, block.to_q = block.to_q, CustomLinear(block.to_q)  # for this check only
+found["refuses_quantized"] = refusal()
+block.to_q = plain_to_q
 try:
     LoraNode().add_lora(handle, "x.safetensors")
     found["lora_node_refuses"] = None
