@@ -208,7 +208,12 @@ def build_grafted_pipeline(model, clip, vae, control_net):
 
     import comfy.utils  # type: ignore
 
-    from ..pipeline.local.skeleton import build_skeleton, controlnet_config_from_unet, unet_config_from_ldm
+    from ..pipeline.local.skeleton import (
+        build_skeleton,
+        controlnet_config_from_unet,
+        level_depths,
+        unet_config_from_ldm,
+    )
     from .comfy_codec import ComfyCodec
 
     t = time.perf_counter()
@@ -219,7 +224,7 @@ def build_grafted_pipeline(model, clip, vae, control_net):
     time_dim = int(getattr(getattr(base, "embedder", None), "dim", 256))
     unet_config = unet_config_from_ldm(ldm, time_dim)
     cn_ldm = controlnet_ldm_config(ldm, control_model)
-    cn_config = controlnet_config_from_unet(unet_config, hint_channels(control_model), _level_depths(cn_ldm))
+    cn_config = controlnet_config_from_unet(unet_config, hint_channels(control_model), level_depths(cn_ldm))
     skeleton = build_skeleton(unet_config, cn_config)
     n_unet = graft(skeleton.unet, base.diffusion_model, comfy.utils.unet_to_diffusers(ldm), "model")
     n_cn = graft(skeleton.controlnet, control_model, controlnet_name_map(cn_ldm, control_model), "control_net")
@@ -233,13 +238,3 @@ def build_grafted_pipeline(model, clip, vae, control_net):
     warn_comfy_only_patches(model)
     return skeleton.pipe
 
-
-def _level_depths(ldm: dict) -> list[int]:
-    """Transformer layers per level (diffusers) from an LDM per-res-block depth list."""
-    res = ldm["num_res_blocks"]
-    res = [res] * len(ldm["channel_mult"]) if isinstance(res, int) else list(res)
-    depths, i = [], 0
-    for n in res:
-        depths.append(ldm["transformer_depth"][i])
-        i += n
-    return depths

@@ -39,6 +39,17 @@ def _per_level(values: list, counts: list, what: str) -> list:
     return out
 
 
+def _res_blocks(ldm: dict) -> list[int]:
+    res = ldm["num_res_blocks"]
+    return [res] * len(ldm["channel_mult"]) if isinstance(res, int) else list(res)
+
+
+def level_depths(ldm: dict) -> list[int]:
+    """Transformer layers per UNet level (diffusers' ``transformer_layers_per_block``, 0 for a level without
+    attention) of an LDM config's per-res-block ``transformer_depth``."""
+    return _per_level(list(ldm["transformer_depth"]), _res_blocks(ldm), "transformer depth")
+
+
 def unet_config_from_ldm(ldm: dict, addition_time_embed_dim: int) -> dict:
     """The diffusers ``UNet2DConditionModel`` config of an SDXL-style LDM UNet config.
 
@@ -47,11 +58,9 @@ def unet_config_from_ldm(ldm: dict, addition_time_embed_dim: int) -> dict:
     ``num_head_channels`` or ``num_heads``, ``in_channels``, ``out_channels``, ``use_linear_in_transformer``).
     ``addition_time_embed_dim`` is the width of each of the six size/crop embeddings (SDXL: 256)."""
     try:
-        mult = list(ldm["channel_mult"])
-        res = ldm["num_res_blocks"]
-        res = [res] * len(mult) if isinstance(res, int) else list(res)
-        channels = [ldm["model_channels"] * m for m in mult]
-        depth = _per_level(list(ldm["transformer_depth"]), res, "transformer depth")
+        res = _res_blocks(ldm)
+        channels = [ldm["model_channels"] * m for m in ldm["channel_mult"]]
+        depth = level_depths(ldm)
         out_depth = _per_level(list(ldm["transformer_depth_output"]), [r + 1 for r in res], "output transformer depth")
         if out_depth != depth:
             raise SkeletonError(f"the UNet's output transformer depths {out_depth} differ from its input ones {depth}")
