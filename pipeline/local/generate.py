@@ -105,8 +105,9 @@ class EncodedRequest:
     distribution (under CPU offload each encode streams the text encoders or the VAE through the GPU)."""
 
     embeds: dict  # prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
-    latent_dist: object  # the VAE's DiagonalGaussianDistribution of the init image
+    latent_dist: object  # the VAE's DiagonalGaussianDistribution of the init image (None from a codec)
     dtype: object  # the dtype the pipeline computes latents in (the prompt embeddings')
+    latents: object = None  # a codec's latents of the init image, UNet-scaled (the posterior's mean)
 
 
 def encode_request(pipe, request: GenerationRequest, inputs: PreparedInputs, prompt: str) -> EncodedRequest:
@@ -152,7 +153,7 @@ def encode_with_codec(codec: Codec, request: GenerationRequest, inputs: Prepared
         latents = codec.encode_image(inputs.init_image)
     embeds = {"prompt_embeds": positive, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
               "negative_pooled_prompt_embeds": negative_pooled}
-    return EncodedRequest(embeds, latents, positive.dtype)
+    return EncodedRequest(embeds, None, positive.dtype, latents=latents)
 
 
 def codec_latents(encoded: EncodedRequest, generator):
@@ -161,9 +162,8 @@ def codec_latents(encoded: EncodedRequest, generator):
     the posterior's mean, which for SDXL's VAE is within its tiny spread of a sample)."""
     import torch
 
-    latents = encoded.latent_dist
-    torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    return latents.to(encoded.dtype)
+    torch.randn(encoded.latents.shape, generator=generator, dtype=torch.float32)
+    return encoded.latents.to(encoded.dtype)
 
 
 def image_latents(pipe, encoded: EncodedRequest, generator):
@@ -252,8 +252,8 @@ def generate(
             "(see README, 'Prompt expansion'), or set expand_prompt to false",
         )
     if codec is not None and request.loras:
-        raise RequestError("loras", "this pipeline runs on ComfyUI's own models: apply LoRAs with ComfyUI's LoRA "
-                                    "loader on the MODEL and CLIP before they reach it")
+        raise RequestError("loras", "this pipeline runs on a host application's own models: apply LoRAs to those "
+                                    "models (in ComfyUI: its LoRA loader on the MODEL and CLIP before they reach it)")
     if prepared is None:
         prepared = prepare_inputs(request)
     timings["prepare"] = time.perf_counter() - t0
