@@ -181,6 +181,7 @@ found["vs_diffusers_mean_diff"] = float(np.abs(base - ref).mean() * 255)
 #    adds the low-rank product at run time instead of merging it: float rounding apart)
 lora_file = work / "tiny_lora.safetensors"
 lora_factory.write(lora_factory.kohya_state_dict(diffusers_pipe, te=False, amp=0.3), lora_file)
+original_proj_in = model.model.diffusion_model.input_blocks[4][1].proj_in.weight.detach().clone()
 lora_model, _ = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(lora_file)), 1.0, 0.0)
 lora_handle = Builder().build(lora_model, clip, vae, control_net)[0]
 with_lora = ours_on_comfy(lora_handle)
@@ -196,6 +197,19 @@ from sdxlcn_pack.pipeline.request import LoraSpec  # noqa: E402
 ref_lora = ours_on_diffusers((LoraSpec(str(lora_file), 1.0),))
 found["lora_vs_our_lora_mean_diff"] = float(np.abs(with_lora - ref_lora).mean() * 255)
 found["base_again_after_lora"] = max_pixel_diff(ours_on_comfy(handle), base)
+
+# 3b. ComfyUI's low-VRAM mode (forced here: a CPU-only ComfyUI always loads fully): its layers keep the original
+#     weights, cast them per call and add the LoRA inside their own forward; the grafted pipeline follows that
+mm.unload_all_models()
+lora_model.load("cpu", lowvram_model_memory=1)  # every layer in low-VRAM mode
+lowvram_pipe = lora_handle.get_pipe()
+found["lowvram_layers"] = sum(bool(getattr(m, "comfy_cast_weights", False)) for m in lowvram_pipe.unet.modules())
+found["lowvram_weights_unpatched"] = bool(torch.equal(
+    lowvram_pipe.unet.get_submodule("down_blocks.1.attentions.0.proj_in").weight, original_proj_in))
+keep_loaded, lowvram_pipe.codec.before_denoise = lowvram_pipe.codec.before_denoise, lambda *_a: None
+found["lowvram_vs_full_load_max_diff"] = max_pixel_diff(ours_on_comfy(lora_handle), with_lora)
+lowvram_pipe.codec.before_denoise = keep_loaded
+lora_model.unpatch_model()
 
 # 4. fp8 storage computed in fp32 (ComfyUI's --fp8_e4m3fn-unet: its layers cast per call): the grafted pipeline
 #    runs, and gives our diffusers path's image on the same (fp8-rounded) weights

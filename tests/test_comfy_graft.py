@@ -1,8 +1,8 @@
 """Our sampler on ComfyUI's own models (``SDXLCNFromComfyModels``), with ComfyUI imported from its checkout (as
 ComfyUI runs it with --cpu): tiny SDXL-shaped models built as ComfyUI's own objects from the same random weights
 as a diffusers pipeline. The grafted pipeline holds no tensor of its own, gives the very pixels of our diffusers
-path, follows a LoRA from ComfyUI's LoRA loader exactly, runs ComfyUI's fp8 storage in its compute dtype, and
-refuses what it cannot run, naming the input."""
+path, follows a LoRA from ComfyUI's LoRA loader exactly (merged on a full load, or added per call in ComfyUI's
+low-VRAM mode), runs ComfyUI's fp8 storage in its compute dtype, and refuses what it cannot run, naming the input."""
 
 from __future__ import annotations
 
@@ -48,6 +48,12 @@ def test_comfyui_lora_applies_exactly(found):
     assert found["lora_vs_comfy_weights_max_diff"] <= 1  # = our path on the weights ComfyUI patched (rounding)
     assert found["lora_vs_our_lora_mean_diff"] < 0.01  # = the same file through our own LoRA loader
     assert found["base_again_after_lora"] == 0  # the LoRA clone does not leak into the base MODEL's runs
+
+
+def test_comfyui_lowvram_mode_applies(found):
+    assert found["lowvram_layers"] > 200  # ComfyUI's layers cast their weights per call
+    assert found["lowvram_weights_unpatched"]  # the LoRA is added inside their forward, not merged
+    assert found["lowvram_vs_full_load_max_diff"] == 0  # the same image as with the LoRA merged on a full load
 
 
 def test_fp8_storage_runs_in_the_compute_dtype(found):
