@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from .comfy_hooks import log
 
 _warned: set = set()
+# ComfyUI's model classes by the names users know them by (the rest are named by their class)
+_FAMILIES = {"BaseModel": "SD 1.x/2.x", "SD21UNCLIP": "SD 2.1 unCLIP", "SDXLRefiner": "SDXL refiner", "SD3": "SD3",
+             "Flux": "Flux", "AuraFlow": "AuraFlow", "HunyuanDiT": "Hunyuan-DiT", "PixArt": "PixArt",
+             "StableCascade_C": "Stable Cascade", "SVD_img2vid": "Stable Video Diffusion"}
 
 
 class NotGraftable(ValueError):
@@ -33,8 +37,9 @@ def check_model(model):
     if base is None or not hasattr(model, "model_options"):
         raise NotGraftable("model: connect a MODEL output (e.g. Load Checkpoint's)")
     if not isinstance(base, mb.SDXL):
-        raise NotGraftable(f"model: this is a {type(base).__name__} model, not SDXL. This node runs SDXL base-type "
-                           "checkpoints only; use ComfyUI's KSampler for other model families")
+        family = _FAMILIES.get(type(base).__name__, type(base).__name__)
+        raise NotGraftable(f"model: this is a {family} model, not SDXL. This node runs SDXL base-type checkpoints "
+                           "only; use ComfyUI's KSampler for other model families")
     kind = getattr(base.model_type, "name", str(base.model_type))
     if kind != "EPS":
         raise NotGraftable(f"model: this SDXL checkpoint predicts {kind} (e.g. Playground v2.5 is EDM); only "
