@@ -38,7 +38,7 @@ def check_model(model):
         raise NotGraftable("model: connect a MODEL output (e.g. Load Checkpoint's)")
     if not isinstance(base, mb.SDXL):
         family = _FAMILIES.get(type(base).__name__, type(base).__name__)
-        raise NotGraftable(f"model: this is a {family} model, not SDXL. This node runs SDXL base-type checkpoints "
+        raise NotGraftable(f"model: this MODEL is {family}, not SDXL. This node runs SDXL base-type checkpoints "
                            "only; use ComfyUI's KSampler for other model families")
     kind = getattr(base.model_type, "name", str(base.model_type))
     if kind != "EPS":

@@ -63,7 +63,7 @@ def test_fp8_storage_runs_in_the_compute_dtype(found):
 
 
 def test_refusals_name_the_input(found):
-    assert found["refuses_sd15"].startswith("model: this is a SD 1.x/2.x model, not SDXL")
+    assert found["refuses_sd15"].startswith("model: this MODEL is SD 1.x/2.x, not SDXL")
     assert found["refuses_control_lora"].startswith("control_net:") and "Control-LoRA" in found["refuses_control_lora"]
     assert found["refuses_edm"].startswith("model:") and "EDM" in found["refuses_edm"]
     assert found["refuses_union"].startswith("control_net:") and "Union" in found["refuses_union"]
