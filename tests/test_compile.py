@@ -12,7 +12,7 @@ import torch
 from sdxl_controlnet_img2img.pipeline.local.compile import compile_models, is_compiled
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
 from sdxl_controlnet_img2img.pipeline.local.tiny_models import tiny_components
-from sdxl_controlnet_img2img.pipeline.request import GenerationRequest, LoraSpec
+from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
 import lora_factory
 from pictures import make_test_image
@@ -87,4 +87,3 @@ def test_fused_loras_give_the_adapters_images(loras):
         ours = _pixels(generate(compiled, _request(loras=chosen)))
         theirs = _pixels(generate(plain, _request(loras=chosen)))
         assert np.abs(ours - theirs).max() <= 2, chosen  # merged vs added at run time: float rounding apart
-    assert LoraSpec  # what the request carries

@@ -28,7 +28,7 @@ from sdxl_controlnet_img2img.pipeline.local.tiny_models import (
     TINY_UNET_LDM_CONFIG,
     tiny_components,
 )
-from sdxl_controlnet_img2img.pipeline.request import GenerationRequest, LoraSpec
+from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
 from pictures import make_test_image
 
@@ -138,4 +138,3 @@ def test_codec_pipeline_refuses_request_loras(plain_and_grafted):
     _, grafted = plain_and_grafted
     with pytest.raises(RequestError, match="^loras: .*LoRA loader"):
         generate(grafted, _request(loras=[{"path": "x.safetensors", "scale": 1.0}]))
-    assert LoraSpec  # the request type that carries them

@@ -22,7 +22,7 @@ from .quiet import quiet_libraries
 
 @dataclass
 class _Fused:
-    backup: dict = field(default_factory=dict)  # (module, "weight") -> the original weight, on the CPU
+    backup: dict = field(default_factory=dict)  # layer -> its original weight, on the CPU
     active: tuple = ()  # ((file key, scale), ...) of the set fused now
     loaded: list = field(default_factory=list)
 
@@ -82,17 +82,16 @@ def _keep_originals(pipe, state: _Fused, components) -> None:
     for comp in components:
         for module in getattr(pipe, comp).modules():
             base = getattr(module, "base_layer", None)
-            if base is not None and (base, "weight") not in state.backup:
-                state.backup[(base, "weight")] = base.weight.detach().to("cpu", copy=True)
+            if base is not None and base not in state.backup:
+                state.backup[base] = base.weight.detach().to("cpu", copy=True)
 
 
 def _restore(state: _Fused) -> None:
     import torch
 
     with torch.no_grad():
-        for (module, name), original in state.backup.items():
-            weight = getattr(module, name)
-            weight.copy_(original.to(weight.device, weight.dtype))
+        for layer, original in state.backup.items():
+            layer.weight.copy_(original.to(layer.weight.device, layer.weight.dtype))
 
 
 def _unload(pipe) -> None:

@@ -50,6 +50,11 @@ def level_depths(ldm: dict) -> list[int]:
     return _per_level(list(ldm["transformer_depth"]), _res_blocks(ldm), "transformer depth")
 
 
+def _layers_per_block(depths: list[int]) -> list[int]:
+    """diffusers' ``transformer_layers_per_block``: a level without attention still says 1 (it builds none)."""
+    return [max(d, 1) for d in depths]
+
+
 def unet_config_from_ldm(ldm: dict, addition_time_embed_dim: int) -> dict:
     """The diffusers ``UNet2DConditionModel`` config of an SDXL-style LDM UNet config.
 
@@ -81,7 +86,7 @@ def unet_config_from_ldm(ldm: dict, addition_time_embed_dim: int) -> dict:
             "layers_per_block": res[0],
             "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth],
             "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)],
-            "transformer_layers_per_block": [max(d, 1) for d in depth],
+            "transformer_layers_per_block": _layers_per_block(depth),
             "attention_head_dim": attention_heads,
             "cross_attention_dim": ldm["context_dim"],
             "projection_class_embeddings_input_dim": ldm["adm_in_channels"],
@@ -111,7 +116,7 @@ def controlnet_config_from_unet(unet_config: dict, conditioning_channels: list[i
     config = {**base, **{k: unet_config[k] for k in shared}}
     config["conditioning_embedding_out_channels"] = list(conditioning_channels)
     if transformer_layers_per_block is not None:
-        config["transformer_layers_per_block"] = [max(d, 1) for d in transformer_layers_per_block]
+        config["transformer_layers_per_block"] = _layers_per_block(transformer_layers_per_block)
     return config
 
 
