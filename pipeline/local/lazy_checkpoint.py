@@ -77,3 +77,11 @@ class LazyCheckpoint(dict):
 
     def copy(self):
         return {k: self[k] for k in self.keys()}
+
+
+def checkpoint_tensors(index: TensorIndex, dtype=None, keep=None) -> dict:
+    """The tensors of a weights file for a converter: a pickle's state dict (read whole, it is in memory already),
+    or a :class:`LazyCheckpoint` of a safetensors file; ``keep`` filters keys."""
+    if index.state_dict is not None:
+        return {k: v for k, v in index.state_dict.items() if keep is None or keep(k)}
+    return LazyCheckpoint(index, dtype, keep)

@@ -188,11 +188,10 @@ def load_controlnet(source, options: LoadOptions):
         cfg_dir = CONTROLNET_SDXL_CONFIG
     if fmt == "ldm":
         try:
-            from .lazy_checkpoint import LazyCheckpoint
+            from .lazy_checkpoint import checkpoint_tensors
 
-            source = idx.state_dict if idx.state_dict is not None else LazyCheckpoint(idx, opts.dtype)
             return ControlNetModel.from_single_file(
-                source, config=str(cfg_dir), local_files_only=True, torch_dtype=opts.dtype
+                checkpoint_tensors(idx, opts.dtype), config=str(cfg_dir), local_files_only=True, torch_dtype=opts.dtype
             )
         except Exception as exc:  # noqa: BLE001
             raise _wrap(label, value, exc, HINT_CONTROLNET) from None
@@ -218,9 +217,9 @@ def load_controlnet(source, options: LoadOptions):
             f"{cfg_dir}: {detail}. It is probably a different size (mid/small variant): put it in a folder next to its "
             f"own config.json and give the folder (or pass controlnet_config_dir)."
         )
-    from .lazy_checkpoint import LazyCheckpoint
+    from .lazy_checkpoint import checkpoint_tensors
 
-    sd = idx.state_dict if idx.state_dict is not None else LazyCheckpoint(idx, opts.dtype)
+    sd = checkpoint_tensors(idx, opts.dtype)
     model.load_state_dict({k: sd[k].to(opts.dtype) for k in expected}, strict=True, assign=True)
     model.eval()
     return model
@@ -329,7 +328,7 @@ def build_pipeline(base, controlnet, options: LoadOptions | None = None):
             from .single_file import build_from_single_file
 
             pipe = build_from_single_file(idx, config_dir, opts.dtype, controlnet=cn, **extra)
-            idx = None
+            idx = None  # a pickle's tensors: not kept past the build
         else:
             pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
                 str(value), controlnet=cn, dtype=opts.dtype, local_files_only=(kind != "hub"), **extra,

@@ -17,16 +17,14 @@ import inspect
 import json
 from pathlib import Path
 
-from .lazy_checkpoint import LazyCheckpoint
+from .lazy_checkpoint import checkpoint_tensors
 from .model_checks import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, TensorIndex
 
 VAE_PREFIX = "first_stage_model."
 
 
 def _part(idx: TensorIndex, dtype, prefix: str):
-    if idx.state_dict is not None:
-        return {k: v for k, v in idx.state_dict.items() if k.startswith(prefix)}
-    return LazyCheckpoint(idx, dtype, keep=lambda k: k.startswith(prefix))
+    return checkpoint_tensors(idx, dtype, keep=lambda k: k.startswith(prefix))
 
 
 def load_text_encoder_2(idx: TensorIndex, config_dir: Path, dtype):
