@@ -24,13 +24,36 @@ def _lora_names() -> list[str]:
         return []
 
 
+PICKLE_ENV = "SDXLCN_ALLOW_PICKLE"
+
+
+def server_allows_pickle() -> bool:
+    """Whoever starts ComfyUI opts in to pickle LoRAs (``SDXLCN_ALLOW_PICKLE=1`` in its environment); no workflow
+    can, since a shared workflow would otherwise make the server unpickle a file."""
+    return os.environ.get(PICKLE_ENV) == "1"
+
+
+def _allow_pickle(lora_name: str, path: str, widget: bool) -> bool:
+    """Whether this LoRA may be read as a pickle: the node's ``allow_pickle`` and the server's opt-in together. A
+    pickle asked for without the server's opt-in is refused here, with what to do."""
+    from ..pipeline.local.lora import LoraError, is_safetensors
+
+    if is_safetensors(path) or not widget:
+        return False  # safetensors need no opt-in; without the widget the library refuses a pickle itself
+    if not server_allows_pickle():
+        raise LoraError(lora_name, f"is a pickle file; allow_pickle on this node is not enough: pickle LoRAs are read "
+                                   f"only when ComfyUI was started with {PICKLE_ENV}=1 in its environment (a "
+                                   "server-side choice no workflow can make). Better: use a .safetensors version")
+    return True
+
+
 def _full_path(lora_name: str) -> str:
     fp = folder_paths()
     if fp is not None:
         path = fp.get_full_path("loras", lora_name)
         if path:
             return path
-    if os.path.isfile(lora_name):  # outside ComfyUI (tests, scripts): a path
+    elif os.path.isfile(lora_name):  # outside ComfyUI (tests, scripts): a path; inside, only the loras folders
         return os.path.abspath(lora_name)
     from ..pipeline.local.lora import LoraError
 
@@ -57,8 +80,9 @@ class SDXLCNLoraLoader:
             },
             "optional": {
                 "allow_pickle": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Accept a .pt/.bin/.ckpt LoRA (pickle files can run code when read; they are then read with "
-                    "torch.load(weights_only=True)). Off: only .safetensors LoRAs.")}),
+                    "Accept a .pt/.bin/.ckpt LoRA, only if ComfyUI was also started with SDXLCN_ALLOW_PICKLE=1 (pickle "
+                    "files can run code when read: the server decides, not a workflow; read with "
+                    "torch.load(weights_only=True), torch 2.6 or newer). Off: only .safetensors LoRAs.")}),
             },
         }
 
@@ -68,7 +92,8 @@ class SDXLCNLoraLoader:
         from ..pipeline.local.lora import LoraError, check_lora_file
 
         try:
-            check_lora_file(_full_path(lora_name), lora_name, bool(allow_pickle))
+            path = _full_path(lora_name)
+            check_lora_file(path, lora_name, _allow_pickle(lora_name, path, bool(allow_pickle)))
         except LoraError as exc:
             return str(exc)
         return True
@@ -83,5 +108,6 @@ class SDXLCNLoraLoader:
                              "LoRA' between Load Checkpoint and 'SDXL ControlNet Pipeline from ComfyUI Models' "
                              "(its strength_model and strength_clip), not with this node")
         path = _full_path(lora_name)
-        preload(pipeline.get_pipe(), path, allow_pickle=bool(allow_pickle))  # read once now, so a bad file fails here
+        pickle_ok = _allow_pickle(lora_name, path, bool(allow_pickle))
+        preload(pipeline.get_pipe(), path, allow_pickle=pickle_ok)  # read once now, so a bad file fails here
         return (pipeline.with_lora(LoraSpec(path, float(strength))),)

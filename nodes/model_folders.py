@@ -79,10 +79,11 @@ def vae_choices() -> list[str]:
 
 
 def resolve(kind: str, name: str) -> str:
-    """The full path of a combo value; raises with the folder to put it in when it is gone."""
+    """The full path of a combo value; raises with the folder to put it in when it is gone. Inside ComfyUI only a
+    name in its model folders resolves (as the dropdowns list them): a workflow cannot name any other file."""
     fp = folder_paths()
-    if os.path.isabs(name) and os.path.exists(name):
-        return name
+    if fp is None and os.path.isabs(name) and os.path.exists(name):
+        return name  # outside ComfyUI (scripts, tests): a path. Inside, only what the model folders list
     if fp is not None:
         folder = {"checkpoint": "checkpoints", "controlnet": "controlnet", "vae": "vae"}[kind]
         path = fp.get_full_path(folder, name)

@@ -179,7 +179,7 @@ def test_loader_validates_files_and_device_before_anything_loads(tiny_models, tm
         assert isinstance(msg, str) and msg.startswith("device: cuda was asked for")
 
 
-def test_lora_node_validates_the_file_before_the_pipeline_loads(tmp_path):
+def test_lora_node_validates_the_file_before_the_pipeline_loads(tmp_path, monkeypatch):
     node = NODE_CLASS_MAPPINGS["SDXLCNLoraLoader"]
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
@@ -189,6 +189,11 @@ def test_lora_node_validates_the_file_before_the_pipeline_loads(tmp_path):
     torch.save({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, pt)
     msg = node.VALIDATE_INPUTS(lora_name=str(pt))
     assert isinstance(msg, str) and "refused by default" in msg and "allow_pickle" in msg
+    # the node's allow_pickle alone is not enough: the server's operator opts in (no workflow can)
+    monkeypatch.delenv("SDXLCN_ALLOW_PICKLE", raising=False)
+    msg = node.VALIDATE_INPUTS(lora_name=str(pt), allow_pickle=True)
+    assert isinstance(msg, str) and "SDXLCN_ALLOW_PICKLE=1" in msg and "style.pt" in msg
+    monkeypatch.setenv("SDXLCN_ALLOW_PICKLE", "1")
     assert node.VALIDATE_INPUTS(lora_name=str(pt), allow_pickle=True) is True
     assert "allow_pickle" in node.INPUT_TYPES()["optional"]
 
@@ -224,3 +229,11 @@ def test_a_diffusers_controlnet_folder_is_listed_once(tmp_path, monkeypatch):
     monkeypatch.setattr(model_folders, "folder_paths", lambda: fake)
     monkeypatch.setattr(comfy_hooks, "folder_paths", lambda: fake)
     assert model_folders.controlnet_choices() == ["single.safetensors", "canny-sdxl"]
+
+
+def test_pickles_are_refused_on_a_torch_whose_weights_only_is_unsafe():
+    from sdxl_controlnet_img2img.pipeline.local.pickles import refuse_unsafe_torch
+
+    with pytest.raises(ValueError, match=r"lora: pickle files are refused on torch 2\.5.*2\.6 or newer"):
+        refuse_unsafe_torch("lora", (2, 5))
+    refuse_unsafe_torch("lora", (2, 6))  # 2.6 and newer read pickles with weights_only

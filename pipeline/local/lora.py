@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..request import LoraSpec
 from .lora_sources import LoraError, resolve_source
+from .pickles import load_weights_only, refuse_unsafe_torch
 from .quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -52,15 +53,16 @@ class LoadedLora:
 # ---- reading and checking a LoRA file ------------------------------------------------------------
 
 
-def _is_safetensors(path: Path) -> bool:
+def is_safetensors(path) -> bool:
+    path = Path(path)
     return path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path)
 
 
 def _refuse_pickle(path: Path, name: str, allow_pickle: bool) -> None:
     if not allow_pickle:
         raise LoraError(name, f"{path.name} is a pickle file (.pt/.bin/.ckpt), which can run code when read; refused "
-                              "by default. Use a .safetensors version of the LoRA, or opt in (allow_pickle on the "
-                              "LoRA node, --allow-pickle on the command line); it is then read with "
+                              "by default. Use a .safetensors version of the LoRA, or opt in (--allow-pickle on the command "
+                              "line; in ComfyUI allow_pickle on the LoRA node with SDXLCN_ALLOW_PICKLE=1 set for the server); read with "
                               "torch.load(weights_only=True)")
 
 
@@ -79,7 +81,7 @@ def read_lora_file(path: str | os.PathLike, name: str | None = None, allow_pickl
     a safetensors file's tensors are not read (the dict is empty); a pickle has no header and is read whole."""
     path = Path(path)
     name = name or str(path)
-    if _is_safetensors(path):
+    if is_safetensors(path):
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -93,7 +95,11 @@ def read_lora_file(path: str | os.PathLike, name: str | None = None, allow_pickl
     import torch
 
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        refuse_unsafe_torch(name)
+    except ValueError as exc:
+        raise LoraError(name, str(exc).removeprefix(f"{name}: ")) from None
+    try:
+        sd = load_weights_only(path, name)
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types
         raise LoraError(name, f"is not a LoRA file: it cannot be read as safetensors or a torch file ({exc.__class__.__name__})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):

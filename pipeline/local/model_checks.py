@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from .pickles import load_weights_only, refuse_unsafe_torch
 
 SAFETENSORS_EXT = {".safetensors", ".sft"}
 PICKLE_EXT = {".ckpt", ".pt", ".pth", ".bin"}
@@ -116,15 +117,17 @@ def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -
             f"refused by default. Use a .safetensors version of the model, or opt in with allow_pickle "
             f"(CLI: --allow-pickle; it is then read with torch.load(weights_only=True), which refuses code)."
         )
-    import torch
-
+    try:
+        refuse_unsafe_torch(label)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     try:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd = load_weights_only(path, label, mmap=True)
         except RuntimeError as exc:
             if "mmap" not in str(exc):
                 raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_weights_only(path, label)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported the same way
         raise ModelLoadError(
             f"{label}: {path} could not be read as a weights-only pickle ({type(exc).__name__}: {str(exc)[:300]}). "

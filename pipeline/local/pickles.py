@@ -1,0 +1,32 @@
+"""Reading a pickle (.ckpt/.pt/.bin) weights file: only with ``torch.load(weights_only=True)``, and only on a torch
+whose ``weights_only`` loader is safe (2.6 and newer: older releases had a code-execution hole, CVE-2025-32434)."""
+
+from __future__ import annotations
+
+import os
+
+SAFE_WEIGHTS_ONLY = (2, 6)
+
+
+def torch_version() -> tuple[int, int]:
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def refuse_unsafe_torch(label: str, version: tuple[int, int] | None = None) -> None:
+    """Raise ``ValueError`` naming ``label`` when this torch cannot read a pickle safely."""
+    version = version or torch_version()
+    if version < SAFE_WEIGHTS_ONLY:
+        raise ValueError(
+            f"{label}: pickle files are refused on torch {version[0]}.{version[1]}: its weights_only loader is not "
+            f"safe before torch 2.6 (CVE-2025-32434). Use a .safetensors version, or upgrade torch to 2.6 or newer")
+
+
+def load_weights_only(path: str | os.PathLike, label: str, mmap: bool = False):
+    """``torch.load(path, weights_only=True)`` on the CPU, after :func:`refuse_unsafe_torch`."""
+    refuse_unsafe_torch(label)
+    import torch
+
+    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
