@@ -68,11 +68,14 @@ class SDXLCNImg2Img:
                                   loras=list(getattr(pipeline, "loras", ())), local_scheduler=scheduler,
                                   local_control_start=float(control_start), local_control_end=float(control_end))
 
+        if fallback == "fal":
+            refuse_fallback_on_host_models(pipeline)
         images, flags, prompt = [], [], requests[0].prompt
+        results = []  # filled as each request finishes locally: a fallback sends only the rest
         try:
-            results = self._run_local(pipeline, requests, unique_id)
+            self._run_local(pipeline, requests, unique_id, results)
         except Exception as exc:  # noqa: BLE001 - decided by local_failure_reason below
-            results = _fall_back_or_raise(exc, fallback, requests, unique_id)
+            results.extend(_fall_back_or_raise(exc, fallback, requests[len(results):], unique_id, len(results)))
         for result in results:
             images.extend(result.images)
             flags.extend(result.has_nsfw_concepts)
@@ -82,7 +85,8 @@ class SDXLCNImg2Img:
         return (pil_to_image(images), seed, json.dumps(flags), prompt)
 
     @staticmethod
-    def _run_local(pipeline, requests, unique_id=None):
+    def _run_local(pipeline, requests, unique_id, results: list) -> None:
+        """Run ``requests`` locally, appending each result to ``results`` as it finishes."""
         from . import comfy_memory
 
         pipe = pipeline.get_pipe()
@@ -90,7 +94,6 @@ class SDXLCNImg2Img:
         hooks = _hooks_for(requests[0], pipe)
         per_request = requests[0].steps_to_run * requests[0].num_images
         progress = Progress(per_request * len(requests), unique_id)
-        results = []
         for k, req in enumerate(requests):
             offset = k * per_request
             results.append(generate(
@@ -98,11 +101,22 @@ class SDXLCNImg2Img:
                 on_step=lambda step, _total, latents, o=offset: progress.update(o + step, latents),
                 **hooks,
             ))
-        return results
 
 
-def _fall_back_or_raise(exc: BaseException, fallback: str, requests, unique_id):
-    """Run ``requests`` on fal when ``fallback`` is on and the local failure is one fal can help with."""
+def refuse_fallback_on_host_models(pipeline) -> None:
+    """A fallback to fal would drop the user's checkpoint and LoRA stack of a pipeline on ComfyUI's own models
+    (fal runs its own SDXL base): refused before anything runs."""
+    from .from_comfy_node import SOURCE
+
+    if getattr(pipeline, "source", {}).get("from") == SOURCE:
+        raise ValueError("fallback: 'fal' cannot stand in for a pipeline on ComfyUI's own models: fal would run its "
+                         "own SDXL base, without this workflow's checkpoint and LoRAs. Set fallback to off (or use "
+                         "the fal node explicitly)")
+
+
+def _fall_back_or_raise(exc: BaseException, fallback: str, requests, unique_id, finished: int = 0):
+    """Run ``requests`` (those that did not finish locally) on fal when ``fallback`` is on and the local failure is
+    one fal can help with; ``finished`` requests before them are kept."""
     if fallback != "fal":
         raise exc
     from ..pipeline.local.fallback import local_failure_reason
@@ -123,7 +137,8 @@ def _fall_back_or_raise(exc: BaseException, fallback: str, requests, unique_id):
     if local_loras:
         raise RuntimeError(f"{reason}, and fallback to fal cannot use local LoRA files ({', '.join(local_loras)}): "
                            "give fal LoRAs as URLs on the fal node, or free GPU memory and run locally") from exc
-    message = f"{reason}: falling back to fal for {len(requests)} request(s)"
+    kept = f" ({finished} finished locally are kept)" if finished else ""
+    message = f"{reason}: falling back to fal for {len(requests)} request(s){kept}"
     log.warning("SDXLCNImg2Img: %s", message)
     from .fal_node import STATUS_EVENT, run_requests_on_fal
 

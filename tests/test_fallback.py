@@ -80,3 +80,40 @@ def test_bad_requests_never_fall_back(unusable_gpu_pipe, fal, user_dir):
     with pytest.raises(ValueError, match="^prompt: is required"):
         SDXLCNImg2Img().sample(**_args(PipelineHandle(unusable_gpu_pipe), fallback="fal", prompt=""))
     assert fal.jobs == {}
+
+
+def test_a_fallback_keeps_the_requests_that_finished_locally(tiny_pipe, fal, user_dir):
+    """Request 2 of 2 runs out of memory (raised inside the real UNet's forward, as CUDA raises it): request 1's
+    local image is kept and only request 2 goes to fal (one job, its own seed), nothing paid for twice."""
+    calls = {"n": 0}
+
+    def oom_on_second_request(_module, _args):
+        calls["n"] += 1
+        if calls["n"] > 3:  # int(4 steps x 0.95) = 3 UNet calls per request
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    args = _args(PipelineHandle(tiny_pipe), fallback="fal")
+    local_alone, *_ = SDXLCNImg2Img().sample(**_args(PipelineHandle(tiny_pipe), image=args["image"][:1]))
+    handle = tiny_pipe.unet.register_forward_pre_hook(oom_on_second_request)
+    try:
+        images, seed, flags, _ = SDXLCNImg2Img().sample(**args)
+    finally:
+        handle.remove()
+    assert images.shape == (2, 64, 72, 3) and json.loads(flags) == [False, False]
+    assert [j.args["seed"] for j in fal.jobs.values()] == [10]  # only request 2 (seed + 1) went to fal
+    assert torch.equal(images[0], local_alone[0])  # the local image of request 1, kept
+    assert torch.allclose(images[1], 1.0 - args["image"][1], atol=1 / 255 + 1e-6)  # fal's answer for request 2
+
+
+def test_fallback_is_refused_on_comfyuis_own_models_before_anything_runs(tiny_pipe, fal, user_dir):
+    from sdxl_controlnet_img2img.nodes.from_comfy_node import SOURCE
+
+    handle = PipelineHandle(tiny_pipe, source={"from": SOURCE})
+    calls = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="^fallback: 'fal' cannot stand in .* checkpoint and LoRAs"):
+            SDXLCNImg2Img().sample(**_args(handle, fallback="fal"))
+    finally:
+        hook.remove()
+    assert calls == [] and fal.jobs == {}
