@@ -73,6 +73,9 @@ class Behaviour:
     submit_ingress_statuses: list = field(default_factory=list)
     # 5xx answered by fal *after* it accepted the submission (the job exists; the header carries its id)
     submit_accepted_statuses: list = field(default_factory=list)
+    # fal accepts the submission (the job exists, it is billed) but its answer comes this much later: a large body
+    # still being sent, or a slow ingress
+    submit_answer_delay_s: float = 0.0
     status_statuses: list = field(default_factory=list)  # same, for status polls
     result_statuses: list = field(default_factory=list)  # same, for the result
     auth_detail: str | None = None  # answer every call with 401 and this detail (may contain the key: tests redact)
@@ -255,6 +258,8 @@ class FalTestServer:
             self.jobs[rid] = Job(rid, args, self.behaviour)
             self.active += 1
             self.max_active = max(self.max_active, self.active)
+        if self.behaviour.submit_answer_delay_s:
+            self.stopping.wait(self.behaviour.submit_answer_delay_s)
         code = self._pop("submit_accepted_statuses")
         if code:
             return self._send(h, code, {"detail": f"injected {code} after accepting"}, fal_id=rid)

@@ -104,6 +104,10 @@ def _printer():
 
     def on_status(st):
         stream = sys.stderr
+        if st.state == "STOPPING":  # a stop during the submit: we wait for fal's answer, then cancel
+            for line in st.logs:
+                print(line, file=stream)
+            return
         if st.state == "SUBMITTED":
             print(f"submitted fal request {st.request_id}", file=stream)
         elif st.state == "IN_QUEUE" and last.get("pos") != st.queue_position:

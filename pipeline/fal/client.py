@@ -17,6 +17,7 @@ path (:class:`GenerationResult`, images as PIL).
 from __future__ import annotations
 
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -28,7 +29,16 @@ from .errors import FalBatchIncomplete, FalCancelled, FalError, FalRequestFailed
 from .files import decode_result, fal_arguments, prepare_image
 from .key import redact, resolve_key
 from .settings import DEFAULT_TIMEOUT_S, ENDPOINT, CancelCheck, FalSettings, FalStatus, StatusCallback, log
-from .transport import Cancelled, Deadline, Waiter, call_with_retries, close_client, make_client, notify
+from .transport import (
+    Cancelled,
+    Deadline,
+    SubmitUnanswered,
+    Waiter,
+    call_with_retries,
+    close_client,
+    make_client,
+    notify,
+)
 
 
 def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, waiter: Waiter, settings: FalSettings,
@@ -108,6 +118,93 @@ def _cancel(handle, settings: FalSettings) -> tuple[str, str]:
         f"`python -m sdxl_controlnet_img2img fal-fetch --request-id {handle.request_id} --out DIR` (or `fal-pending`)")
 
 
+class _Submit:
+    """The submit, run in the waiter's thread. The id is recorded by that thread as soon as fal answers, so it
+    reaches the request log even when the caller stopped waiting; an abandoned submit answered late is cancelled."""
+
+    def __init__(self, client, endpoint: str, request: GenerationRequest, settings: FalSettings, request_log_dir):
+        self.client, self.endpoint, self.request = client, endpoint, request
+        self.settings, self.request_log_dir = settings, request_log_dir
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.handle = None
+
+    def send(self, args: dict):
+        handle = self.client.submit(self.endpoint, args)
+        r = self.request
+        request_log.record(self.request_log_dir, "submitted", handle.request_id, endpoint=self.endpoint, seed=r.seed,
+                           prompt=r.prompt[:200], num_images=r.num_images)
+        with self.lock:
+            self.handle = handle
+            late = self.abandoned
+        if late:
+            self._cancel_late(handle)
+        return handle
+
+    def abandon(self) -> None:
+        with self.lock:
+            self.abandoned = True
+            handle = self.handle
+        if handle is not None:  # answered just as we gave up
+            self._cancel_late(handle)
+
+    def _cancel_late(self, handle) -> None:
+        log.warning("fal: the submission was answered late as request %s (recorded); cancelling it", handle.request_id)
+        try:
+            event, _said = _cancel(handle, self.settings)
+            request_log.record(self.request_log_dir, event, handle.request_id, endpoint=self.endpoint)
+        finally:
+            close_client(self.client)
+
+
+def _say_waiting(stop: BaseException, settings: FalSettings, on_status: StatusCallback | None) -> None:
+    """A stop came while the submit was being sent: say that we wait for fal's answer (fal may already hold it)."""
+    what = {Deadline: "the time limit passed", KeyboardInterrupt: "interrupted"}.get(type(stop), "cancelled")
+    text = (f"{what} while the request was being sent to fal: waiting up to {settings.submit_answer_s:.0f} s for fal "
+            "to answer the submission, so that its id is recorded and the request cancelled instead of lost")
+    if on_status is None:
+        log.warning("fal: %s", text)
+        return
+    log.info("fal: %s", text)
+    try:
+        on_status(FalStatus("", "STOPPING", None, [text], 0.0))
+    except Exception:  # noqa: BLE001 - already stopping
+        pass
+
+
+def _stop_after_submit(handle, stop: BaseException, endpoint: str, settings: FalSettings,
+                       on_status: StatusCallback | None, started: float, request_log_dir) -> GenerationResult:
+    """fal accepted a submit during which a stop came: its id is already recorded; cancel it, then raise the stop."""
+    request_id = handle.request_id
+    if on_status is not None:
+        try:
+            on_status(FalStatus(request_id, "SUBMITTED", None, [], time.monotonic() - started))
+        except Exception:  # noqa: BLE001 - already stopping
+            pass
+    log.warning("fal: cancelling request %s (accepted while we were stopping)", request_id)
+    event, said = _cancel(handle, settings)
+    request_log.record(request_log_dir, event, request_id, endpoint=endpoint)
+    where = f"recorded in {request_log.log_path(request_log_dir)}" if request_log_dir is not None else "its id above"
+    text = f"fal had accepted the request as {request_id} ({where}); {said}."
+    if isinstance(stop, Deadline):
+        raise FalTimeout(f"the time limit passed while the request was being submitted: {text}", request_id)
+    if isinstance(stop, KeyboardInterrupt):
+        log.warning("fal: interrupted while submitting: %s", text)
+        raise stop
+    raise FalCancelled(f"cancelled while the request was being submitted: {text}", request_id)
+
+
+def _unanswered(exc: SubmitUnanswered, request_log_dir) -> FalError:
+    where = (f"`python -m sdxl_controlnet_img2img fal-pending --request-log-dir {request_log_dir}`"
+             if request_log_dir is not None else "https://fal.ai/dashboard/requests")
+    text = (f"fal did not answer the submission within {exc.waited_s:.0f} s of the stop. It may have reached fal "
+            f"and be billed: if this process keeps running, its id is recorded and the request cancelled when the "
+            f"answer comes; otherwise check {where}")
+    if isinstance(exc.stop, Deadline):
+        return FalTimeout(f"the time limit passed while the request was being submitted; {text}")
+    return FalCancelled(f"cancelled while the request was being submitted; {text}")
+
+
 def run_remote(
     request: GenerationRequest,
     *,
@@ -137,6 +234,7 @@ def run_remote(
     waiter = Waiter(cancel_check, started + timeout_s if timeout_s else None)
     timings: dict[str, float] = {}
     client = make_client(key, settings)
+    sender = _Submit(client, endpoint, request, settings, request_log_dir)
     try:
         try:
             args = fal_arguments(request)
@@ -144,21 +242,29 @@ def run_remote(
             for name in ("image_url", "control_image_url"):
                 args[name] = prepare_image(args[name], name, client, waiter, settings)
             timings["prepare"] = time.perf_counter() - t
-            handle = call_with_retries(waiter, lambda: client.submit(endpoint, args), "submitting the request",
-                                        settings, None, submit=True)
+            handle = call_with_retries(waiter, lambda: sender.send(args), "submitting the request", settings, None,
+                                       submit=True, on_keep=lambda stop: _say_waiting(stop, settings, on_status))
         except FalError as exc:
             if exc.request_id:  # fal received it (and may bill it) but the answer failed: keep the id
                 request_log.record(request_log_dir, "submitted", exc.request_id, endpoint=endpoint, seed=request.seed,
                                    prompt=request.prompt[:200], num_images=request.num_images, submit_error=True)
+                if waiter.stopped is not None:  # the user stopped: do not leave it running either
+                    event, said = _cancel(client.get_handle(endpoint, exc.request_id), settings)
+                    request_log.record(request_log_dir, event, exc.request_id, endpoint=endpoint)
+                    raise FalCancelled(f"{exc} You stopped while it was being submitted: {said}.",
+                                       exc.request_id) from None
             raise
-        except Cancelled:
+        except SubmitUnanswered as exc:
+            sender.abandon()  # its answer, if it ever comes, is recorded and cancelled by the sending thread
+            raise _unanswered(exc, request_log_dir) from None
+        except Cancelled:  # before the submit was sent, or a send that never reached fal
             raise FalCancelled("cancelled before the request was submitted to fal (nothing was billed)") from None
         except Deadline:
             raise FalTimeout("timed out before the request was submitted to fal (nothing was billed)") from None
         request_id = handle.request_id
-        request_log.record(request_log_dir, "submitted", request_id, endpoint=endpoint, seed=request.seed,
-                           prompt=request.prompt[:200], num_images=request.num_images)
         log.info("fal: submitted request %s to %s", request_id, endpoint)
+        if waiter.stopped is not None:  # a stop came while the submit was in flight: fal accepted it, cancel it
+            return _stop_after_submit(handle, waiter.stopped, endpoint, settings, on_status, started, request_log_dir)
         try:
             if on_status is not None:
                 notify(on_status, FalStatus(request_id, "SUBMITTED", None, [], time.monotonic() - started))
@@ -167,7 +273,8 @@ def run_remote(
         return _wait_and_fetch(client, lambda: handle, request_id, endpoint, waiter, settings, on_status, started,
                                timings, request=request, request_log_dir=request_log_dir)
     finally:
-        close_client(client)
+        if not sender.abandoned:
+            close_client(client)
 
 
 def fetch_remote_result(

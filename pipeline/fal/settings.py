@@ -30,6 +30,9 @@ class FalSettings:
     backoff_s: float = 1.0  # first retry delay; doubles each time
     backoff_max_s: float = 20.0
     poll_interval_s: float = 0.5  # between status polls
+    # a cancel, time limit or Ctrl-C during a submit waits this long for fal's answer (a submit fal accepted is
+    # billed: its id is recorded and it is cancelled, never abandoned)
+    submit_answer_s: float = 120.0
     upload_threshold_bytes: int = UPLOAD_THRESHOLD_BYTES
     max_download_bytes: int = 50 * 1024 * 1024  # per result image
     download_timeout_s: float = 60.0
@@ -42,7 +45,8 @@ class FalStatus:
     """What ``on_status`` receives while waiting."""
 
     request_id: str
-    state: str  # "SUBMITTED", "IN_QUEUE", "IN_PROGRESS", "COMPLETED"
+    state: str  # "SUBMITTED", "IN_QUEUE", "IN_PROGRESS", "COMPLETED"; "STOPPING" (request_id "": a stop came
+    # during the submit, we wait for fal's answer; ``logs`` says so)
     queue_position: int | None
     logs: list[str]  # new log lines since the previous call
     elapsed: float  # seconds since submission

@@ -146,10 +146,23 @@ class Deadline(Exception):
     pass
 
 
+class SubmitUnanswered(Exception):
+    """A stop came while a submit was in flight and its answer did not come within the bound (or a second Ctrl-C
+    gave up waiting): fal may have accepted (and may bill) it. ``stop`` is what asked to stop."""
+
+    def __init__(self, stop: BaseException, waited_s: float):
+        self.stop = stop
+        self.waited_s = waited_s
+        super().__init__(f"no answer to the submission within {waited_s:.0f} s")
+
+
 class Waiter:
     def __init__(self, cancel_check: CancelCheck | None, deadline: float | None):
         self.cancel_check = cancel_check
         self.deadline = deadline
+        # a stop (Cancelled, Deadline, KeyboardInterrupt) that came while a kept call ran: the caller acts on it
+        # once that call's answer is in (a submit fal accepted is recorded, then cancelled)
+        self.stopped: BaseException | None = None
 
     def check(self):
         if self.cancel_check is not None and self.cancel_check():
@@ -166,8 +179,15 @@ class Waiter:
                 return
             time.sleep(min(0.05, left))
 
-    def call(self, fn):
-        """Run ``fn`` in a daemon thread; stop waiting at once on cancel or deadline."""
+    def call(self, fn, keep_s: float | None = None, on_keep=None):
+        """Run ``fn`` in a daemon thread while polling cancel and the deadline.
+
+        Without ``keep_s`` a stop ends the wait at once (for calls that start nothing on fal). With ``keep_s`` (a
+        submit: fal may accept and bill it while the body is still being sent) a stop never abandons ``fn``:
+        ``on_keep(stop)`` says that we wait, the wait goes on for up to ``keep_s`` s for ``fn``'s answer, and the
+        stop is kept in :attr:`stopped` for the caller to act on. Past ``keep_s``, or at a second Ctrl-C, it raises
+        :class:`SubmitUnanswered`.
+        """
         box: dict = {}
         done = threading.Event()
 
@@ -181,8 +201,20 @@ class Waiter:
 
         self.check()
         threading.Thread(target=target, name="sdxlcn-fal-call", daemon=True).start()
-        while not done.wait(0.05):
-            self.check()
+        try:
+            while not done.wait(0.05):
+                self.check()
+        except (Cancelled, Deadline, KeyboardInterrupt) as stop:
+            if keep_s is None:
+                raise
+            self.stopped = stop
+            if on_keep is not None:
+                on_keep(stop)
+            try:
+                if not done.wait(keep_s):
+                    raise SubmitUnanswered(stop, keep_s) from None
+            except KeyboardInterrupt:
+                raise SubmitUnanswered(stop, keep_s) from None
         if "error" in box:
             raise box["error"]
         return box["value"]
@@ -226,17 +258,23 @@ def http_error(exc, what: str, request_id: str | None) -> FalError:
 
 
 def call_with_retries(waiter: Waiter, fn, what: str, settings: FalSettings, request_id: str | None,
-                       submit: bool = False):
+                       submit: bool = False, on_keep=None):
+    """``fn`` with retries of transient failures. A submit is never abandoned while in flight (see
+    :meth:`Waiter.call`); once a stop came (:attr:`Waiter.stopped`) it is not sent again: a failure that never reached
+    fal raises the stop, a success returns the handle for the caller to record and cancel."""
     import fal_client
 
     attempt = 0
+    keep_s = settings.submit_answer_s if submit else None
     while True:
         try:
-            return waiter.call(fn)
+            return waiter.call(fn, keep_s=keep_s, on_keep=on_keep)
         except fal_client.FalClientHTTPError as exc:
             raise http_error(exc, what, request_id) from None
         except Transient as exc:
             retryable = not (submit and exc.sent)
+            if retryable and waiter.stopped is not None:
+                raise waiter.stopped from None  # fal never got it: stop now, nothing to recover
             if retryable and attempt < settings.max_retries:
                 delay = min(settings.backoff_s * (2 ** attempt), settings.backoff_max_s)
                 attempt += 1
