@@ -159,21 +159,15 @@ class SDXLCNFalImg2Img:
 
     def generate(self, image, control_image, loras="", sync_mode=False, request_id="", max_concurrency=4,
                  timeout_s=600, unique_id=None, **widgets):
-        from ..pipeline.fal.client import fetch_remote_result
-
         common = _fal_options(timeout_s)
         ids = [i.strip() for i in (request_id or "").replace(",", "\n").splitlines() if i.strip()]
         try:
             if ids:
-                reporter = _Reporter(len(ids), unique_id)
-                results = [fetch_remote_result(rid, on_status=reporter.for_request(k), cancel_check=reporter.cancel_check,
-                                               **common) for k, rid in enumerate(ids)]
-                seed = results[0].seed
-            else:
-                requests = self._requests(image, control_image, loras, sync_mode, widgets)
-                reporter = _Reporter(len(requests), unique_id)
-                results = self._run(requests, reporter, int(max_concurrency), common)
-                seed = int(widgets["seed"])
+                return self._fetch(ids, unique_id, common)
+            requests = self._requests(image, control_image, loras, sync_mode, widgets)
+            reporter = _Reporter(len(requests), unique_id)
+            results = self._run(requests, reporter, int(max_concurrency), common)
+            seed = int(widgets["seed"])
         except FalCancelled:
             throw_if_interrupted()  # ComfyUI's own interruption inside ComfyUI
             raise
@@ -182,9 +176,21 @@ class SDXLCNFalImg2Img:
         for r in results:
             images.extend(r.images)
             flags.extend(r.has_nsfw_concepts)
-        if any(flags):
-            log.warning("SDXLCNFalImg2Img: fal flagged %d of %d images (has_nsfw_concepts)", sum(flags), len(flags))
+        _warn_flags(flags)
         return (pil_to_image(images), seed, json.dumps(flags), results[-1].prompt)
+
+    @staticmethod
+    def _fetch(ids, unique_id, common):
+        """Results fetched by id: each saved to the output folder as it arrives, then marked completed; sizes may
+        differ (see :mod:`.fal_fetch`)."""
+        from .fal_fetch import batch_of_first_size, fetch_ids
+
+        reporter = _Reporter(len(ids), unique_id)
+        results, saved, out = fetch_ids(ids, reporter, common)
+        reporter.done()
+        images, flags, prompt = batch_of_first_size(results, saved, out, common.get("request_log_dir"))
+        _warn_flags(flags)
+        return (pil_to_image(images), results[0][1].seed, json.dumps(flags), prompt)
 
     @staticmethod
     def _requests(image, control_image, loras, sync_mode, widgets) -> list[GenerationRequest]:
@@ -201,6 +207,11 @@ class SDXLCNFalImg2Img:
                                     cancel_check=reporter.cancel_check, **common)
         except FalBatchIncomplete as exc:
             raise _keep_completed(exc) from None
+
+
+def _warn_flags(flags) -> None:
+    if any(flags):
+        log.warning("SDXLCNFalImg2Img: fal flagged %d of %d images (has_nsfw_concepts)", sum(flags), len(flags))
 
 
 def refuse_edge_maps(requests) -> None:

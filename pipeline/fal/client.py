@@ -43,7 +43,7 @@ from .transport import (
 
 def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, waiter: Waiter, settings: FalSettings,
                     on_status: StatusCallback | None, started: float, timings: dict, request=None,
-                    request_log_dir=None) -> GenerationResult:
+                    request_log_dir=None, record_completed: bool = True) -> GenerationResult:
     import fal_client
 
     handle = handle_factory()
@@ -92,7 +92,8 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
             f"fal request {request_id} did not finish within the time allowed. It may still finish (and is billed): "
             f"fetch it later by id {request_id} (node input 'request_id', or "
             f"`python -m sdxl_controlnet_img2img fal-fetch --request-id {request_id} --out DIR`).", request_id) from None
-    request_log.record(request_log_dir, "completed", request_id, endpoint=endpoint)
+    if record_completed:
+        request_log.record(request_log_dir, "completed", request_id, endpoint=endpoint)
     return result
 
 
@@ -288,11 +289,13 @@ def fetch_remote_result(
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     request_log_dir=None,
     settings: FalSettings | None = None,
+    record_completed: bool = True,
 ) -> GenerationResult:
     """Get the result of an already submitted request by its id (waiting for it when still running).
 
     The endpoint comes from ``endpoint``, else the request log's record of the id, else :data:`ENDPOINT`.
-    Nothing new is submitted, so nothing is billed again.
+    Nothing new is submitted, so nothing is billed again. ``record_completed=False`` leaves the id pending in the
+    request log: the caller records ``completed`` once the result reached the user (saved, returned).
     """
     settings = settings or FalSettings()
     request_id = check_request_id(request_id)
@@ -306,7 +309,8 @@ def fetch_remote_result(
     client = make_client(key, settings)
     try:
         return _wait_and_fetch(client, lambda: client.get_handle(endpoint, request_id), request_id, endpoint, waiter,
-                               settings, on_status, started, {}, request=None, request_log_dir=request_log_dir)
+                               settings, on_status, started, {}, request=None, request_log_dir=request_log_dir,
+                               record_completed=record_completed)
     finally:
         close_client(client)
 

@@ -1,0 +1,94 @@
+"""The fal node's ``request_id`` input with several ids (issue 22 h): each result is saved to the output folder as it
+arrives, only what reached the user is marked completed, and results of different sizes come back without an error.
+Against the fal-protocol test server; ComfyUI's ``folder_paths`` is the ``user_dir`` fixture's stand-in."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fal_server  # noqa: E402
+
+fal_server.configure_environment()
+
+from fal_server import fal, fal_test_server, fast_settings, user_dir  # noqa: E402,F401
+from PIL import Image, ImageOps  # noqa: E402
+
+from sdxl_controlnet_img2img.nodes.fal_node import SDXLCNFalImg2Img  # noqa: E402
+from sdxl_controlnet_img2img.pipeline import request_log  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.fal.client import run_remote  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.fal.errors import FalError, FalTimeout  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.request import GenerationRequest  # noqa: E402
+from test_fal_node import batch, widgets  # noqa: E402
+
+
+def _pending_request(log_dir, w, h, seed, prompt="a house"):
+    """Submit a request and stop waiting before it finishes: its id is pending, as after a ComfyUI restart."""
+    rng = np.random.default_rng(seed)
+    init = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    req = GenerationRequest.from_dict({"prompt": prompt, "image_url": init, "control_image_url": init, "seed": seed})
+    with pytest.raises(FalTimeout) as err:
+        run_remote(req, timeout_s=0.3, request_log_dir=log_dir, settings=fast_settings())
+    return err.value.request_id, ImageOps.invert(init)
+
+
+def _as_array(image_tensor, i):
+    return np.clip(np.round(image_tensor[i].numpy() * 255), 0, 255).astype(np.uint8)
+
+
+def test_ids_of_different_sizes_are_all_saved_and_the_first_size_is_returned(fal, user_dir):
+    fal.reset(run_s=0.8)
+    a, a_img = _pending_request(user_dir, 32, 24, 1)
+    b, b_img = _pending_request(user_dir, 40, 32, 2)  # another size
+    c, c_img = _pending_request(user_dir, 32, 24, 3)
+    assert len(request_log.pending(user_dir)) == 3
+    out, seed, flags, prompt = SDXLCNFalImg2Img().generate(batch(1), batch(1), request_id=f"{a}\n{b}\n{c}",
+                                                           **widgets())
+    # the IMAGE batch: the results of the first result's size, in id order
+    assert tuple(out.shape) == (2, 24, 32, 3) and seed == 1 and flags == "[false, false]" and prompt == "a house"
+    assert np.array_equal(_as_array(out, 0), np.asarray(a_img)) and np.array_equal(_as_array(out, 1), np.asarray(c_img))
+    # every result, the other size included, is in the output folder
+    output = user_dir.parent / "output"
+    for rid, img in ((a, a_img), (b, b_img), (c, c_img)):
+        assert np.array_equal(np.asarray(Image.open(output / f"sdxlcn_fal_{rid}_00.png")), np.asarray(img))
+    assert request_log.pending(user_dir) == []
+    assert fal.submissions == 3  # fetched, not paid again
+
+
+def test_a_failed_id_keeps_the_fetched_results_and_stays_pending(fal, user_dir):
+    fal.reset(run_s=0.8, fail_prompts=["broken"])
+    good, good_img = _pending_request(user_dir, 32, 24, 1)
+    bad, _ = _pending_request(user_dir, 32, 24, 2, prompt="broken")
+    late, late_img = _pending_request(user_dir, 32, 24, 3)
+    with pytest.raises(FalError) as err:
+        SDXLCNFalImg2Img().generate(batch(1), batch(1), request_id=f"{good}\n{bad}\n{late}", **widgets())
+    text = str(err.value)
+    assert "1 of 3" in text and bad in text and "runner failed" in text
+    output = user_dir.parent / "output"
+    saved = sorted(p.name for p in output.iterdir())
+    assert saved == sorted([f"sdxlcn_fal_{good}_00.png", f"sdxlcn_fal_{late}_00.png"])
+    assert all(name in text for name in saved)
+    assert np.array_equal(np.asarray(Image.open(output / saved[saved.index(f"sdxlcn_fal_{good}_00.png")])),
+                          np.asarray(good_img))
+    # only what reached the user is completed: the failed id stays pending, to be fetched again
+    assert [r["request_id"] for r in request_log.pending(user_dir)] == [bad]
+
+
+def test_outside_comfyui_without_an_output_folder_only_returned_ids_are_completed(fal, tmp_path, monkeypatch):
+    """No ``folder_paths`` at all (library use of the node class): nothing can be saved, so an id whose images are
+    left out of the IMAGE batch (another size) stays pending."""
+    import sdxl_controlnet_img2img.nodes.fal_node as fal_node
+
+    monkeypatch.setattr(fal_node, "_fal_options", lambda t: {"key_file": None, "request_log_dir": tmp_path,
+                                                              "timeout_s": float(t)})
+    monkeypatch.delitem(sys.modules, "folder_paths", raising=False)
+    fal.reset(run_s=0.8)
+    a, _ = _pending_request(tmp_path, 32, 24, 1)
+    b, _ = _pending_request(tmp_path, 40, 32, 2)
+    out, *_ = SDXLCNFalImg2Img().generate(batch(1), batch(1), request_id=f"{a},{b}", **widgets())
+    assert tuple(out.shape) == (1, 24, 32, 3)
+    assert [r["request_id"] for r in request_log.pending(tmp_path)] == [b]
