@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 if ! .venv/bin/python -c "import sdxl_controlnet_img2img, pytest" 2>/dev/null || [ pyproject.toml -nt .venv/.installed ]; then
   echo "setup: installing this pack and its dependencies (diffusers, transformers, peft, opencv, fal-client, pytest)" >&2
-  .venv/bin/pip install --progress-bar on -e ".[test]" >&2
+  .venv/bin/pip install --progress-bar on -e ".[test,browser]" >&2
   touch .venv/.installed
 fi
 echo "setup: .venv ready" >&2
