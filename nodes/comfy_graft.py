@@ -113,11 +113,13 @@ def _res_block_depths(blocks) -> list[int]:
 
 
 def controlnet_ldm_config(unet_config: dict, control_model) -> dict:
-    """The UNet's LDM config with the ControlNet's own transformer depths (smaller SDXL ControlNets have fewer)."""
+    """The UNet's LDM config with the ControlNet's own transformer depths, read from its modules: the smaller SDXL
+    ControlNets have fewer (diffusers' -mid: attention only in the deepest level and the middle; -small: none, and
+    a middle transformer of 0 layers). -1 for a middle block without a transformer."""
     config = dict(unet_config)
     config["transformer_depth"] = _res_block_depths(control_model.input_blocks)
     st = [m for m in control_model.middle_block if hasattr(m, "transformer_blocks")]
-    config["transformer_depth_middle"] = len(st[0].transformer_blocks) if st else 0
+    config["transformer_depth_middle"] = len(st[0].transformer_blocks) if st else -1
     return config
 
 
@@ -214,6 +216,7 @@ def build_grafted_pipeline(model, clip, vae, control_net):
     import comfy.utils  # type: ignore
 
     from ..pipeline.local.skeleton import (
+        SkeletonError,
         build_skeleton,
         controlnet_config_from_unet,
         level_depths,
@@ -229,7 +232,11 @@ def build_grafted_pipeline(model, clip, vae, control_net):
     time_dim = int(getattr(getattr(base, "embedder", None), "dim", 256))
     unet_config = unet_config_from_ldm(ldm, time_dim)
     cn_ldm = controlnet_ldm_config(ldm, control_model)
-    cn_config = controlnet_config_from_unet(unet_config, hint_channels(control_model), level_depths(cn_ldm))
+    try:
+        cn_config = controlnet_config_from_unet(unet_config, hint_channels(control_model), level_depths(cn_ldm),
+                                                cn_ldm["transformer_depth_middle"])
+    except SkeletonError as exc:
+        raise NotGraftable(f"control_net: {exc}; load a full SDXL ControlNet") from None
     skeleton = build_skeleton(unet_config, cn_config)
     n_unet = graft(skeleton.unet, base.diffusion_model, comfy.utils.unet_to_diffusers(ldm), "model")
     n_cn = graft(skeleton.controlnet, control_model, controlnet_name_map(cn_ldm, control_model), "control_net")

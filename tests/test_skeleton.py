@@ -70,6 +70,45 @@ def test_ldm_configs_diffusers_cannot_build_are_refused(change, words):
         unet_config_from_ldm({**TINY_UNET_LDM_CONFIG, **change}, TINY_ADDITION_TIME_EMBED_DIM)
 
 
+# diffusers' smaller SDXL ControlNets, as their hub configs describe them on top of the full one
+HUB_SHAPES = {
+    "mid": ({"down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+             "transformer_layers_per_block": [0, 0, 1]}, [0, 0, 1], 1),
+    "small": ({"down_block_types": ["DownBlock2D"] * 3, "transformer_layers_per_block": [0, 0, 0]}, [0, 0, 0], 0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HUB_SHAPES))
+def test_smaller_controlnet_skeletons_have_the_hub_models_tensors(kind):
+    """-mid: attention only in the deepest level and the middle (1 layer); -small: none, its middle attention block
+    has 0 layers (only its norm and projections). Built from the depths read off a ControlNet, the skeleton has
+    exactly the tensors of the hub model's config."""
+    from diffusers import ControlNetModel
+
+    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import CONTROLNET_SDXL_CONFIG
+
+    hub_change, depths, middle = HUB_SHAPES[kind]
+    unet_config = unet_config_from_ldm(SDXL_LDM, 256)
+    config = controlnet_config_from_unet(unet_config, [16, 32, 96, 256], depths, middle)
+    skeleton = build_skeleton(unet_config, config)
+    hub = json.loads((CONTROLNET_SDXL_CONFIG / "config.json").read_text())
+    with torch.device("meta"):
+        reference = ControlNetModel.from_config({**hub, **hub_change})
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(skeleton.controlnet) == shapes(reference)
+    assert config["down_block_types"] == hub_change["down_block_types"]
+
+
+@pytest.mark.parametrize("depths, middle, words", [
+    ([0, 2, 10], 4, "middle block has 4 transformer layers, its deepest level 10"),
+    ([0, 0, 0], -1, "no attention block"),
+    ([0, 2], 2, "2 levels"),
+])
+def test_controlnet_depths_diffusers_cannot_build_are_refused(depths, middle, words):
+    with pytest.raises(SkeletonError, match=words):
+        controlnet_config_from_unet(unet_config_from_ldm(SDXL_LDM, 256), [16, 32, 96, 256], depths, middle)
+
+
 class PipelineCodec:
     """A codec doing the text and VAE work with a plain pipeline's own models (as a host application would with
     its own): prompts through ``encode_prompt``, images through the VAE's posterior mean."""

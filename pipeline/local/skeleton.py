@@ -106,17 +106,36 @@ def unet_config_from_ldm(ldm: dict, addition_time_embed_dim: int) -> dict:
 
 
 def controlnet_config_from_unet(unet_config: dict, conditioning_channels: list[int],
-                                transformer_layers_per_block: list[int] | None = None) -> dict:
+                                depths: list[int] | None = None, middle: int | None = None) -> dict:
     """The diffusers ``ControlNetModel`` config mirroring ``unet_config``'s down path, with the given hint-encoder
-    channels (SDXL: 16, 32, 96, 256) and, for the smaller ControlNets, their own transformer depths."""
+    channels (SDXL: 16, 32, 96, 256).
+
+    ``depths`` (transformer layers per level, 0 for a level without attention) and ``middle`` (its middle block's)
+    describe a ControlNet whose attention differs from its UNet's: diffusers' ``controlnet-canny-sdxl-1.0-mid`` has
+    attention only in its deepest level and middle block (1 layer each), ``-small`` has none but an empty middle
+    transformer (its projections, 0 layers). Its down block types then follow its own depths."""
     base = json.loads((CONTROLNET_SDXL_CONFIG / "config.json").read_text(encoding="utf-8"))
     shared = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "attention_head_dim",
               "cross_attention_dim", "projection_class_embeddings_input_dim", "addition_time_embed_dim",
               "use_linear_projection", "transformer_layers_per_block")
     config = {**base, **{k: unet_config[k] for k in shared}}
     config["conditioning_embedding_out_channels"] = list(conditioning_channels)
-    if transformer_layers_per_block is not None:
-        config["transformer_layers_per_block"] = _layers_per_block(transformer_layers_per_block)
+    if depths is None:
+        return config
+    depths = list(depths)
+    middle = depths[-1] if middle is None else middle
+    if len(depths) != len(unet_config["block_out_channels"]):
+        raise SkeletonError(f"the ControlNet has {len(depths)} levels, its UNet {len(unet_config['block_out_channels'])}")
+    if middle < 0:
+        raise SkeletonError("the ControlNet's middle block has no attention block: diffusers' SDXL ControlNet "
+                            "cannot describe it")
+    if depths[-1] and middle != depths[-1]:
+        raise SkeletonError(f"the ControlNet's middle block has {middle} transformer layers, its deepest level "
+                            f"{depths[-1]}: diffusers' ControlNet has one number for both")
+    layers = _layers_per_block(depths)
+    layers[-1] = middle  # diffusers' middle block takes the deepest level's number; 0 builds only its projections
+    config["down_block_types"] = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths]
+    config["transformer_layers_per_block"] = layers
     return config
 
 
