@@ -25,59 +25,39 @@ import comfy.model_base  # noqa: E402
 import comfy.model_detection  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.sd  # noqa: E402
-import comfy.sdxl_clip  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import comfy.utils  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep  # noqa: E402
 from comfy.model_patcher import ModelPatcher  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from sdxlcn_pack.pipeline.handle import PipelineHandle  # noqa: E402
 from sdxlcn_pack.pipeline.local.tiny_models import (  # noqa: E402
     TINY_ADDITION_TIME_EMBED_DIM,
     TINY_UNET_LDM_CONFIG,
-    tiny_components,
 )
 
+import comfy_tiny_sdxl as tiny_sdxl  # noqa: E402
 import lora_factory  # noqa: E402
+from comfy_tiny_sdxl import (  # noqa: E402
+    SDXL_HINT_CHANNELS,
+    comfy_clip,
+    comfy_vae,
+    diffusers_parts,
+    make_controlnet_act,
+)
 from pictures import make_test_image  # noqa: E402
 
 found: dict = {}
 work.mkdir(parents=True, exist_ok=True)
 
 # --- the diffusers side: the tiny models with ComfyUI's CLIP vocabulary and a VAE ComfyUI can build --------------
-from diffusers import AutoencoderKL, StableDiffusionXLControlNetImg2ImgPipeline  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+from diffusers import ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline  # noqa: E402
 
-parts, controlnet = tiny_components(seed=3)
-text = parts["text_encoder"].config.to_dict()
-text.update(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-torch.manual_seed(5)
-parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text))
-parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**text))
-vocab = comfy_dir / "comfy" / "sd1_tokenizer"
-parts["tokenizer"] = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77)
-parts["tokenizer_2"] = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77,
-                                     pad_token="!")
-torch.manual_seed(6)
-# ComfyUI's VAE normalises in 32 groups; the posterior's spread is made negligible (log-variance at its -30 clamp)
-# so that ComfyUI's VAE (the posterior mean) and diffusers' (a sample) encode alike
-parts["vae"] = AutoencoderKL(block_out_channels=[32, 32, 64, 64], layers_per_block=1, norm_num_groups=32,
-                             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                             latent_channels=4, sample_size=32, scaling_factor=0.13025)
-with torch.no_grad():
-    parts["vae"].quant_conv.weight[4:] = 0
-    parts["vae"].quant_conv.bias[4:] = -40.0
-# ComfyUI's ControlNet class has SDXL's hint encoder (16, 32, 96, 256 channels) built in
-from diffusers import ControlNetModel  # noqa: E402
-
+parts, controlnet, text = diffusers_parts(comfy_dir)
 torch.manual_seed(7)
-controlnet = ControlNetModel.from_config({**controlnet.config, "conditioning_embedding_out_channels": [16, 32, 96, 256]})
-with torch.no_grad():  # its output convs start at zero: make them act
-    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
-        conv.weight.normal_(0, 0.3)
+controlnet = ControlNetModel.from_config({**controlnet.config, "conditioning_embedding_out_channels": SDXL_HINT_CHANNELS})
+make_controlnet_act(controlnet)
 for m in (*parts.values(), controlnet):
     if isinstance(m, torch.nn.Module):
         m.eval()
@@ -88,16 +68,7 @@ UNET = TINY_UNET_LDM_CONFIG
 
 
 def comfy_sdxl_model(unet, storage=torch.float32, compute=None):
-    """ComfyUI's SDXL model class on these weights; ``storage``/``compute`` as --fp8_e4m3fn-unet makes them."""
-    config = comfy.supported_models.SDXL(dict(UNET))
-    config.unet_config["num_head_channels"] = UNET["num_head_channels"]  # its defaults say SDXL's 64
-    config.set_inference_dtype(storage, compute)
-    base = config.get_model({}, device="cpu")
-    base.embedder = Timestep(TINY_ADDITION_TIME_EMBED_DIM)  # this tiny SDXL's size embeddings (SDXL's: 256)
-    names = comfy.utils.unet_to_diffusers(UNET)
-    sd = unet.state_dict()
-    base.diffusion_model.load_state_dict({names[k]: v.clone() for k, v in sd.items()}, strict=True)
-    return ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return tiny_sdxl.comfy_sdxl_model(unet, UNET, TINY_ADDITION_TIME_EMBED_DIM, storage, compute)
 
 
 def comfy_controlnet(cn):
@@ -110,29 +81,7 @@ def comfy_controlnet(cn):
         comfy.model_detection.unet_config_from_diffusers_unet = known
 
 
-def comfy_clip():
-    small = {k: text[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
-                                  "projection_dim", "hidden_act", "vocab_size")}
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-    # fp32 like the diffusers side (ComfyUI keeps text encoders in fp16 even on the CPU; --fp32-text-enc does this)
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, "clip_l_model_config": dict(small),
-                                                        "clip_g_model_config": dict(small)})
-    inner = clip.cond_stage_model
-    # transformers 5 names CLIP-L's tensors without its "text_model." (ComfyUI's names have it); CLIP-L's projection
-    # is unused by SDXL (its pooled output comes from CLIP-G)
-    inner.clip_l.load_sd({f"text_model.{k}": v.clone() for k, v in parts["text_encoder"].state_dict().items()})
-    inner.clip_g.load_sd({k: v.clone() for k, v in parts["text_encoder_2"].state_dict().items()})
-    return clip
-
-
-def comfy_vae():
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-                "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-    sd = {k: v.clone() for k, v in parts["vae"].state_dict().items()}
-    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
-
-
-model, clip, vae = comfy_sdxl_model(parts["unet"]), comfy_clip(), comfy_vae()
+model, clip, vae = comfy_sdxl_model(parts["unet"]), comfy_clip(parts, text), comfy_vae(parts)
 control_net = comfy_controlnet(controlnet)
 
 Builder = pack.NODE_CLASS_MAPPINGS["SDXLCNFromComfyModels"]
