@@ -31,7 +31,9 @@ def request_widgets() -> dict:
         "num_inference_steps": ("INT", {"default": 25, "min": 1, "max": 50,
                                         "tooltip": "Denoising schedule length; int(steps x strength) steps actually run."}),
         "guidance_scale": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 20.0, "step": 0.1,
-                                     "tooltip": "Classifier-free guidance (CFG) scale (fal default 7.5)."}),
+                                     "tooltip": "Classifier-free guidance (CFG) scale (fal default 7.5). At 1 or below no "
+                                                "unconditional pass runs (locally: half the UNet and ControlNet "
+                                                "work); few-step LoRAs use 1-2."}),
         "strength": ("FLOAT", {"default": 0.95, "min": 0.01, "max": 1.0, "step": 0.01,
                                "tooltip": "How much of the init image is replaced: 1.0 ignores it (fal default 0.95)."}),
         "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED,

@@ -20,8 +20,9 @@ MAX_SEED = 2**64 - 1
 MAX_NUM_IMAGES = 8
 # local-only sampler choices (pipeline/local/schedulers.py builds each from the loaded scheduler's config)
 DEFAULT_SCHEDULER = "default"
+# appended, never reordered (saved workflows keep their values): the last three are few-step LoRAs' schedules
 SCHEDULERS = (DEFAULT_SCHEDULER, "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "unipc",
-              "ddim")
+              "ddim", "lcm", "tcd", "euler_trailing")
 LOCAL_ONLY_DEFAULTS = {"apply_canny": True, "local_scheduler": DEFAULT_SCHEDULER, "local_control_start": 0.0,
                        "local_control_end": 1.0}
 

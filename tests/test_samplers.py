@@ -92,3 +92,64 @@ def test_the_sampler_node_takes_them_as_optional_inputs_after_the_older_ones(tin
     optional = NODE_CLASS_MAPPINGS["SDXLCNImg2Img"].INPUT_TYPES()["optional"]
     assert list(optional) == ["fallback", "scheduler", "control_start", "control_end"]
     assert optional["scheduler"][1]["default"] == "default" and optional["control_end"][1]["default"] == 1.0
+
+
+# ---- few-step LoRAs' schedules (LCM, TCD, Euler trailing) -----------------------------------------------------------
+
+FEW_STEP = {  # name -> the scheduler and call arguments as the LoRAs' authors document them for diffusers
+    "lcm": ("LCMScheduler", {}, {}),
+    "tcd": ("TCDScheduler", {}, {"eta": 0.3}),
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, {}),
+}
+
+
+def _documented_pipeline_image(tiny_models, files, name, steps, strength, guidance):
+    """diffusers' own StableDiffusionXLControlNetImg2ImgPipeline with ``name``'s scheduler built the documented way,
+    the same inputs (our prepared images) and seed, each count of UNet calls recorded."""
+    import diffusers
+    import torch
+    from PIL import Image
+
+    from sdxl_controlnet_img2img.pipeline.local.generate import make_generator
+
+    cls, config, call = FEW_STEP[name]
+    cn = diffusers.ControlNetModel.from_pretrained(tiny_models["controlnet"])
+    pipe = diffusers.StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(tiny_models["checkpoint"], controlnet=cn)
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **config)
+    batches = []
+    pipe.unet.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    init = Image.open(files / "init.png").convert("RGB")
+    control = Image.open(files / "control.png").convert("RGB")
+    from sdxl_controlnet_img2img.pipeline.canny import canny_image
+
+    out = pipe(prompt="a castle", negative_prompt="", image=init, control_image=canny_image(control), height=64,
+               width=64, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+               controlnet_conditioning_scale=0.5, generator=make_generator(11), output_type="np", **call).images
+    return np.asarray(pipe.numpy_to_pil(out)[0], dtype=np.int16), batches
+
+
+@pytest.mark.parametrize("name", list(FEW_STEP))
+def test_few_step_schedules_equal_diffusers_built_the_documented_way(tiny_pipe, tiny_models, files, name):
+    """At the _fast workflow's settings (5 steps, CFG 1, strength 0.95): our image is diffusers' own pixel for pixel,
+    int(5 x 0.95) = 4 steps run, each with no unconditional pass (batch 1); and it differs from the default."""
+    batches = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    try:
+        ours = _run(tiny_pipe, files, local_scheduler=name, num_inference_steps=5, strength=0.95, guidance_scale=1.0)
+        default = _run(tiny_pipe, files, num_inference_steps=5, strength=0.95, guidance_scale=1.0)
+    finally:
+        hook.remove()
+    theirs, their_batches = _documented_pipeline_image(tiny_models, files, name, 5, 0.95, 1.0)
+    assert np.array_equal(ours, theirs), np.abs(ours - theirs).max()
+    assert batches[:4] == [1, 1, 1, 1] and len(batches) == 8 and their_batches == [1, 1, 1, 1]
+    assert np.abs(ours - default).mean() > 0.5
+
+
+def test_guidance_above_one_runs_the_unconditional_pass(tiny_pipe, files):
+    batches = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    try:
+        _run(tiny_pipe, files, local_scheduler="lcm", num_inference_steps=5, strength=0.95, guidance_scale=1.5)
+    finally:
+        hook.remove()
+    assert batches == [2, 2, 2, 2]

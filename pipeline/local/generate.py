@@ -13,7 +13,7 @@ from ..request import GenerationRequest
 from ..result import GenerationResult
 from ..sizes import cover_resize, parse_image_size, target_size
 from .compile import compiled_call
-from .schedulers import use_scheduler
+from .schedulers import scheduler_call_kwargs, use_scheduler
 from .vae_decode import LatentsKeeper, auto_vae_tiling, checked_latents, to_pil_checked
 
 # on_step(step, total, latents): called after every denoising step; raise to cancel.
@@ -96,6 +96,7 @@ def pipeline_call_kwargs(request: GenerationRequest, inputs: PreparedInputs, pro
         "num_images_per_prompt": 1,
         "generator": make_generator(request.image_seed(index)),
         "output_type": "np",  # checked for NaN/inf, then made PIL images as diffusers would (vae_decode.py)
+        **scheduler_call_kwargs(request.local_scheduler),
     }
 
 
