@@ -147,6 +147,10 @@ def main(out_root: Path = ROOT):
         "sdxl_controlnet_img2img": local_graph(*real),
         "sdxl_controlnet_img2img_lora": local_graph(*real, lora="example_sdxl_lora.safetensors")
         if "SDXLCNLoraLoader" in NODE_CLASS_MAPPINGS else None,
+        # a few-step LoRA (SDXL-Lightning 4-step): 5 steps x strength 0.95 = 4 run, CFG 1 (no unconditional pass)
+        "sdxl_controlnet_img2img_fast": local_graph(
+            *real, {"num_inference_steps": 5, "guidance_scale": 1.0, "scheduler": "euler_trailing"},
+            lora="sdxl_lightning_4step_lora.safetensors"),
         "sdxl_controlnet_img2img_comfy_models": comfy_models_graph(
             real[0], "controlnet-canny-sdxl-1.0/diffusion_pytorch_model.safetensors", "example_sdxl_lora.safetensors"),
         "sdxl_controlnet_img2img_fal": fal_graph() if "SDXLCNFalImg2Img" in NODE_CLASS_MAPPINGS else None,
