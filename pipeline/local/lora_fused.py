@@ -11,12 +11,14 @@ set's files again and one merge; the same set again costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 
 from ..request import LoraSpec
 from .compile import is_compiled, uncompiled
 from .lora import COMPONENTS, LoadedLora, _file_key, activate, load_lora, loaded_adapters, resolve_source
+from .placement import offload_suspended
 from .quiet import quiet_libraries
 
 
@@ -31,17 +33,26 @@ _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipe -> _Fu
 
 
 def activate_any(pipe, loras, lora_dirs=None, **resolve_kwargs) -> list[LoadedLora]:
-    """Make ``loras`` the pipeline's active set: fused on a compiled pipeline, as PEFT adapters otherwise."""
+    """Make ``loras`` the pipeline's active set: fused on a compiled pipeline, as PEFT adapters otherwise. Under an
+    offload mode, a set that reads files runs with the offload hooks out of the way (``offload_suspended``)."""
     if not is_compiled(pipe):
-        return activate(pipe, loras, lora_dirs, **resolve_kwargs)
+        kept = loaded_adapters(pipe)
+        reads = any(_file_key(resolve_source(s.path, lora_dirs, **resolve_kwargs)) not in kept for s in _specs(loras))
+        with offload_suspended(pipe) if reads else contextlib.nullcontext():
+            return activate(pipe, loras, lora_dirs, **resolve_kwargs)
     return activate_fused(pipe, loras, lora_dirs, **resolve_kwargs)
+
+
+def _specs(loras) -> list[LoraSpec]:
+    return [l if isinstance(l, LoraSpec) else LoraSpec(l["path"], float(l.get("scale", 1.0))) for l in loras or ()]
 
 
 def preload(pipe, source: str, lora_dirs=None, **kwargs) -> LoadedLora:
     """Read and check a LoRA now (so a bad file fails early); on a compiled pipeline nothing stays loaded."""
     if not is_compiled(pipe):
-        return load_lora(pipe, source, lora_dirs, **kwargs)
-    with uncompiled(pipe):
+        with offload_suspended(pipe):
+            return load_lora(pipe, source, lora_dirs, **kwargs)
+    with uncompiled(pipe), offload_suspended(pipe):
         try:
             return load_lora(pipe, source, lora_dirs, **kwargs)
         finally:
@@ -49,17 +60,21 @@ def preload(pipe, source: str, lora_dirs=None, **kwargs) -> LoadedLora:
 
 
 def activate_fused(pipe, loras, lora_dirs=None, **resolve_kwargs) -> list[LoadedLora]:
+    """Fuse ``loras`` into the weights. If anything fails once the weights may have changed (an out-of-memory error
+    halfway through the merge), the originals are copied back before the error goes on, and the state says
+    "unknown", so the next call restores them again whatever it asks for."""
     from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
-    specs = [l if isinstance(l, LoraSpec) else LoraSpec(l["path"], float(l.get("scale", 1.0))) for l in loras or ()]
+    specs = _specs(loras)
     state = _STATE.setdefault(pipe, _Fused())
     wanted = tuple((_file_key(resolve_source(s.path, lora_dirs, **resolve_kwargs)), float(s.scale)) for s in specs)
     if wanted == state.active:
         return state.loaded
-    with uncompiled(pipe):
+    with uncompiled(pipe), offload_suspended(pipe):
+        state.active, state.loaded = None, []  # unknown until the originals are back or the set is fused
         _restore(state)
-        state.active, state.loaded = (), []
         if not specs:
+            state.active = ()
             return []
         try:
             loaded = [load_lora(pipe, s.path, lora_dirs, **resolve_kwargs) for s in specs]
@@ -72,8 +87,12 @@ def activate_fused(pipe, loras, lora_dirs=None, **resolve_kwargs) -> list[Loaded
             _keep_originals(pipe, state, components)
             with quiet_libraries():
                 pipe.fuse_lora(components=components, adapter_names=list(weights), lora_scale=1.0)
-        finally:
+        except BaseException:
             _unload(pipe)
+            _restore(state)  # no half-merged weights left behind
+            state.active = ()
+            raise
+        _unload(pipe)
     state.active, state.loaded = wanted, loaded
     return loaded
 

@@ -108,7 +108,11 @@ def fp16_safe(vae, probe: int = 16) -> bool:
 
 
 def decode_fp32(pipe, latents):
-    """Decode ``latents`` as the pipeline does, with the VAE in fp32 for this call; returns ``np`` images."""
+    """Decode ``latents`` as the pipeline does, with the VAE in fp32 for this call; returns ``np`` images.
+
+    The latents go to the pipeline's execution device, where the VAE runs: not where its weights are kept, which
+    after a model-offload run is the CPU and under sequential offload ``meta`` (accelerate's hooks bring the
+    weights in for the call, cast to the fp32 the parameters now say)."""
     import torch
 
     vae = pipe.vae
@@ -116,7 +120,7 @@ def decode_fp32(pipe, latents):
     vae.to(dtype=torch.float32)
     try:
         with torch.no_grad():
-            lat = latents.to(device=next(vae.parameters()).device, dtype=torch.float32)
+            lat = latents.to(device=pipe._execution_device, dtype=torch.float32)
             mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
             if mean is not None and std is not None:
                 mean = torch.tensor(mean).view(1, -1, 1, 1).to(lat)
