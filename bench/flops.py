@@ -3,6 +3,7 @@ real (bundled) configs: no weights, no GPU, a second on the CPU. Used by bench/g
 
     .venv/bin/python bench/flops.py                    # fal's defaults: 1024x1024, 25 steps x 0.95 = 23 run, CFG on
     .venv/bin/python bench/flops.py --size 512 --steps-run 2
+    .venv/bin/python bench/flops.py --fast             # fal's defaults against the _fast workflow (few-step LoRA)
 
 At fal's defaults: 19.56 TFLOP per denoising step (UNet + ControlNet, batch 2 for CFG), 15.35 for the VAE's encode
 and decode, about 0.2 for the two text encoders: 465.5 TFLOP per image.
@@ -77,9 +78,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps-run", type=int, default=23)
+    ap.add_argument("--no-cfg", action="store_true", help="guidance_scale <= 1: no unconditional pass")
+    ap.add_argument("--fast", action="store_true",
+                    help="compare fal's defaults (23 steps run, CFG) with the _fast workflow (4 run, CFG 1)")
     args = ap.parse_args(argv)
-    f = flops_per_image(args.size, args.size, args.steps_run)
-    print(f"{args.size}x{args.size}, {args.steps_run} steps, CFG: per step {f['per_step'] / 1e12:.2f} TFLOP, "
+    if args.fast:
+        base = flops_per_image(args.size, args.size, 23, cfg=True)
+        fast = flops_per_image(args.size, args.size, 4, cfg=False)
+        print(f"{args.size}x{args.size}: fal's defaults (25 x 0.95 = 23 steps, CFG 7.5) {base['total'] / 1e12:.1f} "
+              f"TFLOP; _fast (5 x 0.95 = 4 steps, CFG 1) {fast['total'] / 1e12:.1f} TFLOP; "
+              f"ratio {base['total'] / fast['total']:.1f}x")
+        return 0
+    f = flops_per_image(args.size, args.size, args.steps_run, cfg=not args.no_cfg)
+    cfg = "no CFG" if args.no_cfg else "CFG"
+    print(f"{args.size}x{args.size}, {args.steps_run} steps, {cfg}: per step {f['per_step'] / 1e12:.2f} TFLOP, "
           f"VAE {f['vae'] / 1e12:.2f}, text encoders {f['text'] / 1e12:.2f}, total {f['total'] / 1e12:.1f} TFLOP per image")
     return 0
 
