@@ -40,9 +40,10 @@ def add_fal_fetch_parser(sub) -> None:
     f.set_defaults(func=cmd_fal_fetch)
     p = sub.add_parser("fal-pending", help="list submitted fal requests whose result was never fetched (paid, "
                                            "recoverable), and optionally fetch them")
-    p.add_argument("--request-log-dir", required=True,
+    p.add_argument("--request-log-dir", default=None,
                    help="folder of fal_requests.jsonl: the --out folder of 'generate --remote fal', or ComfyUI's "
-                        "user/sdxl_controlnet_img2img")
+                        "user/sdxl_controlnet_img2img (the default when this pack is run from ComfyUI's "
+                        "custom_nodes folder)")
     p.add_argument("--fetch", metavar="OUT", default=None,
                    help="fetch each pending result into OUT/<request id>/ (nothing is submitted or billed again)")
     p.add_argument("--fal-key-file", default=None, help="a file whose first line is the fal key (for --fetch)")
@@ -55,9 +56,10 @@ def cmd_fal_pending(args) -> int:
     from ..result import write_result
     from .client import ENDPOINT, fetch_remote_result
 
-    pending = request_log.pending(args.request_log_dir)
+    log_dir = pending_log_dir(args.request_log_dir)
+    pending = request_log.pending(log_dir)
     if not pending:
-        print(f"no pending fal requests in {request_log.log_path(args.request_log_dir)}", file=sys.stderr)
+        print(f"no pending fal requests in {request_log.log_path(log_dir)}", file=sys.stderr)
         return 0
     for rec in pending:
         state = rec.get("last_event", "submitted")
@@ -66,12 +68,17 @@ def cmd_fal_pending(args) -> int:
         print(f"{len(pending)} pending; fetch them with --fetch OUT (or one with fal-fetch --request-id ID)",
               file=sys.stderr)
         return 0
+    from .key import KEY_FILE_NAME
+
+    key_file = args.fal_key_file
+    if key_file is None and (log_dir / KEY_FILE_NAME).is_file():  # ComfyUI's key file sits beside its request log
+        key_file = log_dir / KEY_FILE_NAME
     failed = 0
     for rec in pending:
         rid = rec["request_id"]
         try:
-            result = fetch_remote_result(rid, key_file=args.fal_key_file, endpoint=rec.get("endpoint") or ENDPOINT,
-                                         timeout_s=args.fal_timeout, request_log_dir=args.request_log_dir)
+            result = fetch_remote_result(rid, key_file=key_file, endpoint=rec.get("endpoint") or ENDPOINT,
+                                         timeout_s=args.fal_timeout, request_log_dir=log_dir)
         except SDXLCNError as exc:
             failed += 1
             print(f"{rid}: {exc}", file=sys.stderr)
@@ -80,6 +87,30 @@ def cmd_fal_pending(args) -> int:
         for img in doc["images"]:
             print(img["url"])
     return 2 if failed else 0
+
+
+def pending_log_dir(given) -> Path:
+    """The request log folder ``fal-pending`` reads: ``given``, else ComfyUI's ``user/sdxl_controlnet_img2img`` when
+    this pack sits in ComfyUI's ``custom_nodes``. A folder or log that does not exist is an error, never "nothing
+    pending" (a typo must not look like nothing to recover)."""
+    from .. import request_log
+    from .key import KEY_FILE_DIRNAME
+
+    where = ("the --out folder of 'generate --remote fal', or ComfyUI's user/sdxl_controlnet_img2img "
+             "(user/ beside ComfyUI's main.py unless ComfyUI runs with --user-directory)")
+    if given is None:
+        pack = Path(__file__).resolve().parents[2]
+        if pack.parent.name != "custom_nodes":
+            raise SDXLCNError(f"--request-log-dir is required here: {where}")
+        given = pack.parent.parent / "user" / KEY_FILE_DIRNAME
+        print(f"request log folder: {given} (ComfyUI's; another one with --request-log-dir)", file=sys.stderr)
+    log_dir = Path(given).expanduser()
+    if not log_dir.is_dir():
+        raise SDXLCNError(f"--request-log-dir: the folder {log_dir} does not exist (a typo?); it should be {where}")
+    if not request_log.log_path(log_dir).is_file():
+        raise SDXLCNError(f"--request-log-dir: {log_dir} holds no request log ({request_log.LOG_FILE_NAME}): no fal "
+                          f"request was ever recorded there; it should be {where}")
+    return log_dir
 
 
 class _Interrupt:
@@ -138,7 +169,10 @@ def cmd_generate_remote(args, request) -> int:
     from .client import ENDPOINT, run_remote
     from .key import resolve_key
 
-    key = resolve_key(None, args.fal_key_file)  # no key: say so before announcing anything
+    from .files import check_request
+
+    check_request(request)  # every refusal comes before the billing line: nothing is sent when one is refused
+    key = resolve_key(None, args.fal_key_file)
     log_dir = Path(args.request_log_dir or args.out)
     on_status, last = _printer()
     print(f"running on fal ({ENDPOINT}); fal bills this request. Its id will be recorded in "

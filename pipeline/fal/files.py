@@ -68,6 +68,23 @@ def prepare_image(value, field_name: str, client, waiter: Waiter, settings: FalS
                               f"uploading {field_name}", settings, None)
 
 
+_LOCAL_ONLY_WHY = {
+    "apply_canny": "fal always runs Canny on the control image itself",
+    "local_scheduler": "fal runs its own sampler",
+    "local_control_start": "on fal the ControlNet acts in every step",
+    "local_control_end": "on fal the ControlNet acts in every step",
+}
+
+
+def check_request(request: GenerationRequest) -> dict:
+    """Everything that can be checked before anything is sent (or announced as billed): the fields fal takes and
+    each local image input (found, readable). Returns :func:`fal_arguments`."""
+    args = fal_arguments(request)
+    for name in ("image_url", "control_image_url"):
+        _image_bytes(args[name], name)
+    return args
+
+
 def fal_arguments(request: GenerationRequest) -> dict:
     """``request.to_fal_arguments()``, checked for what only works locally."""
     args = request.to_fal_arguments()
@@ -81,9 +98,8 @@ def fal_arguments(request: GenerationRequest) -> dict:
     if local:
         name = next(iter(local))
         raise FalValidationError(
-            name, f"is {local[name]!r}, a local-only setting fal cannot honour (fal runs Canny on the control image "
-                  "itself, with its own sampler, the ControlNet acting in every step); leave it at its default to "
-                  "run on fal, or run locally")
+            name, f"is {local[name]!r}, a local-only setting: {_LOCAL_ONLY_WHY.get(name, 'fal has no such field')}; "
+                  "leave it at its default to run on fal, or run locally")
     return args
 
 
