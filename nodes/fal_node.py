@@ -12,6 +12,7 @@ import json
 import threading
 from pathlib import Path
 
+from ..pipeline import request_log
 from ..pipeline.fal.errors import FalBatchIncomplete, FalCancelled, FalError, FalValidationError
 from ..pipeline.fal.key import KEY_FILE_DIRNAME, KEY_FILE_NAME
 from ..pipeline.request import GenerationRequest
@@ -143,10 +144,11 @@ class SDXLCNFalImg2Img:
                     "tooltip": "fal: return the images inline as data URIs instead of as files on fal's CDN."}),
                 "request_id": ("STRING", {
                     "default": "",
-                    "tooltip": "Fetch the finished result of an earlier fal request by id (from the server log or "
-                               "user/sdxl_controlnet_img2img/fal_requests.jsonl; `python -m sdxl_controlnet_img2img "
-                               "fal-pending --request-log-dir <that folder>` lists the unfetched ones) instead of "
-                               "submitting (and paying) again. Several ids: one per line."}),
+                    "tooltip": "Fetch the finished result of an earlier fal request by id (from the server log, "
+                               "which lists the unfetched ids at each run of this node, or "
+                               f"`{request_log.cli_command()} fal-pending` run from ComfyUI's folder) instead of "
+                               "submitting (and paying) again. Several ids: one per line; each result is also "
+                               "saved to the output folder."}),
                 "max_concurrency": ("INT", {
                     "default": 4, "min": 1, "max": 16,
                     "tooltip": "An input batch of B images is B fal requests; at most this many run at once."}),
@@ -165,6 +167,7 @@ class SDXLCNFalImg2Img:
             if ids:
                 return self._fetch(ids, unique_id, common)
             requests = self._requests(image, control_image, loras, sync_mode, widgets)
+            _mention_pending(common["request_log_dir"])
             reporter = _Reporter(len(requests), unique_id)
             results = self._run(requests, reporter, int(max_concurrency), common)
             seed = int(widgets["seed"])
@@ -207,6 +210,20 @@ class SDXLCNFalImg2Img:
                                     cancel_check=reporter.cancel_check, **common)
         except FalBatchIncomplete as exc:
             raise _keep_completed(exc) from None
+
+
+def _mention_pending(log_dir) -> None:
+    """Paid results never fetched (e.g. ComfyUI restarted while waiting): name them in the server log."""
+    try:
+        pending = request_log.pending(log_dir) if log_dir is not None else []
+    except OSError:
+        return
+    if pending:
+        ids = ", ".join(r["request_id"] for r in pending[-5:])
+        log.warning("SDXLCNFalImg2Img: %d earlier fal request(s) were never fetched (paid): %s%s. Put an id into "
+                    "request_id to fetch its result without paying again, or run `%s fal-pending` from ComfyUI's "
+                    "folder", len(pending), ids, " (the latest 5)" if len(pending) > 5 else "",
+                    request_log.cli_command())
 
 
 def _warn_flags(flags) -> None:

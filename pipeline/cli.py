@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import SDXLCNError
 from .fal.cli import add_fal_fetch_parser, add_remote_arguments
 from .local.devices import MEMORY_MODES
+from .request_log import cli_command
 
 
 
@@ -149,7 +150,7 @@ def cmd_make_tiny_models(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m sdxl_controlnet_img2img",
+        prog=cli_command(),
         description="SDXL ControlNet (Canny) image-to-image with fal's request JSON, run locally with diffusers.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -23,6 +23,18 @@ LOG_FILE_NAME = "fal_requests.jsonl"
 _lock = threading.Lock()
 
 
+def cli_command() -> str:
+    """How a user runs this pack's command line from where it is installed: ``python -m sdxl_controlnet_img2img``
+    after a pip install, ``python custom_nodes/<pack folder>`` in a ComfyUI install (the folder run as a script;
+    there the package is named after its folder, so ``-m sdxl_controlnet_img2img`` would not find it)."""
+    root = Path(__file__).resolve().parent.parent
+    if root.parent.name == "custom_nodes":
+        return f"python custom_nodes/{root.name}"
+    if __name__.split(".")[0] == "sdxl_controlnet_img2img":
+        return "python -m sdxl_controlnet_img2img"
+    return f"python {root}"
+
+
 def log_path(log_dir) -> Path:
     return Path(log_dir) / LOG_FILE_NAME
 
@@ -53,8 +65,8 @@ def record(log_dir, event: str, request_id: str, **fields) -> bool:
     except OSError as exc:
         logging.getLogger("sdxl_controlnet_img2img.fal").warning(
             "fal: could not record request %s (%s) in %s (%s): note this id to fetch its result later with "
-            "`python -m sdxl_controlnet_img2img fal-fetch --request-id %s --out DIR`",
-            request_id, event, log_path(log_dir), exc, request_id)
+            "`%s fal-fetch --request-id %s --out DIR`",
+            request_id, event, log_path(log_dir), exc, cli_command(), request_id)
         return False
 
 

@@ -92,3 +92,15 @@ def test_outside_comfyui_without_an_output_folder_only_returned_ids_are_complete
     out, *_ = SDXLCNFalImg2Img().generate(batch(1), batch(1), request_id=f"{a},{b}", **widgets())
     assert tuple(out.shape) == (1, 24, 32, 3)
     assert [r["request_id"] for r in request_log.pending(tmp_path)] == [b]
+
+
+def test_the_node_names_unfetched_ids_in_the_server_log(fal, user_dir, caplog):
+    """Inside ComfyUI the pending list is reachable without a shell: each run lists the ids never fetched."""
+    import logging
+
+    fal.reset(run_s=0.8)
+    rid, _img = _pending_request(user_dir, 32, 24, 1)
+    fal.behaviour.run_s = 0.05
+    with caplog.at_level(logging.WARNING, logger="sdxl_controlnet_img2img"):
+        SDXLCNFalImg2Img().generate(batch(1), batch(1), **widgets())
+    assert any(rid in r.getMessage() and "never fetched" in r.getMessage() for r in caplog.records)

@@ -91,7 +91,7 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
         raise FalTimeout(
             f"fal request {request_id} did not finish within the time allowed. It may still finish (and is billed): "
             f"fetch it later by id {request_id} (node input 'request_id', or "
-            f"`python -m sdxl_controlnet_img2img fal-fetch --request-id {request_id} --out DIR`).", request_id) from None
+            f"`{request_log.cli_command()} fal-fetch --request-id {request_id} --out DIR`).", request_id) from None
     if record_completed:
         request_log.record(request_log_dir, "completed", request_id, endpoint=endpoint)
     return result
@@ -116,7 +116,7 @@ def _cancel(handle, settings: FalSettings) -> tuple[str, str]:
     return "cancel_requested", (
         f"fal was asked to cancel it, but it was already {'done' if isinstance(status, fal_client.Completed) else 'running'}"
         f": it may still finish and be billed. Its id stays in the pending list: fetch the result with "
-        f"`python -m sdxl_controlnet_img2img fal-fetch --request-id {handle.request_id} --out DIR` (or `fal-pending`)")
+        f"`{request_log.cli_command()} fal-fetch --request-id {handle.request_id} --out DIR` (or `fal-pending`)")
 
 
 class _Submit:
@@ -196,7 +196,7 @@ def _stop_after_submit(handle, stop: BaseException, endpoint: str, settings: Fal
 
 
 def _unanswered(exc: SubmitUnanswered, request_log_dir) -> FalError:
-    where = (f"`python -m sdxl_controlnet_img2img fal-pending --request-log-dir {request_log_dir}`"
+    where = (f"`{request_log.cli_command()} fal-pending --request-log-dir {request_log_dir}`"
              if request_log_dir is not None else "https://fal.ai/dashboard/requests")
     text = (f"fal did not answer the submission within {exc.waited_s:.0f} s of the stop. It may have reached fal "
             f"and be billed: if this process keeps running, its id is recorded and the request cancelled when the "
