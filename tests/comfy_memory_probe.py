@@ -31,7 +31,12 @@ found["device_dtype"] = [comfy_memory.device_and_dtype()[0], str(comfy_memory.de
 
 Loader = pack.NODE_CLASS_MAPPINGS["SDXLCNLoader"]
 Sampler = pack.NODE_CLASS_MAPPINGS["SDXLCNImg2Img"]
-handle = Loader().load(str(models["checkpoint"]), str(models["controlnet"]))[0]
+# inside ComfyUI the loader takes only names its model folders list: the tiny models' folders become model folders
+import folder_paths  # noqa: E402
+
+folder_paths.add_model_folder_path("diffusers", str(Path(models["checkpoint"]).parent))
+folder_paths.add_model_folder_path("controlnet", str(Path(models["controlnet"]).parent))
+handle = Loader().load(Path(models["checkpoint"]).name, Path(models["controlnet"]).name)[0]
 pipe = handle.get_pipe()
 found["placement"] = memory_mode_of(pipe)
 patcher = comfy_memory.patcher_of(pipe)
