@@ -2,6 +2,10 @@
 
 Every benchmark measures its baseline in the same run, interleaved with the thing measured
 (A, B, A, B, ...), and compares medians, so a noisy shared machine shifts both sides alike.
+
+A timing verdict (PASS/MISS) is given only when the samples' spread cannot flip it (:func:`compare`): the
+comparison must come out the same at both ends of the interquartile range, not just at the medians.
+Otherwise the line says NO VERDICT, with the samples' range, and asks for a rerun on a quieter machine.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -119,7 +124,74 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
-def check(ok: bool, text: str) -> str:
+def quartiles(xs: Sequence[float]) -> tuple[float, float]:
+    """(first, third) quartile; a single sample is both (it says nothing about the spread)."""
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0]
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one timing comparison: ``ok`` is True (PASS), False (MISS) or None (no verdict: the
+    spread of the samples lets the comparison go either way)."""
+
+    ok: bool | None
+    ratio: float  # median(num) / median(den): the figure the bench prints
+    low: float  # the ratio at the favourable and unfavourable ends of the interquartile ranges
+    high: float
+    spread: str  # the samples' ranges, for the no-verdict line
+
+
+def _span(xs: Sequence[float]) -> str:
+    return f"{fmt_s(min(xs))}-{fmt_s(max(xs))}" if len(xs) > 1 else fmt_s(xs[0])
+
+
+def compare(num: Sequence[float], den: Sequence[float] | float, target: float, *, at_most: bool = True,
+            paired: bool = False, min_samples: int = 3) -> Verdict:
+    """Judge ``median(num) / median(den)`` against ``target`` (``<= target`` when ``at_most``, else ``>=``), only
+    where the spread of the samples cannot flip the answer.
+
+    The ratio's plausible range is the ratio at the ends of the interquartile ranges: for ``paired`` samples
+    (``num[i]`` and ``den[i]`` timed in the same interleaved round, so a busy spell hits both) the quartiles of the
+    per-round ratios, otherwise ``q1(num)/q3(den)`` .. ``q3(num)/q1(den)``. ``den`` may be a constant (an absolute
+    target in seconds). PASS when the whole range meets the target, MISS when none of it does, no verdict when
+    the target lies inside it -- or when the side with the most samples has fewer than ``min_samples`` (one
+    long call, such as a kornia run, may stand alone: the other side's spread, timed around it, shows the noise).
+    One stray sample moves no quartile; a quarter of them spread out does.
+    """
+    num = [float(x) for x in num]
+    den = [float(den)] if isinstance(den, (int, float)) else [float(x) for x in den]
+    if not num or not den:
+        raise ValueError("compare: both sides need at least one sample")
+    ratio = median(num) / median(den)
+    if paired:
+        if len(num) != len(den):
+            raise ValueError(f"compare: paired samples need equal counts, got {len(num)} and {len(den)}")
+        low, high = quartiles([a / b for a, b in zip(num, den)])
+    else:
+        (n1, n3), (d1, d3) = quartiles(num), quartiles(den)
+        low, high = n1 / d3, n3 / d1
+    spread = f"samples {_span(num)}" + (f" against {_span(den)}" if len(den) > 1 else "")
+    if max(len(num), len(den)) < min_samples:
+        return Verdict(None, ratio, low, high, spread + f"; fewer than {min_samples} samples")
+    if at_most:
+        ok = True if high <= target else False if low > target else None
+    else:
+        ok = True if low >= target else False if high < target else None
+    return Verdict(ok, ratio, low, high, spread)
+
+
+def check(ok: "bool | Verdict", text: str) -> str:
+    """One verdict line. ``ok`` is a bool for exact checks (pixels, memory) or a :class:`Verdict` for timings."""
+    if isinstance(ok, Verdict):
+        if ok.ok is None:
+            return (f"NO VERDICT  {text}: too noisy to tell, the spread puts the ratio anywhere in "
+                    f"{ok.low:.3g}..{ok.high:.3g} ({ok.spread}); rerun on a quieter machine (see `uptime`) or with "
+                    f"more repetitions")
+        ok = ok.ok
     return f"{'PASS' if ok else 'MISS'}  {text}"
 
 

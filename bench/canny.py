@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     print(f"kornia {kornia.__version__}; scene {args.scene}; per case {args.kornia_repeat} kornia call(s) "
           f"interleaved with {args.repeat} node calls; medians\n")
     node = SDXLCNCanny()
-    rows, ok_all = [], True
+    rows, verdicts = [], []
     print(f"{'case':<16}{'ComfyUI (kornia)':>18}{'SDXLCNCanny':>14}{'ratio':>10}")
     for side, batch in cases:
         image = C.image_batch([C.synthetic_photo(side, side, seed=i, scene=args.scene) for i in range(batch)])
@@ -99,13 +99,16 @@ def main(argv=None) -> int:
         assert kout.shape == image.shape and kout.dtype == torch.float32, kout.shape
         k, n = C.median(kornia_s), C.median(node_s)
         ratio = k / n
-        ok_all &= ratio >= TARGET
+        verdicts.append(C.compare(kornia_s, node_s, TARGET, at_most=False))
         label = f"{batch} x {side}²"
         print(f"{label:<16}{C.fmt_s(k):>18}{C.fmt_s(n):>14}{ratio:>9.0f}x   ({time.perf_counter() - t0:.0f}s)", flush=True)
         rows.append({"case": label, "side": side, "batch": batch, "kornia_s": k, "node_s": n, "ratio": ratio,
                      "kornia_all_s": kornia_s, "node_all_s": node_s})
     worst = min(r["ratio"] for r in rows)
     print()
+    # a clear miss in one case stands even when another case was too noisy to judge
+    ok_all = (False if any(v.ok is False for v in verdicts)
+              else next((v for v in verdicts if v.ok is None), True))
     print(C.check(ok_all, f"SDXLCNCanny at least {TARGET:.0f}x faster than ComfyUI's kornia Canny on every case "
                           f"(worst {worst:.0f}x)"))
     print("note: kornia's time grows with the length of weak-edge chains (its hysteresis is one full-image "

@@ -6,7 +6,8 @@
    control image and one ``StableDiffusionXLControlNetImg2ImgPipeline.__call__`` with the same inputs
    and seed. Both use the same loaded pipeline (tiny random-weight SDXL + ControlNet, CPU, fp32);
    the outputs are checked pixel-equal; calls are interleaved and the medians compared.
-   Target: the node within 3% of plain diffusers.
+   Target: the node within 3% of plain diffusers (no verdict when the rounds' spread leaves it open:
+   bench/_common.py compare).
 2. Warm vs cold. A cold load+run (empty cache: ``SDXLCNLoader().load`` reads the models from disk,
    then the sampler runs) against a warm one (the same loader call again, answered from the pipeline
    cache, then the same run), interleaved. Target: the warm run's loading time is under 1% of the
@@ -136,8 +137,9 @@ def main(argv=None) -> int:
     print(f"warm load / cold load    {warm_ratio * 100:9.3f}%   "
           f"(warm total / cold total {(wl + C.median(warm_run)) / (cl + C.median(cold_run)):.3f})\n")
 
-    ok_node = node_ratio <= NODE_TARGET
-    ok_warm = warm_ratio < WARM_LOAD_TARGET
+    # judged on the interleaved rounds' own ratios: a busy spell that slows a whole round cancels out
+    ok_node = C.compare(times["node"], times["diffusers"], NODE_TARGET, paired=True)
+    ok_warm = C.compare(warm_load, cold_load, WARM_LOAD_TARGET, paired=True)
     print(C.check(ok_node, f"node overhead within {(NODE_TARGET - 1) * 100:.0f}% of plain diffusers "
                            f"({(node_ratio - 1) * 100:+.1f}%)"))
     print(C.check(ok_warm, f"warm run spends under {WARM_LOAD_TARGET * 100:.0f}% of the cold load time on loading "
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
             "hardware": C.hardware_line(), "size": args.size, "diffusers_s": times["diffusers"],
             "node_s": times["node"], "node_ratio": node_ratio, "cold_load_s": cold_load, "cold_run_s": cold_run,
             "warm_load_s": warm_load, "warm_run_s": warm_run, "warm_load_ratio": warm_ratio,
-            "pixel_equal": same}, indent=2))
+            "node_ok": ok_node.ok, "warm_ok": ok_warm.ok, "pixel_equal": same}, indent=2))
     free_cached_pipeline()
     return 0
 

@@ -1,0 +1,73 @@
+"""The benches' verdict rule (bench/_common.py compare/check): no PASS or MISS when the spread could flip it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import _common as C  # noqa: E402
+
+
+def test_the_issue_case_gives_no_verdict():
+    """Node vs diffusers on a busy machine: samples from 2.2 s to 115 s, medians that happen to 'pass'."""
+    diffusers = [2.2, 40.0, 2.4, 115.0, 2.3, 60.0, 2.5]
+    node = [2.3, 2.2, 90.0, 2.4, 70.0, 2.3, 2.4]
+    assert C.median(node) / C.median(diffusers) <= 1.03  # what the old rule looked at: PASS
+    v = C.compare(node, diffusers, 1.03, paired=True)
+    assert v.ok is None
+    line = C.check(v, "node overhead within 3%")
+    assert line.startswith("NO VERDICT  node overhead within 3%: too noisy")
+    assert "2.20 s-115.00 s" in line and "rerun" in line
+
+
+def test_steady_samples_pass_and_miss():
+    diffusers = [2.00, 2.02, 1.99, 2.01, 2.00, 2.03, 1.98]
+    node = [d * 1.01 for d in diffusers]
+    v = C.compare(node, diffusers, 1.03, paired=True)
+    assert v.ok is True and C.check(v, "x").startswith("PASS")
+    slow = [d * 1.10 for d in diffusers]
+    v = C.compare(slow, diffusers, 1.03, paired=True)
+    assert v.ok is False and C.check(v, "x").startswith("MISS")
+
+
+def test_a_busy_spell_that_slows_whole_rounds_cancels_when_paired():
+    """Interleaved rounds: both sides of a round share the load, so their ratio stays steady."""
+    load = [1, 1, 6, 1, 9, 1, 1]
+    diffusers = [2.0 * f for f in load]
+    node = [2.02 * f for f in load]
+    assert C.compare(node, diffusers, 1.03, paired=True).ok is True
+    # the same samples judged as independent sets span too much to tell
+    assert C.compare(node, diffusers, 1.03).ok is None
+
+
+def test_one_stray_sample_moves_no_quartile():
+    diffusers = [2.0, 2.01, 1.99, 2.0, 2.02, 2.0, 2.01]
+    node = [2.02, 2.03, 2.0, 115.0, 2.02, 2.01, 2.03]
+    assert C.compare(node, diffusers, 1.03, paired=True).ok is True
+
+
+def test_at_least_and_a_single_long_sample():
+    """canny.py: kornia (one long call) at least 10x the node's time; the node's spread shows the noise."""
+    assert C.compare([1.5], [0.010, 0.011, 0.010, 0.012, 0.010], 10.0, at_most=False).ok is True
+    assert C.compare([0.05], [0.010, 0.011, 0.010, 0.012, 0.010], 10.0, at_most=False).ok is False
+    # node calls from 5 ms to 200 ms around it: 30x or 0.9x, no verdict
+    v = C.compare([0.18], [0.005, 0.2, 0.006, 0.19, 0.1], 10.0, at_most=False)
+    assert v.ok is None
+
+
+def test_absolute_target_and_too_few_samples():
+    assert C.compare([1.8, 1.85, 1.9, 1.82, 1.84], 2.0, 1.0).ok is True
+    assert C.compare([1.8, 3.5, 1.9, 2.6, 1.7], 2.0, 1.0).ok is None
+    v = C.compare([1.0, 1.1], [2.0, 2.1], 1.03, paired=True)
+    assert v.ok is None and "fewer than 3 samples" in C.check(v, "x")
+
+
+def test_exact_checks_stay_plain_and_bad_input_is_refused():
+    assert C.check(True, "pixel-equal") == "PASS  pixel-equal"
+    assert C.check(False, "pixel-equal") == "MISS  pixel-equal"
+    with pytest.raises(ValueError, match="paired samples need equal counts"):
+        C.compare([1.0, 2.0, 3.0], [1.0, 2.0], 1.0, paired=True)
