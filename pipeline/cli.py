@@ -16,6 +16,7 @@ from .errors import SDXLCNError
 from .fal.cli import add_fal_fetch_parser, add_remote_arguments
 from .local.devices import MEMORY_MODES
 from .request_log import cli_command
+from .serve.httpd import add_serve_parser
 
 
 
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_remote_arguments(g)
     g.set_defaults(func=cmd_generate)
     add_fal_fetch_parser(sub)
+    add_serve_parser(sub)
     t = sub.add_parser("make-tiny-models", help="write tiny random-weight SDXL + ControlNet models (offline demo and tests)")
     t.add_argument("--out", required=True, help="folder to write them into")
     t.set_defaults(func=cmd_make_tiny_models)

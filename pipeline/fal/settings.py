@@ -6,15 +6,23 @@ logs through it.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .errors import FalValidationError
 from .key import RedactingFilter
 
 ENDPOINT = "fal-ai/fast-sdxl-controlnet-canny/image-to-image"
 UPLOAD_THRESHOLD_BYTES = 2 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 600.0
+
+# a self-hosted endpoint of fal's queue API (this pack's `serve`, or a ComfyUI with the pack): set outside any
+# workflow, so a shared workflow cannot send anyone's key elsewhere
+ENDPOINT_URL_ENV = "SDXLCN_FAL_URL"
 
 log = logging.getLogger("sdxl_controlnet_img2img.fal")
 if not any(isinstance(f, RedactingFilter) for f in log.filters):
@@ -38,6 +46,59 @@ class FalSettings:
     download_timeout_s: float = 60.0
     upload_repository: str | None = None  # fal_client's upload repository (None: its default, "fal_v3" then "fal")
     host_map: dict = field(default_factory=dict)  # {"rest.fal.ai": "127.0.0.1:8443"}: redirect fixed hosts (tests)
+    # fal's queue and run hosts are sent here instead (SDXLCN_FAL_URL): a self-hosted endpoint; images then go as
+    # data URIs (no uploads to fal's storage)
+    endpoint_url: str | None = field(default_factory=lambda: endpoint_url_from_env())
+
+    def __post_init__(self):
+        if self.endpoint_url is not None:
+            object.__setattr__(self, "endpoint_url", check_endpoint_url(self.endpoint_url))
+            if self.upload_threshold_bytes == UPLOAD_THRESHOLD_BYTES:
+                object.__setattr__(self, "upload_threshold_bytes", 1 << 62)
+
+    def redirect(self, url: str) -> str | None:
+        """``url`` moved to :attr:`endpoint_url` when it is one of fal's queue/run URLs that fal_client built;
+        None when it stays as it is."""
+        if self.endpoint_url is None or url.startswith(self.endpoint_url + "/"):
+            return None
+        import fal_client.client as fc
+
+        parts = urllib.parse.urlsplit(url)
+        for fmt, sub in ((fc.QUEUE_URL_FORMAT, ""), (fc.RUN_URL_FORMAT, "/run")):
+            home = urllib.parse.urlsplit(fmt)
+            if parts.netloc == home.netloc and parts.path.startswith(home.path):
+                rest = parts.path[len(home.path):].lstrip("/")
+                return f"{self.endpoint_url}{sub}/{rest}" + (f"?{parts.query}" if parts.query else "")
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint_url(raw: str) -> str:
+    """A self-hosted endpoint's base URL (no trailing slash), or :class:`FalValidationError` naming the variable."""
+    text = str(raw).strip()
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment or \
+            parts.username or parts.password:
+        raise FalValidationError(ENDPOINT_URL_ENV, f"{text[:80]!r} is not a base URL such as https://gpu-box:8443 "
+                                                   "(serve) or https://gpu-box:8188/sdxlcn/fal (ComfyUI); fix it, or "
+                                                   "unset it to use fal itself")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise FalValidationError(ENDPOINT_URL_ENV, f"{text[:80]!r} is plain http to another machine: the key would "
+                                                   "travel in clear text. Use https:// (serve --tls-cert/--tls-key, "
+                                                   "or ComfyUI's --tls-certfile/--tls-keyfile); http is accepted "
+                                                   "only for 127.0.0.1")
+    return text.rstrip("/")
+
+
+def endpoint_url_from_env() -> str | None:
+    value = os.environ.get(ENDPOINT_URL_ENV, "").strip()
+    return check_endpoint_url(value) if value else None
 
 
 @dataclass

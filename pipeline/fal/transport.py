@@ -80,6 +80,10 @@ def make_transport(settings: FalSettings):
                 v = t.get(k)
                 t[k] = cap if v is None else min(v, cap)
             request.extensions["timeout"] = t
+            moved = settings.redirect(str(request.url))  # a self-hosted endpoint (SDXLCN_FAL_URL)
+            if moved is not None:
+                request.url = httpx.URL(moved)
+                request.headers["Host"] = request.url.netloc.decode("ascii")
             mapped = settings.host_map.get(request.url.host)
             if mapped:
                 host, _, port = mapped.partition(":")

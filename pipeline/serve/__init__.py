@@ -1,0 +1,15 @@
+"""A server of fal's queue protocol for ``fal-ai/fast-sdxl-controlnet-canny/image-to-image``, on your own GPU.
+
+The third part beside ``local/`` (generation) and ``fal/`` (the client): it takes the same request and gives the same
+result, in fal's shapes, so fal's own clients (the JS ``@fal-ai/client`` through ``proxyUrl``, the Python
+``fal_client`` through its host variables) and this pack's fal node work against it unchanged.
+
+- :mod:`.protocol` the URL layout, ids, fal's error and status shapes (no I/O);
+- :mod:`.inputs` a submitted body checked and its images fetched, before anything is queued (HTTP 422 otherwise);
+- :mod:`.store` the queue and the results in SQLite and files next to it (a restart loses nothing accepted);
+- :mod:`.app` the HTTP handling, independent of the web framework (stdlib here, aiohttp inside ComfyUI);
+- :mod:`.worker` one worker per device running the local pipeline; :mod:`.webhook` fal's webhook delivery;
+- :mod:`.httpd` the stand-alone server and ``serve`` on the command line.
+
+Nothing here imports ComfyUI; ``nodes/serve_routes.py`` mounts :class:`.app.ServeApp` on ComfyUI's server.
+"""

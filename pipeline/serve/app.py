@@ -1,0 +1,211 @@
+"""The HTTP handling of the queue protocol, independent of the web framework: :class:`ServeApp` takes an
+:class:`HttpRequest` and gives an :class:`HttpResponse`. The stand-alone server (:mod:`.httpd`, stdlib) and the
+ComfyUI routes (``nodes/serve_routes.py``, aiohttp) only carry bytes in and out.
+
+What runs a request is the backend's business (:class:`Backend`): this module queues it in the :class:`~.store.Store`
+and answers from there, so status, result and cancel read the same whether the local workers or ComfyUI's prompt
+queue run it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .inputs import Limits, check_submission, check_webhook, refuse_body_size
+from .protocol import (APP, CORS_HEADERS, STORAGE_REFUSED, TARGET_HEADER, HttpError, request_urls, route_path,
+                       route_target, status_body)
+from .store import Job, QueueFull, Store
+
+log = logging.getLogger("sdxl_controlnet_img2img.serve")
+FAL_QUEUE_BASE = "https://queue.fal.run"  # the URLs a proxied client expects (it sends them through the proxy)
+
+
+@dataclass
+class HttpRequest:
+    method: str
+    path: str  # relative to the server's base
+    query: str
+    headers: dict  # lower-case names
+    body: bytes
+    base: str  # how the client reached the base: scheme://host[:port][/prefix], no trailing slash
+
+
+@dataclass
+class HttpResponse:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    def queued(self, job: Job) -> None:
+        """A request was queued in the store."""
+
+    def cancel(self, job: Job) -> None:
+        """Cancel was asked for a running request (the store already has its flag)."""
+
+    def hooks(self) -> frozenset:
+        """The optional models it has: ``enable_safety_checker``, ``expand_prompt``."""
+
+
+def check_key(header: str | None, key: str | None) -> None:
+    """fal's ``Authorization: Key <key>``, compared in constant time. The key given is never echoed."""
+    if key is None:
+        return
+    given = (header or "").strip()
+    scheme, _, value = given.partition(" ")
+    ok = scheme.lower() == "key" and hmac.compare_digest(value.strip().encode(), key.encode())
+    if not ok:
+        raise HttpError(401, "missing or wrong key: send 'Authorization: Key <the server's key>' (fal's clients: set "
+                             "FAL_KEY, or credentials in fal.config, to the key the server was started with)")
+
+
+def output(job: Job, store: Store, files_base: str) -> dict:
+    """fal's output object for a finished request: images as URLs on this server (data URIs with sync_mode)."""
+    res = job.result or {}
+    images = []
+    for i, entry in enumerate(res.get("images", [])):
+        if job.args.get("sync_mode"):
+            data = store.image_path(job.id, i).read_bytes()
+            url = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+        else:
+            url = f"{files_base}/files/{job.token}/{i}.png"
+        images.append({"url": url, "width": entry["width"], "height": entry["height"],
+                       "content_type": entry.get("content_type", "image/png")})
+    doc = {"images": images, "seed": res.get("seed"), "has_nsfw_concepts": res.get("has_nsfw_concepts", []),
+           "prompt": res.get("prompt", ""), "timings": res.get("timings", {})}
+    if res.get("expanded_prompt") is not None:
+        doc["expanded_prompt"] = res["expanded_prompt"]
+    return doc
+
+
+class ServeApp:
+    def __init__(self, store: Store, backend: Backend, *, key: str | None = None, limits: Limits | None = None,
+                 public_url: str | None = None):
+        self.store = store
+        self.backend = backend
+        self.key = key
+        self.limits = limits or Limits()
+        self.public_url = public_url.rstrip("/") if public_url else None
+
+    # ---- entry ----------------------------------------------------------------------------------
+    def handle(self, req: HttpRequest) -> HttpResponse:
+        try:
+            resp = self._handle(req)
+        except HttpError as exc:
+            resp = self.json(exc.status, exc.body(), exc.headers)
+        except Exception:  # noqa: BLE001 - a bug must not take the server down, nor leak a traceback to clients
+            log.exception("serve: %s %s failed", req.method, req.path[:200])
+            resp = self.json(500, {"detail": "internal server error (see the server log)"})
+        resp.headers = {**CORS_HEADERS, **resp.headers}
+        return resp
+
+    @staticmethod
+    def json(status: int, body, headers: dict | None = None) -> HttpResponse:
+        return HttpResponse(status, json.dumps(body).encode(), "application/json", dict(headers or {}))
+
+    def too_large(self, length: int) -> HttpResponse:
+        """The answer to a body over the limit (sent without reading it)."""
+        try:
+            refuse_body_size(length, self.limits)
+        except HttpError as exc:
+            return self.json(exc.status, exc.body(), CORS_HEADERS)
+        return self.json(400, {"detail": "the body's Content-Length is invalid"}, CORS_HEADERS)
+
+    def payload_for(self, job: Job, base: str) -> dict:
+        """A webhook's payload: the result, or ``{"detail": ...}`` for a failed request."""
+        if job.error:
+            return {"detail": job.error_detail or job.error}
+        return output(job, self.store, self.public_url or base)
+
+    def files_base(self, req: HttpRequest) -> str:
+        return self.public_url or req.base
+
+    def _handle(self, req: HttpRequest) -> HttpResponse:
+        if req.method == "OPTIONS":
+            return HttpResponse(204)
+        target = req.headers.get(TARGET_HEADER)
+        route = route_target(req.method, target) if target else route_path(req.method, req.path, req.query)
+        if route.kind == "file":
+            return self._file(route)
+        check_key(req.headers.get("authorization"), self.key)
+        if route.kind == "storage":
+            raise HttpError(400, STORAGE_REFUSED)
+        if route.kind in ("submit", "run"):
+            job = self._submit(req, route)
+            if route.kind == "run":
+                return self._run(req, job)
+            base = FAL_QUEUE_BASE if route.via_proxy else (self.public_url or req.base)
+            body = {"request_id": job.id, **request_urls(base, job.id), "queue_position": self.store.position(job)}
+            if job.webhook:
+                body["gateway_request_id"] = job.id
+            return self.json(200, body, {"x-fal-request-id": job.id})
+        job = self.store.get(route.request_id)
+        if job is None:
+            raise HttpError(404, f"Request {route.request_id} not found")
+        ids = {"x-fal-request-id": job.id}
+        if route.kind == "status":
+            base = FAL_QUEUE_BASE if route.via_proxy else (self.public_url or req.base)
+            with_logs = (route.query or {}).get("logs", "0").lower() in ("1", "true")
+            position = self._position(job) if job.state == "IN_QUEUE" else None
+            return self.json(200, status_body(job, base, position, with_logs), ids)
+        if route.kind == "result":
+            return self._result(req, job)
+        if route.kind == "cancel":
+            outcome = self.store.cancel(job.id)
+            if outcome == "done":
+                return self.json(400, {"status": "ALREADY_COMPLETED"}, ids)
+            if outcome == "requested":
+                self.backend.cancel(job)
+            return self.json(202, {"status": "CANCELLATION_REQUESTED"}, ids)
+        raise HttpError(404, "no such call")
+
+    # ---- calls ----------------------------------------------------------------------------------
+    def _position(self, job: Job) -> int:
+        ask = getattr(self.backend, "position", None)
+        pos = ask(job) if ask is not None else None
+        return self.store.position(job) if pos is None else pos
+
+    def _submit(self, req: HttpRequest, route) -> Job:
+        refuse_body_size(len(req.body), self.limits)
+        args, images = check_submission(req.body, self.limits, self.backend.hooks())
+        webhook = check_webhook((route.query or {}).get("fal_webhook"))
+        hook = json.dumps({"url": webhook, "base": self.files_base(req)}) if webhook else None
+        try:
+            job = self.store.add(args, images, hook, self.limits.max_waiting)
+        except QueueFull as exc:
+            raise HttpError(429, str(exc), {"Retry-After": "5"}) from None
+        log.info("serve: queued request %s (%s, %d waiting)", job.id, APP, self.store.waiting())
+        self.backend.queued(job)
+        return job
+
+    def _result(self, req: HttpRequest, job: Job) -> HttpResponse:
+        ids = {"x-fal-request-id": job.id}
+        if job.state != "COMPLETED":
+            return self.json(400, {"detail": "Request is still in progress"}, ids)
+        if job.error:
+            return self.json(job.error_status or 500, {"detail": job.error_detail or job.error}, ids)
+        return self.json(200, output(job, self.store, self.files_base(req)), ids)
+
+    def _run(self, req: HttpRequest, job: Job) -> HttpResponse:
+        """fal's synchronous run: wait for the request, answer its result."""
+        done = self.store.wait(lambda: (self.store.get(job.id) or job).state == "COMPLETED", self.limits.sync_wait_s)
+        if not done:
+            return self.json(504, {"detail": f"the request did not finish within {self.limits.sync_wait_s:g} s; it "
+                                             f"stays queued as {job.id}: fetch it through the queue API"},
+                             {"x-fal-request-id": job.id})
+        return self._result(req, self.store.get(job.id))
+
+    def _file(self, route) -> HttpResponse:
+        job = self.store.by_token(route.token)
+        if job is None or job.state != "COMPLETED" or not job.result or \
+                route.index >= len(job.result.get("images", [])):
+            raise HttpError(404, "no such result file")
+        data = self.store.image_path(job.id, route.index).read_bytes()
+        return HttpResponse(200, data, "image/png", {"Cache-Control": "private, max-age=86400"})

@@ -1,0 +1,160 @@
+"""A submitted body, checked the way fal checks it, before anything is queued: HTTP 422 naming the field otherwise.
+
+Image fields take what fal takes from an API client: an ``http(s)`` URL (downloaded now, with a size and time cap) or
+a ``data:`` URI. Local paths and ``file://`` URLs are refused: nothing from a request reaches a file path on the
+server. LoRAs are refused for the same reason (a request cannot make the server load files or code).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+from dataclasses import dataclass
+
+from ..errors import ImageInputError, RequestError
+from ..images import decode_image, download
+from ..request import GenerationRequest
+from ..sizes import target_size
+from .protocol import HttpError, invalid
+from .store import INPUT_NAMES
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 64 * 1024 * 1024  # a request body (data URIs included)
+    max_image_bytes: int = 32 * 1024 * 1024  # one input image, decoded or downloaded
+    max_input_pixels: int = 6144 * 6144  # one input image's pixels (checked before it is decoded)
+    download_timeout_s: float = 30.0
+    max_waiting: int = 100  # waiting requests; more is answered with 429
+    sync_wait_s: float = 600.0  # how long a synchronous run waits for its result
+
+
+def field_loc(name: str) -> list:
+    """``"loras[0].path"`` as fal's ``loc``: ``["body", "loras", 0, "path"]``."""
+    loc = ["body"]
+    for part in name.split("."):
+        m = re.fullmatch(r"([^\[]*)((?:\[\d+\])*)", part)
+        if m and m.group(1):
+            loc.append(m.group(1))
+        for idx in re.findall(r"\[(\d+)\]", part):
+            loc.append(int(idx))
+    return loc
+
+
+def _message(exc: Exception) -> str:
+    text = str(exc)
+    field = getattr(exc, "field", None)
+    return text[len(field) + 2:] if field and text.startswith(f"{field}: ") else text
+
+
+def _image_bytes(name: str, value: str, limits: Limits) -> bytes:
+    low = value[:16].lower()
+    if low.startswith("data:"):
+        header, sep, payload = value.partition(",")
+        if not sep or ";base64" not in header.lower():
+            raise invalid(["body", name], "is a data: URI without base64 data; give 'data:image/png;base64,...'")
+        if len(payload) * 3 // 4 > limits.max_image_bytes:
+            raise invalid(["body", name], f"is over the {limits.max_image_bytes}-byte limit of this server")
+        try:
+            return base64.b64decode(payload, validate=False)
+        except (binascii.Error, ValueError):
+            raise invalid(["body", name], "is a data: URI whose base64 data is invalid") from None
+    if low.startswith(("http://", "https://")):
+        try:
+            return download(value, name, max_bytes=limits.max_image_bytes, timeout=limits.download_timeout_s)
+        except ImageInputError as exc:
+            raise invalid(["body", name], _message(exc)) from None
+    raise invalid(["body", name], "must be an http(s) URL or a data: URI (base64); this server opens no files, so "
+                                  "local paths and file:// URLs are refused")
+
+
+def check_image(name: str, data: bytes, limits: Limits):
+    """The decoded image (RGB); 422 when it is no image or too large."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+    except Exception:  # noqa: BLE001 - any failure to read is "not an image"
+        raise invalid(["body", name], "is not a readable image; give a PNG, JPEG or WebP") from None
+    if w * h > limits.max_input_pixels:
+        raise invalid(["body", name], f"is {w}x{h}, over this server's limit of {limits.max_input_pixels} pixels; "
+                                      "send a smaller image")
+    try:
+        return decode_image(name, data, "the image")
+    except ImageInputError as exc:
+        raise invalid(["body", name], _message(exc)) from None
+
+
+def check_webhook(url: str | None) -> str | None:
+    if url is None:
+        return None
+    if not url.lower().startswith(("http://", "https://")) or len(url) > 2048:
+        raise invalid(["query", "fal_webhook"], "must be an http(s) URL (at most 2048 characters)")
+    return url
+
+
+def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()) -> tuple[dict, dict]:
+    """(the request's arguments to store, its input images as bytes): everything checked, images fetched.
+
+    ``hooks``: the optional models this server has (``"enable_safety_checker"``, ``"expand_prompt"``).
+    """
+    try:
+        data = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(["body"], f"is not valid JSON ({exc.__class__.__name__})", "value_error.jsondecode") from None
+    if not isinstance(data, dict):
+        raise invalid(["body"], "must be a JSON object: {\"prompt\": ..., \"image_url\": ..., "
+                                "\"control_image_url\": ...}", "type_error.dict")
+    try:
+        request = GenerationRequest.from_dict(data)
+    except RequestError as exc:
+        missing = _message(exc).startswith("is required")
+        raise invalid(field_loc(exc.field), "field required" if missing else _message(exc),
+                      "value_error.missing" if missing else "value_error") from None
+    if request.loras:
+        raise invalid(["body", "loras"], "this server loads no LoRAs from requests (a request cannot make it load "
+                                         "files); send an empty list, or run the LoRA with the pack locally")
+    for name in ("enable_safety_checker", "expand_prompt"):
+        if getattr(request, name) and name not in hooks:
+            raise invalid(["body", name], f"this server has no model for {name}; set it to false, or start the "
+                                          f"server with its model ({'--safety-checker' if 'safety' in name else '--prompt-expansion'})")
+    images, decoded = {}, {}
+    for name in INPUT_NAMES:
+        value = getattr(request, name)
+        if not isinstance(value, str):
+            raise invalid(["body", name], "must be text: an http(s) URL or a data: URI")
+        images[name] = _image_bytes(name, value.strip(), limits)
+        decoded[name] = check_image(name, images[name], limits)
+    try:
+        target_size(request.image_size, decoded["control_image_url"].size)
+    except RequestError as exc:
+        raise invalid(field_loc(exc.field), _message(exc)) from None
+    request = request.with_seed()
+    args = request.to_fal_arguments()
+    args.update(request.local_only_changes())
+    for name in INPUT_NAMES:
+        args[name] = ""  # the bytes are stored beside the row
+    return args, images
+
+
+def run_request(args: dict, images: dict) -> GenerationRequest:
+    """The stored request again, with its input images decoded (what a worker runs)."""
+    from PIL import Image
+
+    data = dict(args)
+    for name in INPUT_NAMES:
+        img = Image.open(io.BytesIO(images[name]))
+        img.load()
+        data[name] = decode_image(name, images[name], "the stored input") if img.mode != "RGB" else img
+    return GenerationRequest.from_dict(data)
+
+
+def refuse_body_size(length: int, limits: Limits) -> None:
+    if length > limits.max_body_bytes:
+        raise HttpError(413, [{"loc": ["body"], "msg": f"the body is {length} bytes, over this server's limit of "
+                                                       f"{limits.max_body_bytes}; send images as URLs",
+                               "type": "value_error.too_large"}])
