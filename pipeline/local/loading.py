@@ -146,16 +146,24 @@ def _check_controlnet_folder(value: Path, label: str) -> None:
 def check_sources(base, controlnet, options: "LoadOptions | None" = None) -> None:
     """Everything about the model files that can be checked without reading weights (paths, file headers, the
     kind of model, configs) and the device, so a bad input is refused before a long load. Raises ModelLoadError."""
+    from .model_checks import swapped_message
+
     opts = (options or LoadOptions()).resolved()
     for label, source, hint, check_file, check_folder in (
             ("checkpoint", base, HINT_BASE, check_sdxl_base, _base_folder_check),
             ("controlnet", controlnet, HINT_CONTROLNET, check_controlnet_file, _check_controlnet_folder)):
         kind, value = _classify(source, label, hint)
-        if kind == "folder":
-            check_folder(value, label)
-        elif kind == "file" and (value.suffix.lower() == ".safetensors" or not opts.allow_pickle):
-            # the header only; a pickle has none and is refused here unless opted in (then reading it is the load)
-            check_file(read_index(value, label), label)
+        try:
+            if kind == "folder":
+                check_folder(value, label)
+            elif kind == "file" and (value.suffix.lower() == ".safetensors" or not opts.allow_pickle):
+                # the header only; a pickle has none and is refused here unless opted in (then reading it is the load)
+                check_file(read_index(value, label), label)
+        except ModelLoadError:
+            swapped = swapped_message(base, controlnet)  # one line that names the real mistake, not two refusals
+            if swapped:
+                raise ModelLoadError(swapped) from None
+            raise
     if opts.vae:
         _classify(opts.vae, "vae", "Give a diffusers VAE folder or a VAE .safetensors file.")
 

@@ -249,3 +249,37 @@ def check_controlnet_config(config: dict, path, label: str) -> None:
             f"{label}: {path} is a ControlNet for Stable Diffusion 1.x/2.x (cross_attention_dim {ctx}, no SDXL "
             f"text-time embedding); expected an SDXL ControlNet. {HINT_CONTROLNET}"
         )
+
+
+# ---------------------------------------------------------------- the two inputs swapped
+
+def _what_source_is(source) -> str | None:
+    """'controlnet', 'sdxl_base' or None (anything else, or not readable cheaply), from a folder's config or a
+    .safetensors header only; never raises (it only refines a refusal already decided)."""
+    try:
+        p = Path(os.path.expanduser(str(source)))
+        if p.is_dir():
+            if (p / "model_index.json").is_file():
+                index = json.loads((p / "model_index.json").read_text(encoding="utf-8"))
+                return "sdxl_base" if "unet" in index and "text_encoder_2" in index else None
+            if (p / "config.json").is_file():
+                config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+                return "controlnet" if config.get("_class_name") == "ControlNetModel" else None
+            return None
+        if p.is_file() and p.suffix.lower() in SAFETENSORS_EXT:
+            idx = read_safetensors_index(p, "")
+            if describe_controlnet(idx)[0] != "unsupported" or describe_base(idx) == "a ControlNet, not a base model":
+                return "controlnet"
+            return "sdxl_base" if describe_base(idx).startswith("an SDXL base checkpoint") else None
+    except (OSError, ValueError, ModelLoadError):
+        return None
+    return None
+
+
+def swapped_message(checkpoint, controlnet) -> str | None:
+    """One line when the checkpoint given is a ControlNet and the ControlNet given is an SDXL base, else None."""
+    if _what_source_is(checkpoint) != "controlnet" or _what_source_is(controlnet) != "sdxl_base":
+        return None
+    return (f"checkpoint and controlnet look swapped: the checkpoint {checkpoint} is a ControlNet and the controlnet "
+            f"{controlnet} is an SDXL base checkpoint. Give them the other way round: checkpoint {controlnet}, "
+            f"controlnet {checkpoint}.")
