@@ -1,8 +1,12 @@
 """Library chatter that says nothing to our users, silenced where it arises; everything else still shows.
 
-- :func:`drop_known_noise` filters two exact messages at the loggers that emit them: diffusers' "modules that
+- :func:`drop_known_noise` filters exact messages at the loggers that emit them: diffusers' "modules that
   should be kept in float32: []" (an empty list: nothing is at stake, logged on every VAE cast) and transformers'
-  "requires torchvision (not installed); falling back to ...Pil" (the PIL image processor is what we use).
+  "`CLIPImageProcessor` / `SiglipImageProcessor` requires torchvision (not installed); falling back to ...Pil"
+  (printed when diffusers' pipeline modules import those names; our safety checker asks for the PIL processor
+  itself, safety.py, and Siglip's belongs to other diffusers pipelines, never built here). Installed when
+  ``pipeline.local`` is imported, so it applies before diffusers/transformers are (with torchvision installed the
+  transformers message never comes).
 - :class:`quiet_libraries` silences diffusers/transformers below errors for the span of one call whose own
   warnings we report better (LoRA loading lists other adapters' weights as "missing").
 """
