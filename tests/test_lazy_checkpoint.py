@@ -4,6 +4,9 @@ and leaves integer tensors alone."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,7 +35,16 @@ def test_values_equal_safetensors_own_read_cast_by_torch(checkpoint, dtype):
         want = ref.to(dtype) if dtype is not None and ref.is_floating_point() else ref
         got = lazy[key]
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), key
-    assert lazy["a.weight"].data_ptr() != lazy["a.weight"].data_ptr()  # read afresh each time, nothing kept
+    # read afresh each time, nothing kept: two reads held at once own separate memory, writing into one leaves the
+    # other and every later read as the file has it, and the reader keeps no reference to what it gave out
+    first, second = lazy["a.weight"], lazy["a.weight"]
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    first.add_(1)
+    assert torch.equal(second, expected["a.weight"].to(second.dtype)) and torch.equal(lazy["a.weight"], second)
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None
 
 
 def test_keep_and_pop_work_like_a_dict(checkpoint):
