@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdxl_controlnet_img2img.pipeline.local.compile import compile_models, is_compiled
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
@@ -87,3 +88,36 @@ def test_fused_loras_give_the_adapters_images(loras):
         ours = _pixels(generate(compiled, _request(loras=chosen)))
         theirs = _pixels(generate(plain, _request(loras=chosen)))
         assert np.abs(ours - theirs).max() <= 2, chosen  # merged vs added at run time: float rounding apart
+
+
+class OutOfMemoryMidMerge(TorchDispatchMode):
+    """The allocator giving out halfway through a LoRA merge: the in-place update of the ``at``-th weight of
+    ``weights`` raises torch's out-of-memory error, after the ones before it were merged for real."""
+
+    def __init__(self, weights, at):
+        super().__init__()
+        self.storages = {w.untyped_storage().data_ptr() for w in weights}
+        self.at, self.merged = at, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.add_.Tensor and args[0].untyped_storage().data_ptr() in self.storages:
+            if self.merged == self.at:
+                raise torch.OutOfMemoryError("out of memory merging a LoRA layer (simulated at a real weight)")
+            self.merged += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_fuse_that_fails_halfway_leaves_the_original_weights(loras):
+    a, b = loras
+    torch._dynamo.reset()
+    pipe = _pipe()
+    compile_models(pipe, backend=lambda gm, _inputs: gm.forward)
+    base = _pixels(generate(pipe, _request()))
+    with_a = _pixels(generate(pipe, _request(loras=[(a, 1.0)])))
+    unet_linears = [m.weight for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear)]
+    failing = OutOfMemoryMidMerge(unet_linears, at=len(unet_linears) // 3)
+    with failing, pytest.raises(torch.OutOfMemoryError):
+        generate(pipe, _request(loras=[(b, 1.0)]))
+    assert failing.merged > 0  # it failed halfway: layers before it had b merged in
+    assert np.array_equal(_pixels(generate(pipe, _request())), base)  # the next request without LoRAs: the base
+    assert np.array_equal(_pixels(generate(pipe, _request(loras=[(a, 1.0)]))), with_a)

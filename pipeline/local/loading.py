@@ -33,7 +33,7 @@ from .model_checks import (
     check_sdxl_base,
     read_index,
 )
-from .placement import place
+from .placement import compile_conflict, place
 from .quiet import drop_known_noise
 
 
@@ -55,6 +55,8 @@ class LoadOptions:
 
     def resolved(self) -> "LoadOptions":
         """Fill device/dtype defaults and validate; the result is what the cache key uses."""
+        if self.compile and compile_conflict(self.memory_mode):  # the combination, whatever the device
+            raise ModelLoadError(compile_conflict(self.memory_mode))
         device = check_device(self.device) if self.device else default_device()
         dtype = parse_dtype(self.dtype) or default_dtype(device)
         if self.memory_mode not in MEMORY_MODES:
