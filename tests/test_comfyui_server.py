@@ -122,8 +122,23 @@ def test_safety_checker_from_the_models_folder_blacks_out_flagged_images(server)
 
 
 def test_free_route_releases_the_cached_pipeline(server):
+    """The route sets a flag; the prompt worker frees between prompts, at once when idle (the flag wakes it).
+    A free during a prompt: tests/test_comfyui_free_route.py."""
+
+    def freed_lines(state):
+        return server.log().count(f"freed cached models between prompts (pipeline was {state})")
+
+    def wait_for(what):
+        end = time.monotonic() + 60
+        while not what() and time.monotonic() < end:
+            time.sleep(0.1)
+        assert what()
+
     server.wait_history(server.queue_prompt(tiny_workflow()))
-    assert server.post("/sdxlcn/free", {}) == (200, {"freed": True})
-    assert server.post("/sdxlcn/free", {}) == (200, {"freed": False})
+    loaded, empty = freed_lines("loaded"), freed_lines("not loaded")
+    assert server.post("/sdxlcn/free", {}) == (200, {"scheduled": True})
+    wait_for(lambda: freed_lines("loaded") == loaded + 1)
+    assert server.post("/sdxlcn/free", {}) == (200, {"scheduled": True})
+    wait_for(lambda: freed_lines("not loaded") == empty + 1)
     ok = server.wait_history(server.queue_prompt(tiny_workflow()))  # loads again on the next run
     assert ok["status"]["status_str"] == "success"
