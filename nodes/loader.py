@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..pipeline.handle import PipelineHandle
 from ..pipeline.local.devices import MEMORY_MODES
+from ..pipeline.local.memory_plan import NEEDS_AT_1024 as NEEDS
 from .comfy_hooks import CATEGORY, log
 from .model_folders import checkpoint_choices, controlnet_choices, resolve, vae_choices
 
@@ -32,8 +33,9 @@ class SDXLCNLoader:
                 "memory_mode": (list(MEMORY_MODES), {"default": "auto", "tooltip": (
                     "auto: chosen from the GPU's memory and the models' sizes (the log says what and why; follows "
                     "ComfyUI's --lowvram/--novram). none: all on the GPU, managed by ComfyUI like its own models "
-                    "(fastest; ~12 GB at 1024x1024). model_cpu_offload: one model on the GPU at a time (12 GB cards). "
-                    "sequential_cpu_offload: layer by layer (8 GB cards, much slower).")}),
+                    f"(fastest; {NEEDS['none']} at 1024x1024). model_cpu_offload: one model on the GPU at a time "
+                    f"({NEEDS['model_cpu_offload']}; 12 GB cards). sequential_cpu_offload: layer by layer "
+                    f"({NEEDS['sequential_cpu_offload']}; 8 GB cards, much slower).")}),
                 "vae_tiling": ("BOOLEAN", {"default": False, "tooltip": "Decode in tiles: less memory for large images, slightly slower."}),
             },
             "optional": {

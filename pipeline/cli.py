@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import SDXLCNError
 from .fal.cli import add_fal_fetch_parser, add_remote_arguments
 from .local.devices import MEMORY_MODES
+from .local.memory_plan import NEEDS_AT_1024 as NEEDS
 from .request_log import cli_command
 from .serve.httpd import add_serve_parser
 
@@ -175,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "newer), fp16 on older ones, XPU without bf16 and MPS, fp32 on the CPU)")
     g.add_argument("--memory-mode", choices=list(MEMORY_MODES), default="auto",
                    help="GPU memory: auto (default: chosen from the free GPU memory and the models' sizes, said in "
-                        "the log), none (all on the GPU, ~12 GB at 1024x1024), model_cpu_offload (one model at a "
-                        "time, ~9 GB), sequential_cpu_offload (layer by layer, ~3 GB, much slower)")
+                        f"the log), none (all on the GPU, {NEEDS['none']} at 1024x1024), model_cpu_offload (one "
+                        f"model at a time, {NEEDS['model_cpu_offload']}), sequential_cpu_offload (layer by layer, "
+                        f"{NEEDS['sequential_cpu_offload']}, much slower)")
     g.add_argument("--vae-tiling", action="store_true", help="encode/decode the VAE in tiles (large images, small GPUs)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNet (CUDA only, ignored elsewhere): slow first run, faster after")

@@ -28,6 +28,9 @@ DENOISE_BYTES_PER_MP = 1.0 * GIB
 VAE_DECODE_BYTES_PER_MP = {2: 1.5 * GIB, 4: 3.0 * GIB}  # by bytes per element of the VAE's compute dtype
 HEADROOM_BYTES = int(0.5 * GIB)  # what drivers, the CUDA context and fragmentation take on top
 STAGES = ("unet", "controlnet")  # what runs together in the denoising loop
+# SDXL base + the full SDXL ControlNet in 16 bits (the parameter counts above), for the figures users read
+SDXL_16BIT_BYTES = {"unet": 2 * 2.567e9, "controlnet": 2 * 1.251e9, "text_encoder": 2 * 0.123e9,
+                    "text_encoder_2": 2 * 0.695e9, "vae": 2 * 0.084e9}
 
 
 def component_bytes(pipe) -> dict[str, int]:
@@ -80,3 +83,26 @@ def choose_memory_mode(free_bytes: int, sizes: dict[str, int], width: int = 1024
 def needs_vae_tiling(free_bytes: int, width: int, height: int, vae_bytes_per_element: int = 4) -> bool:
     """Whether the VAE's decode at this size would not fit in ``free_bytes`` (then decode in tiles)."""
     return vae_decode_bytes(width, height, vae_bytes_per_element) + HEADROOM_BYTES > free_bytes
+
+
+def mode_needs_bytes(mode: str, width: int = 1024, height: int = 1024, sizes: dict | None = None,
+                     vae_bytes_per_element: int = 4) -> int:
+    """Estimated GPU memory a memory mode needs (what ``choose_memory_mode`` compares, headroom aside): ``none`` all
+    models + the larger working memory; ``model_cpu_offload`` the UNet + ControlNet stage (diffusers keeps the
+    ControlNet, outside its offload sequence, on the GPU beside the UNet) + the denoising memory;
+    ``sequential_cpu_offload`` about the working memory alone (layers are streamed)."""
+    sizes = SDXL_16BIT_BYTES if sizes is None else sizes
+    work = working_bytes(width, height, vae_bytes_per_element)
+    if mode == "none":
+        return int(sum(sizes.values()) + work)
+    if mode == "model_cpu_offload":
+        return int(sum(sizes.get(n, 0) for n in STAGES) + denoise_bytes(width, height))
+    if mode == "sequential_cpu_offload":
+        return work
+    raise ValueError(f"memory mode {mode!r} has no fixed need (auto is chosen from these)")
+
+
+# The one place the user-facing figures come from (CLI --help, the loader's tooltip; the README quotes them):
+# SDXL + the full ControlNet in 16 bits at 1024x1024 with the fp32-upcast VAE decode, rounded to whole GiB.
+NEEDS_AT_1024 = {mode: f"~{mode_needs_bytes(mode) / GIB:.0f} GiB"
+                 for mode in ("none", "model_cpu_offload", "sequential_cpu_offload")}
