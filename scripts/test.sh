@@ -9,6 +9,8 @@ status=0
 # clone's folder name, which fails when that name is not a Python identifier (e.g. comfyui-sdxl-controlnet-img2img)
 .venv/bin/python -m pytest -q --rootdir=tests "$@" || status=$?
 if ls tests/js/*.test.mjs >/dev/null 2>&1; then
+  # fal's own JS client (@fal-ai/client, pinned in tests/js/package-lock.json) for tests/js/serve_client.test.mjs
+  npm ci --prefix tests/js --no-audit --no-fund --loglevel=error || status=$?
   node --test tests/js/ || status=$?
 fi
 exit $status
