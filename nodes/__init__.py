@@ -9,6 +9,7 @@ from .lora_node import SDXLCNLoraLoader
 from .example_inputs import install_example_inputs
 from .model_folders import register_model_folders
 from .routes import register_routes
+from .serve_routes import register_serve_routes
 from .sampler import SDXLCNImg2Img
 from .fal_node import SDXLCNFalImg2Img
 from .from_comfy_node import SDXLCNFromComfyModels
@@ -16,6 +17,7 @@ from .from_comfy_node import SDXLCNFromComfyModels
 register_model_folders()
 install_example_inputs()
 register_routes()
+register_serve_routes()
 
 NODE_CLASS_MAPPINGS = {
     "SDXLCNLoader": SDXLCNLoader,

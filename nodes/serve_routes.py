@@ -1,0 +1,265 @@
+"""fal's queue API for ``fal-ai/fast-sdxl-controlnet-canny/image-to-image`` on ComfyUI's own port, under
+``/sdxlcn/fal`` (e.g. ``http://host:8188/sdxlcn/fal``; fal.js: ``proxyUrl`` ``http://host:8188/sdxlcn/fal/proxy``).
+
+Each request runs through ComfyUI's prompt queue as the shipped API workflow (its prompt id is the request id), so
+it shares the GPU under ComfyUI's model management, shows in ComfyUI's queue, and ComfyUI's Cancel stops it. Status,
+queue position and log lines come from ComfyUI's queue and progress events; results are copied into the pack's store
+(``user/sdxl_controlnet_img2img/serve``), so a finished result stays fetchable after a restart, and requests that had
+not finished are queued again.
+
+Server-side settings (environment, never a workflow): ``SDXLCN_SERVE_KEY`` or ``user/sdxl_controlnet_img2img/
+serve_key.txt`` (the key clients send; without one only this machine may call), ``SDXLCN_SERVE_CHECKPOINT`` and
+``SDXLCN_SERVE_CONTROLNET`` (names in ComfyUI's model folders; default: the shipped workflow's).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from .comfy_hooks import log
+
+PREFIX = "/sdxlcn/fal"
+WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "api" / "sdxl_controlnet_img2img.json"
+SAMPLER_FIELDS = ("prompt", "negative_prompt", "controlnet_conditioning_scale", "num_inference_steps",
+                  "guidance_scale", "strength", "seed", "num_images", "enable_safety_checker", "expand_prompt")
+
+
+def workflow_for(args: dict, image_name: str, control_name: str, checkpoint: str | None = None,
+                 controlnet: str | None = None) -> dict:
+    """The shipped API workflow for a stored request: its own LoadImage for each image, fal's Canny on the control
+    image (unless ``apply_canny`` is false), the sampler's widgets from the request's fields."""
+    wf = json.loads(WORKFLOW.read_text(encoding="utf-8"))
+    wf["1"]["inputs"]["image"] = image_name
+    wf["6"] = {"class_type": "LoadImage", "inputs": {"image": control_name}}
+    wf["2"]["inputs"]["image"] = ["6", 0]
+    if checkpoint:
+        wf["3"]["inputs"]["checkpoint"] = checkpoint
+    if controlnet:
+        wf["3"]["inputs"]["controlnet"] = controlnet
+    s = wf["4"]["inputs"]
+    for name in SAMPLER_FIELDS:
+        if name in args:
+            s[name] = args[name]
+    size = args.get("image_size")
+    if isinstance(size, dict):
+        s["image_size"], s["width"], s["height"] = "custom", int(size["width"]), int(size["height"])
+    else:
+        s["image_size"] = size or "none"
+    s["scheduler"] = args.get("local_scheduler", s["scheduler"])
+    s["control_start"] = args.get("local_control_start", s["control_start"])
+    s["control_end"] = args.get("local_control_end", s["control_end"])
+    if args.get("apply_canny", True) is False:
+        s["control_image"] = ["6", 0]
+    s["image"] = ["1", 0]
+    wf["5"]["inputs"]["filename_prefix"] = "sdxlcn_serve"
+    return wf
+
+
+class ComfyQueueBackend:
+    """Runs the store's requests through ComfyUI's prompt queue; a watcher thread follows them there."""
+
+    def __init__(self, instance, store):
+        self.instance = instance
+        self.store = store
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="sdxlcn-serve-comfy", daemon=True)
+        original = instance.send_sync
+
+        def send_sync(event, data, sid=None):  # ComfyUI's progress events, as log lines of our requests
+            try:
+                if isinstance(data, dict) and event == "progress" and self._ours(data.get("prompt_id")):
+                    self.store.log(data["prompt_id"], f"step {data.get('value')}/{data.get('max')}")
+            except Exception:  # noqa: BLE001 - never break ComfyUI's messages
+                pass
+            return original(event, data, sid)
+
+        instance.send_sync = send_sync
+
+    def _ours(self, prompt_id) -> bool:
+        job = self.store.get(prompt_id) if isinstance(prompt_id, str) and len(prompt_id) == 36 else None
+        return job is not None and job.state != "COMPLETED"
+
+    # Backend
+    def queued(self, job) -> None:
+        self.wake.set()
+
+    def cancel(self, job) -> None:
+        queue = self.instance.prompt_queue
+        running, _pending = queue.get_current_queue()
+        if any(item[1] == job.id for item in running):
+            import comfy.model_management  # type: ignore
+
+            comfy.model_management.interrupt_current_processing(True)  # what ComfyUI's Cancel does
+        self.wake.set()
+
+    def hooks(self) -> frozenset:
+        return frozenset({"enable_safety_checker", "expand_prompt"})  # ComfyUI's sampler node finds their models
+
+    def position(self, job):
+        _running, pending = self.instance.prompt_queue.get_current_queue()
+        ahead = sorted(item[0] for item in pending)
+        mine = [item[0] for item in pending if item[1] == job.id]
+        return ahead.index(mine[0]) if mine else None
+
+    def start(self) -> "ComfyQueueBackend":
+        self.thread.start()
+        return self
+
+    # ---- the watcher ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait(0.25)
+            self.wake.clear()
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - the watcher must keep watching
+                log.exception("SDXL ControlNet serve: following ComfyUI's queue failed")
+
+    def _step(self) -> None:
+        loop = getattr(self.instance, "loop", None)
+        if loop is None or not loop.is_running():
+            return
+        for job in self.store.jobs("IN_QUEUE"):
+            if job.external is None:
+                self._put(job, loop)
+        queue = self.instance.prompt_queue
+        running, _pending = queue.get_current_queue()
+        for item in running:
+            if self._ours(item[1]):
+                self.store.start(item[1], external=item[1])
+        for job in self.store.jobs("IN_QUEUE") + self.store.jobs("IN_PROGRESS"):
+            if job.external is None:
+                continue
+            hist = queue.get_history(prompt_id=job.id).get(job.id)
+            if hist and hist.get("status", {}).get("completed") is not None:
+                self._finish(job, hist)
+
+    def _put(self, job, loop) -> None:
+        import asyncio
+
+        import execution  # type: ignore
+        import folder_paths  # type: ignore
+
+        names = {}
+        for field in ("image_url", "control_image_url"):
+            names[field] = f"sdxlcn_serve_{job.id}_{field.split('_')[0]}.png"
+            (Path(folder_paths.get_input_directory()) / names[field]).write_bytes(self.store.input_bytes(job.id, field))
+        wf = workflow_for(job.args, names["image_url"], names["control_image_url"],
+                          os.environ.get("SDXLCN_SERVE_CHECKPOINT"), os.environ.get("SDXLCN_SERVE_CONTROLNET"))
+        valid = asyncio.run_coroutine_threadsafe(execution.validate_prompt(job.id, wf, None), loop).result(60)
+        if not valid[0]:
+            self._cleanup(job.id)
+            err = valid[1] if isinstance(valid[1], dict) else {"message": str(valid[1])}
+            self.store.fail(job.id, f"ComfyUI refused the workflow: {err.get('message')} {err.get('details', '')}"
+                            f" {json.dumps(valid[3])[:500]}", "runner_error", 500)
+            return
+        number = self.instance.number
+        self.instance.number += 1
+        extra = {"create_time": int(time.time() * 1000)}
+        self.store.set_external(job.id, job.id)
+        self.instance.prompt_queue.put((number, job.id, wf, extra, valid[2], {}))
+        self.store.log(job.id, "queued in ComfyUI")
+
+    def _finish(self, job, hist: dict) -> None:
+        import folder_paths  # type: ignore
+
+        from ..pipeline.serve.worker import store_failure
+
+        status = hist.get("status", {})
+        self._cleanup(job.id)
+        if status.get("status_str") != "success":
+            kinds = {m[0]: m[1] for m in status.get("messages", []) if isinstance(m, (list, tuple)) and len(m) == 2}
+            if "execution_interrupted" in kinds or self.store.cancel_requested(job.id):
+                from ..pipeline.errors import GenerationCancelled
+
+                store_failure(self.store, job.id, GenerationCancelled("cancelled"))
+                return
+            err = kinds.get("execution_error", {})
+            self.store.fail(job.id, f"{err.get('exception_type', 'error')}: {err.get('exception_message', '')}".strip(),
+                            "runner_error", 500)
+            return
+        images, entries = [], []
+        from PIL import Image
+
+        for node_out in hist.get("outputs", {}).values():
+            for item in node_out.get("images", []):
+                folder = Path(folder_paths.get_directory_by_type(item.get("type", "output")))
+                path = (folder / item.get("subfolder", "") / item["filename"]).resolve()
+                data = path.read_bytes()
+                with Image.open(path) as im:
+                    entries.append({"width": im.width, "height": im.height, "content_type": "image/png"})
+                images.append(data)
+        n = len(images)
+        doc = {"images": entries, "seed": job.args.get("seed"), "has_nsfw_concepts": [False] * n,
+               "prompt": job.args.get("prompt", ""), "timings": {}}
+        self.store.complete(job.id, doc, images)
+
+    @staticmethod
+    def _cleanup(request_id: str) -> None:
+        import folder_paths  # type: ignore
+
+        for part in ("image", "control"):
+            p = Path(folder_paths.get_input_directory()) / f"sdxlcn_serve_{request_id}_{part}.png"
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def register_serve_routes() -> None:
+    try:
+        from aiohttp import web
+        from server import PromptServer  # type: ignore
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return
+    import folder_paths  # type: ignore
+
+    from ..pipeline.serve.app import HttpRequest, ServeApp
+    from ..pipeline.serve.httpd import is_loopback, read_key
+    from ..pipeline.serve.store import Store
+    from ..pipeline.serve.webhook import Webhooks
+
+    folder = Path(folder_paths.get_user_directory()) / "sdxl_controlnet_img2img"
+    key_file = folder / "serve_key.txt"
+    try:  # a failure here costs the endpoint, never the pack's nodes
+        key = read_key(key_file if key_file.is_file() else None)
+        store = Store(folder / "serve")
+        store.requeue_interrupted()
+        backend = ComfyQueueBackend(instance, store).start()
+        app = ServeApp(store, backend, key=key)
+        Webhooks(store, app.payload_for).start()
+    except Exception:  # noqa: BLE001
+        log.exception("SDXL ControlNet: the fal queue API at %s is unavailable", PREFIX)
+        return
+
+    async def handle(request):
+        if key is None and not is_loopback(request.remote or ""):
+            return web.json_response({"detail": "no key is set on this ComfyUI (SDXLCN_SERVE_KEY or user/"
+                                                "sdxl_controlnet_img2img/serve_key.txt): only this machine may call"},
+                                     status=403)
+        length = request.content_length or 0
+        if length > app.limits.max_body_bytes:
+            resp = app.too_large(length)
+        else:
+            body = await request.read()
+            tail = request.match_info.get("tail", "")
+            req = HttpRequest(request.method, "/" + tail, request.query_string,
+                              {k.lower(): v for k, v in request.headers.items()}, body,
+                              f"{request.scheme}://{request.host}{PREFIX}")
+            import asyncio
+
+            resp = await asyncio.get_running_loop().run_in_executor(None, app.handle, req)
+        return web.Response(status=resp.status, body=resp.body, content_type=resp.content_type.split(";")[0],
+                            headers=resp.headers)
+
+    instance.routes.route("*", PREFIX + "/{tail:.*}")(handle)
+    log.info("SDXL ControlNet: fal's queue API for fal-ai/fast-sdxl-controlnet-canny/image-to-image at %s (%s)",
+             PREFIX, "key required" if key else "no key set: this machine only")
