@@ -55,3 +55,34 @@ def test_keep_and_pop_work_like_a_dict(checkpoint):
     with pytest.raises(KeyError):
         lazy["ids"]
     assert [k for k, _ in lazy.items()] == ["a.weight"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stored, dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                           (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+                                           (torch.float16, None)])
+def test_large_tensors_copied_in_steps_equal_torchs_cast(tmp_path, stored, dtype, threads):
+    """Tensors longer than one step go through the stepped (and, with several torch threads, shared) copy: the
+    values are torch's own cast, bit for bit (infinities and the largest fp16 included; NaNs stay NaNs), and
+    torch's thread count is what it was."""
+    from sdxl_controlnet_img2img.pipeline.local import lazy_checkpoint
+
+    g = torch.Generator().manual_seed(1)
+    n = 2 * lazy_checkpoint._CHUNK + 12340  # steps, and a short last one
+    ref = (torch.randn(n, generator=g) * 100).to(stored)
+    ref[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 65504.0])
+    path = tmp_path / "big.safetensors"
+    save_file({"w": ref.reshape(-1, 4)}, str(path))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = LazyCheckpoint(read_safetensors_index(path, "x"), dtype)["w"]
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    want = ref.reshape(-1, 4).to(dtype) if dtype is not None else ref.reshape(-1, 4)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)  # a NaN stays a NaN (its sign and payload bits may differ)
+    bits = torch.int16 if got.element_size() == 2 else torch.int32
+    assert torch.equal(got.view(bits)[~nan], want.view(bits)[~nan])
