@@ -4,12 +4,13 @@ Every benchmark measures its baseline in the same run, interleaved with the thin
 (A, B, A, B, ...), and compares medians, so a noisy shared machine shifts both sides alike.
 
 A timing verdict (PASS/MISS) is given only when the samples' spread cannot flip it (:func:`compare`): the
-comparison must come out the same at both ends of the interquartile range, not just at the medians.
+comparison must come out the same at both ends of the median's confidence interval, not just at the medians.
 Otherwise the line says NO VERDICT, with the samples' range, and asks for a rerun on a quieter machine.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -124,13 +125,20 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
-def quartiles(xs: Sequence[float]) -> tuple[float, float]:
-    """(first, third) quartile; a single sample is both (it says nothing about the spread)."""
+def _coverage(k: int, n: int) -> float:
+    """How often [x_(k), x_(n+1-k)] of n sorted samples holds their distribution's median: 1 - 2 P(Bin(n, 1/2) < k)."""
+    return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+
+def median_interval(xs: Sequence[float], confidence: float = 0.9) -> tuple[float, float]:
+    """A distribution-free interval for the median of the samples' distribution (the sign test's order statistics):
+    the narrowest [x_(k), x_(n+1-k)] that holds it with at least ``confidence``; with fewer than 5 samples no
+    interval reaches 90 %, and all of them are taken (min..max). A single sample is its own interval."""
     xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0], xs[0]
-    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q3
+    n, k = len(xs), 1
+    while k + 1 <= (n + 1) // 2 and _coverage(k + 1, n) >= confidence:
+        k += 1
+    return xs[k - 1], xs[n - k]
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,7 @@ class Verdict:
 
     ok: bool | None
     ratio: float  # median(num) / median(den): the figure the bench prints
-    low: float  # the ratio at the favourable and unfavourable ends of the interquartile ranges
+    low: float  # the ratio at the favourable and unfavourable ends of the medians' confidence intervals
     high: float
     spread: str  # the samples' ranges, for the no-verdict line
 
@@ -154,13 +162,14 @@ def compare(num: Sequence[float], den: Sequence[float] | float, target: float, *
     """Judge ``median(num) / median(den)`` against ``target`` (``<= target`` when ``at_most``, else ``>=``), only
     where the spread of the samples cannot flip the answer.
 
-    The ratio's plausible range is the ratio at the ends of the interquartile ranges: for ``paired`` samples
-    (``num[i]`` and ``den[i]`` timed in the same interleaved round, so a busy spell hits both) the quartiles of the
-    per-round ratios, otherwise ``q1(num)/q3(den)`` .. ``q3(num)/q1(den)``. ``den`` may be a constant (an absolute
-    target in seconds). PASS when the whole range meets the target, MISS when none of it does, no verdict when
-    the target lies inside it -- or when the side with the most samples has fewer than ``min_samples`` (one
+    The ratio's plausible range comes from 90 % intervals of medians (:func:`median_interval`): for ``paired``
+    samples (``num[i]`` and ``den[i]`` timed in the same interleaved round, so a busy spell hits both) the interval of
+    the per-round ratios, otherwise ``low(num)/high(den)`` .. ``high(num)/low(den)``. ``den`` may be a constant (an
+    absolute target in seconds). PASS when the whole range meets the target, MISS when none of it does, no verdict
+    when the target lies inside it -- or when the side with the most samples has fewer than ``min_samples`` (one
     long call, such as a kornia run, may stand alone: the other side's spread, timed around it, shows the noise).
-    One stray sample moves no quartile; a quarter of them spread out does.
+    Up to 7 samples the interval is min..max, so a single stray sample voids a close verdict; from 11 on, the two
+    most extreme at each end are left out.
     """
     num = [float(x) for x in num]
     den = [float(den)] if isinstance(den, (int, float)) else [float(x) for x in den]
@@ -170,9 +179,9 @@ def compare(num: Sequence[float], den: Sequence[float] | float, target: float, *
     if paired:
         if len(num) != len(den):
             raise ValueError(f"compare: paired samples need equal counts, got {len(num)} and {len(den)}")
-        low, high = quartiles([a / b for a, b in zip(num, den)])
+        low, high = median_interval([a / b for a, b in zip(num, den)])
     else:
-        (n1, n3), (d1, d3) = quartiles(num), quartiles(den)
+        (n1, n3), (d1, d3) = median_interval(num), median_interval(den)
         low, high = n1 / d3, n3 / d1
     spread = f"samples {_span(num)}" + (f" against {_span(den)}" if len(den) > 1 else "")
     if max(len(num), len(den)) < min_samples:
@@ -188,7 +197,7 @@ def check(ok: "bool | Verdict", text: str) -> str:
     """One verdict line. ``ok`` is a bool for exact checks (pixels, memory) or a :class:`Verdict` for timings."""
     if isinstance(ok, Verdict):
         if ok.ok is None:
-            return (f"NO VERDICT  {text}: too noisy to tell, the spread puts the ratio anywhere in "
+            return (f"NO VERDICT  {text}: too noisy to tell, the ratio's median may be anywhere in "
                     f"{ok.low:.3g}..{ok.high:.3g} ({ok.spread}); rerun on a quieter machine (see `uptime`) or with "
                     f"more repetitions")
         ok = ok.ok
