@@ -140,3 +140,15 @@ def running_comfyui(base: Path, models: dict[str, dict[str, Path]] | None = None
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait(timeout=10)
+
+
+def run_probe(script: str, work: Path, *args: str) -> dict:
+    """Run ``tests/<script>`` under ComfyUI's interpreter (``COMFYUI_DIR PACK_ROOT WORK *args``) in ``work``; its
+    last ``PROBE {json}`` line, parsed (the test asserts on it)."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    out = subprocess.run([python, str(ROOT / "tests" / script), str(comfyui_dir()), str(ROOT), str(work), *args],
+                         cwd=work, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert out.returncode == 0 and lines, out.stdout[-2000:] + out.stderr[-4000:]
+    return json.loads(lines[-1][len("PROBE "):])

@@ -7,30 +7,17 @@ The smaller SDXL ControlNets (diffusers' -mid and -small layouts, loaded by Comf
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from comfyui_harness import SKIP_REASON, comfyui_dir
+from comfyui_harness import SKIP_REASON, comfyui_dir, run_probe
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
 
 
 @pytest.fixture(scope="module")
 def found(tmp_path_factory):
-    work = tmp_path_factory.mktemp("graft")
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    out = subprocess.run([python, str(ROOT / "tests" / "comfy_graft_probe.py"), str(comfyui_dir()), str(ROOT),
-                          str(work)], cwd=work, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")]
-    assert out.returncode == 0 and lines, out.stdout[-2000:] + out.stderr[-4000:]
-    return json.loads(lines[-1][len("PROBE "):])
+    return run_probe("comfy_graft_probe.py", tmp_path_factory.mktemp("graft"))
 
 
 def test_no_copy_of_comfyui_weights(found):
@@ -78,14 +65,7 @@ def test_refusals_name_the_input(found):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    work = tmp_path_factory.mktemp("graft-small")
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    out = subprocess.run([python, str(ROOT / "tests" / "comfy_graft_small_probe.py"), str(comfyui_dir()), str(ROOT),
-                          str(work)], cwd=work, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")]
-    assert out.returncode == 0 and lines, out.stdout[-2000:] + out.stderr[-4000:]
-    return json.loads(lines[-1][len("PROBE "):])
+    return run_probe("comfy_graft_small_probe.py", tmp_path_factory.mktemp("graft-small"))
 
 
 @pytest.mark.parametrize("kind", ["mid", "small"])
