@@ -103,3 +103,14 @@ def send_status(event: str, data: dict) -> None:
             PromptServer.instance.send_sync(event, data, client)
     except Exception:
         pass
+
+
+def prompt_server():
+    """``(aiohttp.web, PromptServer.instance)`` inside a running ComfyUI server, else None (tests, scripts)."""
+    try:
+        from aiohttp import web
+        from server import PromptServer  # type: ignore
+    except ImportError:
+        return None
+    instance = getattr(PromptServer, "instance", None)
+    return None if instance is None else (web, instance)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from .comfy_hooks import log
+from .comfy_hooks import log, prompt_server
 
 FREE_FLAG = "sdxlcn_free"
 _requested = threading.Event()  # set by the route, cleared by the worker when it frees
@@ -81,14 +81,10 @@ def request_free(queue) -> None:
 
 
 def register_routes() -> None:
-    try:
-        from aiohttp import web
-        from server import PromptServer  # type: ignore
-    except ImportError:
+    server = prompt_server()
+    if server is None:
         return
-    instance = getattr(PromptServer, "instance", None)
-    if instance is None:
-        return
+    web, instance = server
     queue = getattr(instance, "prompt_queue", None)
     hooked = queue is not None and install_free_hook(queue)
     if not hooked:

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from .comfy_hooks import log
+from .comfy_hooks import log, prompt_server
 
 PREFIX = "/sdxlcn/fal"
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "api" / "sdxl_controlnet_img2img.json"
@@ -212,14 +212,10 @@ class ComfyQueueBackend:
 
 
 def register_serve_routes() -> None:
-    try:
-        from aiohttp import web
-        from server import PromptServer  # type: ignore
-    except ImportError:
+    server = prompt_server()
+    if server is None:
         return
-    instance = getattr(PromptServer, "instance", None)
-    if instance is None:
-        return
+    web, instance = server
     import folder_paths  # type: ignore
 
     from ..pipeline.serve.app import HttpRequest, ServeApp
