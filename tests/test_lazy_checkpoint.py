@@ -62,7 +62,7 @@ def test_keep_and_pop_work_like_a_dict(checkpoint):
                                            (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
                                            (torch.float16, None)])
 def test_large_tensors_copied_in_steps_equal_torchs_cast(tmp_path, stored, dtype, threads):
-    """Tensors longer than one step go through the stepped (and, with several torch threads, shared) copy: the
+    """Tensors longer than one step go through the stepped copy (one thread): the
     values are torch's own cast, bit for bit (infinities and the largest fp16 included; NaNs stay NaNs), and
     torch's thread count is what it was."""
     from sdxl_controlnet_img2img.pipeline.local import lazy_checkpoint

@@ -5,10 +5,9 @@ dtype the model keeps, instead of the whole file in its own dtype beside the cas
 Each tensor is copied (cast) out of a read-only memory map of the file straight into the tensor the model keeps,
 and the map's pages are then given back (``MADV_DONTNEED``): mapped pages count in the process's resident memory
 while they are mapped, the page cache does not. Faster than ``read()`` into fresh memory (5.1 s vs 7.3 s for the
-full-size SDXL file to bf16 on this 2-core machine). Casts go through fp32 in steps, on as many threads as torch
-uses (:func:`copy_into`): reading the full-size SDXL ControlNet into bf16 took half the time of torch's direct
-cast. Measured on the full-size SDXL single file + ControlNet in bf16 (``bench/fullsize.py``): see the
-README's Performance table.
+full-size SDXL file to bf16 on this 2-core machine). Casts go through fp32 in steps (:func:`copy_into`): reading
+the full-size SDXL ControlNet into bf16 took half the time of torch's direct cast. Measured on the full-size SDXL
+single file + ControlNet in bf16 (``bench/fullsize.py``): see the README's Performance table.
 """
 
 from __future__ import annotations
@@ -19,18 +18,8 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
            "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
-_CHUNK = 1 << 18  # elements per step of a copy: a step's fp32 staging (1 MiB) stays in the cache
-_workers = None
-_local = None  # per thread: the fp32 staging of one step
-
-
-def _pool(n):
-    global _workers
-    from concurrent.futures import ThreadPoolExecutor
-
-    if _workers is None or _workers._max_workers != n:
-        _workers = ThreadPoolExecutor(n, thread_name_prefix="sdxlcn-read")
-    return _workers
+_CHUNK = 1 << 18  # elements per step of a cast: a step's fp32 staging (1 MiB) stays in the cache
+_local = None  # per thread: its fp32 staging, made on its first cast
 
 
 def copy_into(out, src) -> None:
@@ -38,49 +27,38 @@ def copy_into(out, src) -> None:
 
     A cast between 16-bit (or 8-bit) float types goes through fp32 in cache-sized steps: torch's direct
     fp16->bf16 kernel is about 3x slower than the two it is made of, and fp32 holds every such value exactly, so the
-    result is torch's own cast (only a NaN's sign and payload bits may differ). The steps of a large tensor are
-    shared by as many threads as torch uses, each step on one thread: a copy split by torch's own threads waits for
-    the slowest core at every step, which on a busy 2-core machine made reading the ControlNet 2x slower. Torch's
-    thread count is 1 for the copy and restored after it."""
+    result is torch's own cast (only a NaN's sign and payload bits may differ). The steps run on one thread (torch's
+    thread count is 1 for the copy, then restored): split by torch's threads, each step waited for the slowest core,
+    which on a busy 2-core machine was several times slower; two threads sharing the steps were 17% slower than
+    one here (both cores do not copy faster than one)."""
     import threading
 
     import torch
 
     global _local
-    if _local is None:
-        _local = threading.local()
     staged = (out.dtype != src.dtype and out.is_floating_point() and src.is_floating_point()
               and torch.float32 not in (out.dtype, src.dtype) and src.element_size() <= 2)
-    n = src.numel()
-
-    def step(i):
-        j = min(i + _CHUNK, n)
-        if staged:
-            stage = getattr(_local, "stage", None)
-            if stage is None:
-                stage = _local.stage = torch.empty(_CHUNK, dtype=torch.float32)
-            stage = stage[:j - i]
+    if not staged:
+        out.copy_(src)
+        return
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        if _local is None:
+            _local = threading.local()
+        staging = getattr(_local, "stage", None)
+        if staging is None:
+            staging = _local.stage = torch.empty(_CHUNK, dtype=torch.float32)
+        n = src.numel()
+        for i in range(0, n, _CHUNK):
+            j = min(i + _CHUNK, n)
+            stage = staging[:j - i]
             stage.copy_(src[i:j])
             out[i:j].copy_(stage)
-        else:
-            out[i:j].copy_(src[i:j])
-
-    threads = torch.get_num_threads()
-    if n <= _CHUNK:
-        if staged and n > 0:
-            step(0)
-        else:
-            out.copy_(src)
-        return
-    torch.set_num_threads(1)
-    try:
-        if threads <= 1:
-            for i in range(0, n, _CHUNK):
-                step(i)
-        else:
-            list(_pool(min(threads, 8)).map(step, range(0, n, _CHUNK)))
     finally:
-        torch.set_num_threads(threads)
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 class LazyCheckpoint(dict):
