@@ -5,14 +5,27 @@ while writing, about 14 GiB of RAM): an SDXL base as one ``.safetensors`` in the
 and an SDXL ControlNet in the diffusers layout as one file (fp16, 2.5 GB; its zero convs re-initialised so it
 acts). Then, each in a fresh process (so peak RSS is the load's own): our loader in bf16 and, when ``COMFYUI_DIR``
 (and ``COMFYUI_PYTHON``) point at a ComfyUI checkout, ComfyUI's CheckpointLoaderSimple + ControlNetLoader with
-``--cpu --bf16-unet``: first load, second load in the same process, peak RSS (each side's library modules are
-imported before its clock starts, as ComfyUI's are when its loaders run); then one generation at 512x512,
-2 denoising steps (ours: the sampler's request at strength 0.95; ComfyUI: CLIPTextEncode, ControlNetApplyAdvanced
-at 0.5, VAEEncode, KSampler at denoise 0.95, VAEDecode). Prints ratios ours / ComfyUI; ``--json`` writes
-bench/results/fullsize.json.
+``--cpu --bf16-unet``: first load (wall and CPU seconds), second load in the same process, peak RSS (each side's
+library modules are imported before its clock starts, as ComfyUI's are when its loaders run).
+
+Neither side can be favoured by going first (the first reader of a file may find it outside the page cache, the
+second inside): ``--rounds`` rounds (default 3) alternate which side starts, the report gives medians, the ratio
+in each order, and how much of both files was in the page cache when each process started. ``--page-cache warm``
+reads both files before each process, ``cold`` drops them from the page cache (this file's pages only). On a
+shared machine the CPU seconds of the load move less with other work than the wall seconds.
+
+Round 1 also times one generation at 512x512, 2 denoising steps (ours: the sampler's request at strength 0.95;
+ComfyUI: CLIPTextEncode, ControlNetApplyAdvanced at 0.5, VAEEncode, KSampler at denoise 0.95, VAEDecode).
+Prints ratios ours / ComfyUI; ``--json`` writes bench/results/fullsize.json.
+
+``--fast`` instead times fal's defaults (25 steps x 0.95 = 23 run, CFG 7.5) against the ``_fast`` workflow's
+settings (5 x 0.95 = 4 run, CFG 1.0, euler_trailing, with a rank-64 UNet LoRA written once into ``--scratch``) on
+our pipeline, in one process, alternating, at ``--fast-size`` (default 256).
 
     .venv/bin/python bench/fullsize.py --scratch /work/fullsize
-    COMFYUI_DIR=/work/comfyui COMFYUI_PYTHON=/work/comfyui-venv/bin/python .venv/bin/python bench/fullsize.py --scratch /work/fullsize
+    COMFYUI_DIR=/work/comfyui COMFYUI_PYTHON=/work/comfyui-venv/bin/python .venv/bin/python bench/fullsize.py \
+        --scratch /work/fullsize --no-generate --rounds 4
+    .venv/bin/python bench/fullsize.py --scratch /work/fullsize --fast --rounds 2
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import _common as C
 
 BASE = "sdxl_fullsize_random.safetensors"
 CONTROLNET = "controlnet_fullsize_random.safetensors"
+LORA = "lora_fullsize_random_rank64.safetensors"  # --fast: a few-step LoRA's shape, random values
 SIZE, STEPS, STRENGTH = 512, 3, 0.95  # 3 scheduled x 0.95 -> 2 steps run (ours); ComfyUI: steps 2 at denoise 0.95
 
 
@@ -88,8 +102,9 @@ from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 out = {}
 opts = LoadOptions(device="cpu", dtype="bf16")
-t = time.perf_counter(); pipe = build_pipeline(f"{scratch}/{base}", f"{scratch}/{cn}", opts)
-out["load_s"] = time.perf_counter() - t
+t, c = time.perf_counter(), time.process_time()
+pipe = build_pipeline(f"{scratch}/{base}", f"{scratch}/{cn}", opts)
+out["load_s"], out["load_cpu_s"] = time.perf_counter() - t, time.process_time() - c
 out["load_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 del pipe
 import gc; gc.collect()
@@ -121,8 +136,9 @@ def load():
     m, c, v = nodes.CheckpointLoaderSimple().load_checkpoint(base)[:3]
     ctl = nodes.ControlNetLoader().load_controlnet(cn)[0]
     return m, c, v, ctl
-t = time.perf_counter(); model, clip, vae, ctl = load()
-out["load_s"] = time.perf_counter() - t
+t, c = time.perf_counter(), time.process_time()
+model, clip, vae, ctl = load()
+out["load_s"], out["load_cpu_s"] = time.perf_counter() - t, time.process_time() - c
 out["load_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 del model, clip, vae, ctl
 import gc; gc.collect()
@@ -143,6 +159,41 @@ print("RESULT " + json.dumps(out))
 """
 
 
+FAST = r"""
+import json, sys, time
+scratch, base, cn, size, rounds, lora = sys.argv[1:7]
+size, rounds = int(size), int(rounds)
+from pathlib import Path
+from PIL import Image
+from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
+from sdxl_controlnet_img2img.pipeline.local.generate import generate
+from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
+pipe = build_pipeline(f"{scratch}/{base}", f"{scratch}/{cn}", LoadOptions(device="cpu", dtype="bf16"))
+lora_path = Path(scratch) / lora
+if not lora_path.is_file():  # a few-step LoRA's shape (SDXL-Lightning: rank 64 on the UNet's attention), small values
+    sys.path.insert(0, sys.argv[7])
+    from lora_factory import kohya_state_dict, write
+    write(kohya_state_dict(pipe, seed=3, rank=64, alpha=64.0, amp=0.01, te=False), Path(str(lora_path) + ".part"))
+    Path(str(lora_path) + ".part").replace(lora_path)
+img = Image.new("RGB", (size, size), (120, 140, 200))
+common = {"prompt": "a castle", "image_url": img, "control_image_url": img, "seed": 1,
+          "image_size": {"width": size, "height": size}}
+settings = {  # fal's defaults (the request's own: 25 steps x 0.95 = 23 run, CFG 7.5) and the _fast workflow's
+    "defaults": GenerationRequest.from_dict(dict(common)),
+    "fast": GenerationRequest.from_dict(dict(common, num_inference_steps=5, guidance_scale=1.0, strength=0.95,
+                                             local_scheduler="euler_trailing",
+                                             loras=[{"path": str(lora_path), "scale": 1.0}])),
+}
+generate(pipe, settings["fast"])  # warm-up: reads the LoRA (kept as an adapter), first-call costs of each path
+generate(pipe, GenerationRequest.from_dict(dict(common, num_inference_steps=2)))
+times = {k: [] for k in settings}
+for r in range(rounds):
+    for name in (("defaults", "fast") if r % 2 == 0 else ("fast", "defaults")):
+        t = time.perf_counter(); generate(pipe, settings[name]); times[name].append(time.perf_counter() - t)
+print("RESULT " + json.dumps(times))
+"""
+
+
 def run_child(cmd: list[str], env: dict) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -151,45 +202,157 @@ def run_child(cmd: list[str], env: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def cached_fraction(path: Path) -> float:
+    """The share of the file's pages in the page cache now (mincore on a mapping of it; Linux). NaN if unknown."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return float("nan")
+    try:
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(addr, size, vec) != 0:
+            return float("nan")
+        return sum(b & 1 for b in bytes(vec)) / pages
+    finally:
+        libc.munmap(addr, size)
+
+
+def set_page_cache(paths, how: str) -> None:
+    """'warm': read the files once (into the page cache, as far as memory allows); 'cold': drop their pages
+    (posix_fadvise DONTNEED: this file's clean pages only); 'asis': leave it."""
+    for path in paths:
+        with open(path, "rb") as f:
+            if how == "cold":
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            elif how == "warm":
+                while f.read(1 << 24):
+                    pass
+
+
+def load_line() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def run_fast(args, env) -> None:
+    """fal's defaults against the _fast workflow's settings, on the full-size models, one process, alternating."""
+    print(f"hardware: {C.hardware_line()}; {load_line()}")
+    print(f"generation {args.fast_size}x{args.fast_size} in bf16 on the CPU; defaults: 25 steps x 0.95 = 23 run, "
+          "CFG 7.5, default scheduler, no LoRA; _fast: 5 x 0.95 = 4 run, CFG 1.0, euler_trailing, a rank-64 "
+          f"UNet LoRA (random, SDXL-Lightning's shape); {args.rounds} rounds, order alternating")
+    times = run_child([sys.executable, "-c", FAST, str(args.scratch), BASE, CONTROLNET, str(args.fast_size),
+                       str(args.rounds), LORA, str(C.ROOT / "tests")], env)
+    d, f = C.median(times["defaults"]), C.median(times["fast"])
+    print("defaults  " + " ".join(f"{t:.1f}" for t in times["defaults"]) + f" s   median {d:.1f} s")
+    print("_fast     " + " ".join(f"{t:.1f}" for t in times["fast"]) + f" s   median {f:.1f} s")
+    print(f"_fast is {d / f:.1f}x faster than fal's defaults (median over median); {load_line()}")
+    if args.json:
+        C.RESULTS.mkdir(parents=True, exist_ok=True)
+        (C.RESULTS / "fullsize_fast.json").write_text(json.dumps({"size": args.fast_size, **times}, indent=2))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scratch", required=True, type=Path, help="folder for the full-size model files (~9.5 GB)")
     ap.add_argument("--no-generate", action="store_true", help="measure loading only")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of both sides (the first side alternates)")
+    ap.add_argument("--page-cache", choices=("asis", "warm", "cold"), default="asis",
+                    help="before each side's process: leave the page cache, read both files into it, or drop them")
+    ap.add_argument("--fast", action="store_true", help="time fal's defaults against the _fast settings instead")
+    ap.add_argument("--fast-size", type=int, default=256, help="picture size for --fast")
     ap.add_argument("--json", action="store_true", help="write bench/results/fullsize.json")
     args = ap.parse_args(argv)
     write_models(args.scratch)
-    weights = (args.scratch / BASE).stat().st_size + (args.scratch / CONTROLNET).stat().st_size
+    files = [args.scratch / BASE, args.scratch / CONTROLNET]
+    weights = sum(f.stat().st_size for f in files)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    gen = "0" if args.no_generate else "1"
-    print(f"hardware: {C.hardware_line()}")
-    print(f"weights: {weights / 1e9:.2f} GB on disk (fp16); loading in bf16 on the CPU; generation {SIZE}x{SIZE}, "
-          "2 denoising steps")
-    ours = run_child([sys.executable, "-c", OURS, str(args.scratch), BASE, CONTROLNET, str(SIZE), str(STEPS),
-                      str(STRENGTH), gen], env)
-    results = {"weights_bytes": weights, "ours": ours}
+    if args.fast:
+        run_fast(args, env)
+        return 0
     comfy_dir = os.environ.get("COMFYUI_DIR")
-    if comfy_dir and (Path(comfy_dir) / "main.py").is_file():
-        python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-        results["comfyui"] = run_child([python, "-c", COMFY, comfy_dir, str(args.scratch), BASE, CONTROLNET,
-                                        str(SIZE), gen], dict(env, PYTHONPATH=comfy_dir))
-    else:
+    if not (comfy_dir and (Path(comfy_dir) / "main.py").is_file()):
+        comfy_dir = None
         print("COMFYUI_DIR is not set: ours alone (no ComfyUI baseline)")
-    comfy = results.get("comfyui")
-    for key, label in (("load_s", "first load"), ("second_load_s", "second load"), ("load_peak_rss", "peak RSS (load)"),
-                       ("generate_s", "one generation")):
-        if key not in ours:
-            continue
-        fmt = (lambda v: f"{v / 2**30:6.2f} GiB") if key.endswith("rss") else (lambda v: f"{v:7.1f} s")
-        line = f"{label:18s} ours {fmt(ours[key])}"
-        if comfy and key in comfy:
-            line += f"   ComfyUI {fmt(comfy[key])}   ratio {ours[key] / comfy[key]:.2f}x"
-        if key == "load_peak_rss":
-            line += f"   ({ours[key] / weights:.2f}x the weight files)"
-        print(line)
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    print(f"hardware: {C.hardware_line()}; {load_line()}")
+    print(f"weights: {weights / 1e9:.2f} GB on disk (fp16); loading in bf16 on the CPU; {args.rounds} rounds, each "
+          f"side in a fresh process, the first side alternating; page cache: {args.page_cache}"
+          + ("" if args.no_generate else f"; one generation {SIZE}x{SIZE}, 2 denoising steps, in round 1"))
+
+    def side(name: str, generate: bool) -> dict:
+        set_page_cache(files, args.page_cache)
+        cached = sum(cached_fraction(f) * f.stat().st_size for f in files) / weights
+        gen = "1" if generate else "0"
+        if name == "ours":
+            out = run_child([sys.executable, "-c", OURS, str(args.scratch), BASE, CONTROLNET, str(SIZE), str(STEPS),
+                             str(STRENGTH), gen], env)
+        else:
+            out = run_child([python, "-c", COMFY, comfy_dir, str(args.scratch), BASE, CONTROLNET, str(SIZE), gen],
+                            dict(env, PYTHONPATH=comfy_dir))
+        out["cached_at_start"] = cached
+        return out
+
+    rounds = []
+    for r in range(args.rounds):
+        order = ["ours", "comfyui"] if r % 2 == 0 else ["comfyui", "ours"]
+        order = [n for n in order if n == "ours" or comfy_dir]
+        got = {n: side(n, generate=(r == 0 and not args.no_generate)) for n in order}
+        rounds.append({"first": order[0], **got})
+        line = f"round {r + 1} ({order[0]} first):"
+        for n in order:
+            o = got[n]
+            line += (f"  {n} {o['load_s']:.1f} s (CPU {o['load_cpu_s']:.1f} s, files {o['cached_at_start']:.0%} "
+                     f"in the page cache at its start)")
+        print(line, flush=True)
+    print(load_line())
+    report(rounds, weights, bool(comfy_dir))
     if args.json:
         C.RESULTS.mkdir(parents=True, exist_ok=True)
-        (C.RESULTS / "fullsize.json").write_text(json.dumps(results, indent=2))
+        (C.RESULTS / "fullsize.json").write_text(json.dumps({"weights_bytes": weights, "rounds": rounds}, indent=2))
     return 0
+
+
+def report(rounds: list, weights: int, comfy: bool) -> None:
+    def med(side, key):
+        vals = [r[side][key] for r in rounds if key in r.get(side, {})]
+        return C.median(vals) if vals else None
+
+    for key, label in (("load_s", "first load"), ("load_cpu_s", "first load, CPU"), ("second_load_s", "second load"),
+                       ("load_peak_rss", "peak RSS (load)"), ("generate_s", "one generation")):
+        ours = med("ours", key)
+        if ours is None:
+            continue
+        fmt = (lambda v: f"{v / 2**30:6.2f} GiB") if key.endswith("rss") else (lambda v: f"{v:7.1f} s")
+        line = f"{label:18s} ours {fmt(ours)}"
+        theirs = med("comfyui", key) if comfy else None
+        if theirs:
+            line += f"   ComfyUI {fmt(theirs)}   ratio {ours / theirs:.2f}x (medians)"
+        if key == "load_peak_rss":
+            worst = max(r["ours"][key] for r in rounds)
+            line += f"   ({ours / weights:.2f}x the weight files; largest {worst / weights:.2f}x)"
+        if key in ("load_s", "load_cpu_s") and theirs:
+            for first in ("ours", "comfyui"):
+                ratios = [r["ours"][key] / r["comfyui"][key] for r in rounds if r["first"] == first]
+                if ratios:
+                    line += f"; {first} first: {C.median(ratios):.2f}x (n={len(ratios)})"
+        print(line)
+    if comfy and all("comfyui" in r for r in rounds):
+        ours, theirs = [r["ours"]["load_s"] for r in rounds], [r["comfyui"]["load_s"] for r in rounds]
+        print(C.check(C.compare(ours, theirs, 1.0, paired=True), "first load <= 1.0x ComfyUI's (paired by round)"))
+        ours, theirs = [r["ours"]["load_cpu_s"] for r in rounds], [r["comfyui"]["load_cpu_s"] for r in rounds]
+        print(C.check(C.compare(ours, theirs, 1.0, paired=True), "first load's CPU seconds <= 1.0x ComfyUI's"))
+    worst = max(r["ours"]["load_peak_rss"] for r in rounds) / weights
+    print(C.check(worst <= 1.1, f"peak RSS of every first load <= 1.1x the weight files ({worst:.2f}x)"))
 
 
 if __name__ == "__main__":
