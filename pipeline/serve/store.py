@@ -223,12 +223,15 @@ class Store:
         return bool(row and row["cancel"])
 
     def requeue_interrupted(self) -> list[str]:
-        """Requests that were running when the process stopped go back to the queue (at their place: the front)."""
+        """Requests that were running when the process stopped go back to the queue (at their place: the front).
+        Waiting requests forget their host work item too (ComfyUI's prompt queue lives in memory): the backend
+        hands them over again."""
         with self._lock:
             ids = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE state='IN_PROGRESS'").fetchall()]
             for rid in ids:
                 self._db.execute("UPDATE jobs SET state='IN_QUEUE', started=NULL, external=NULL WHERE id=?", (rid,))
                 self.log(rid, "the server restarted while this request ran; it is queued again")
+            self._db.execute("UPDATE jobs SET external=NULL WHERE state='IN_QUEUE' AND external IS NOT NULL")
             return ids
 
     def webhooks_due(self) -> list[Job]:
