@@ -92,9 +92,12 @@ class ComfyUI:
 
 @contextlib.contextmanager
 def running_comfyui(base: Path, models: dict[str, dict[str, Path]] | None = None, deadline_s: float = 180,
-                    extra_args: tuple[str, ...] = ()):
+                    extra_args: tuple[str, ...] = (), env: dict[str, str | None] | None = None,
+                    port: int | None = None):
     """Run ComfyUI with the pack, ``models`` = {folder: {name: path}} linked into models/; ``extra_args`` go to
-    main.py (e.g. ``--cache-lru 8``)."""
+    main.py (e.g. ``--cache-lru 8``); ``env``: this server's own environment variables on top of this process's (a
+    None value removes one), so two servers can run side by side with different settings; ``port``: listen there
+    (e.g. the same port again after a restart) instead of a free one."""
     cdir = comfyui_dir()
     assert cdir is not None, SKIP_REASON
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
@@ -108,10 +111,14 @@ def running_comfyui(base: Path, models: dict[str, dict[str, Path]] | None = None
             if not dst.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)  # a name may hold a subfolder, as ComfyUI lists them
                 dst.symlink_to(Path(path).resolve())
-    port = free_port()
+    port = port or free_port()
     log_path = base / "comfyui.log"
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    own_env = env or {}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update({k: v for k, v in own_env.items() if v is not None})
+    for k in [k for k, v in own_env.items() if v is None]:
+        env.pop(k, None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),

@@ -1,52 +1,213 @@
-"""Real ComfyUI 0.8.0 serving fal's queue API (nodes/serve_routes.py) through its own prompt queue, on tiny models:
-the pack's fal client, pointed at it by SDXLCN_FAL_URL, gets the image; a request accepted before ComfyUI restarts
-is run and fetched after the restart, and a finished result stays fetchable."""
+"""Two real ComfyUI 0.8.0 servers with the pack, on tiny models: the *serving* one answers fal's queue API under
+/sdxlcn/fal (nodes/serve_routes.py, each request a prompt in its own queue; key and models from SDXLCN_SERVE_*), and
+the *first* one's fal node (SDXLCNFalImg2Img in an API workflow), pointed at it by SDXLCN_FAL_URL with FAL_KEY = the
+serving key, gets the serving side's pixels. ComfyUI's Cancel (/interrupt) on the serving side, and Cancel of the
+first ComfyUI's prompt, stop a request in fal's shape; a request still waiting in the serving ComfyUI's queue when
+it stops runs after the restart and is fetched by id through the first ComfyUI's fal node."""
 
 from __future__ import annotations
 
-import pytest
+import contextlib
+import io
+import json
+import time
 
-from comfyui_harness import SKIP_REASON, comfyui_dir, running_comfyui
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, free_port, running_comfyui
+from pictures import make_test_image
 from test_serve import APP, KEY, call, fal_input, wait_done
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
 
+REQUESTS = "fal-ai/fast-sdxl-controlnet-canny/requests"
+MODELS = {"checkpoint": "tiny-sdxl", "controlnet": "tiny-controlnet-canny"}
 
-def test_comfyui_serves_the_endpoint_and_keeps_requests_over_a_restart(tmp_path, tiny_models, monkeypatch):
-    from sdxl_controlnet_img2img.pipeline.fal.client import run_remote
-    from sdxl_controlnet_img2img.pipeline.fal.settings import FalSettings
-    from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
-    models = {"diffusers": {"tiny-sdxl": tiny_models["checkpoint"]},
-              "controlnet": {"tiny-controlnet-canny": tiny_models["controlnet"]}}
-    monkeypatch.setenv("SDXLCN_SERVE_KEY", KEY)
-    monkeypatch.setenv("SDXLCN_SERVE_CHECKPOINT", "tiny-sdxl")
-    monkeypatch.setenv("SDXLCN_SERVE_CONTROLNET", "tiny-controlnet-canny")
-    base = tmp_path / "comfy"
-    with running_comfyui(base, models) as server:
-        url = f"{server.url}/sdxlcn/fal"
-        assert call("POST", f"{url}/{APP}", fal_input(), key="wrong")[0] == 401
-        assert call("POST", f"{url}/{APP}", fal_input(strength=3))[0] == 422
-        monkeypatch.setenv("SDXLCN_FAL_URL", url)
-        monkeypatch.setenv("FAL_KEY", KEY)
-        statuses = []
-        result = run_remote(GenerationRequest.from_dict(fal_input()), on_status=statuses.append, timeout_s=240,
-                            settings=FalSettings(http_timeout_s=20.0, max_retries=1, poll_interval_s=0.1))
-        assert result.images[0].size == (64, 64) and result.seed == 7
-        first = statuses[0].request_id
-        history = server.get(f"/history/{first}")  # it ran as a ComfyUI prompt, under the request's id
-        assert history[first]["status"]["status_str"] == "success"
-        # accepted, then ComfyUI stops before it is done: it runs after the restart
-        code, pending, _ = call("POST", f"{url}/{APP}", fal_input(seed=9))
+class Servers:
+    """The serving ComfyUI (restartable on the same port, so the first one's SDXLCN_FAL_URL stays right) and the
+    first ComfyUI, whose fal node is pointed at it."""
+
+    def __init__(self, root, tiny_models, stack: contextlib.ExitStack):
+        self.root, self.stack = root, stack
+        self.models = {"diffusers": {MODELS["checkpoint"]: tiny_models["checkpoint"]},
+                       "controlnet": {MODELS["controlnet"]: tiny_models["controlnet"]}}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/sdxlcn/fal"
+        for name in ("serving", "first"):
+            (root / name / "input").mkdir(parents=True)
+            make_test_image(64, 64, 1).save(root / name / "input" / "sdxlcn_test_image.png")
+            make_test_image(64, 64, 2).save(root / name / "input" / "sdxlcn_test_control.png")
+        self.serving_stack = contextlib.ExitStack()
+        self.serving = self._start_serving()
+        self.first = stack.enter_context(running_comfyui(
+            root / "first", env={"SDXLCN_FAL_URL": self.url, "FAL_KEY": KEY, "SDXLCN_SERVE_KEY": None}))
+
+    def _start_serving(self):
+        env = {"SDXLCN_SERVE_KEY": KEY, "SDXLCN_SERVE_CHECKPOINT": MODELS["checkpoint"],
+               "SDXLCN_SERVE_CONTROLNET": MODELS["controlnet"], "SDXLCN_FAL_URL": None, "FAL_KEY": None}
+        return self.serving_stack.enter_context(running_comfyui(self.root / "serving", self.models, env=env,
+                                                                port=self.port))
+
+    def restart_serving(self):
+        assert KEY not in self.serving.log()
+        self.serving_stack.close()
+        self.serving = self._start_serving()
+
+    def close(self):
+        self.serving_stack.close()
+
+    def run_fal_node(self, deadline_s: float = 240, **widgets) -> tuple[dict, np.ndarray | None]:
+        """Queue the fal node's API workflow on the first ComfyUI; its history entry and the saved image."""
+        prompt_id = self.first.queue_prompt(fal_node_workflow(**widgets))
+        entry = self.first.wait_history(prompt_id, deadline_s)
+        images = entry.get("outputs", {}).get("5", {}).get("images", [])
+        if not images:
+            return entry, None
+        return entry, png_pixels((self.first.base / "output" / images[0]["filename"]).read_bytes())
+
+    def result_pixels(self, request_id: str) -> np.ndarray:
+        """The serving side's result image of a request (fal's result, then its image URL)."""
+        code, res, _ = call("GET", f"{self.url}/{REQUESTS}/{request_id}")
+        assert code == 200, res
+        assert res["images"][0]["url"].startswith(self.url + "/files/")
+        code, png, _ = call("GET", res["images"][0]["url"], key=None, raw=True)
         assert code == 200
-    with running_comfyui(base, models) as server:
-        url = f"{server.url}/sdxlcn/fal"
-        done, _seen = wait_done(f"{url}/fal-ai/fast-sdxl-controlnet-canny/requests/{pending['request_id']}/status",
-                                deadline_s=240)
-        assert "error" not in done, done
-        code, res, _ = call("GET", f"{url}/fal-ai/fast-sdxl-controlnet-canny/requests/{pending['request_id']}")
-        assert code == 200 and res["seed"] == 9 and res["images"][0]["width"] == 64
-        code, res, _ = call("GET", f"{url}/fal-ai/fast-sdxl-controlnet-canny/requests/{first}")
-        assert code == 200 and res["seed"] == 7
-        assert call("GET", res["images"][0]["url"], key=None, raw=True)[0] == 200
-        assert KEY not in server.log()
+        return png_pixels(png)
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def fal_node_workflow(**widgets) -> dict:
+    fal = {"prompt": "a red fortress", "negative_prompt": "", "controlnet_conditioning_scale": 0.5,
+           "image_size": "custom", "width": 64, "height": 64, "num_inference_steps": 2, "guidance_scale": 1.0,
+           "strength": 1.0, "seed": 7, "num_images": 1, "enable_safety_checker": False, "expand_prompt": False,
+           "loras": "", "sync_mode": False, "request_id": "", "max_concurrency": 1, "timeout_s": 240,
+           "image": ["1", 0], "control_image": ["2", 0]}
+    fal.update(widgets)
+    return {"1": {"class_type": "LoadImage", "inputs": {"image": "sdxlcn_test_image.png"}},
+            "2": {"class_type": "LoadImage", "inputs": {"image": "sdxlcn_test_control.png"}},
+            "4": {"class_type": "SDXLCNFalImg2Img", "inputs": fal},
+            "5": {"class_type": "SaveImage", "inputs": {"filename_prefix": "fal_node", "images": ["4", 0]}}}
+
+
+def blocker_workflow() -> dict:
+    """The shipped tiny API workflow, long enough (50 steps, guidance) to still run when the server is stopped."""
+    wf = json.loads((ROOT / "workflows" / "api" / "sdxl_controlnet_img2img_tiny.json").read_text())
+    wf["1"]["inputs"]["image"] = "sdxlcn_test_image.png"
+    wf["4"]["inputs"].update(num_inference_steps=50, strength=1.0, guidance_scale=7.5)
+    return wf
+
+
+def submitted_ids(server) -> list[str]:
+    """Request ids the first ComfyUI's fal node recorded, in order (its request log in ComfyUI's user folder)."""
+    from sdxl_controlnet_img2img.pipeline import request_log
+
+    records = request_log.read(server.base / "user" / "sdxl_controlnet_img2img")
+    return [r["request_id"] for r in records if r["event"] == "submitted"]
+
+
+def wait_until(check, what: str, deadline_s: float = 120):
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {deadline_s} s")
+
+
+def status(servers, request_id: str) -> dict:
+    code, body, _ = call("GET", f"{servers.url}/{REQUESTS}/{request_id}/status?logs=1")
+    assert code == 200, body
+    return body
+
+
+def sampling(servers, request_id: str):
+    """The status once the request samples in the serving ComfyUI (a step logged); None before."""
+    st = status(servers, request_id)
+    assert st["status"] != "COMPLETED", f"finished before it could be stopped: {st}"
+    steps = [e for e in st["logs"] or [] if e["message"].startswith("step ")]
+    return st if st["status"] == "IN_PROGRESS" and steps else None
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, tiny_models):
+    with contextlib.ExitStack() as stack:
+        s = Servers(tmp_path_factory.mktemp("comfyui-serve"), tiny_models, stack)
+        stack.callback(s.close)
+        yield s
+        assert KEY not in s.serving.log() and KEY not in s.first.log()
+
+
+def test_the_first_comfyuis_fal_node_gets_the_image_from_the_serving_comfyui(servers):
+    assert call("POST", f"{servers.url}/{APP}", fal_input(), key="wrong")[0] == 401
+    assert call("POST", f"{servers.url}/{APP}", fal_input(strength=3))[0] == 422
+    entry, got = servers.run_fal_node()
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    [rid] = submitted_ids(servers.first)
+    history = servers.serving.get(f"/history/{rid}")  # it ran as a prompt of the serving ComfyUI, under its id
+    assert history[rid]["status"]["status_str"] == "success"
+    assert got.shape == (64, 64, 3)
+    assert np.array_equal(got, servers.result_pixels(rid))  # the serving side's pixels, unchanged
+
+
+def test_comfyuis_cancel_stops_a_served_request_in_fals_shape(servers):
+    # Cancel (POST /interrupt) on the serving ComfyUI while the request samples
+    code, sub, _ = call("POST", f"{servers.url}/{APP}", fal_input(num_inference_steps=50, seed=5))
+    assert code == 200, sub
+    rid = sub["request_id"]
+    wait_until(lambda: sampling(servers, rid), "the request sampling")
+    assert servers.serving.post("/interrupt", {"prompt_id": rid})[0] == 200
+    done, _seen = wait_done(sub["status_url"], deadline_s=60)
+    assert (done["error"], done["error_type"]) == ("Request cancelled", "request_cancelled"), done
+    assert call("GET", sub["response_url"])[:2] == (400, {"detail": "Request cancelled"})
+    assert call("PUT", sub["cancel_url"])[:2] == (400, {"status": "ALREADY_COMPLETED"})
+    entry = servers.serving.get(f"/history/{rid}")[rid]
+    assert entry["status"]["status_str"] == "error"
+    assert "execution_interrupted" in [m[0] for m in entry["status"]["messages"]]
+    # Cancel of the first ComfyUI's prompt: its fal node cancels the request, the serving ComfyUI stops it
+    prompt_id = servers.first.queue_prompt(fal_node_workflow(num_inference_steps=50, seed=6))
+    rid = wait_until(lambda: (submitted_ids(servers.first) + [None])[1], "the fal node's submit")
+    wait_until(lambda: sampling(servers, rid), "the fal node's request sampling")
+    assert servers.first.post("/interrupt", {"prompt_id": prompt_id})[0] == 200
+    entry = servers.first.wait_history(prompt_id, 60)
+    assert entry["status"]["status_str"] == "error"
+    done, _seen = wait_done(f"{servers.url}/{REQUESTS}/{rid}/status", deadline_s=60)
+    assert done["error_type"] == "request_cancelled", done
+    assert servers.serving.get(f"/history/{rid}")[rid]["status"]["status_str"] == "error"
+
+
+def test_a_request_waiting_at_a_restart_of_the_serving_comfyui_is_fetched_after_it(servers):
+    # a long plain ComfyUI prompt runs; the fal request waits behind it in ComfyUI's queue; then the server stops
+    blocker = servers.serving.queue_prompt(blocker_workflow())
+    code, sub, _ = call("POST", f"{servers.url}/{APP}", fal_input(seed=9))
+    assert code == 200, sub
+    rid = sub["request_id"]
+
+    def waiting_behind():
+        q = servers.serving.get("/queue")
+        running = [item[1] for item in q["queue_running"]]
+        pending = [item[1] for item in q["queue_pending"]]
+        return running == [blocker] and rid in pending
+
+    wait_until(waiting_behind, "the fal request waiting behind the long prompt in ComfyUI's queue")
+    st = status(servers, rid)
+    assert st["status"] == "IN_QUEUE" and st["queue_position"] == 0, st
+    servers.restart_serving()
+    # the first ComfyUI's fal node fetches it by id (nothing submitted again)
+    before = submitted_ids(servers.first)
+    entry, got = servers.run_fal_node(request_id=rid)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert submitted_ids(servers.first) == before
+    assert np.array_equal(got, servers.result_pixels(rid))
+    code, res, _ = call("GET", f"{servers.url}/{REQUESTS}/{rid}")
+    assert res["seed"] == 9
+    first = submitted_ids(servers.first)[0]  # a result finished before the restart stays fetchable
+    code, res, _ = call("GET", f"{servers.url}/{REQUESTS}/{first}")
+    assert code == 200 and res["seed"] == 7
+    assert call("GET", res["images"][0]["url"], key=None, raw=True)[0] == 200
