@@ -7,7 +7,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 status=0
 # --rootdir=tests: the repository root is the pack's package (it has __init__.py); pytest would import it under the
 # clone's folder name, which fails when that name is not a Python identifier (e.g. comfyui-sdxl-controlnet-img2img)
-.venv/bin/python -m pytest -q --rootdir=tests "$@" || status=$?
+# -rfEs: name every failure, error and skip at the end; --durations: the slowest tests (CI time budget)
+.venv/bin/python -m pytest -q -rfEs --durations=25 --rootdir=tests "$@" || status=$?
 if ls tests/js/*.test.mjs >/dev/null 2>&1; then
   # fal's own JS client (@fal-ai/client, pinned in tests/js/package-lock.json) for tests/js/serve_client.test.mjs
   npm ci --prefix tests/js --no-audit --no-fund --loglevel=error || status=$?
