@@ -270,3 +270,45 @@ def test_the_packs_fal_client_uses_the_endpoint_from_the_environment(tmp_path, t
                 FalSettings()
     finally:
         server.stop_all()
+
+
+def test_public_url_is_the_base_of_every_url_the_server_answers(tmp_path, tiny_pipe):
+    """``serve --public-url`` (behind a load balancer: this server's own address as clients reach it): the submit's
+    and status's URLs and the result's image URLs are built on it, not on the Host header a request came with."""
+    import argparse
+    import urllib.parse
+
+    from sdxl_controlnet_img2img.pipeline.serve.httpd import StandaloneServer, add_serve_parser, build_app
+    from sdxl_controlnet_img2img.pipeline.serve.store import Store
+    from sdxl_controlnet_img2img.pipeline.serve.worker import LocalWorkers
+
+    public = "https://gpu-1.lan:9443"
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--checkpoint", "c", "--controlnet", "n", "--public-url", public + "/"])
+    store = Store(tmp_path / "data")
+    workers = LocalWorkers(store, {"cpu": tiny_pipe})
+    server = StandaloneServer(build_app(store, workers, args, KEY)).start()
+    workers.start()
+    try:
+        code, sub, _ = call("POST", f"{server.url}/{APP}", fal_input())
+        assert code == 200, sub
+        root = f"{public}/fal-ai/fast-sdxl-controlnet-canny/requests/{sub['request_id']}"
+        assert (sub["status_url"], sub["response_url"], sub["cancel_url"]) == (root + "/status", root, root + "/cancel")
+        local = server.url + "/fal-ai/fast-sdxl-controlnet-canny/requests/" + sub["request_id"]
+        done, _seen = wait_done(local + "/status")
+        assert (done["status_url"], done["response_url"]) == (root + "/status", root)
+        code, result, _ = call("GET", local)
+        assert code == 200, result
+        url = result["images"][0]["url"]
+        assert url.startswith(public + "/files/") and url.endswith("/0.png"), url
+        code, png, _ = call("GET", server.url + urllib.parse.urlsplit(url).path, key=None, raw=True)
+        assert code == 200 and png.startswith(b"\x89PNG")
+        # through a proxy (fal.js with proxyUrl) the client expects fal's own URLs, which it sends through the proxy
+        code, sub, _ = call("POST", f"{server.url}/proxy", fal_input(seed=3),
+                            headers={"x-fal-target-url": f"https://queue.fal.run/{APP}"})
+        assert code == 200 and sub["status_url"].startswith("https://queue.fal.run/"), sub
+    finally:
+        server.stop()
+        workers.stop()
+        store.close()
