@@ -158,7 +158,7 @@ def test_the_first_comfyuis_fal_node_gets_the_image_from_the_serving_comfyui(ser
 
 def test_comfyuis_cancel_stops_a_served_request_in_fals_shape(servers):
     # Cancel (POST /interrupt) on the serving ComfyUI while the request samples
-    code, sub, _ = call("POST", f"{servers.url}/{APP}", fal_input(num_inference_steps=50, seed=5))
+    code, sub, _ = call("POST", f"{servers.url}/{APP}", fal_input(num_inference_steps=50, guidance_scale=7.5, seed=5))
     assert code == 200, sub
     rid = sub["request_id"]
     wait_until(lambda: sampling(servers, rid), "the request sampling")
@@ -171,8 +171,9 @@ def test_comfyuis_cancel_stops_a_served_request_in_fals_shape(servers):
     assert entry["status"]["status_str"] == "error"
     assert "execution_interrupted" in [m[0] for m in entry["status"]["messages"]]
     # Cancel of the first ComfyUI's prompt: its fal node cancels the request, the serving ComfyUI stops it
-    prompt_id = servers.first.queue_prompt(fal_node_workflow(num_inference_steps=50, seed=6))
-    rid = wait_until(lambda: (submitted_ids(servers.first) + [None])[1], "the fal node's submit")
+    before = len(submitted_ids(servers.first))
+    prompt_id = servers.first.queue_prompt(fal_node_workflow(num_inference_steps=50, guidance_scale=7.5, seed=6))
+    [rid] = wait_until(lambda: submitted_ids(servers.first)[before:], "the fal node's submit")
     wait_until(lambda: sampling(servers, rid), "the fal node's request sampling")
     assert servers.first.post("/interrupt", {"prompt_id": prompt_id})[0] == 200
     entry = servers.first.wait_history(prompt_id, 60)
