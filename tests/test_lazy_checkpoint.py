@@ -86,3 +86,31 @@ def test_large_tensors_copied_in_steps_equal_torchs_cast(tmp_path, stored, dtype
     assert torch.equal(got.isnan(), nan)  # a NaN stays a NaN (its sign and payload bits may differ)
     bits = torch.int16 if got.element_size() == 2 else torch.int32
     assert torch.equal(got.view(bits)[~nan], want.view(bits)[~nan])
+
+
+def test_first_access_reads_every_tensor_on_torchs_threads(tmp_path):
+    """The first access reads all kept tensors, split by tensor across torch's threads: every value is safetensors'
+    own read cast by torch, each read-ahead tensor is given out once (a second access reads the file again into
+    memory of its own), and torch's thread count is what it was."""
+    from sdxl_controlnet_img2img.pipeline.local import lazy_checkpoint
+
+    g = torch.Generator().manual_seed(2)
+    tensors = {f"t{i}": torch.randn(lazy_checkpoint._CHUNK // 3 + i, generator=g).half() for i in range(9)}
+    tensors["skipped"] = torch.ones(3).half()
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lazy = LazyCheckpoint(read_safetensors_index(path, "x"), torch.bfloat16, keep=lambda k: k != "skipped")
+        first = lazy["t4"]
+        assert set(lazy._ahead) == {f"t{i}" for i in range(9)} - {"t4"}  # read ahead, the one asked for given out
+        got = {k: lazy[k] for k in sorted(lazy)}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert lazy._ahead == {}
+    for key, value in got.items():
+        assert torch.equal(value, tensors[key].to(torch.bfloat16)), key
+    again = lazy["t4"]
+    assert torch.equal(again, first) and again.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()

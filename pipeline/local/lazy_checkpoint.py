@@ -8,6 +8,12 @@ while they are mapped, the page cache does not. Faster than ``read()`` into fres
 full-size SDXL file to bf16 on this 2-core machine). Casts go through fp32 in steps (:func:`copy_into`): reading
 the full-size SDXL ControlNet into bf16 took half the time of torch's direct cast. Measured on the full-size SDXL
 single file + ControlNet in bf16 (``bench/fullsize.py``): see the README's Performance table.
+
+The first read of a checkpoint reads all its kept tensors at once, split across torch's threads by tensor (each
+tensor's copy on one thread): the copies are page faults and memory traffic, which both cores do in parallel on
+separate tensors (the full-size UNet into bf16: 2.4-2.8 s on two threads, 4.4-6.5 s on one). This holds no more
+in memory than the converters do: diffusers' single-file converters take every tensor of a component into their
+converted state dict before the model is built. Each tensor is then given out once and forgotten.
 """
 
 from __future__ import annotations
@@ -63,16 +69,49 @@ def copy_into(out, src) -> None:
 
 class LazyCheckpoint(dict):
     """The tensors of ``index`` (a safetensors :class:`TensorIndex`) whose key passes ``keep``; each access reads
-    the tensor from the file and casts a floating one to ``dtype`` (None: as stored). Nothing is cached."""
+    the tensor from the file and casts a floating one to ``dtype`` (None: as stored). The first access reads every
+    kept tensor (in parallel); each is given out once and then forgotten, a later access reads it again."""
 
     def __init__(self, index: TensorIndex, dtype=None, keep=None):
         super().__init__((k, None) for k in index.locations if keep is None or keep(k))
         self._index, self._dtype = index, dtype
-        self._map = None  # the file, mapped read-only on the first read
+        self._map = self._bytes = None  # the file, mapped read-only on the first read, and its bytes as a tensor
+        self._ahead = None  # read ahead by the first access, each given out once: key -> tensor
+
+    def _open(self):
+        import mmap
+        import warnings
+
+        import torch
+
+        if self._map is None:
+            with open(self._index.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            with warnings.catch_warnings():  # read-only on purpose: the file's bytes are only read from
+                warnings.simplefilter("ignore", UserWarning)
+                self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def _read_all(self):
+        """Every kept tensor, read by torch's threads in parallel (one tensor per thread at a time)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        keys = sorted(dict.keys(self), key=lambda k: self._index.locations[k][1])  # in file order
+        threads = torch.get_num_threads()
+        if threads <= 1 or len(keys) < 2:
+            return {k: self._read(k) for k in keys}
+        if any(self._index.locations[k][2] > self._index.locations[k][1] for k in keys):
+            self._open()  # mapped once, before the threads
+        torch.set_num_threads(1)  # each copy on its own thread; set once here, not by each worker
+        try:
+            with ThreadPoolExecutor(min(threads, len(keys)), thread_name_prefix="sdxlcn-read") as pool:
+                return dict(zip(keys, pool.map(self._read, keys)))
+        finally:
+            torch.set_num_threads(threads)
 
     def _read(self, key):
         import mmap
-        import warnings
 
         import torch
 
@@ -82,14 +121,8 @@ class LazyCheckpoint(dict):
         kept = torch.empty(shape, dtype=want)
         if end == begin:
             return kept
-        if self._map is None:
-            with open(self._index.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        with warnings.catch_warnings():  # read-only on purpose: the tensor is only read from, then copied
-            warnings.simplefilter("ignore", UserWarning)
-            stored = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=begin)
-        copy_into(kept.view(-1), stored.view(dtype))
-        del stored
+        self._open()
+        copy_into(kept.view(-1), self._bytes[begin:end].view(dtype))
         if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):  # give the file's pages back now
             start = begin - begin % mmap.PAGESIZE
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
@@ -98,7 +131,10 @@ class LazyCheckpoint(dict):
     def __getitem__(self, key):
         if not dict.__contains__(self, key):
             raise KeyError(key)
-        return self._read(key)
+        if self._ahead is None:
+            self._ahead = self._read_all()
+        value = self._ahead.pop(key, None)
+        return value if value is not None else self._read(key)
 
     def get(self, key, default=None):
         return self[key] if key in self else default
