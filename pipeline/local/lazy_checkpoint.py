@@ -18,6 +18,8 @@ converted state dict before the model is built. Each tensor is then given out on
 
 from __future__ import annotations
 
+import threading
+
 from .model_checks import TensorIndex
 
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -25,7 +27,7 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
            "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 _CHUNK = 1 << 18  # elements per step of a cast: a step's fp32 staging (1 MiB) stays in the cache
-_local = None  # per thread: its fp32 staging, made on its first cast
+_staging = threading.local()  # per thread: its fp32 staging, made on its first cast
 
 
 def copy_into(out, src) -> None:
@@ -33,15 +35,11 @@ def copy_into(out, src) -> None:
 
     A cast between 16-bit (or 8-bit) float types goes through fp32 in cache-sized steps: torch's direct
     fp16->bf16 kernel is about 3x slower than the two it is made of, and fp32 holds every such value exactly, so the
-    result is torch's own cast (only a NaN's sign and payload bits may differ). The steps run on one thread (torch's
-    thread count is 1 for the copy, then restored): split by torch's threads, each step waited for the slowest core,
-    which on a busy 2-core machine was several times slower; two threads sharing the steps were 17% slower than
-    one here (both cores do not copy faster than one)."""
-    import threading
-
+    result is torch's own cast (only a NaN's sign and payload bits may differ). The steps of one tensor run on one
+    thread (torch's thread count is 1 for the copy, then restored): split by torch's threads, each step waited for
+    the slowest core. Parallelism comes from copying several tensors at once (:meth:`LazyCheckpoint._read_all`)."""
     import torch
 
-    global _local
     staged = (out.dtype != src.dtype and out.is_floating_point() and src.is_floating_point()
               and torch.float32 not in (out.dtype, src.dtype) and src.element_size() <= 2)
     if not staged:
@@ -51,11 +49,9 @@ def copy_into(out, src) -> None:
     if threads > 1:
         torch.set_num_threads(1)
     try:
-        if _local is None:
-            _local = threading.local()
-        staging = getattr(_local, "stage", None)
+        staging = getattr(_staging, "stage", None)
         if staging is None:
-            staging = _local.stage = torch.empty(_CHUNK, dtype=torch.float32)
+            staging = _staging.stage = torch.empty(_CHUNK, dtype=torch.float32)
         n = src.numel()
         for i in range(0, n, _CHUNK):
             j = min(i + _CHUNK, n)
@@ -101,8 +97,7 @@ class LazyCheckpoint(dict):
         threads = torch.get_num_threads()
         if threads <= 1 or len(keys) < 2:
             return {k: self._read(k) for k in keys}
-        if any(self._index.locations[k][2] > self._index.locations[k][1] for k in keys):
-            self._open()  # mapped once, before the threads
+        self._open()  # mapped once, before the threads
         torch.set_num_threads(1)  # each copy on its own thread; set once here, not by each worker
         try:
             with ThreadPoolExecutor(min(threads, len(keys)), thread_name_prefix="sdxlcn-read") as pool:
