@@ -159,3 +159,14 @@ def run_probe(script: str, work: Path, *args: str) -> dict:
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")]
     assert out.returncode == 0 and lines, out.stdout[-2000:] + out.stderr[-4000:]
     return json.loads(lines[-1][len("PROBE "):])
+
+
+def wait_until(check, what: str, deadline_s: float = 120, every_s: float = 0.1):
+    """Poll ``check()`` until it is truthy and return its value; fail naming ``what`` after ``deadline_s``."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        got = check()
+        if got:
+            return got
+        time.sleep(every_s)
+    raise AssertionError(f"{what}: not within {deadline_s} s")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, running_comfyui
+from comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, running_comfyui, wait_until
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
 
@@ -46,17 +46,6 @@ def _running(server, prompt_id) -> bool:
     return any(item[1] == prompt_id for item in server.get("/queue")["queue_running"])
 
 
-def _wait(what, deadline_s: float = 60, every_s: float = 0.05):
-    """Poll ``what()`` until it is truthy; its value."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        value = what()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise TimeoutError(f"not within {deadline_s}s: {what.__doc__ or what}")
-
-
 def _rss_below(server, limit: float, deadline_s: float = 30) -> int:
     """The server's RSS once it is below ``limit`` (the memory is given back), or after ``deadline_s``."""
     end = time.monotonic() + deadline_s
@@ -67,7 +56,7 @@ def _rss_below(server, limit: float, deadline_s: float = 30) -> int:
 
 def _log_with(server, text: str) -> str:
     """The server's log once it holds ``text``."""
-    return _wait(lambda: text in (log := server.log()) and log)
+    return wait_until(lambda: text in (log := server.log()) and log, f"{text!r} in the log", 60, 0.05)
 
 
 def test_free_during_a_prompt_waits_for_it_and_frees_after(tmp_path, medium_models):
@@ -79,7 +68,7 @@ def test_free_during_a_prompt_waits_for_it_and_frees_after(tmp_path, medium_mode
 
         # a long prompt on the loaded pipeline; the free arrives while it runs
         prompt_id = server.queue_prompt(_workflow(steps=12, seed=2))
-        _wait(lambda: _running(server, prompt_id))
+        wait_until(lambda: _running(server, prompt_id), "the prompt running", 60, 0.05)
         assert server.post("/sdxlcn/free", {}) == (200, {"scheduled": True})
         assert _running(server, prompt_id), "the prompt ended before the free arrived: make it longer"
         assert FREED.format("loaded") not in server.log()  # not freed under the running prompt
@@ -98,7 +87,7 @@ def test_free_during_a_prompt_waits_for_it_and_frees_after(tmp_path, medium_mode
         _succeeds(server, server.queue_prompt(_workflow(steps=2, seed=3)))  # loads it again
         reloaded = server.rss_bytes()
         assert server.post("/sdxlcn/free", {}) == (200, {"scheduled": True})
-        _wait(lambda: server.log().count(FREED.format("loaded")) == 2)
+        wait_until(lambda: server.log().count(FREED.format("loaded")) == 2, "the second free", 60, 0.05)
         again = _rss_below(server, reloaded - 0.7 * size)
         assert reloaded - again > 0.7 * size
         print(f"\npipeline files {size / 1e6:.0f} MB; RSS loaded {loaded / 1e6:.0f} MB, after the free that waited "

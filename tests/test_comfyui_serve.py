@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, free_port, running_comfyui
+from comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, free_port, running_comfyui, wait_until
 from pictures import make_test_image
 from test_serve import APP, KEY, call, fal_input, wait_done
 
@@ -109,16 +108,6 @@ def submitted_ids(server) -> list[str]:
 
     records = request_log.read(server.base / "user" / "sdxl_controlnet_img2img")
     return [r["request_id"] for r in records if r["event"] == "submitted"]
-
-
-def wait_until(check, what: str, deadline_s: float = 120):
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {deadline_s} s")
 
 
 def status(servers, request_id: str) -> dict:
