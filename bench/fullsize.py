@@ -230,6 +230,8 @@ def cached_fraction(path: Path) -> float:
 def set_page_cache(paths, how: str) -> None:
     """'warm': read the files once (into the page cache, as far as memory allows); 'cold': drop their pages
     (posix_fadvise DONTNEED: this file's clean pages only); 'asis': leave it."""
+    if how == "asis":
+        return
     for path in paths:
         with open(path, "rb") as f:
             if how == "cold":

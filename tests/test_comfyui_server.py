@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from comfyui_harness import PACK_FOLDER, ROOT, SKIP_REASON, comfyui_dir, running_comfyui
+from comfyui_harness import PACK_FOLDER, ROOT, SKIP_REASON, comfyui_dir, running_comfyui, wait_until
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
 
@@ -128,17 +128,11 @@ def test_free_route_releases_the_cached_pipeline(server):
     def freed_lines(state):
         return server.log().count(f"freed cached models between prompts (pipeline was {state})")
 
-    def wait_for(what):
-        end = time.monotonic() + 60
-        while not what() and time.monotonic() < end:
-            time.sleep(0.1)
-        assert what()
-
     server.wait_history(server.queue_prompt(tiny_workflow()))
     loaded, empty = freed_lines("loaded"), freed_lines("not loaded")
     assert server.post("/sdxlcn/free", {}) == (200, {"scheduled": True})
-    wait_for(lambda: freed_lines("loaded") == loaded + 1)
+    wait_until(lambda: freed_lines("loaded") == loaded + 1, "a free of the loaded pipeline", 60)
     assert server.post("/sdxlcn/free", {}) == (200, {"scheduled": True})
-    wait_for(lambda: freed_lines("not loaded") == empty + 1)
+    wait_until(lambda: freed_lines("not loaded") == empty + 1, "a free with nothing loaded", 60)
     ok = server.wait_history(server.queue_prompt(tiny_workflow()))  # loads again on the next run
     assert ok["status"]["status_str"] == "success"
