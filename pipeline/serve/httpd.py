@@ -22,8 +22,15 @@ from .inputs import Limits
 KEY_ENV = "SDXLCN_SERVE_KEY"
 
 
+IDLE_S = 120  # a connection silent this long (mid-request, or idle between keep-alive requests) is closed
+
+
 class StandaloneServer:
-    """:class:`ServeApp` on a ``ThreadingHTTPServer``; ``port=0`` picks a free port (see :attr:`port`)."""
+    """:class:`ServeApp` on a ``ThreadingHTTPServer``; ``port=0`` picks a free port (see :attr:`port`).
+
+    No client can hold the server: the TLS handshake runs on the connection's own thread (the thread that accepts
+    connections never waits on a client), a connection silent for ``IDLE_S`` is closed, and :meth:`stop` does not
+    wait for open connections (their threads are daemons)."""
 
     def __init__(self, app: ServeApp, host: str = "127.0.0.1", port: int = 0, tls_cert=None, tls_key=None):
         self.app = app
@@ -32,9 +39,20 @@ class StandaloneServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = IDLE_S
+
+            def handle(self):
+                if server.tls:
+                    try:
+                        self.connection.do_handshake()
+                    except (OSError, ValueError) as exc:  # not TLS, a bad hello, or silent past IDLE_S
+                        log.debug("serve: TLS handshake with %s failed: %s", self.client_address[0], exc)
+                        return
+                super().handle()
 
             def log_message(self, fmt, *args):  # the path may carry a webhook URL: keep the access log short
-                log.debug("serve: %s %s", self.command, self.path.split("?", 1)[0][:200])
+                path = getattr(self, "path", "")  # unset when the request line never came
+                log.debug("serve: %s %s", getattr(self, "command", "-"), path.split("?", 1)[0][:200])
 
             def do_GET(self):
                 server._handle(self)
@@ -43,10 +61,12 @@ class StandaloneServer:
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False  # stop() must not wait for a client to close its connection
         if self.tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(str(tls_cert), str(tls_key))
-            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            # handshakes in Handler.handle, on each connection's thread: accept() must never wait on a client
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
         self.host = host
         self.port = self.httpd.server_address[1]
         self.thread: threading.Thread | None = None
@@ -195,7 +215,8 @@ def cmd_serve(args) -> int:
           f"image-to-image); data in {Path(args.data_dir).resolve()}", file=sys.stderr, flush=True)
     print(f"READY {server.url}", flush=True)
     try:
-        server.thread.join()
+        while server.thread.is_alive():  # a timed wait: the kernel may hand SIGINT to another thread, and Python
+            server.thread.join(0.5)      # raises KeyboardInterrupt only when the main thread next runs
     except KeyboardInterrupt:
         print("stopping: running requests are queued again at the next start", file=sys.stderr)
     finally:
