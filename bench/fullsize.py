@@ -18,14 +18,22 @@ Round 1 also times one generation at 512x512, 2 denoising steps (ours: the sampl
 ComfyUI: CLIPTextEncode, ControlNetApplyAdvanced at 0.5, VAEEncode, KSampler at denoise 0.95, VAEDecode).
 Prints ratios ours / ComfyUI; ``--json`` writes bench/results/fullsize.json.
 
+``--base-layout folder`` loads the SDXL base from a diffusers folder instead (``models/diffusers``'s layout, written
+once into ``--scratch`` from the single file's weights, fp16, 6.9 GB more): ours from the folder, ours from the single
+file (the figure the folder is held to) and ComfyUI's DiffusersLoader + ControlNetLoader, the three in turn.
+
 ``--fast`` instead times fal's defaults (25 steps x 0.95 = 23 run, CFG 7.5) against the ``_fast`` workflow's
 settings (5 x 0.95 = 4 run, CFG 1.0, euler_trailing, with a rank-64 UNet LoRA written once into ``--scratch``) on
-our pipeline, in one process, alternating, at ``--fast-size`` (default 256).
+our pipeline, in one process, alternating, at ``--fast-size`` (default 256), in fp32 (what ``dtype auto`` picks on
+the CPU: on a CPU without AVX512-BF16 a bf16 convolution runs ~80x slower than fp32's; the models then take ~20 GB
+of RAM).
 
     .venv/bin/python bench/fullsize.py --scratch /work/fullsize
     COMFYUI_DIR=/work/comfyui COMFYUI_PYTHON=/work/comfyui-venv/bin/python .venv/bin/python bench/fullsize.py \
         --scratch /work/fullsize --no-generate --rounds 4
     .venv/bin/python bench/fullsize.py --scratch /work/fullsize --fast --rounds 2
+    COMFYUI_DIR=... COMFYUI_PYTHON=... .venv/bin/python bench/fullsize.py --scratch /work/fullsize --no-generate \
+        --base-layout folder --rounds 3
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import _common as C
 
 BASE = "sdxl_fullsize_random.safetensors"
 CONTROLNET = "controlnet_fullsize_random.safetensors"
+BASE_FOLDER = "sdxl_fullsize_random_diffusers"  # --base-layout folder: the same base as a diffusers folder
 LORA = "lora_fullsize_random_rank64.safetensors"  # --fast: a few-step LoRA's shape, random values
 SIZE, STEPS, STRENGTH = 512, 3, 0.95  # 3 scheduled x 0.95 -> 2 steps run (ours); ComfyUI: steps 2 at denoise 0.95
 
@@ -88,6 +97,32 @@ def write_models(scratch: Path) -> None:
         os.replace(scratch / (CONTROLNET + ".part"), scratch / CONTROLNET)
 
 
+def write_base_folder(scratch: Path) -> None:
+    """The single file's SDXL base saved as a diffusers folder (fp16 safetensors, the tokenizers and scheduler
+    config our loader reads with the file), through our own loader: the same weights in the other layout."""
+    folder = scratch / BASE_FOLDER
+    if (folder / "model_index.json").is_file():
+        return
+    import shutil
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
+
+    print("writing the full-size SDXL base as a diffusers folder...", file=sys.stderr)
+    pipe = build_pipeline(scratch / BASE, scratch / CONTROLNET, LoadOptions(device="cpu", dtype="bf16"))
+    parts = {k: getattr(pipe, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                                           "unet", "scheduler")}
+    del pipe
+    for k in ("vae", "text_encoder", "text_encoder_2", "unet"):
+        parts[k].to(torch.float16)
+    part = scratch / (BASE_FOLDER + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    StableDiffusionXLPipeline(**parts).save_pretrained(str(part), safe_serialization=True)
+    os.replace(part, folder)
+
+
 OURS = r"""
 import json, resource, sys, time
 scratch, base, cn, size, steps, strength, generate_too = sys.argv[1:8]
@@ -128,12 +163,15 @@ sys.argv = [comfy_dir + "/main.py", "--cpu", "--bf16-unet"]
 sys.path.insert(0, comfy_dir)
 import comfy.options; comfy.options.enable_args_parsing()
 import folder_paths
-folder_paths.add_model_folder_path("checkpoints", scratch)
-folder_paths.add_model_folder_path("controlnet", scratch)
-import nodes, torch
+for kind in ("checkpoints", "controlnet", "diffusers"):
+    folder_paths.add_model_folder_path(kind, scratch)
+import os, nodes, torch
 out = {}
 def load():
-    m, c, v = nodes.CheckpointLoaderSimple().load_checkpoint(base)[:3]
+    if os.path.isdir(os.path.join(scratch, base)):  # a diffusers folder: ComfyUI's DiffusersLoader
+        m, c, v = nodes.DiffusersLoader().load_checkpoint(base)[:3]
+    else:
+        m, c, v = nodes.CheckpointLoaderSimple().load_checkpoint(base)[:3]
     ctl = nodes.ControlNetLoader().load_controlnet(cn)[0]
     return m, c, v, ctl
 t, c = time.perf_counter(), time.process_time()
@@ -168,7 +206,7 @@ from PIL import Image
 from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
-pipe = build_pipeline(f"{scratch}/{base}", f"{scratch}/{cn}", LoadOptions(device="cpu", dtype="bf16"))
+pipe = build_pipeline(f"{scratch}/{base}", f"{scratch}/{cn}", LoadOptions(device="cpu", dtype="fp32"))
 lora_path = Path(scratch) / lora
 if not lora_path.is_file():  # a few-step LoRA's shape (SDXL-Lightning: rank 64 on the UNet's attention), small values
     sys.path.insert(0, sys.argv[7])
@@ -249,7 +287,7 @@ def load_line() -> str:
 def run_fast(args, env) -> None:
     """fal's defaults against the _fast workflow's settings, on the full-size models, one process, alternating."""
     print(f"hardware: {C.hardware_line()}; {load_line()}")
-    print(f"generation {args.fast_size}x{args.fast_size} in bf16 on the CPU; defaults: 25 steps x 0.95 = 23 run, "
+    print(f"generation {args.fast_size}x{args.fast_size} in fp32 on the CPU; defaults: 25 steps x 0.95 = 23 run, "
           "CFG 7.5, default scheduler, no LoRA; _fast: 5 x 0.95 = 4 run, CFG 1.0, euler_trailing, a rank-64 "
           f"UNet LoRA (random, SDXL-Lightning's shape); {args.rounds} rounds, order alternating")
     times = run_child([sys.executable, "-c", FAST, str(args.scratch), BASE, CONTROLNET, str(args.fast_size),
@@ -272,11 +310,19 @@ def main(argv=None) -> int:
                     help="before each side's process: leave the page cache, read both files into it, or drop them")
     ap.add_argument("--fast", action="store_true", help="time fal's defaults against the _fast settings instead")
     ap.add_argument("--fast-size", type=int, default=256, help="picture size for --fast")
+    ap.add_argument("--base-layout", choices=("file", "folder"), default="file",
+                    help="the SDXL base as the single file or as a diffusers folder (ours from the single file too)")
     ap.add_argument("--json", action="store_true", help="write bench/results/fullsize.json")
     args = ap.parse_args(argv)
     write_models(args.scratch)
-    files = [args.scratch / BASE, args.scratch / CONTROLNET]
-    weights = sum(f.stat().st_size for f in files)
+    folder = args.base_layout == "folder"
+    if folder:
+        write_base_folder(args.scratch)
+    base = BASE_FOLDER if folder else BASE
+    loaded = [*sorted((args.scratch / BASE_FOLDER).glob("*/*.safetensors"))] if folder else [args.scratch / BASE]
+    loaded.append(args.scratch / CONTROLNET)
+    files = loaded + ([args.scratch / BASE] if folder else [])  # what the page-cache options act on
+    weights = sum(f.stat().st_size for f in loaded)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if args.fast:
         run_fast(args, env)
@@ -293,21 +339,24 @@ def main(argv=None) -> int:
 
     def side(name: str, generate: bool) -> dict:
         set_page_cache(files, args.page_cache)
-        cached = sum(cached_fraction(f) * f.stat().st_size for f in files) / weights
+        its = ([args.scratch / BASE, args.scratch / CONTROLNET] if name == "ours_file" else loaded)
+        cached = sum(cached_fraction(f) * f.stat().st_size for f in its) / sum(f.stat().st_size for f in its)
         gen = "1" if generate else "0"
-        if name == "ours":
-            out = run_child([sys.executable, "-c", OURS, str(args.scratch), BASE, CONTROLNET, str(SIZE), str(STEPS),
-                             str(STRENGTH), gen], env)
+        if name.startswith("ours"):
+            out = run_child([sys.executable, "-c", OURS, str(args.scratch), BASE if name == "ours_file" else base,
+                             CONTROLNET, str(SIZE), str(STEPS), str(STRENGTH), gen], env)
         else:
-            out = run_child([python, "-c", COMFY, comfy_dir, str(args.scratch), BASE, CONTROLNET, str(SIZE), gen],
+            out = run_child([python, "-c", COMFY, comfy_dir, str(args.scratch), base, CONTROLNET, str(SIZE), gen],
                             dict(env, PYTHONPATH=comfy_dir))
         out["cached_at_start"] = cached
         return out
 
+    sides = ["ours", *(["ours_file"] if folder else []), *(["comfyui"] if comfy_dir else [])]
+    if folder:
+        print("ours = our loader on the diffusers folder; ours_file = on the single file; ComfyUI = DiffusersLoader")
     rounds = []
     for r in range(args.rounds):
-        order = ["ours", "comfyui"] if r % 2 == 0 else ["comfyui", "ours"]
-        order = [n for n in order if n == "ours" or comfy_dir]
+        order = sides[r % len(sides):] + sides[:r % len(sides)]  # each side goes first in turn
         got = {n: side(n, generate=(r == 0 and not args.no_generate)) for n in order}
         rounds.append({"first": order[0], **got})
         line = f"round {r + 1} ({order[0]} first):"
@@ -336,6 +385,9 @@ def report(rounds: list, weights: int, comfy: bool) -> None:
             continue
         fmt = (lambda v: f"{v / 2**30:6.2f} GiB") if key.endswith("rss") else (lambda v: f"{v:7.1f} s")
         line = f"{label:18s} ours {fmt(ours)}"
+        own_file = med("ours_file", key)
+        if own_file:
+            line += f"   ours (single file) {fmt(own_file)}   folder / file {ours / own_file:.2f}x"
         theirs = med("comfyui", key) if comfy else None
         if theirs:
             line += f"   ComfyUI {fmt(theirs)}   ratio {ours / theirs:.2f}x (medians)"
@@ -343,7 +395,7 @@ def report(rounds: list, weights: int, comfy: bool) -> None:
             worst = max(r["ours"][key] for r in rounds)
             line += f"   ({ours / weights:.2f}x the weight files; largest {worst / weights:.2f}x)"
         if key in ("load_s", "load_cpu_s") and theirs:
-            for first in ("ours", "comfyui"):
+            for first in ("ours", "ours_file", "comfyui"):
                 ratios = [r["ours"][key] / r["comfyui"][key] for r in rounds if r["first"] == first]
                 if ratios:
                     line += f"; {first} first: {C.median(ratios):.2f}x (n={len(ratios)})"
@@ -353,6 +405,9 @@ def report(rounds: list, weights: int, comfy: bool) -> None:
         print(C.check(C.compare(ours, theirs, 1.0, paired=True), "first load <= 1.0x ComfyUI's (paired by round)"))
         ours, theirs = [r["ours"]["load_cpu_s"] for r in rounds], [r["comfyui"]["load_cpu_s"] for r in rounds]
         print(C.check(C.compare(ours, theirs, 1.0, paired=True), "first load's CPU seconds <= 1.0x ComfyUI's"))
+    if all("ours_file" in r for r in rounds):
+        ours, theirs = [r["ours"]["load_s"] for r in rounds], [r["ours_file"]["load_s"] for r in rounds]
+        print(C.check(C.compare(ours, theirs, 1.0, paired=True), "first load of the folder <= 1.0x the single file's"))
     worst = max(r["ours"]["load_peak_rss"] for r in rounds) / weights
     print(C.check(worst <= 1.1, f"peak RSS of every first load <= 1.1x the weight files ({worst:.2f}x)"))
 
