@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import ModelLoadError
 from .devices import MEMORY_MODES, check_device, default_device, default_dtype, parse_dtype
+from .diffusers_folder import folder_model, folder_models, load_diffusers_file
 from .hub import hub_offline, looks_like_repo_id
 from .memory import SingleModelCache
 from .model_checks import (
@@ -185,7 +186,10 @@ def load_controlnet(source, options: LoadOptions):
     if kind == "folder":
         _check_controlnet_folder(value, label)
         try:
-            return ControlNetModel.from_pretrained(value, dtype=opts.dtype, local_files_only=True)
+            model = folder_model(ControlNetModel, value, "diffusion_pytorch_model.safetensors", opts.dtype, label)
+            return model or ControlNetModel.from_pretrained(value, dtype=opts.dtype, local_files_only=True)
+        except ModelLoadError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise _wrap(label, value, exc, HINT_CONTROLNET) from None
     # a single file
@@ -208,31 +212,11 @@ def load_controlnet(source, options: LoadOptions):
     # diffusers keys in one file: build from the config and load the weights strictly
     config = ControlNetModel.load_config(str(cfg_dir))
     check_controlnet_config(config, cfg_dir, label)
-    try:
-        from accelerate import init_empty_weights
-
-        with init_empty_weights():
-            model = ControlNetModel.from_config(config)
-    except ImportError:
-        model = ControlNetModel.from_config(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(idx.shapes))
-    wrong = sorted(k for k in expected if k in idx.shapes and idx.shapes[k] != expected[k])
-    if missing or wrong:
-        k = (wrong or missing)[0]
-        detail = (f"{len(wrong)} tensors have other shapes (e.g. {k}: file {idx.shapes[k]}, config {expected[k]})"
-                  if wrong else f"{len(missing)} tensors are missing (e.g. {k})")
-        raise ModelLoadError(
-            f"{label}: {value} is an SDXL ControlNet in diffusers layout, but it does not match the config in "
-            f"{cfg_dir}: {detail}. It is probably a different size (mid/small variant): put it in a folder next to its "
-            f"own config.json and give the folder (or pass controlnet_config_dir)."
-        )
-    from .lazy_checkpoint import checkpoint_tensors
-
-    sd = checkpoint_tensors(idx, opts.dtype)
-    model.load_state_dict({k: sd[k].to(opts.dtype) for k in expected}, strict=True, assign=True)
-    model.eval()
-    return model
+    return load_diffusers_file(
+        ControlNetModel, idx, config, opts.dtype,
+        f"{label}: {value} is an SDXL ControlNet in diffusers layout, but it does not match the config in {cfg_dir}: "
+        "{detail}. It is probably a different size (mid/small variant): put it in a folder next to its own "
+        "config.json and give the folder (or pass controlnet_config_dir).")
 
 
 # ---------------------------------------------------------------- VAE override
@@ -340,6 +324,8 @@ def build_pipeline(base, controlnet, options: LoadOptions | None = None):
             pipe = build_from_single_file(idx, config_dir, opts.dtype, controlnet=cn, **extra)
             idx = None  # a pickle's tensors: not kept past the build
         else:
+            if kind == "folder":  # its models read as the single file's are; from_pretrained for the rest
+                extra.update(folder_models(value, opts.dtype, label, skip=extra))
             pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
                 str(value), controlnet=cn, dtype=opts.dtype, local_files_only=(kind != "hub"), **extra,
             )
