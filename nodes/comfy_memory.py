@@ -96,11 +96,13 @@ def _on_detach(patcher, unpatch_all):
     if str(patcher.load_device) != str(patcher.offload_device):
         return  # the weights moved to the offload device; the next run loads them back
     from ..pipeline.local.loading import forget_cached_pipeline
+    from ..pipeline.local.memory import trim_heap
 
     pipe = patcher.model.pipe_ref()
     if pipe is None:
         return
     patcher.model.to("meta")
+    trim_heap()  # the freed weights' pages back to the OS (no garbage collection: safe here)
     forget_cached_pipeline(pipe)
     _RELEASED.append((pipe, patcher))
     log.info("SDXL ControlNet: ComfyUI unloaded the pipeline; its memory is freed and it loads again when next used")

@@ -7,8 +7,8 @@ cast once into their final place and read on torch's threads. This is how the SD
 folder, a ControlNet folder and a ControlNet file in diffusers layout are loaded.
 
 A folder this cannot read the same way (weights sharded, only in a variant or a pickle, or names from an older
-diffusers) is left to ``from_pretrained``, which knows those layouts: :func:`folder_models` returns only what it
-loaded.
+diffusers) is left to ``from_pretrained``, which knows those layouts, and so is a file stored in the load dtype
+already (``from_pretrained`` then maps it without a copy): :func:`folder_models` returns only what it loaded.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from .lazy_checkpoint import checkpoint_tensors
+from .lazy_checkpoint import checkpoint_tensors, stored_dtypes
 from .model_checks import TensorIndex, read_index
 from .single_file import no_random_init
 
@@ -66,13 +66,21 @@ def fill(model, idx: TensorIndex, dtype):
     return model.eval()
 
 
+def needs_cast(idx: TensorIndex, dtype) -> bool:
+    """Whether a floating tensor of the file is stored in another dtype than ``dtype``."""
+    return dtype is not None and any(t.is_floating_point and t != dtype for t in stored_dtypes(idx))
+
+
 def folder_model(cls, folder: Path, weights: str, dtype, label: str):
     """``cls`` from a model folder (``config.json`` + ``weights``) read as the single file is; None when its one
-    weights file is absent or does not fit the config as it is (``from_pretrained`` then)."""
+    weights file is absent, does not fit the config as it is, or is stored in ``dtype`` already: then
+    ``from_pretrained`` maps the file's tensors as they are, which copies nothing at all."""
     if not (folder / weights).is_file():
         return None
-    model = empty_model(cls, folder)
     idx = read_index(folder / weights, label)
+    if not needs_cast(idx, dtype):
+        return None
+    model = empty_model(cls, folder)
     return fill(model, idx, dtype) if mismatch(model, idx) is None else None
 
 

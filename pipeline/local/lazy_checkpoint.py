@@ -153,6 +153,13 @@ class LazyCheckpoint(dict):
         return {k: self[k] for k in self.keys()}
 
 
+def stored_dtypes(index: TensorIndex) -> set:
+    """The torch dtypes a safetensors file's tensors are stored in (empty for a pickle)."""
+    import torch
+
+    return {getattr(torch, _DTYPES[name]) for name, _begin, _end in index.locations.values()}
+
+
 def checkpoint_tensors(index: TensorIndex, dtype=None, keep=None) -> dict:
     """The tensors of a weights file for a converter: a pickle's state dict (read whole, it is in memory already),
     or a :class:`LazyCheckpoint` of a safetensors file; ``keep`` filters keys."""
