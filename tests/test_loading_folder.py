@@ -1,7 +1,7 @@
-"""A diffusers folder (SDXL base and ControlNet) is read as the single file is: models built empty and filled from
-each one weights file, where a cast is needed (pipeline/local/diffusers_folder.py). The models are diffusers' and transformers' own
-``from_pretrained`` models tensor for tensor; a folder laid out otherwise (sharded weights) still loads, through
-``from_pretrained``."""
+"""A diffusers folder (SDXL base and ControlNet) is read as the single file is where a cast is needed: models built
+empty and filled from each one weights file (pipeline/local/diffusers_folder.py). The models are diffusers' and
+transformers' own ``from_pretrained`` models tensor for tensor; a folder laid out otherwise (sharded weights) still
+loads, through ``from_pretrained``; and a pipeline read on several threads gives its memory back when freed."""
 
 from __future__ import annotations
 
