@@ -62,6 +62,12 @@ def make_cert(folder: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def as_at_a_terminal() -> None:
+    """In the child before exec: SIGINT handled by default, as at a terminal (a shell script's background job, as
+    CI may run the tests in, starts its children with SIGINT ignored, and Python then keeps it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_serve(tiny_models, tmp_path: Path, port: int, cert: Path, key: Path, key_file: Path):
     log = open(tmp_path / f"serve-{time.monotonic_ns()}.log", "w")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -70,7 +76,7 @@ def start_serve(tiny_models, tmp_path: Path, port: int, cert: Path, key: Path, k
         [sys.executable, "-m", "sdxl_controlnet_img2img", "serve", "--checkpoint", str(tiny_models["checkpoint"]),
          "--controlnet", str(tiny_models["controlnet"]), "--port", str(port), "--device", "cpu", "--dtype", "fp32",
          "--tls-cert", str(cert), "--tls-key", str(key), "--key-file", str(key_file), "--data-dir",
-         str(tmp_path / "data")], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+         str(tmp_path / "data")], stdout=subprocess.PIPE, stderr=log, text=True, env=env, preexec_fn=as_at_a_terminal)
     end = time.monotonic() + 180
     while time.monotonic() < end:  # READY is printed once it listens
         line = proc.stdout.readline()

@@ -1,7 +1,7 @@
 """``serve`` stops when asked and no client can stall it: the cases behind a CI run where ``serve`` did not exit
 within 60 s of SIGINT.
 
-- SIGINT that the kernel hands to one of the server's other threads (any thread of a process may receive a signal
+- SIGINT (or SIGTERM, which stops it the same way) that the kernel hands to one of the server's other threads (any thread of a process may receive a signal
   sent to the process; Python only acts on it in the main thread, when that thread next runs);
 - a client that opens a TCP connection to the HTTPS port and sends nothing (the TLS handshake must not hold the
   thread that accepts connections: other clients are still answered, and the server still stops);
@@ -22,8 +22,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from test_serve import KEY, Paused
-from test_serve_cli import make_cert
+from test_serve_cli import as_at_a_terminal, make_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +85,8 @@ def tgkill(pid: int, tid: int, sig: int) -> None:
         raise OSError(ctypes.get_errno(), "tgkill")
 
 
-def test_sigint_to_any_thread_stops_serve(tiny_models, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_to_any_thread_stops_serve(tiny_models, tmp_path, sig):
     from comfyui_harness import free_port, wait_until
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -93,14 +96,14 @@ def test_sigint_to_any_thread_stops_serve(tiny_models, tmp_path):
         [sys.executable, "-m", "sdxl_controlnet_img2img", "serve", "--checkpoint", str(tiny_models["checkpoint"]),
          "--controlnet", str(tiny_models["controlnet"]), "--port", str(free_port()), "--device", "cpu", "--dtype",
          "fp32", "--data-dir", str(tmp_path / "data")], stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-        cwd=ROOT)
+        cwd=ROOT, preexec_fn=as_at_a_terminal)
     try:
         line = proc.stdout.readline()
         assert line.startswith("READY"), (line, (tmp_path / "serve.log").read_text()[-3000:])
         others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
         assert others  # the HTTP, worker and webhook threads at least
-        tgkill(proc.pid, others[0], signal.SIGINT)  # Python's C-level handler runs there; main must still act
-        wait_until(lambda: proc.poll() is not None, "serve exits after SIGINT reached one of its other threads",
+        tgkill(proc.pid, others[0], sig)  # Python's C-level handler runs there; main must still act
+        wait_until(lambda: proc.poll() is not None, f"serve exits after {sig.name} reached one of its other threads",
                    deadline_s=30)
         assert proc.returncode == 0
         assert "stopping" in (tmp_path / "serve.log").read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import ssl
 import sys
 import threading
@@ -214,11 +215,13 @@ def cmd_serve(args) -> int:
     print(f"serving {len(pipes)} worker(s) at {server.url} (fal's queue API for fal-ai/fast-sdxl-controlnet-canny/"
           f"image-to-image); data in {Path(args.data_dir).resolve()}", file=sys.stderr, flush=True)
     print(f"READY {server.url}", flush=True)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (systemd, docker stop) stops as Ctrl-C does
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while server.thread.is_alive():  # a timed wait: the kernel may hand SIGINT to another thread, and Python
             server.thread.join(0.5)      # raises KeyboardInterrupt only when the main thread next runs
     except KeyboardInterrupt:
-        print("stopping: running requests are queued again at the next start", file=sys.stderr)
+        print("stopping: running requests are queued again at the next start", file=sys.stderr, flush=True)
     finally:
         server.stop()
         workers.stop()
