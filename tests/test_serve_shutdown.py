@@ -1,8 +1,9 @@
 """``serve`` stops when asked and no client can stall it: the cases behind a CI run where ``serve`` did not exit
 within 60 s of SIGINT.
 
-- SIGINT (or SIGTERM, which stops it the same way) that the kernel hands to one of the server's other threads (any thread of a process may receive a signal
-  sent to the process; Python only acts on it in the main thread, when that thread next runs);
+- SIGINT (or SIGTERM, which stops it the same way) that the kernel hands to one of the server's other threads (any
+  thread of a process may receive a signal sent to the process; Python only acts on it in the main thread, when
+  that thread next runs);
 - a client that opens a TCP connection to the HTTPS port and sends nothing (the TLS handshake must not hold the
   thread that accepts connections: other clients are still answered, and the server still stops);
 - an idle keep-alive connection left open when the server stops.
