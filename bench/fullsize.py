@@ -10,8 +10,8 @@ library modules are imported before its clock starts, as ComfyUI's are when its 
 
 Neither side can be favoured by going first (the first reader of a file may find it outside the page cache, the
 second inside): ``--rounds`` rounds (default 3) alternate which side starts, the report gives medians, the ratio
-in each order, and how much of both files was in the page cache when each process started. ``--page-cache warm``
-reads both files before each process, ``cold`` drops them from the page cache (this file's pages only). On a
+in each order, and how much of its files was in the page cache when each process started. ``--page-cache warm``
+reads the side's own files before its process, ``cold`` drops them from the page cache (their pages only). On a
 shared machine the CPU seconds of the load move less with other work than the wall seconds.
 
 Round 1 also times one generation at 512x512, 2 denoising steps (ours: the sampler's request at strength 0.95;
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-generate", action="store_true", help="measure loading only")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of both sides (the first side alternates)")
     ap.add_argument("--page-cache", choices=("asis", "warm", "cold"), default="asis",
-                    help="before each side's process: leave the page cache, read both files into it, or drop them")
+                    help="before each side's process: leave the page cache, read its files into it, or drop them")
     ap.add_argument("--fast", action="store_true", help="time fal's defaults against the _fast settings instead")
     ap.add_argument("--fast-size", type=int, default=256, help="picture size for --fast")
     ap.add_argument("--base-layout", choices=("file", "folder"), default="file",
