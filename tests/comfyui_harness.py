@@ -52,6 +52,23 @@ class ComfyUI:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def import_problem(self, folder: str = PACK_FOLDER) -> str | None:
+        """None when ComfyUI imported the custom node ``folder`` (the pack by default), else the log lines that say
+        why not. The node is recognised by the module path ComfyUI names (this server's ``custom_nodes/<folder>``),
+        never by a substring that a parent folder may hold too (a clone named like the repository holds ComfyUI,
+        and ComfyUI's failing audio nodes, inside it)."""
+        module_path = str(self.base / "custom_nodes" / folder)
+        lines = self.log().splitlines()
+        timing = [ln for ln in lines if ln.rstrip().endswith(f"seconds: {module_path}")
+                  or ln.rstrip().endswith(f"seconds (IMPORT FAILED): {module_path}")]
+        if len(timing) == 1 and "(IMPORT FAILED)" not in timing[0]:
+            return None
+        # ComfyUI logs the traceback, then "Cannot import <module_path> module for custom nodes: <error>"
+        ends = [i for i, ln in enumerate(lines) if f"Cannot import {module_path} module" in ln]
+        start = next((j for j in range(ends[0], -1, -1) if lines[j].startswith("Traceback")), ends[0]) if ends else 0
+        quoted = lines[start:ends[0] + 1] if ends else [f"(no import-times line for {module_path})"]
+        return "\n".join(timing + quoted)
+
     def get(self, path: str, timeout: float = 10):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read() or b"null")

@@ -114,7 +114,8 @@ class Page:
         page.on("requestfailed", lambda r: self._pack(r.url, f"request failed: {r.url} {r.failure}"))
 
     def _pack(self, where: str, message: str):
-        if PACK_FOLDER in (where or "") or "sdxlcn" in (where or "").lower():
+        # the pack's files as the browser names them (its extension URLs), not a folder name a path may hold anyway
+        if f"{EXT}/" in (where or "") or "sdxlcn" in (where or "").lower():
             self.pack_problems.append(message)
 
     def _on_console(self, msg):
@@ -129,7 +130,7 @@ class Page:
         self._pack(text, f"uncaught: {text}")
 
     def _on_response(self, resp):
-        if EXT in resp.url:
+        if EXT + "/" in resp.url:
             if resp.status >= 400:
                 self.pack_problems.append(f"HTTP {resp.status} for {resp.url}")
             else:
