@@ -1,7 +1,8 @@
 """Load held by one real ComfyUI server (skipped without COMFYUI_DIR): cycles of prompts that change the LoRA set,
 the size, the scheduler, a loader option and the seed, with a prompt interrupted while it runs and a prompt refused
 by validation in the middle. Every prompt succeeds, the server's resident memory does not creep from one cycle to
-the next, and nothing accumulates that would slow prompts down (reloads, kept adapters).
+the next, and nothing is reloaded beyond what the changes need. Nothing here is timed: a busy CI machine
+swings timings threefold (speed is measured in bench/).
 
 SDXLCN_LOAD_CYCLES sets the number of cycles (default 4; each is 6 prompts)."""
 
@@ -60,12 +61,6 @@ def cycle(seed):
             workflow(seed + 5, [(b, 0.3)])]  # and back
 
 
-def cpu_seconds(server) -> float:
-    """CPU time (user + system) the server process has used so far."""
-    fields = open(f"/proc/{server.proc.pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_all(server, prompts):
     ids = [server.queue_prompt(p) for p in prompts]
     for pid in ids:
@@ -86,11 +81,9 @@ def interrupt_a_running_prompt(server):
 
 
 def test_load_held_memory_flat_and_no_slowdown(server):
-    rss, seconds = [], []
+    rss = []
     for k in range(CYCLES + 1):  # cycle 0 warms up (first load, allocator pools)
-        t0 = cpu_seconds(server)
         run_all(server, cycle(100 * k))
-        seconds.append(cpu_seconds(server) - t0)
         rss.append(server.rss_bytes())
         if k == CYCLES // 2:  # the disturbances, in the middle of the run
             interrupt_a_running_prompt(server)
@@ -101,11 +94,8 @@ def test_load_held_memory_flat_and_no_slowdown(server):
     mib = [round(r / 2**20) for r in rss]
     for before, after in zip(rss[1:], rss[2:]):
         assert after <= before * CREEP, f"resident memory crept between cycles: {mib} MiB"
-    # what would slow prompts down: reloads beyond the loader option's two per cycle, kept adapters piling up
-    loads = server.log().count("SDXLCNLoader:")
-    assert loads == 1 + 2 * (CYCLES + 1), server.log()[-3000:]  # the first load, then the option and back
-    # the server's own CPU time per cycle (what the work costs, whatever else the machine runs): no cycle costs
-    # much more than the cheapest
-    measured = seconds[1:]
-    assert max(measured) < 1.5 * min(measured), f"cycles slowed down: {[round(s, 1) for s in seconds]} CPU s"
-    print(f"cycles: {[round(s, 1) for s in seconds]} CPU s, RSS {mib} MiB")
+    # what would slow prompts down, counted rather than timed (timings swing with the machine's load; speed is
+    # bench/'s business): reloads beyond the loader option's two per cycle
+    loads = [ln for ln in server.log().splitlines() if "SDXLCNLoader:" in ln]
+    assert len(loads) == 1 + 2 * (CYCLES + 1), "\n".join(loads)  # the first load, then the option and back
+    print(f"RSS after each cycle: {mib} MiB")
