@@ -191,6 +191,27 @@ def test_refusals_in_fals_shapes(tmp_path):
         server.stop_all()
 
 
+def test_an_optional_model_the_server_lacks_is_refused_with_a_hint_it_can_follow(tmp_path):
+    """The refusal's advice names only options that `serve` really has (its own parser is the truth)."""
+    import argparse
+    import re
+
+    from sdxl_controlnet_img2img.pipeline.serve.httpd import add_serve_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_serve_parser(sub)
+    options = set(sub.choices["serve"]._option_string_actions)
+    server = start(tmp_path, backend=Paused())
+    try:
+        for name in ("enable_safety_checker", "expand_prompt"):
+            code, body, _ = call("POST", f"{server.url}/{APP}", fal_input(**{name: True}))
+            assert code == 422 and body["detail"][0]["loc"] == ["body", name], body
+            msg = body["detail"][0]["msg"]
+            assert "false" in msg and set(re.findall(r"--[a-z][a-z-]+", msg)) <= options, msg
+    finally:
+        server.stop_all()
+
+
 def test_cancel_restart_and_webhook(tmp_path, tiny_pipe):
     received, got = [], threading.Event()
 

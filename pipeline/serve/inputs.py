@@ -120,8 +120,8 @@ def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()
                                          "files); send an empty list, or run the LoRA with the pack locally")
     for name in ("enable_safety_checker", "expand_prompt"):
         if getattr(request, name) and name not in hooks:
-            raise invalid(["body", name], f"this server has no model for {name}; set it to false, or start the "
-                                          f"server with its model ({'--safety-checker' if 'safety' in name else '--prompt-expansion'})")
+            raise invalid(["body", name], f"this server runs without a model for {name} (the stand-alone serve "
+                                          "loads none); set it to false or leave it out")
     images, decoded = {}, {}
     for name in INPUT_NAMES:
         value = getattr(request, name)
