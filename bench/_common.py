@@ -46,6 +46,15 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int =
     return times
 
 
+def own_peak_rss() -> int:
+    """This process's own peak resident memory in bytes: ``VmHWM``, the high-water mark of its address space, which
+    starts afresh at ``exec``. Never ``getrusage().ru_maxrss``: Linux carries that across fork and exec, so a child
+    reports its parent's peak when that was larger (a bench that had just written 14 GiB of weights saw every
+    child's load "peak" at 13.62 GiB, 1.55x the files, whatever the load did)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def median(xs) -> float:
     return statistics.median(xs)
 

@@ -3,10 +3,12 @@
 Writes random-weight full-size models into ``--scratch`` (reused when present; needs about 9.5 GB of disk and,
 while writing, about 14 GiB of RAM): an SDXL base as one ``.safetensors`` in the original SGM layout (fp16, 6.9 GB)
 and an SDXL ControlNet in the diffusers layout as one file (fp16, 2.5 GB; its zero convs re-initialised so it
-acts). Then, each in a fresh process (so peak RSS is the load's own): our loader in bf16 and, when ``COMFYUI_DIR``
-(and ``COMFYUI_PYTHON``) point at a ComfyUI checkout, ComfyUI's CheckpointLoaderSimple + ControlNetLoader with
-``--cpu --bf16-unet``: first load (wall and CPU seconds), second load in the same process, peak RSS (each side's
-library modules are imported before its clock starts, as ComfyUI's are when its loaders run).
+acts). The writing runs in a child and each load in a fresh process, so a load's peak RSS is its own (read as
+``VmHWM``: ``ru_maxrss`` carries a parent's peak into its children, see ``_common.own_peak_rss``). Each side: our
+loader in bf16 and, when ``COMFYUI_DIR`` (and ``COMFYUI_PYTHON``) point at a ComfyUI checkout, ComfyUI's
+CheckpointLoaderSimple + ControlNetLoader with ``--cpu --bf16-unet``: first load (wall and CPU seconds), second load
+in the same process, peak RSS (each side's library modules are imported before its clock starts, as ComfyUI's are
+when its loaders run).
 
 Neither side can be favoured by going first (the first reader of a file may find it outside the page cache, the
 second inside): ``--rounds`` rounds (default 3) alternate which side starts, the report gives medians, the ratio
@@ -51,6 +53,7 @@ BASE = "sdxl_fullsize_random.safetensors"
 CONTROLNET = "controlnet_fullsize_random.safetensors"
 BASE_FOLDER = "sdxl_fullsize_random_diffusers"  # --base-layout folder: the same base as a diffusers folder
 LORA = "lora_fullsize_random_rank64.safetensors"  # --fast: a few-step LoRA's shape, random values
+BENCH = str(Path(__file__).resolve().parent)  # the children import _common from here
 SIZE, STEPS, STRENGTH = 512, 3, 0.95  # 3 scheduled x 0.95 -> 2 steps run (ours); ComfyUI: steps 2 at denoise 0.95
 
 
@@ -124,8 +127,10 @@ def write_base_folder(scratch: Path) -> None:
 
 
 OURS = r"""
-import json, resource, sys, time
-scratch, base, cn, size, steps, strength, generate_too = sys.argv[1:8]
+import json, sys, time
+bench, scratch, base, cn, size, steps, strength, generate_too = sys.argv[1:9]
+sys.path.insert(0, bench)
+from _common import own_peak_rss
 from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
@@ -140,7 +145,7 @@ opts = LoadOptions(device="cpu", dtype="bf16")
 t, c = time.perf_counter(), time.process_time()
 pipe = build_pipeline(f"{scratch}/{base}", f"{scratch}/{cn}", opts)
 out["load_s"], out["load_cpu_s"] = time.perf_counter() - t, time.process_time() - c
-out["load_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out["load_peak_rss"] = own_peak_rss()
 del pipe
 import gc; gc.collect()
 t = time.perf_counter(); pipe = build_pipeline(f"{scratch}/{base}", f"{scratch}/{cn}", opts)
@@ -157,8 +162,10 @@ print("RESULT " + json.dumps(out))
 """
 
 COMFY = r"""
-import json, resource, sys, time
-comfy_dir, scratch, base, cn, size, generate_too = sys.argv[1:7]
+import json, sys, time
+bench, comfy_dir, scratch, base, cn, size, generate_too = sys.argv[1:8]
+sys.path.insert(0, bench)
+from _common import own_peak_rss
 sys.argv = [comfy_dir + "/main.py", "--cpu", "--bf16-unet"]
 sys.path.insert(0, comfy_dir)
 import comfy.options; comfy.options.enable_args_parsing()
@@ -177,7 +184,7 @@ def load():
 t, c = time.perf_counter(), time.process_time()
 model, clip, vae, ctl = load()
 out["load_s"], out["load_cpu_s"] = time.perf_counter() - t, time.process_time() - c
-out["load_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out["load_peak_rss"] = own_peak_rss()
 del model, clip, vae, ctl
 import gc; gc.collect()
 t = time.perf_counter(); model, clip, vae, ctl = load()
@@ -230,6 +237,13 @@ for r in range(rounds):
         t = time.perf_counter(); generate(pipe, settings[name]); times[name].append(time.perf_counter() - t)
 print("RESULT " + json.dumps(times))
 """
+
+
+def in_child(writer: str, scratch: Path) -> None:
+    """Run this module's ``writer(scratch)`` in a child process: the ~14 GiB a full-size build allocates stays out of
+    the bench's own process, whose memory the measured sides would otherwise compete with."""
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                    f"import fullsize; fullsize.{writer}(Path(sys.argv[2]))", BENCH, str(scratch)], check=True)
 
 
 def run_child(cmd: list[str], env: dict) -> dict:
@@ -314,12 +328,10 @@ def main(argv=None) -> int:
                     help="the SDXL base as the single file or as a diffusers folder (ours from the single file too)")
     ap.add_argument("--json", action="store_true", help="write bench/results/fullsize.json")
     args = ap.parse_args(argv)
-    write_models(args.scratch)
+    in_child("write_models", args.scratch)
     folder = args.base_layout == "folder"
-    if folder and not (args.scratch / BASE_FOLDER / "model_index.json").is_file():  # in a child: what the build
-        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-                        "import fullsize; fullsize.write_base_folder(Path(sys.argv[2]))", str(Path(__file__).parent),
-                        str(args.scratch)], check=True)  # allocates stays out of the measured sides' memory
+    if folder and not (args.scratch / BASE_FOLDER / "model_index.json").is_file():
+        in_child("write_base_folder", args.scratch)
     base = BASE_FOLDER if folder else BASE
     loaded = [*sorted((args.scratch / BASE_FOLDER).glob("*/*.safetensors"))] if folder else [args.scratch / BASE]
     loaded.append(args.scratch / CONTROLNET)
@@ -344,11 +356,12 @@ def main(argv=None) -> int:
         cached = sum(cached_fraction(f) * f.stat().st_size for f in its) / sum(f.stat().st_size for f in its)
         gen = "1" if generate else "0"
         if name.startswith("ours"):
-            out = run_child([sys.executable, "-c", OURS, str(args.scratch), BASE if name == "ours_file" else base,
-                             CONTROLNET, str(SIZE), str(STEPS), str(STRENGTH), gen], env)
+            out = run_child([sys.executable, "-c", OURS, BENCH, str(args.scratch),
+                             BASE if name == "ours_file" else base, CONTROLNET, str(SIZE), str(STEPS), str(STRENGTH),
+                             gen], env)
         else:
-            out = run_child([python, "-c", COMFY, comfy_dir, str(args.scratch), base, CONTROLNET, str(SIZE), gen],
-                            dict(env, PYTHONPATH=comfy_dir))
+            out = run_child([python, "-c", COMFY, BENCH, comfy_dir, str(args.scratch), base, CONTROLNET, str(SIZE),
+                             gen], dict(env, PYTHONPATH=comfy_dir))
         out["cached_at_start"] = cached
         return out
 

@@ -90,3 +90,19 @@ def test_exact_checks_stay_plain_and_bad_input_is_refused():
     assert C.check(False, "pixel-equal") == "MISS  pixel-equal"
     with pytest.raises(ValueError, match="paired samples need equal counts"):
         C.compare([1.0, 2.0, 3.0], [1.0, 2.0], 1.0, paired=True)
+
+
+def test_a_childs_peak_rss_is_its_own_not_its_parents():
+    """bench/fullsize.py measures each load's peak in a child; a parent that had just written the weights (a 14 GiB
+    peak) made every child report 13.62 GiB through ru_maxrss. The child here allocates nothing large."""
+    import subprocess
+
+    import numpy as np
+
+    big = np.ones(640 * 2**20 // 8)  # 640 MiB touched by the parent, then freed: its peak stays
+    del big
+    code = "import _common; print(_common.own_peak_rss())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent / "bench")
+    child_peak = int(out.stdout)
+    assert 0 < child_peak < 320 * 2**20, f"the child's own peak read {child_peak / 2**20:.0f} MiB"
