@@ -76,6 +76,12 @@ class Behaviour:
     # fal accepts the submission (the job exists, it is billed) but its answer comes this much later: a large body
     # still being sent, or a slow ingress
     submit_answer_delay_s: float = 0.0
+    # fal accepts the submission and sends its answer's headers, then the body goes wrong (one fault per submit):
+    # "cutoff" (half the body, then the connection closes), "stall" (half the body, then nothing for stall_s),
+    # "html" (a 200 whose body is an HTML page, as a proxy in front of fal may answer)
+    submit_answer_faults: list = field(default_factory=list)
+    fault_request_id: bool = True  # whether those answers carry the x-fal-request-id header
+    stall_s: float = 5.0
     status_statuses: list = field(default_factory=list)  # same, for status polls
     result_statuses: list = field(default_factory=list)  # same, for the result
     auth_detail: str | None = None  # answer every call with 401 and this detail (may contain the key: tests redact)
@@ -183,11 +189,13 @@ class FalTestServer:
         return None
 
     # ---- HTTP ----------------------------------------------------------------------------
-    def _send(self, h, code: int, body, ctype="application/json", headers=None, fal_id: str | None = "srv"):
+    def _send(self, h, code: int, body, ctype="application/json", headers=None, fal_id: str | None = "srv",
+              length: int | None = None):
+        """Answer ``body``; ``length`` (the Content-Length) longer than it: a body cut off after the headers."""
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         h.send_response(code)
         h.send_header("Content-Type", ctype)
-        h.send_header("Content-Length", str(len(data)))
+        h.send_header("Content-Length", str(length or len(data)))
         if fal_id is not None:  # fal itself answered (an ingress error has no such header)
             h.send_header("x-fal-request-id", fal_id)
         for k, v in (headers or {}).items():
@@ -264,8 +272,25 @@ class FalTestServer:
         if code:
             return self._send(h, code, {"detail": f"injected {code} after accepting"}, fal_id=rid)
         base = f"{self.base}/{app}/requests/{rid}"
-        return self._send(h, 200, {"request_id": rid, "status_url": base + "/status", "response_url": base,
-                                   "cancel_url": base + "/cancel", "queue_position": self.behaviour.queue_ahead})
+        answer = {"request_id": rid, "status_url": base + "/status", "response_url": base,
+                  "cancel_url": base + "/cancel", "queue_position": self.behaviour.queue_ahead}
+        fault = self._pop("submit_answer_faults")
+        if fault:
+            return self._broken_answer(h, fault, answer, rid if self.behaviour.fault_request_id else None)
+        return self._send(h, 200, answer)
+
+    def _broken_answer(self, h, fault: str, answer: dict, fal_id: str | None):
+        """The submit's answer headers (200) go out whole; its body does not (see ``Behaviour.submit_answer_faults``)."""
+        if fault == "html":
+            page = b"<html><head><title>502</title></head><body>upstream busy, try again</body></html>"
+            return self._send(h, 200, page, ctype="text/html", fal_id=fal_id)
+        assert fault in ("cutoff", "stall"), fault
+        data = json.dumps(answer).encode()
+        self._send(h, 200, data[: len(data) // 2], fal_id=fal_id, length=len(data))
+        h.wfile.flush()
+        if fault == "stall":
+            self.stopping.wait(self.behaviour.stall_s)
+        _drop(h)
 
     def _status(self, h, job: Job, query):
         b = self.behaviour
@@ -278,12 +303,7 @@ class FalTestServer:
             else:
                 drop = False
         if drop:
-            h.close_connection = True
-            try:
-                h.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
+            return _drop(h)
         code = self._pop("status_statuses")
         if code:
             return self._send(h, code, {"detail": f"injected {code}"})
@@ -374,6 +394,15 @@ class FalTestServer:
             return self._send(h, 404, {"detail": "no such file"})
         data, ctype = self.files[name]
         return self._send(h, 200, data, ctype)
+
+
+def _drop(h) -> None:
+    """Close the connection without (the rest of) an answer."""
+    h.close_connection = True
+    try:
+        h.connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _validate(args: dict) -> list:

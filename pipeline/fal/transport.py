@@ -1,12 +1,14 @@
 """fal-client wiring: an HTTP transport with bounded timeouts, our own retry policy, and a waiter
 that polls for cancel and a deadline while each call runs.
 
-``fal-client`` retries some failures itself for up to ~50 s. The client built here gives it an
-HTTP transport that caps every HTTP call's timeout and hands transient failures (429, 5xx, dropped
-or refused connections, HTTP timeouts) to :func:`call_with_retries`, a bounded retry with backoff
-(:class:`~.settings.FalSettings`). A submit is re-sent only when nothing reached fal (refused
-connection, 429, 5xx answers), so a retry never pays twice. Every HTTP call runs in a worker
-thread while the caller's ``cancel_check`` is polled every 50 ms (:class:`Waiter`).
+``fal-client`` retries some failures itself for up to ~50 s, a submit included: any ``httpx`` transport error or
+timeout (also one that comes while the answer's body is read, after fal accepted the submission) and HTTP 408/409/429.
+The client built here gives it an HTTP transport that caps every HTTP call's timeout, reads each answer's body itself
+and hands every failure fal-client would retry (those answers, 5xx, dropped or refused connections, timeouts, a body
+cut off or stalled after the headers, and a 2xx answer of fal's queue that is not the JSON fal-client parses) to
+:func:`call_with_retries`, a bounded retry with backoff (:class:`~.settings.FalSettings`). A submit is re-sent only
+when nothing reached fal (refused connection, 429, 5xx answers without fal's id), so a retry never pays twice. Every
+HTTP call runs in a worker thread while the caller's ``cancel_check`` is polled every 50 ms (:class:`Waiter`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 
+from .. import request_log
 from .errors import (
     FalAuthError,
     FalConnectionError,
@@ -40,12 +43,18 @@ def received_by_fal(response) -> str | None:
     return response.headers.get("x-fal-request-id") or None
 
 
+def may_be_accepted(response) -> bool:
+    """Whether a submit that got ``response`` (its status line and headers) may have been accepted by fal: a success
+    always (its body may still break), an error answer when :func:`received_by_fal` says fal itself sent it."""
+    return response.status_code < 400 or received_by_fal(response) is not None
+
+
 class Transient(Exception):
     """A failure worth retrying: raised from the transport so fal-client's own retry loop passes it up."""
 
     def __init__(self, kind: str, message: str, status_code: int | None = None, sent: bool = True,
                  request_id: str | None = None):
-        self.kind = kind  # "http", "timeout", "connection"
+        self.kind = kind  # "http", "timeout", "connection", "answer" (a 2xx body fal-client cannot parse)
         self.status_code = status_code
         self.sent = sent  # whether the request may have reached fal
         self.request_id = request_id  # fal's id for it, when fal answered
@@ -62,6 +71,68 @@ def detail_text(body) -> str:
     return str(body)
 
 
+def _queue_call(url: str, method: str) -> str | None:
+    """"submit" or "queue" for a URL of fal's queue that fal-client built (before any redirect), else None."""
+    import fal_client.client as fc
+
+    if not url.startswith(fc.QUEUE_URL_FORMAT):
+        return None
+    return "submit" if method == "POST" and "/requests/" not in url else "queue"
+
+
+SUBMIT_ANSWER_KEYS = ("request_id", "response_url", "status_url", "cancel_url")  # what fal-client's submit reads
+
+
+def check_answer(call: str | None, response) -> None:
+    """A 2xx answer of fal's queue must be the JSON fal-client parses (a submit's: an object with the request id and
+    its URLs); anything else (an HTML page from a proxy) is a :class:`Transient` here, never a raw ``ValueError`` or
+    ``KeyError`` out of fal-client after fal accepted the submission."""
+    if call is None or not 200 <= response.status_code < 300:
+        return
+    import json
+
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        body = None
+        problem = "is not JSON"
+    else:
+        problem = None
+    if call == "submit" and problem is None and not (
+            isinstance(body, dict) and all(isinstance(body.get(k), str) for k in SUBMIT_ANSWER_KEYS)):
+        problem = f"lacks {', '.join(SUBMIT_ANSWER_KEYS)}"
+    if problem is None:
+        return
+    ctype = response.headers.get("content-type", "no content type")
+    shown = response.content[:120].decode("utf-8", "replace")
+    rid = response.headers.get("x-fal-request-id") or (body.get("request_id") if isinstance(body, dict) else None)
+    raise Transient("answer", f"fal's answer (HTTP {response.status_code}, {ctype}) {problem}: {shown!r}",
+                    status_code=response.status_code, sent=True, request_id=rid if isinstance(rid, str) else None)
+
+
+def read_body(response, cap: float) -> None:
+    """Read the whole answer here, so that a body cut off or stalled after the headers is a :class:`Transient`
+    (with fal's id from the headers) instead of an ``httpx`` error that fal-client's retry would answer by sending
+    the request again."""
+    import httpx
+
+    code = response.status_code
+    rid = response.headers.get("x-fal-request-id") or None
+    sent = may_be_accepted(response)
+    try:
+        response.read()
+    except httpx.TimeoutException as exc:
+        raise Transient("timeout", f"the answer (HTTP {code}) stopped coming: nothing for {cap:g} s after its "
+                                   f"headers ({type(exc).__name__})", status_code=code, sent=sent,
+                        request_id=rid) from None
+    except httpx.TransportError as exc:
+        raise Transient("connection", f"the answer (HTTP {code}) was cut off after its headers "
+                                      f"({type(exc).__name__}: {exc})", status_code=code, sent=sent,
+                        request_id=rid) from None
+    finally:
+        response.close()
+
+
 def make_transport(settings: FalSettings):
     import httpx
 
@@ -71,10 +142,15 @@ def make_transport(settings: FalSettings):
         inner = BackupDomainTransport()
     except Exception:  # older/newer fal-client without it
         inner = httpx.HTTPTransport()
+    try:
+        from fal_client.client import RETRY_CODES  # what fal-client retries itself (408, 409, 429)
+    except ImportError:
+        RETRY_CODES = (408, 409, 429)
 
     class BoundedTransport(httpx.BaseTransport):
         def handle_request(self, request):
             cap = settings.http_timeout_s
+            call = _queue_call(str(request.url), request.method)
             t = dict(request.extensions.get("timeout") or {})
             for k in ("connect", "read", "write", "pool"):
                 v = t.get(k)
@@ -97,18 +173,16 @@ def make_transport(settings: FalSettings):
             except httpx.TransportError as exc:
                 sent = not isinstance(exc, httpx.ConnectError)
                 raise Transient("connection", f"{type(exc).__name__}: {exc}", sent=sent) from None
-            if response.status_code == 429 or response.status_code >= 500:
+            read_body(response, cap)
+            if response.status_code in RETRY_CODES or response.status_code >= 500:
                 try:
-                    response.read()
-                    try:
-                        text = detail_text(response.json())
-                    except ValueError:
-                        text = response.text[:300]
-                finally:
-                    response.close()
+                    text = detail_text(response.json())
+                except ValueError:
+                    text = response.text[:300]
                 received = received_by_fal(response)
-                raise Transient("http", text.strip(), status_code=response.status_code, sent=received is not None,
+                raise Transient("http", text.strip(), status_code=response.status_code, sent=may_be_accepted(response),
                                 request_id=received)
+            check_answer(call, response)
             return response
 
         def close(self):
@@ -289,32 +363,42 @@ def call_with_retries(waiter: Waiter, fn, what: str, settings: FalSettings, requ
             raise transient_error(exc, what, attempt, request_id, submit) from None
 
 
+def fetch_command(request_id: str) -> str:
+    """The command that fetches request ``request_id``'s result (nothing is submitted again)."""
+    return f"`{request_log.cli_command()} fal-fetch --request-id {request_id} --out DIR`"
+
+
 def transient_error(exc: Transient, what: str, retries: int, request_id: str | None, submit: bool) -> FalError:
     tried = f" after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else ""
     request_id = request_id or (exc.request_id if submit else None)
     rid = f" (request {request_id})" if request_id else ""
     text = redact(exc)
-    recover = (f" The request may still finish: fetch it later by id {request_id}." if request_id else "")
+    recover = f" The request may still finish: fetch it later with {fetch_command(request_id)}." if request_id else ""
+    if submit and exc.sent:  # fal may hold (and bill) it: never sent again
+        if request_id:
+            note = (f" fal accepted it as request {request_id}: it was not sent again (that would be billed twice). "
+                    f"Fetch its result with {fetch_command(request_id)} (or the fal node's request_id input).")
+        else:
+            note = (" It may have reached fal (check https://fal.ai/dashboard/requests): it was not sent again (that "
+                    "would be billed twice).")
+        cls = {"timeout": FalTimeout, "connection": FalConnectionError}.get(exc.kind)
+        head = {"http": f"fal received the submission but answered HTTP {exc.status_code}{tried}{rid}: {text}.",
+                "answer": f"fal's answer to the submission{rid} could not be read: {text}.",
+                "timeout": f"fal did not answer the submission in time{rid}: {text}."}.get(
+            exc.kind, f"the connection to fal broke during the submission{rid}: {text}.")
+        if cls is None:
+            return FalServerError(head + note, exc.status_code, request_id)
+        return cls(head + note, request_id)
     if exc.kind == "http" and exc.status_code == 429:
         return FalRateLimited(f"fal is rate-limiting this key (HTTP 429){tried} while {what}{rid}: {text}. "
                               f"Lower the concurrency or try again later.{recover}", request_id)
-    if exc.kind == "http" and submit and exc.sent:
-        return FalServerError(
-            f"fal received the submission but answered HTTP {exc.status_code}{tried}{rid}: {text}. It was not sent "
-            f"again (that would be billed twice).{recover} If it never finishes, try again later.",
-            exc.status_code, request_id)
-    if exc.kind == "http":
+    if exc.kind in ("http", "answer"):
         return FalServerError(f"fal had a server error (HTTP {exc.status_code}){tried} while {what}{rid}: {text}. "
                               f"Try again later.{recover}", exc.status_code, request_id)
-    if submit and exc.sent:
-        note = (" The submission may have reached fal (check https://fal.ai/dashboard/requests) and was not "
-                "re-sent, so it is not paid twice.")
-    else:
-        note = recover
     if exc.kind == "timeout":
-        return FalTimeout(f"fal did not answer{tried} while {what}{rid}: {text}.{note}", request_id)
+        return FalTimeout(f"fal did not answer{tried} while {what}{rid}: {text}.{recover}", request_id)
     return FalConnectionError(f"the connection to fal failed{tried} while {what}{rid}: {text}. "
-                              f"Check the network.{note}", request_id)
+                              f"Check the network.{recover}", request_id)
 
 
 def close_client(client) -> None:
