@@ -1,7 +1,9 @@
-"""The fal node's ``request_id`` input: fetch finished results by id, none of them lost.
+"""Paid fal results saved to ComfyUI's output folder, none of them lost: the fal node's ``request_id`` input (fetch
+finished results by id) and the completed results of a partly failed batch.
 
-Each result is saved to ComfyUI's output folder as it arrives (paid for: a later failure, or images of another size,
-must not lose it) and only then marked ``completed`` in the request log. A failed or cancelled id stays pending.
+Each result is saved as ``sdxlcn_fal_<request id>_<n>.png`` (a later batch never overwrites an earlier paid image)
+as it arrives, and only once its files exist is it marked ``completed`` in the request log: a failed, cancelled or
+unsaved id stays pending. Stopping a fetch (Cancel) only stops waiting; the request is not cancelled on fal.
 The node's IMAGE output is one batch ``[B, H, W, C]``: when the results' sizes differ it holds the images of the
 first result's size and the others are in the output folder (the log and the status message name them).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..pipeline import request_log
-from ..pipeline.fal.errors import FalCancelled, FalError
+from ..pipeline.fal.errors import FalBatchIncomplete, FalCancelled, FalError, FalResultNotSaved
 from .comfy_hooks import folder_paths, log
 
 
@@ -26,14 +28,25 @@ def output_dir() -> Path | None:
         return None
 
 
-def save_result(result, out: Path, stem: str) -> list[str]:
-    """Write ``result``'s images as ``<stem>_<j>.png`` into ``out``; their file names."""
-    out.mkdir(parents=True, exist_ok=True)
+def save_result(result, out: Path) -> list[str]:
+    """Write ``result``'s images as ``sdxlcn_fal_<request id>_<j>.png`` into ``out``; their file names. A failed
+    write is a :class:`FalResultNotSaved` naming the folder."""
     names = []
-    for j, img in enumerate(result.images):
-        path = out / f"{stem}_{j:02d}.png"
-        img.save(path)
-        names.append(path.name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for j, img in enumerate(result.images):
+            path = out / f"sdxlcn_fal_{result.request_id}_{j:02d}.png"
+            img.save(path, format="PNG")
+            names.append(path.name)
+    except OSError as exc:
+        raise FalResultNotSaved(result.request_id, out, exc) from None
+    return names
+
+
+def save_then_complete(result, out: Path, log_dir) -> list[str]:
+    """:func:`save_result`, then (only once the files exist) ``completed`` in the request log."""
+    names = save_result(result, out)
+    request_log.record(log_dir, "completed", result.request_id)  # in the output folder: it reached the user
     return names
 
 
@@ -59,8 +72,11 @@ def fetch_ids(ids: list[str], reporter, common: dict):
             failures.append((rid, exc))
             continue
         if out is not None:
-            saved.extend(save_result(result, out, f"sdxlcn_fal_{rid}"))
-            request_log.record(log_dir, "completed", rid)  # in the output folder: it reached the user
+            try:
+                saved.extend(save_then_complete(result, out, log_dir))
+            except FalResultNotSaved as exc:
+                failures.append((rid, exc))
+                continue
         results.append((rid, result))
     if failures:
         kept = (f"The fetched results were saved to the output folder: {', '.join(saved)}." if saved else
@@ -101,3 +117,25 @@ def batch_of_first_size(results, saved: list[str], out: Path | None, log_dir):
 def _flags(result) -> list[bool]:
     flags = list(result.has_nsfw_concepts or [])
     return flags + [False] * (len(result.images) - len(flags))
+
+
+def keep_completed(exc: FalBatchIncomplete, log_dir) -> FalError:
+    """Save the images of the requests of a partly failed batch that completed (paid for) to ComfyUI's output folder,
+    each then marked completed; the error names the saved files and the failed requests' ids."""
+    out = output_dir()
+    saved, unsaved = [], []
+    for result in exc.results:
+        if result is None or out is None:
+            continue
+        try:
+            saved.extend(save_then_complete(result, out, log_dir))
+        except FalResultNotSaved as err:
+            unsaved.append(str(err))
+    failed = [f"#{i + 1}" + (f" (request {e.request_id})" if getattr(e, "request_id", None) else "") + f": {e}"
+              for i, e in enumerate(exc.errors) if e is not None]
+    kept = [f"The completed images were saved to the output folder: {', '.join(saved)}."] if saved else []
+    kept += ["The completed results are in the error's .results."] if out is None else []
+    kept += [f"{text}." for text in unsaved]
+    return FalError(f"{len(failed)} of {len(exc.errors)} fal requests failed ({'; '.join(failed)}). "
+                    + " ".join(kept + ["Fetch a failed request that has an id later with the node's request_id "
+                                       "input."]))

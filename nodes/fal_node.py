@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from ..pipeline import request_log
-from ..pipeline.fal.errors import FalBatchIncomplete, FalCancelled, FalError, FalValidationError
+from ..pipeline.fal.errors import FalBatchIncomplete, FalCancelled, FalValidationError
 from ..pipeline.fal.key import KEY_FILE_DIRNAME, KEY_FILE_NAME
 from ..pipeline.request import GenerationRequest
 from .comfy_hooks import CATEGORY, Progress, folder_paths, log, processing_interrupted, send_status, throw_if_interrupted
@@ -203,13 +203,19 @@ class SDXLCNFalImg2Img:
 
     @staticmethod
     def _run(requests, reporter: _Reporter, max_concurrency: int, common):
+        """The results in request order, each marked completed once it reached the user: returned as the node's
+        output, or, in a partly failed batch, saved to the output folder (:func:`.fal_fetch.keep_completed`)."""
         from ..pipeline.fal.client import run_remote_batch
+        from .fal_fetch import keep_completed
 
         try:
-            return run_remote_batch(requests, max_concurrency=max_concurrency, on_status_for=reporter.for_request,
-                                    cancel_check=reporter.cancel_check, **common)
+            results = run_remote_batch(requests, max_concurrency=max_concurrency, on_status_for=reporter.for_request,
+                                       cancel_check=reporter.cancel_check, record_completed=False, **common)
         except FalBatchIncomplete as exc:
-            raise _keep_completed(exc) from None
+            raise keep_completed(exc, common["request_log_dir"]) from None
+        for r in results:
+            request_log.record(common["request_log_dir"], "completed", r.request_id)
+        return results
 
 
 def _mention_pending(log_dir) -> None:
@@ -244,27 +250,6 @@ def refuse_edge_maps(requests) -> None:
                 "Canny on the control image itself and would find the edges of the edges. Connect the source "
                 "picture (the Canny node's input) to control_image; to run on an edge map, use the local sampler "
                 "with apply_canny off")
-
-
-def _keep_completed(exc: FalBatchIncomplete) -> FalError:
-    """Save the images of the requests that completed (paid for) to ComfyUI's output folder; the error names them
-    and the failed requests' ids."""
-    saved = []
-    fp = folder_paths()
-    out = Path(fp.get_output_directory()) if fp is not None and hasattr(fp, "get_output_directory") else None
-    for i, result in enumerate(exc.results):
-        if result is None or out is None:
-            continue
-        for j, img in enumerate(result.images):
-            path = out / f"sdxlcn_fal_batch_{i + 1:02d}_{j:02d}_seed{result.seed}.png"
-            img.save(path)
-            saved.append(path.name)
-    failed = [f"#{i + 1}" + (f" (request {e.request_id})" if getattr(e, "request_id", None) else "") + f": {e}"
-              for i, e in enumerate(exc.errors) if e is not None]
-    kept = (f"The completed images were saved to the output folder: {', '.join(saved)}." if saved else
-            "The completed results are in the error's .results.")
-    return FalError(f"{len(failed)} of {len(exc.errors)} fal requests failed ({'; '.join(failed)}). {kept} "
-                    "Fetch a failed request that has an id later with the node's request_id input.")
 
 
 def _fal_widgets() -> dict:

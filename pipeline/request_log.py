@@ -35,6 +35,11 @@ def cli_command() -> str:
     return f"python {root}"
 
 
+def fetch_command(request_id: str) -> str:
+    """The command (in backquotes) that fetches request ``request_id``'s result; nothing is submitted again."""
+    return f"`{cli_command()} fal-fetch --request-id {request_id} --out DIR`"
+
+
 def log_path(log_dir) -> Path:
     return Path(log_dir) / LOG_FILE_NAME
 
@@ -64,9 +69,8 @@ def record(log_dir, event: str, request_id: str, **fields) -> bool:
         return True
     except OSError as exc:
         logging.getLogger("sdxl_controlnet_img2img.fal").warning(
-            "fal: could not record request %s (%s) in %s (%s): note this id to fetch its result later with "
-            "`%s fal-fetch --request-id %s --out DIR`",
-            request_id, event, log_path(log_dir), exc, cli_command(), request_id)
+            "fal: could not record request %s (%s) in %s (%s): note this id to fetch its result later with %s",
+            request_id, event, log_path(log_dir), exc, fetch_command(request_id))
         return False
 
 

@@ -20,6 +20,7 @@ class GenerationResult:
     prompt: str
     expanded_prompt: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    request_id: str | None = None  # fal's id of the request that made it (None for a local run)
 
 
 def result_dir(out, overwrite: bool = False) -> Path:

@@ -111,12 +111,12 @@ def test_request_id_input_recovers_a_result_without_paying_again(fal, user_dir):
     assert len([c for c in fal.calls if c[0] == "POST"]) == 1
 
 
-def test_comfyui_cancel_asks_fal_to_cancel_and_stops_at_once(fal, user_dir, monkeypatch):
-    """ComfyUI's interrupt flag (a stand-in ``comfy.model_management``: ComfyUI is absent here)."""
+class InterruptProcessingException(Exception):
+    """ComfyUI's exception for Cancel (in the stand-in below)."""
 
-    class InterruptProcessingException(Exception):
-        pass
 
+def comfy_interrupt(monkeypatch) -> threading.Event:
+    """ComfyUI's interrupt flag, set by Cancel: a stand-in ``comfy.model_management`` (ComfyUI is absent here)."""
     flag = threading.Event()
 
     def throw():
@@ -129,6 +129,11 @@ def test_comfyui_cancel_asks_fal_to_cancel_and_stops_at_once(fal, user_dir, monk
     comfy.model_management = mm
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    return flag
+
+
+def test_comfyui_cancel_asks_fal_to_cancel_and_stops_at_once(fal, user_dir, monkeypatch):
+    flag = comfy_interrupt(monkeypatch)
     fal.reset(queue_s=30.0)
 
     def interrupt_once_both_are_queued():  # a bounded poll, not a sleep-and-hope
@@ -186,3 +191,36 @@ def test_a_batch_with_a_failed_request_keeps_the_paid_images(fal, user_dir):
     assert len(saved) == 2 and all(name in str(err.value) for name in saved)
     failed_id = next(rid for rid, job in fal.jobs.items() if job.args["seed"] == requests[1].seed)
     assert "1 of 3 fal requests failed" in str(err.value) and failed_id in str(err.value)
+
+
+def _failing_batch(fal):
+    """A batch of 3 whose second request fails on fal; the ids of the two that complete (paid)."""
+    requests = SDXLCNFalImg2Img._requests(batch(3), batch(1), "", False, widgets())
+    fal.reset(fail_seeds=[requests[1].seed])
+    with pytest.raises(FalError) as err:
+        SDXLCNFalImg2Img().generate(batch(3), batch(1), **widgets())
+    return err.value, [rid for rid, job in fal.jobs.items() if job.args["seed"] != requests[1].seed]
+
+
+def test_partly_failed_batches_never_overwrite_earlier_paid_images(fal, user_dir):
+    """The same batch twice (same seeds): each run's paid images are kept, named by their request ids, and marked
+    completed once saved; the failed ids stay pending."""
+    output = user_dir.parent / "output"
+    _err, first = _failing_batch(fal)
+    first_files = {p.name: p.read_bytes() for p in output.iterdir()}
+    _err, second = _failing_batch(fal)
+    names = sorted(p.name for p in output.iterdir())
+    assert names == sorted(f"sdxlcn_fal_{rid}_00.png" for rid in first + second)
+    assert all((output / name).read_bytes() == data for name, data in first_files.items())
+    completed = {r["request_id"] for r in request_log.read(user_dir) if r["event"] == "completed"}
+    assert completed == set(first + second) and len(request_log.pending(user_dir)) == 2
+
+
+def test_a_partly_failed_batch_that_cannot_be_saved_keeps_its_ids_pending(fal, user_dir):
+    output = user_dir.parent / "output"
+    output.rmdir()
+    output.write_text("a file where ComfyUI's output folder should be")
+    err, completed = _failing_batch(fal)
+    assert str(output) in str(err) and all(rid in str(err) for rid in completed)
+    pending = {r["request_id"] for r in request_log.pending(user_dir)}
+    assert set(completed) < pending and len(pending) == 3  # nothing saved, nothing marked completed

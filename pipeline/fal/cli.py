@@ -53,7 +53,6 @@ def add_fal_fetch_parser(sub) -> None:
 
 def cmd_fal_pending(args) -> int:
     from .. import request_log
-    from ..result import write_result
     from .client import ENDPOINT, fetch_remote_result
 
     log_dir = pending_log_dir(args.request_log_dir)
@@ -74,19 +73,37 @@ def cmd_fal_pending(args) -> int:
     if key_file is None and (log_dir / KEY_FILE_NAME).is_file():  # ComfyUI's key file sits beside its request log
         key_file = log_dir / KEY_FILE_NAME
     failed = 0
-    for rec in pending:
+    for rec in pending:  # one that fails stays pending, and the others are still fetched
         rid = rec["request_id"]
+        endpoint = rec.get("endpoint") or ENDPOINT
         try:
-            result = fetch_remote_result(rid, key_file=key_file, endpoint=rec.get("endpoint") or ENDPOINT,
-                                         timeout_s=args.fal_timeout, request_log_dir=log_dir)
+            result = fetch_remote_result(rid, key_file=key_file, endpoint=endpoint, timeout_s=args.fal_timeout,
+                                         request_log_dir=log_dir, record_completed=False)
+            doc = save_then_complete(result, Path(args.fetch) / rid, log_dir, rid, endpoint)
         except SDXLCNError as exc:
             failed += 1
-            print(f"{rid}: {exc}", file=sys.stderr)
+            print(f"error: {exc}" if rid in str(exc) else f"error: {rid}: {exc}", file=sys.stderr)
             continue
-        doc = write_result(result, Path(args.fetch) / rid, extra={"request_id": rid})
         for img in doc["images"]:
             print(img["url"])
+    if failed:
+        print(f"{failed} of {len(pending)} could not be fetched; they stay pending", file=sys.stderr)
     return 2 if failed else 0
+
+
+def save_then_complete(result, out: Path, log_dir, request_id: str, endpoint: str, fmt: str = "png") -> dict:
+    """Write ``result`` into ``out``, and only then record ``request_id`` as completed: a write that fails (a folder
+    that cannot be written) is a :class:`~.errors.FalResultNotSaved` naming the folder, and the id stays pending."""
+    from .. import request_log
+    from ..result import write_result
+    from .errors import FalResultNotSaved
+
+    try:
+        doc = write_result(result, out, fmt=fmt, extra={"request_id": request_id, "endpoint": endpoint})
+    except OSError as exc:
+        raise FalResultNotSaved(request_id, out, exc) from None
+    request_log.record(log_dir, "completed", request_id, endpoint=endpoint)
+    return doc
 
 
 def pending_log_dir(given) -> Path:
@@ -114,7 +131,8 @@ def pending_log_dir(given) -> Path:
 
 
 class _Interrupt:
-    """Ctrl-C while waiting: ask fal to cancel instead of abandoning a paid request silently."""
+    """Ctrl-C while waiting goes to ``cancel_check`` instead of abandoning a paid request silently: our submission
+    is cancelled on fal, a fetch by id only stops waiting (the request stays pending)."""
 
     def __init__(self):
         self.flag = threading.Event()
@@ -149,16 +167,15 @@ def _printer():
         for line in st.logs:
             print(f"  fal: {line}", file=stream)
         last["state"] = st.state
-        last["id"] = st.request_id
 
-    return on_status, last
+    return on_status
 
 
-def _write(result, args, request_id, endpoint) -> int:
-    from ..result import result_dir, write_result
+def _write(result, args, request_id, endpoint, log_dir) -> int:
+    from ..result import result_dir
 
     out = result_dir(args.out, args.overwrite)
-    doc = write_result(result, out, fmt=args.format, extra={"request_id": request_id, "endpoint": endpoint})
+    doc = save_then_complete(result, out, log_dir, request_id, endpoint, fmt=args.format)
     for img in doc["images"]:
         print(img["url"])
     print(f"seed {doc['seed']}; result written to {out / 'result.json'}", file=sys.stderr)
@@ -174,13 +191,13 @@ def cmd_generate_remote(args, request) -> int:
     check_request(request)  # every refusal comes before the billing line: nothing is sent when one is refused
     key = resolve_key(None, args.fal_key_file)
     log_dir = Path(args.request_log_dir or args.out)
-    on_status, last = _printer()
+    on_status = _printer()
     print(f"running on fal ({ENDPOINT}); fal bills this request. Its id will be recorded in "
           f"{log_dir / 'fal_requests.jsonl'}", file=sys.stderr)
     with _Interrupt() as cancelled:
         result = run_remote(request, key=key, on_status=on_status, cancel_check=cancelled,
-                            timeout_s=args.fal_timeout, request_log_dir=log_dir)
-    return _write(result, args, last.get("id"), ENDPOINT)
+                            timeout_s=args.fal_timeout, request_log_dir=log_dir, record_completed=False)
+    return _write(result, args, result.request_id, ENDPOINT, log_dir)
 
 
 def cmd_fal_fetch(args) -> int:
@@ -192,12 +209,12 @@ def cmd_fal_fetch(args) -> int:
     if endpoint is None:
         rec = request_log.find(log_dir, args.request_id)
         endpoint = (rec or {}).get("endpoint") or ENDPOINT
-    on_status, _last = _printer()
+    on_status = _printer()
     with _Interrupt() as cancelled:
         result = fetch_remote_result(args.request_id, key_file=args.fal_key_file, endpoint=endpoint,
                                      on_status=on_status, cancel_check=cancelled, timeout_s=args.fal_timeout,
-                                     request_log_dir=log_dir)
-    return _write(result, args, args.request_id, endpoint)
+                                     request_log_dir=log_dir, record_completed=False)
+    return _write(result, args, result.request_id, endpoint, log_dir)
 
 
 def check_local_arguments(args) -> None:

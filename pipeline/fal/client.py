@@ -7,7 +7,7 @@ path (:class:`GenerationResult`, images as PIL).
 
 - **Network**: bounded timeouts, retries and cancel: :mod:`.transport`.
 - **Cancel**: the caller's ``cancel_check`` stops waiting at once and asks fal to cancel
-  (``cancel_url``; fal honours it while the request is queued).
+  (``cancel_url``; fal honours it while the request is queued); a fetch by id only stops waiting.
 - **Paid results are never lost**: the request id is written to the request log
   (:mod:`..request_log`) before waiting starts; :func:`fetch_remote_result` gets a finished
   result by id.
@@ -43,7 +43,10 @@ from .transport import (
 
 def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, waiter: Waiter, settings: FalSettings,
                     on_status: StatusCallback | None, started: float, timings: dict, request=None,
-                    request_log_dir=None, record_completed: bool = True) -> GenerationResult:
+                    request_log_dir=None, record_completed: bool = True,
+                    cancel_on_stop: bool = True) -> GenerationResult:
+    """Poll ``request_id`` until it is done, then fetch and decode its result. A stop (cancel, Ctrl-C) asks fal to
+    cancel when ``cancel_on_stop`` (our own submission); a fetch by id only stops waiting."""
     import fal_client
 
     handle = handle_factory()
@@ -82,6 +85,10 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
         timings["fetch"] = time.perf_counter() - t
         result = decode_result(data, request, request_id, settings, timings)
     except Cancelled:
+        if not cancel_on_stop:  # the user stopped waiting for a result: the request stays theirs, and pending
+            raise FalCancelled(
+                f"stopped waiting for fal request {request_id}; it was not cancelled on fal and stays in the pending "
+                f"list: fetch its result later with {request_log.fetch_command(request_id)}.", request_id) from None
         log.warning("fal: cancelling request %s", request_id)
         event, said = _cancel(handle, settings)
         # only a request fal reports as cancelled is done with; otherwise fal may still run (and bill) it
@@ -91,7 +98,7 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
         raise FalTimeout(
             f"fal request {request_id} did not finish within the time allowed. It may still finish (and is billed): "
             f"fetch it later by id {request_id} (node input 'request_id', or "
-            f"`{request_log.cli_command()} fal-fetch --request-id {request_id} --out DIR`).", request_id) from None
+            f"{request_log.fetch_command(request_id)}).", request_id) from None
     if record_completed:
         request_log.record(request_log_dir, "completed", request_id, endpoint=endpoint)
     return result
@@ -116,7 +123,7 @@ def _cancel(handle, settings: FalSettings) -> tuple[str, str]:
     return "cancel_requested", (
         f"fal was asked to cancel it, but it was already {'done' if isinstance(status, fal_client.Completed) else 'running'}"
         f": it may still finish and be billed. Its id stays in the pending list: fetch the result with "
-        f"`{request_log.cli_command()} fal-fetch --request-id {handle.request_id} --out DIR` (or `fal-pending`)")
+        f"{request_log.fetch_command(handle.request_id)} (or `fal-pending`)")
 
 
 class _Submit:
@@ -217,6 +224,7 @@ def run_remote(
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     request_log_dir=None,
     settings: FalSettings | None = None,
+    record_completed: bool = True,
 ) -> GenerationResult:
     """Run ``request`` on fal and return the same result shape as the local path.
 
@@ -226,7 +234,8 @@ def run_remote(
     raised at once. ``timeout_s`` bounds the whole wait (:class:`FalTimeout`, with the request id).
     ``request_log_dir``: where the request id is recorded before waiting (see :mod:`.request_log`).
     A request without a seed gets a random one first, so the result is reproducible.
-    Every failure is a :class:`FalError` subclass with the key redacted.
+    Every failure is a :class:`FalError` subclass with the key redacted. ``record_completed=False`` leaves the id
+    pending: the caller records ``completed`` once the result reached the user (its files written).
     """
     settings = settings or FalSettings()
     request = request.with_seed()
@@ -272,7 +281,8 @@ def run_remote(
         except Cancelled:
             waiter = Waiter(lambda: True, None)  # cancel at the first check, through the usual path
         return _wait_and_fetch(client, lambda: handle, request_id, endpoint, waiter, settings, on_status, started,
-                               timings, request=request, request_log_dir=request_log_dir)
+                               timings, request=request, request_log_dir=request_log_dir,
+                               record_completed=record_completed)
     finally:
         if not sender.abandoned:
             close_client(client)
@@ -295,7 +305,8 @@ def fetch_remote_result(
 
     The endpoint comes from ``endpoint``, else the request log's record of the id, else :data:`ENDPOINT`.
     Nothing new is submitted, so nothing is billed again. ``record_completed=False`` leaves the id pending in the
-    request log: the caller records ``completed`` once the result reached the user (saved, returned).
+    request log: the caller records ``completed`` once the result reached the user (saved, returned). A stop
+    (``cancel_check``, Ctrl-C) only stops waiting: the request is never cancelled on fal (:class:`FalCancelled`).
     """
     settings = settings or FalSettings()
     request_id = check_request_id(request_id)
@@ -310,7 +321,7 @@ def fetch_remote_result(
     try:
         return _wait_and_fetch(client, lambda: client.get_handle(endpoint, request_id), request_id, endpoint, waiter,
                                settings, on_status, started, {}, request=None, request_log_dir=request_log_dir,
-                               record_completed=record_completed)
+                               record_completed=record_completed, cancel_on_stop=False)
     finally:
         close_client(client)
 

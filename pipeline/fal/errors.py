@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import GenerationCancelled, SDXLCNError
+from ..request_log import fetch_command
 
 
 class FalError(SDXLCNError):
@@ -64,6 +65,19 @@ class FalNoImages(FalError):
 
 class FalImageDownloadError(FalError):
     """A result image could not be downloaded or decoded."""
+
+
+class FalResultNotSaved(FalError):
+    """A fetched (paid) result could not be written to ``folder``: its id stays pending, to be fetched again."""
+
+    def __init__(self, request_id: str, folder, exc: OSError):
+        self.folder = folder
+        where = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(folder) else ""
+        super().__init__(
+            f"could not write the result of fal request {request_id} to the folder {folder} "
+            f"({exc.strerror or type(exc).__name__}{where}). It stays pending (paid, nothing is lost): make the "
+            f"folder writable or choose another, then fetch it with {fetch_command(request_id)} (or the fal node's "
+            "request_id input)", request_id)
 
 
 class FalCancelled(FalError, GenerationCancelled):

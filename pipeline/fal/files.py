@@ -154,4 +154,5 @@ def decode_result(data, request: GenerationRequest | None, request_id: str, sett
         prompt=prompt,
         expanded_prompt=expanded,
         timings=all_timings,
+        request_id=request_id,
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 
-from .. import request_log
+from ..request_log import fetch_command
 from .errors import (
     FalAuthError,
     FalConnectionError,
@@ -361,11 +361,6 @@ def call_with_retries(waiter: Waiter, fn, what: str, settings: FalSettings, requ
                 waiter.sleep(delay)
                 continue
             raise transient_error(exc, what, attempt, request_id, submit) from None
-
-
-def fetch_command(request_id: str) -> str:
-    """The command that fetches request ``request_id``'s result (nothing is submitted again)."""
-    return f"`{request_log.cli_command()} fal-fetch --request-id {request_id} --out DIR`"
 
 
 def transient_error(exc: Transient, what: str, retries: int, request_id: str | None, submit: bool) -> FalError:
