@@ -23,7 +23,7 @@ from sdxl_controlnet_img2img.pipeline import request_log  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.fal.client import run_remote  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.fal.errors import FalError, FalTimeout  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest  # noqa: E402
-from test_fal_node import batch, widgets  # noqa: E402
+from test_fal_node import InterruptProcessingException, batch, comfy_interrupt, widgets  # noqa: E402
 
 
 def _pending_request(log_dir, w, h, seed, prompt="a house"):
@@ -104,3 +104,45 @@ def test_the_node_names_unfetched_ids_in_the_server_log(fal, user_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="sdxl_controlnet_img2img"):
         SDXLCNFalImg2Img().generate(batch(1), batch(1), **widgets())
     assert any(rid in r.getMessage() and "never fetched" in r.getMessage() for r in caplog.records)
+
+
+def test_an_id_is_marked_completed_only_after_its_result_is_saved(fal, user_dir):
+    """Saved, then marked completed: when the save fails (a file where the output folder should be) the error names
+    the folder and the id stays pending, to be fetched again; the other id is saved and completed."""
+    fal.reset(run_s=0.8)
+    rid, _img = _pending_request(user_dir, 32, 24, 1)
+    output = user_dir.parent / "output"
+    output.rmdir()
+    output.write_text("a file where ComfyUI's output folder should be")
+    with pytest.raises(FalError) as err:
+        SDXLCNFalImg2Img().generate(batch(1), batch(1), request_id=rid, **widgets())
+    assert str(output) in str(err.value) and rid in str(err.value)
+    assert [r["request_id"] for r in request_log.pending(user_dir)] == [rid]
+    output.unlink()  # the folder fixed: the same id is fetched, saved, then completed
+    SDXLCNFalImg2Img().generate(batch(1), batch(1), request_id=rid, **widgets())
+    assert (output / f"sdxlcn_fal_{rid}_00.png").is_file() and request_log.pending(user_dir) == []
+    assert fal.submissions == 1
+
+
+def test_cancel_on_a_fetch_by_id_only_stops_waiting(fal, user_dir, monkeypatch):
+    """ComfyUI's Cancel while the node waits for a fetched id: it stops waiting; the request (still queued, so a
+    cancel would be honoured) is not cancelled on fal and stays pending."""
+    import threading
+    import time
+
+    flag = comfy_interrupt(monkeypatch)
+    fal.reset(queue_s=30.0)
+    rid, _img = _pending_request(user_dir, 32, 24, 2)
+    polls = len(fal.calls)
+
+    def cancel_once_waiting():
+        end = time.monotonic() + 10
+        while len(fal.calls) < polls + 2 and time.monotonic() < end:
+            time.sleep(0.02)
+        flag.set()
+
+    threading.Thread(target=cancel_once_waiting, daemon=True).start()
+    with pytest.raises(InterruptProcessingException):
+        SDXLCNFalImg2Img().generate(batch(1), batch(1), request_id=rid, **widgets())
+    assert fal.cancelled == [] and not any(m == "PUT" for m, _p, _a in fal.calls)
+    assert [r["event"] for r in request_log.read(user_dir) if r["request_id"] == rid] == ["submitted"]
