@@ -280,7 +280,7 @@ class FalTestServer:
         return self._send(h, 200, answer)
 
     def _broken_answer(self, h, fault: str, answer: dict, fal_id: str | None):
-        """The submit's answer headers (200) go out whole; its body does not (see ``Behaviour.submit_answer_faults``)."""
+        """The submit's answer headers (200) go out whole, its body does not (``Behaviour.submit_answer_faults``)."""
         if fault == "html":
             page = b"<html><head><title>502</title></head><body>upstream busy, try again</body></html>"
             return self._send(h, 200, page, ctype="text/html", fal_id=fal_id)
