@@ -147,7 +147,7 @@ def test_comfyui_cancel_asks_fal_to_cancel_and_stops_at_once(fal, user_dir, monk
     t = time.monotonic()
     with pytest.raises(InterruptProcessingException):
         SDXLCNFalImg2Img().generate(batch(2), batch(1), **widgets())
-    assert time.monotonic() - t < 3
+    assert time.monotonic() - t < 15  # not the 30 s queue (wide: CI machines are busy)
     assert sorted(fal.cancelled) == sorted(fal.jobs) and len(fal.jobs) == 2
     assert {r["request_id"] for r in request_log.read(user_dir) if r["event"] == "cancelled"} == set(fal.jobs)
 

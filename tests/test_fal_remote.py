@@ -220,22 +220,22 @@ def test_5xx_on_result_fetch_is_retried(fal):
 
 
 def test_hanging_server_times_out_without_hanging(fal):
-    fal.reset(hang_status_s=3.0)
+    fal.reset(hang_status_s=30.0)
     req, _ = make_request()
     t = time.monotonic()
     with pytest.raises(FalTimeout) as err:
         run_remote(req, settings=fast_settings(http_timeout_s=0.3, max_retries=1))
-    assert time.monotonic() - t < 2.5
+    assert time.monotonic() - t < 10  # two 0.3 s tries, not the 30 s hang (wide: CI machines are busy)
     assert err.value.request_id in str(err.value)
 
 
 def test_overall_timeout_bounds_the_wait(fal):
-    fal.reset(hang_status_s=3.0)
+    fal.reset(hang_status_s=30.0)
     req, _ = make_request()
     t = time.monotonic()
     with pytest.raises(FalTimeout):
-        run_remote(req, timeout_s=0.5, settings=fast_settings(http_timeout_s=10))
-    assert time.monotonic() - t < 1.5
+        run_remote(req, timeout_s=0.5, settings=fast_settings(http_timeout_s=30))
+    assert time.monotonic() - t < 10  # the 0.5 s bound, not the 30 s call (wide: CI machines are busy)
 
 
 def test_dropped_connection(fal):
@@ -321,8 +321,8 @@ def test_cancel_mid_run_asks_fal_and_stops_at_once(fal, tmp_path):
     t = time.monotonic()
     with pytest.raises(FalCancelled) as err:
         run_remote(req, on_status=seen.append, cancel_check=cancel_check, request_log_dir=tmp_path,
-                   settings=fast_settings(poll_interval_s=5.0))
-    assert time.monotonic() - t < 3  # did not sit out the 5 s poll interval, nor the 30 s queue
+                   settings=fast_settings(poll_interval_s=30.0))
+    assert time.monotonic() - t < 10  # did not sit out the 30 s poll interval, nor the 30 s queue
     rid = err.value.request_id
     assert fal.cancelled == [rid] and fal.jobs[rid].cancelled
     assert any(c[0] == "PUT" and c[1].endswith(f"/requests/{rid}/cancel") for c in fal.calls)
@@ -330,12 +330,12 @@ def test_cancel_mid_run_asks_fal_and_stops_at_once(fal, tmp_path):
 
 
 def test_cancel_while_a_call_hangs_stops_waiting_at_once(fal):
-    fal.reset(hang_status_s=5.0)
+    fal.reset(hang_status_s=30.0)
     req, _ = make_request()
     t0 = time.monotonic()
     with pytest.raises(FalCancelled):
         run_remote(req, cancel_check=lambda: time.monotonic() - t0 > 0.3, settings=fast_settings(http_timeout_s=30))
-    assert time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 < 10  # not the 30 s call (wide: CI machines are busy)
 
 
 def test_batch_keeps_order_and_bounds_concurrency(fal):

@@ -99,16 +99,16 @@ def test_a_cancel_before_anything_is_sent_still_says_nothing_was_billed(fal, tmp
 
 
 def test_a_submit_unanswered_past_the_bound_is_recorded_and_cancelled_when_its_answer_comes(fal, tmp_path):
-    fal.reset(submit_answer_delay_s=1.5, queue_s=30.0)
+    fal.reset(submit_answer_delay_s=6.0, queue_s=30.0)
     t = time.monotonic()
     with pytest.raises(FalCancelled) as err:
         run_remote(_request(), cancel_check=_cancel_at(0.2), request_log_dir=tmp_path,
-                   settings=fast_settings(submit_answer_s=0.4))
-    assert time.monotonic() - t < 1.4  # the wait is bounded
+                   settings=fast_settings(submit_answer_s=0.4, http_timeout_s=20))
+    assert time.monotonic() - t < 5  # the wait is bounded: not the 6 s answer (wide: CI machines are busy)
     text = str(err.value)
     assert NOTHING not in text and "may have reached fal and be billed" in text and "fal-pending" in text
     # the answer comes later: the sending thread records the id and cancels the request
-    _wait_for(lambda: fal.jobs and next(iter(fal.jobs)) in fal.cancelled, "the late cancel")
+    _wait_for(lambda: fal.jobs and next(iter(fal.jobs)) in fal.cancelled, "the late cancel", deadline_s=30)
     rid = next(iter(fal.jobs))
     _wait_for(lambda: [r["event"] for r in request_log.read(tmp_path)] == ["submitted", "cancelled"],
               "the late id in the request log")
