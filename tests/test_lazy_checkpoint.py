@@ -5,6 +5,7 @@ and leaves integer tensors alone."""
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -114,3 +115,113 @@ def test_first_access_reads_every_tensor_on_torchs_threads(tmp_path):
         assert torch.equal(value, tensors[key].to(torch.bfloat16)), key
     again = lazy["t4"]
     assert torch.equal(again, first) and again.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+
+
+# ---------------------------------------------------------------- files whose tensors are not aligned (issue 30)
+
+@pytest.mark.parametrize("residue", [1, 2, 3, 6])
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16, torch.float16])
+def test_unaligned_tensors_read_as_safetensors_reads_them(tmp_path, residue, dtype):
+    """A valid file whose data starts at an odd (or 2 mod 4) offset: every tensor, read ahead on torch's threads and
+    read again on its own, is what ``safetensors.torch.load_file`` reads from that file, cast by torch (fp32, fp16
+    and bf16 stored, long enough to be cast in steps, and the types that are never cast)."""
+    from padded_safetensors import write_padded
+
+    from sdxl_controlnet_img2img.pipeline.local import lazy_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    n = lazy_checkpoint._CHUNK + 777
+    tensors = {"f32": torch.randn(n, generator=g), "f16": torch.randn(n, generator=g).half(),
+               "bf16": torch.randn(n // 3, 3, generator=g).bfloat16(), "small": torch.randn(5, generator=g),
+               "ids": torch.arange(7), "flags": torch.tensor([True, False, True]), "odd": torch.ones(3, dtype=torch.int8)}
+    path = write_padded(tmp_path / "unaligned.safetensors", tensors, residue)
+    expected = load_file(str(path))
+    lazy = LazyCheckpoint(read_safetensors_index(path, "x"), dtype)
+    for _ in ("read ahead", "read again"):
+        for key, ref in expected.items():
+            want = ref.to(dtype) if dtype is not None and ref.is_floating_point() else ref
+            got = lazy[key]
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), key
+
+
+class _ThreadProbe(dict):
+    """An index's shapes that, when a read worker first looks one up, note the worker's torch thread count and run a
+    second read in a thread started then (a second load overlapping the first), noting that thread's count after it."""
+
+    def __init__(self, shapes, second):
+        super().__init__(shapes)
+        self.second, self.seen, self._lock = second, {}, threading.Lock()
+
+    def __getitem__(self, key):
+        with self._lock:
+            if not self.seen and threading.current_thread().name.startswith("sdxlcn-read"):
+                self.seen["worker"] = torch.get_num_threads()
+                thread = threading.Thread(target=self._second_load)
+                thread.start()
+                thread.join()
+        return super().__getitem__(key)
+
+    def _second_load(self):
+        lazy = LazyCheckpoint(read_safetensors_index(self.second, "second"), torch.bfloat16)
+        self.seen["second values"] = {k: lazy[k] for k in lazy}
+        self.seen["second thread"] = torch.get_num_threads()
+
+
+def test_the_read_pools_thread_setting_stays_in_its_workers(tmp_path):
+    """The first access reads on a pool whose workers run on one thread each; the calling thread, and a thread that
+    starts a second load while the first is reading, keep torch's thread count (torch.set_num_threads in the caller
+    was also the count every thread started meanwhile began with: the second load ran, and stayed, on one thread)."""
+    g = torch.Generator().manual_seed(4)
+    files = {}
+    for name in ("first", "second"):
+        files[name] = {f"t{i}": torch.randn(5000 + i, generator=g).half() for i in range(6)}
+        save_file(files[name], str(tmp_path / f"{name}.safetensors"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        index = read_safetensors_index(tmp_path / "first.safetensors", "first")
+        index.shapes = probe = _ThreadProbe(index.shapes, tmp_path / "second.safetensors")
+        got = {k: v for k, v in LazyCheckpoint(index, torch.bfloat16).items()}
+        assert torch.get_num_threads() == 2  # the caller's
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(before)
+    counts = {k: v for k, v in probe.seen.items() if k != "second values"}
+    assert counts["worker"] == 1 and counts["second thread"] == 2 and later == [2], (counts, later)
+    for name, values in (("first", got), ("second", probe.seen["second values"])):
+        assert values.keys() == files[name].keys()
+        assert all(torch.equal(values[k], files[name][k].to(torch.bfloat16)) for k in values), name
+
+
+@pytest.mark.parametrize("change", ["replaced", "rewritten longer", "rewritten same size"])
+def test_a_file_changed_after_its_header_was_read_is_refused(tmp_path, change):
+    """Offsets read from one file's header are never used on another: a file replaced (another inode) or rewritten
+    in place (another size, or the same size and a later modification time) between reading its header and mapping
+    it is refused, naming the file; read afresh, the new file loads."""
+    import os
+
+    from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(16), "b": torch.ones(48)}, str(path))
+    index = read_safetensors_index(path, "checkpoint")
+    new = tmp_path / "new.safetensors"
+    if change == "rewritten longer":
+        save_file({"a": torch.full((64,), 2.0), "b": torch.full((16,), 3.0)}, str(new))
+    else:  # the same size, "a" and "b" where the other was
+        save_file({"a": torch.full((48,), 2.0), "b": torch.full((16,), 3.0)}, str(new))
+        assert new.stat().st_size == path.stat().st_size
+    if change == "replaced":
+        os.replace(new, path)
+    else:
+        path.write_bytes(new.read_bytes())
+        if change == "rewritten same size":  # the clock a write stamps ticks coarsely: a rewrite a tick later
+            stamp = index.identity[3] + 10**9
+            os.utime(path, ns=(stamp, stamp))
+    with pytest.raises(ModelLoadError, match="checkpoint: .*model.safetensors changed on disk after its header"):
+        LazyCheckpoint(index, None)["a"]
+    fresh = LazyCheckpoint(read_safetensors_index(path, "checkpoint"), None)
+    assert torch.equal(fresh["a"], load_file(str(path))["a"])

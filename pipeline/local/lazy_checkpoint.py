@@ -18,16 +18,66 @@ converted state dict before the model is built. Each tensor is then given out on
 
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
+from contextlib import contextmanager
 
-from .model_checks import TensorIndex
-
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-           "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+from .model_checks import SAFETENSORS_DTYPES, TensorIndex, file_identity
 
 _CHUNK = 1 << 18  # elements per step of a cast: a step's fp32 staging (1 MiB) stays in the cache
 _staging = threading.local()  # per thread: its fp32 staging, made on its first cast
+_omp = []  # [OpenMP's omp_set_num_threads as torch loaded it, or None], looked up once
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, SAFETENSORS_DTYPES[name][0])
+
+
+def _set_own_threads():
+    """The ``omp_set_num_threads`` of the OpenMP torch uses, which sets the calling thread's own count (None where it
+    cannot be found). ``torch.set_num_threads`` would also set the count that every thread started later begins
+    with: a thread that first used torch while a load had it at 1 would stay on one thread for good."""
+    if not _omp:
+        import torch
+
+        try:  # looked up from torch's own extension: its dependencies are searched, so this is torch's OpenMP
+            fn = ctypes.CDLL(torch._C.__file__).omp_set_num_threads
+            fn.argtypes, fn.restype = [ctypes.c_int], None
+        except (OSError, AttributeError, TypeError):  # no OpenMP symbols there (Windows, a non-OpenMP torch)
+            fn = None
+        _omp.append(fn)
+    return _omp[0]
+
+
+def _own_threads_to_one():
+    """Put this thread's torch operations on one thread; its count before (None: nothing changed)."""
+    import torch
+
+    before = torch.get_num_threads()  # also torch's first setting of this thread's count: ours comes after it
+    own = _set_own_threads() if before > 1 else None
+    if own is None:
+        return None
+    own(1)
+    if torch.get_num_threads() != 1:  # not the OpenMP torch's threads come from: leave it as it was
+        own(before)
+        return None
+    return before
+
+
+@contextmanager
+def one_thread():
+    """torch's operations on this thread run on one thread inside the block; no other thread's count changes, and
+    this thread's is what it was afterwards. Where that cannot be done per thread, nothing changes (the values are
+    the same, only the split of the work differs)."""
+    before = _own_threads_to_one()
+    try:
+        yield
+    finally:
+        if before is not None:
+            _set_own_threads()(before)
 
 
 def copy_into(out, src) -> None:
@@ -45,10 +95,7 @@ def copy_into(out, src) -> None:
     if not staged:
         out.copy_(src)
         return
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
+    with one_thread():
         staging = getattr(_staging, "stage", None)
         if staging is None:
             staging = _staging.stage = torch.empty(_CHUNK, dtype=torch.float32)
@@ -58,9 +105,27 @@ def copy_into(out, src) -> None:
             stage = staging[:j - i]
             stage.copy_(src[i:j])
             out[i:j].copy_(stage)
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
+
+
+def copy_bytes_into(out, raw, dtype) -> None:
+    """:func:`copy_into` from ``raw``, a flat uint8 tensor holding ``out.numel()`` values of ``dtype``. Bytes at an
+    address that is not a multiple of ``dtype``'s size (the safetensors format aligns only its header, to 8 bytes, and
+    some writers not even that) cannot be viewed as ``dtype``: they are copied to aligned memory first, straight into
+    ``out`` when it keeps ``dtype``, else a step at a time through an aligned buffer."""
+    import torch
+
+    size = dtype.itemsize
+    if raw.data_ptr() % size == 0 and raw.storage_offset() % size == 0:
+        copy_into(out, raw.view(dtype))
+    elif out.dtype == dtype:
+        out.view(torch.uint8).copy_(raw)
+    else:
+        step = _CHUNK * size
+        aligned = torch.empty(min(step, raw.numel()), dtype=torch.uint8)
+        for i in range(0, raw.numel(), step):
+            part = aligned[:min(step, raw.numel() - i)]
+            part.copy_(raw[i:i + step])
+            copy_into(out[i // size:(i + part.numel()) // size], part.view(dtype))
 
 
 class LazyCheckpoint(dict):
@@ -75,20 +140,32 @@ class LazyCheckpoint(dict):
         self._ahead = None  # read ahead by the first access, each given out once: key -> tensor
 
     def _open(self):
+        """Map the file read-only, once: the file whose header was read (the same device, inode, size and
+        modification time), or none at all: offsets from another file's header would read the wrong bytes."""
         import mmap
         import warnings
 
         import torch
 
-        if self._map is None:
+        if self._map is not None:
+            return
+        try:
             with open(self._index.path, "rb") as f:
+                now = file_identity(os.fstat(f.fileno()))
+                if self._index.identity is not None and now != self._index.identity:
+                    raise self._index.error(
+                        "changed on disk after its header was read (it was rewritten or replaced while loading): "
+                        "let the copy or download finish, then load it again.")
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            with warnings.catch_warnings():  # read-only on purpose: the file's bytes are only read from
-                warnings.simplefilter("ignore", UserWarning)
-                self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        except OSError as exc:
+            raise self._index.error(f"could not be opened ({type(exc).__name__}: {exc}).") from None
+        with warnings.catch_warnings():  # read-only on purpose: the file's bytes are only read from
+            warnings.simplefilter("ignore", UserWarning)
+            self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
 
     def _read_all(self):
-        """Every kept tensor, read by torch's threads in parallel (one tensor per thread at a time)."""
+        """Every kept tensor, read by torch's threads in parallel (one tensor per thread at a time, each worker on one
+        thread of its own: the calling thread's setting, and the one later threads start with, stay as they are)."""
         from concurrent.futures import ThreadPoolExecutor
 
         import torch
@@ -98,12 +175,9 @@ class LazyCheckpoint(dict):
         if threads <= 1 or len(keys) < 2:
             return {k: self._read(k) for k in keys}
         self._open()  # mapped once, before the threads
-        torch.set_num_threads(1)  # each copy on its own thread; set once here, not by each worker
-        try:
-            with ThreadPoolExecutor(min(threads, len(keys)), thread_name_prefix="sdxlcn-read") as pool:
-                return dict(zip(keys, pool.map(self._read, keys)))
-        finally:
-            torch.set_num_threads(threads)
+        with ThreadPoolExecutor(min(threads, len(keys)), thread_name_prefix="sdxlcn-read",
+                                initializer=_own_threads_to_one) as pool:
+            return dict(zip(keys, pool.map(self._read, keys)))
 
     def _read(self, key):
         import mmap
@@ -111,13 +185,21 @@ class LazyCheckpoint(dict):
         import torch
 
         name, begin, end = self._index.locations[key]
-        dtype, shape = getattr(torch, _DTYPES[name]), self._index.shapes[key]
+        try:
+            dtype, shape = _torch_dtype(name), self._index.shapes[key]
+        except AttributeError:
+            raise self._index.error(f"stores {key!r} as {name}, which this torch {torch.__version__} has no type "
+                                    f"for: upgrade torch.") from None
         want = self._dtype if self._dtype is not None and dtype.is_floating_point else dtype
-        kept = torch.empty(shape, dtype=want)
-        if end == begin:
-            return kept
-        self._open()
-        copy_into(kept.view(-1), self._bytes[begin:end].view(dtype))
+        try:
+            kept = torch.empty(shape, dtype=want)
+            if end == begin:
+                return kept
+            self._open()
+            copy_bytes_into(kept.view(-1), self._bytes[begin:end], dtype)
+        except (RuntimeError, ValueError) as exc:
+            raise self._index.error(f"could not be read at {key!r} ({type(exc).__name__}: "
+                                    f"{str(exc).strip()[:300]}).") from None
         if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):  # give the file's pages back now
             start = begin - begin % mmap.PAGESIZE
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
@@ -155,9 +237,7 @@ class LazyCheckpoint(dict):
 
 def stored_dtypes(index: TensorIndex) -> set:
     """The torch dtypes a safetensors file's tensors are stored in (empty for a pickle)."""
-    import torch
-
-    return {getattr(torch, _DTYPES[name]) for name, _begin, _end in index.locations.values()}
+    return {_torch_dtype(name) for name, _begin, _end in index.locations.values()}
 
 
 def checkpoint_tensors(index: TensorIndex, dtype=None, keep=None) -> dict:

@@ -8,6 +8,7 @@ caller opted in (``allow_pickle``), and then with ``torch.load(weights_only=True
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -20,6 +21,14 @@ from .pickles import load_weights_only, refuse_unsafe_torch
 SAFETENSORS_EXT = {".safetensors", ".sft"}
 PICKLE_EXT = {".ckpt", ".pt", ".pth", ".bin"}
 _MAX_HEADER = 100_000_000  # safetensors itself refuses headers over 100 MB
+# a safetensors dtype name -> (torch's name for it, bytes per element): the types safetensors' torch loader reads
+SAFETENSORS_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "BOOL": ("bool", 1), "C64": ("complex64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
+}
 
 HINT_BASE = (
     "Give an SDXL base checkpoint: a single .safetensors in the original (SGM) layout such as "
@@ -41,6 +50,12 @@ class TensorIndex:
     metadata: dict = field(default_factory=dict)
     state_dict: dict | None = None  # only for pickles, which cannot be read lazily
     locations: dict = field(default_factory=dict)  # safetensors: key -> (dtype name, first byte, end byte) in the file
+    label: str = ""  # what the file is to the user ("checkpoint", "controlnet"...), for errors
+    identity: tuple | None = None  # safetensors: the file whose header this is (:func:`file_identity`)
+
+    def error(self, what: str) -> ModelLoadError:
+        """The pack's error about this file: ``<label>: <path> <what>``."""
+        return ModelLoadError(f"{self.label + ': ' if self.label else ''}{self.path} {what}")
 
     def has_prefix(self, prefix: str) -> bool:
         return any(k.startswith(prefix) for k in self.shapes)
@@ -66,12 +81,18 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def file_identity(st: os.stat_result) -> tuple:
+    """Device, inode, size and modification time of a file: what changes when it is rewritten or replaced."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
     """Read and validate a safetensors header; raise ModelLoadError for truncated or corrupt files."""
     path = Path(path)
-    size = path.stat().st_size
     fix = "Download the file again (compare its size with the source) and retry."
     with open(path, "rb") as f:
+        identity = file_identity(os.fstat(f.fileno()))
+        size = identity[2]
         head = f.read(8)
         if len(head) < 8:
             raise ModelLoadError(f"{label}: {path} is {_size(size)}, too short to be a safetensors file. {fix}")
@@ -98,6 +119,14 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
             end = max(end, stop)
     except (KeyError, TypeError, ValueError, IndexError):
         raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header (bad entry for {k!r}). {fix}") from None
+    for k, (dtype, begin, stop) in locations.items():
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ModelLoadError(f"{label}: {path} stores {k!r} as {dtype!r}, a type safetensors' torch loader does "
+                                 f"not read. Use a file saved with torch tensors of a standard type.")
+        need = math.prod(shapes[k]) * SAFETENSORS_DTYPES[dtype][1]
+        if min(shapes[k], default=0) < 0 or stop - begin != need:
+            raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header ({k!r} spans {stop - begin} "
+                                 f"bytes, but a {dtype} tensor of shape {shapes[k]} needs {need}). {fix}")
     if 8 + n + end > size:
         raise ModelLoadError(
             f"{label}: {path} is truncated: it is {_size(size)} but its header says the tensors need "
@@ -105,7 +134,7 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
         )
     if not shapes:
         raise ModelLoadError(f"{label}: {path} is a safetensors file with no tensors in it. {fix}")
-    return TensorIndex(path, shapes, metadata, locations=locations)
+    return TensorIndex(path, shapes, metadata, locations=locations, label=label, identity=identity)
 
 
 def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -> TensorIndex:
@@ -140,7 +169,7 @@ def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -
     shapes = {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
     if not shapes:
         raise ModelLoadError(f"{label}: {path} holds no tensors.")
-    return TensorIndex(path, shapes, state_dict=sd)
+    return TensorIndex(path, shapes, state_dict=sd, label=label)
 
 
 def read_index(path: str | os.PathLike, label: str, allow_pickle: bool = False) -> TensorIndex:
