@@ -253,6 +253,61 @@ def test_ckpt_is_refused_without_opt_in_and_loaded_weights_only_with_it(single_f
     _assert_same_weights(pipe, folder_pipe)
 
 
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16, torch.float32])
+def test_unaligned_single_file_and_controlnet_file_load(single_files, folder_pipe, tmp_path, stored):
+    """Valid files whose data starts at an odd offset (each read back by safetensors itself first), stored in fp16,
+    bf16 or fp32: the single-file checkpoint and the ControlNet file load, each weight the diffusers folder's
+    (from_pretrained) as stored in that type."""
+    from padded_safetensors import repad
+
+    ckpt = repad(shutil.copyfile(single_files["checkpoint"], tmp_path / "unaligned_base.safetensors"), 1, stored)
+    cn = repad(shutil.copyfile(single_files["controlnet"], tmp_path / "unaligned_cn.safetensors"), 1, stored)
+    pipe = build_pipeline(ckpt, cn, _opts(single_files))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet"):
+        want = getattr(folder_pipe, name).state_dict()
+        for k, v in getattr(pipe, name).state_dict().items():
+            if v.is_floating_point():
+                assert v.dtype == torch.float32 and torch.equal(v, want[k].to(stored).float()), f"{name}.{k}"
+
+
+def test_no_random_init_in_two_threads_at_once_leaves_initialisation_working():
+    """transformers' no_init_weights swaps torch.nn.init's functions for no-ops and puts back what it found: with
+    two loads overlapping in two threads the second put its no-ops back for good (every model built later, anyone's,
+    uninitialised). One thread holds it at a time: the second enters after the first has left."""
+    import threading
+
+    from sdxl_controlnet_img2img.pipeline.local.single_file import no_random_init
+
+    normal = torch.nn.init.normal_
+    first_in, second_trying, second_in, first_out = (threading.Event() for _ in range(4))
+    order = []
+
+    def first():
+        with no_random_init():
+            first_in.set()
+            second_trying.wait(30)
+            second_in.wait(0.5)  # the second would be in by now if nothing kept it out
+            order.append("first leaves")
+        first_out.set()
+
+    def second():
+        first_in.wait(30)
+        second_trying.set()
+        with no_random_init():
+            order.append("second in")
+            second_in.set()
+            first_out.wait(30)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert order == ["first leaves", "second in"]
+    assert torch.nn.init.normal_ is normal
+    assert torch.nn.Linear(64, 64).weight.std() > 0.01  # initialised, not left as allocated
+
+
 def test_controlnet_single_file_mismatching_bundled_config_is_explained(single_files):
     # without the tiny config override, the bundled real-SDXL ControlNet config does not fit the tiny file
     opts = LoadOptions(**FP32, config_dir=str(single_files["config_dir"]))
