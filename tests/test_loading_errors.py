@@ -175,3 +175,36 @@ def test_bad_options_are_named(tiny_models):
         load_pipeline(tiny_models["checkpoint"], tiny_models["controlnet"], LoadOptions(device="cpu", memory_mode="model_cpu_offload"))
     with pytest.raises(ModelLoadError, match="dtype: 'fp8'"):
         load_pipeline(tiny_models["checkpoint"], tiny_models["controlnet"], LoadOptions(device="cpu", dtype="fp8"))
+
+
+def test_a_controlnet_file_that_cannot_fill_the_model_is_named(tiny_models, tmp_path):
+    """A valid ControlNet file in diffusers layout with int8 weights (a quantised export, which diffusers'
+    ControlNetModel cannot hold): the pack's error naming the file, not load_state_dict's bare RuntimeError."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(Path(tiny_models["controlnet"]) / "diffusion_pytorch_model.safetensors"))
+    cn = tmp_path / "controlnet_int8.safetensors"
+    save_file({k: v.to(torch.int8) if v.dim() > 1 else v for k, v in sd.items()}, cn)
+    msg = _err(tiny_models["checkpoint"], cn,
+               LoadOptions(device="cpu", dtype="fp32", controlnet_config_dir=str(tiny_models["controlnet"])))
+    assert msg.startswith(f"controlnet: {cn} does not fit ControlNetModel") and "floating point" in msg, msg
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}, "'w' spans 12 bytes, but a F32 tensor of shape (4,) needs 16"),
+    ({"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}, "stores 'w' as 'Q4'"),
+])
+def test_a_header_that_does_not_describe_its_bytes_is_refused(tiny_models, tmp_path, entry, words):
+    """A header whose offsets do not fit its shape and type, or whose type is none safetensors reads: safetensors
+    itself refuses the file; so does the header check, naming the file, before anything is read."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    head = json.dumps({"w": entry}).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + bytes(16))
+    with pytest.raises(Exception):  # noqa: B017 - whatever safetensors raises: it does not read the file
+        load_file(str(path))
+    msg = _err(path, tiny_models["controlnet"])
+    assert msg.startswith(f"checkpoint: {path} ") and words in msg, msg

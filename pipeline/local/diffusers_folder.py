@@ -60,7 +60,10 @@ def fill(model, idx: TensorIndex, dtype):
     tensors the model has no place for are not read."""
     expected = model.state_dict().keys()
     sd = checkpoint_tensors(idx, dtype, keep=lambda k: k in expected)
-    model.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=True)
+    try:
+        model.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=True)
+    except RuntimeError as exc:  # shapes were checked: a type the model cannot hold (int8 weights, say)
+        raise idx.error(f"does not fit {type(model).__name__} ({' '.join(str(exc).split())[:400]}).") from None
     if dtype is not None:
         model.to(dtype=dtype)  # the buffers the constructor made (the weights are in dtype already)
     return model.eval()

@@ -25,7 +25,7 @@ from ..errors import ModelLoadError
 from .devices import MEMORY_MODES, check_device, default_device, default_dtype, parse_dtype
 from .diffusers_folder import folder_model, folder_models, load_diffusers_file
 from .hub import hub_offline, looks_like_repo_id
-from .memory import SingleModelCache
+from .memory import SingleModelCache, release_memory
 from .model_checks import (
     HINT_BASE,
     HINT_CONTROLNET,
@@ -116,7 +116,7 @@ def _file_identity(kind: str, value) -> tuple:
 
 
 def _wrap(label: str, where, exc: Exception, hint: str) -> ModelLoadError:
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    msg = " ".join(str(exc).split()) or type(exc).__name__  # one line, with the cause a library gives below its first
     return ModelLoadError(f"{label}: loading {where} failed ({type(exc).__name__}: {msg[:400]}). {hint}")
 
 
@@ -212,11 +212,16 @@ def load_controlnet(source, options: LoadOptions):
     # diffusers keys in one file: build from the config and load the weights strictly
     config = ControlNetModel.load_config(str(cfg_dir))
     check_controlnet_config(config, cfg_dir, label)
-    return load_diffusers_file(
-        ControlNetModel, idx, config, opts.dtype,
-        f"{label}: {value} is an SDXL ControlNet in diffusers layout, but it does not match the config in {cfg_dir}: "
-        "{detail}. It is probably a different size (mid/small variant): put it in a folder next to its own "
-        "config.json and give the folder (or pass controlnet_config_dir).")
+    try:
+        return load_diffusers_file(
+            ControlNetModel, idx, config, opts.dtype,
+            f"{label}: {value} is an SDXL ControlNet in diffusers layout, but it does not match the config in "
+            f"{cfg_dir}: {{detail}}. It is probably a different size (mid/small variant): put it in a folder next to "
+            "its own config.json and give the folder (or pass controlnet_config_dir).")
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(label, value, exc, HINT_CONTROLNET) from None
 
 
 # ---------------------------------------------------------------- VAE override
@@ -289,7 +294,19 @@ def _base_folder_check(folder: Path, label: str) -> None:
 
 
 def build_pipeline(base, controlnet, options: LoadOptions | None = None):
-    """Load without the cache. Raises ModelLoadError (never a bare library error) for bad inputs."""
+    """Load without the cache. Raises ModelLoadError (never a bare library error) for bad inputs; a load that fails
+    part-way gives back what it had read, as an unload does."""
+    try:
+        return _build_pipeline(base, controlnet, options)
+    except ModelLoadError as exc:
+        error = exc
+    # its traceback's frames, and the library error it stands for, hold the models read so far
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    release_memory()
+    raise error
+
+
+def _build_pipeline(base, controlnet, options: LoadOptions | None = None):
     drop_known_noise()
     from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
 
