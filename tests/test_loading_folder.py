@@ -87,6 +87,53 @@ def test_unaligned_folder_components_load(tiny_models, tmp_path, stored, dtype):
                 assert v.dtype == dtype and torch.equal(v, want[k].to(stored).to(dtype)), f"{name}.{k}"
 
 
+def _as_pickles(folder) -> None:
+    """Re-save the diffusers model in ``folder`` with torch.save (diffusion_pytorch_model.bin), no safetensors."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cls = {"UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL,
+           "ControlNetModel": ControlNetModel}[config["_class_name"]]
+    model = cls.from_pretrained(folder)
+    shutil.rmtree(folder)
+    model.save_pretrained(folder, safe_serialization=False)
+    assert (folder / "diffusion_pytorch_model.bin").is_file() and not list(folder.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("part", ["unet", "vae", "controlnet", "vae option"])
+def test_pickle_weights_in_a_folder_need_the_opt_in(tiny_models, tmp_path, part, monkeypatch):
+    """A diffusers folder (the base's UNet or VAE, a ControlNet, a VAE given on its own) whose weights are only
+    .bin pickles is refused without allow_pickle, as a .ckpt is, before anything loads; with it they load (torch.load
+    with weights_only); on a torch before 2.6 they are refused even with it."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
+    from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline, check_sources
+
+    base, cn, vae = Path(tiny_models["checkpoint"]), Path(tiny_models["controlnet"]), None
+    if part in ("unet", "vae"):
+        base = Path(shutil.copytree(base, tmp_path / "base"))
+        pickled = base / part
+    elif part == "controlnet":
+        cn = pickled = Path(shutil.copytree(cn, tmp_path / "controlnet"))
+    else:
+        vae = pickled = Path(shutil.copytree(base / "vae", tmp_path / "vae"))
+    _as_pickles(pickled)
+    opts = dict(device="cpu", dtype="fp32", vae=str(vae) if vae else None)
+    for check in (check_sources, build_pipeline):
+        with pytest.raises(ModelLoadError) as err:
+            check(base, cn, LoadOptions(**opts))
+        msg = str(err.value)
+        assert f"{pickled / 'diffusion_pytorch_model.bin'} is a pickle checkpoint (.bin)" in msg, msg
+        assert "refused by default" in msg and "allow_pickle" in msg and ".safetensors" in msg, msg
+    pipe = build_pipeline(base, cn, LoadOptions(**opts, allow_pickle=True))
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "controlnet": ControlNetModel}[part.split()[0]]
+    same_weights(getattr(pipe, part.split()[0]), cls.from_pretrained(pickled))
+    monkeypatch.setattr(torch, "__version__", "2.5.1")  # a torch whose weights_only loader is unsafe (CVE-2025-32434)
+    with pytest.raises(ModelLoadError, match=r"pickle files are refused on torch 2\.5.*CVE-2025-32434"):
+        build_pipeline(base, cn, LoadOptions(**opts, allow_pickle=True))
+
+
 FREE_PROBE = r"""
 import json, sys
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError

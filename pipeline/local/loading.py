@@ -31,9 +31,11 @@ from .model_checks import (
     HINT_CONTROLNET,
     check_controlnet_config,
     check_controlnet_file,
+    check_folder_weights,
     check_sdxl_base,
     read_index,
 )
+from .pickles import pickles_readable
 from .placement import compile_conflict, place
 from .quiet import drop_known_noise
 
@@ -115,6 +117,12 @@ def _file_identity(kind: str, value) -> tuple:
     return ("folder", str(p), tuple(stamps))
 
 
+def _safetensors_only(opts: LoadOptions) -> bool | None:
+    """``from_pretrained``'s ``use_safetensors``: True (pickles never read) unless the user opted in on a torch that
+    reads them safely; then None (safetensors first, pickles where there are none)."""
+    return None if pickles_readable(opts.allow_pickle) else True
+
+
 def _wrap(label: str, where, exc: Exception, hint: str) -> ModelLoadError:
     msg = " ".join(str(exc).split()) or type(exc).__name__  # one line, with the cause a library gives below its first
     return ModelLoadError(f"{label}: loading {where} failed ({type(exc).__name__}: {msg[:400]}). {hint}")
@@ -122,8 +130,9 @@ def _wrap(label: str, where, exc: Exception, hint: str) -> ModelLoadError:
 
 # ---------------------------------------------------------------- ControlNet
 
-def _check_controlnet_folder(value: Path, label: str) -> None:
-    """A diffusers ControlNet folder: config.json of an SDXL ControlNetModel, weights whose headers read."""
+def _check_controlnet_folder(value: Path, label: str, allow_pickle: bool = False) -> None:
+    """A diffusers ControlNet folder: config.json of an SDXL ControlNetModel, weights whose headers read (pickles
+    only with the opt-in)."""
     cfg_file = value / "config.json"
     if not cfg_file.is_file():
         found = ", ".join(sorted(f.name for f in value.iterdir())[:8]) or "nothing"
@@ -140,10 +149,7 @@ def _check_controlnet_folder(value: Path, label: str) -> None:
             f"{label}: {value} is a diffusers {config.get('_class_name')} folder, not a ControlNetModel. {HINT_CONTROLNET}"
         )
     check_controlnet_config(config, value, label)
-    weights = [f for f in value.iterdir() if f.name.startswith("diffusion_pytorch_model") and f.suffix == ".safetensors"]
-    for w in weights:
-        if not w.name.endswith("index.json"):
-            read_index(w, label)  # truncated/corrupt files get a clear message
+    check_folder_weights(value, label, allow_pickle)  # truncated/corrupt files get a clear message
 
 
 def check_sources(base, controlnet, options: "LoadOptions | None" = None) -> None:
@@ -158,7 +164,7 @@ def check_sources(base, controlnet, options: "LoadOptions | None" = None) -> Non
         kind, value = _classify(source, label, hint)
         try:
             if kind == "folder":
-                check_folder(value, label)
+                check_folder(value, label, opts.allow_pickle)
             elif kind == "file" and (value.suffix.lower() == ".safetensors" or not opts.allow_pickle):
                 # the header only; a pickle has none and is refused here unless opted in (then reading it is the load)
                 check_file(read_index(value, label), label)
@@ -168,7 +174,9 @@ def check_sources(base, controlnet, options: "LoadOptions | None" = None) -> Non
                 raise ModelLoadError(swapped) from None
             raise
     if opts.vae:
-        _classify(opts.vae, "vae", "Give a diffusers VAE folder or a VAE .safetensors file.")
+        kind, value = _classify(opts.vae, "vae", "Give a diffusers VAE folder or a VAE .safetensors file.")
+        if kind == "folder":
+            check_folder_weights(_vae_folder(value), "vae", opts.allow_pickle)
 
 
 def load_controlnet(source, options: LoadOptions):
@@ -180,14 +188,15 @@ def load_controlnet(source, options: LoadOptions):
     kind, value = _classify(source, label, HINT_CONTROLNET)
     if kind == "hub":
         try:
-            return ControlNetModel.from_pretrained(value, dtype=opts.dtype)
+            return ControlNetModel.from_pretrained(value, dtype=opts.dtype, use_safetensors=_safetensors_only(opts))
         except Exception as exc:  # noqa: BLE001
             raise _wrap(label, value, exc, HINT_CONTROLNET) from None
     if kind == "folder":
-        _check_controlnet_folder(value, label)
+        _check_controlnet_folder(value, label, opts.allow_pickle)
         try:
             model = folder_model(ControlNetModel, value, "diffusion_pytorch_model.safetensors", opts.dtype, label)
-            return model or ControlNetModel.from_pretrained(value, dtype=opts.dtype, local_files_only=True)
+            return model or ControlNetModel.from_pretrained(value, dtype=opts.dtype, local_files_only=True,
+                                                            use_safetensors=_safetensors_only(opts))
         except ModelLoadError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -226,6 +235,11 @@ def load_controlnet(source, options: LoadOptions):
 
 # ---------------------------------------------------------------- VAE override
 
+def _vae_folder(folder: Path) -> Path:
+    """A VAE folder given as such, or the ``vae/`` of a pipeline folder."""
+    return folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
+
+
 def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
     """A user VAE (e.g. madebyollin/sdxl-vae-fp16-fix): a diffusers folder (its config decides ``force_upcast``) or
     a single file (upcast like the stock SDXL VAE unless its weights show it is fp16-safe)."""
@@ -238,10 +252,12 @@ def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
     kind, value = _classify(source, label, hint)
     try:
         if kind == "hub":
-            return AutoencoderKL.from_pretrained(value, dtype=opts.dtype)
+            return AutoencoderKL.from_pretrained(value, dtype=opts.dtype, use_safetensors=_safetensors_only(opts))
         if kind == "folder":
-            sub = value / "vae" if (value / "vae" / "config.json").is_file() else value
-            return AutoencoderKL.from_pretrained(sub, dtype=opts.dtype, local_files_only=True)
+            sub = _vae_folder(value)
+            check_folder_weights(sub, label, opts.allow_pickle)
+            return AutoencoderKL.from_pretrained(sub, dtype=opts.dtype, local_files_only=True,
+                                                 use_safetensors=_safetensors_only(opts))
         idx = read_index(value, label, allow_pickle=opts.allow_pickle)
         if not any(k.split(".", 1)[-1].startswith(("encoder.", "decoder.")) or k.startswith(("encoder.", "decoder."))
                    for k in idx.shapes):
@@ -273,7 +289,7 @@ def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
 
 # ---------------------------------------------------------------- the pipeline
 
-def _base_folder_check(folder: Path, label: str) -> None:
+def _base_folder_check(folder: Path, label: str, allow_pickle: bool = False) -> None:
     index = folder / "model_index.json"
     if not index.is_file():
         singles = sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".ckpt"))
@@ -289,8 +305,7 @@ def _base_folder_check(folder: Path, label: str) -> None:
             f"encoders (not SDXL base; SD 1.x/2.x or a refiner). {HINT_BASE}"
         )
     for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        for w in (folder / sub).glob("*.safetensors") if (folder / sub).is_dir() else ():
-            read_index(w, f"{label} ({sub})")
+        check_folder_weights(folder / sub, f"{label} ({sub})", allow_pickle)
 
 
 def build_pipeline(base, controlnet, options: LoadOptions | None = None):
@@ -316,7 +331,7 @@ def _build_pipeline(base, controlnet, options: LoadOptions | None = None):
     # check the base before spending time on the ControlNet
     idx = config_dir = None
     if kind == "folder":
-        _base_folder_check(value, label)
+        _base_folder_check(value, label, opts.allow_pickle)
     elif kind == "file":
         idx = read_index(value, label, allow_pickle=opts.allow_pickle)
         check_sdxl_base(idx, label)  # the kind of model first: no config or tokenizer needed to say "this is SD1.5"
@@ -344,7 +359,8 @@ def _build_pipeline(base, controlnet, options: LoadOptions | None = None):
             if kind == "folder":  # its models read as the single file's are; from_pretrained for the rest
                 extra.update(folder_models(value, opts.dtype, label, skip=extra))
             pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
-                str(value), controlnet=cn, dtype=opts.dtype, local_files_only=(kind != "hub"), **extra,
+                str(value), controlnet=cn, dtype=opts.dtype, local_files_only=(kind != "hub"),
+                use_safetensors=_safetensors_only(opts), **extra,
             )
     except ModelLoadError:
         raise

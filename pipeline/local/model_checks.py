@@ -137,9 +137,9 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
     return TensorIndex(path, shapes, metadata, locations=locations, label=label, identity=identity)
 
 
-def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -> TensorIndex:
-    """Read a .ckpt/.pt pickle with weights_only=True, only when the user opted in."""
-    path = Path(path)
+def refuse_pickle(path: Path, label: str, allow_pickle: bool) -> None:
+    """Raise ModelLoadError for the pickle ``path`` unless the user opted in (``allow_pickle``) on a torch whose
+    ``weights_only`` loader is safe."""
     if not allow_pickle:
         raise ModelLoadError(
             f"{label}: {path} is a pickle checkpoint ({path.suffix}); pickles can run code when loaded, so they are "
@@ -150,6 +150,12 @@ def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -
         refuse_unsafe_torch(label)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
+
+
+def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -> TensorIndex:
+    """Read a .ckpt/.pt pickle with weights_only=True, only when the user opted in."""
+    path = Path(path)
+    refuse_pickle(path, label, allow_pickle)
     try:
         try:
             sd = load_weights_only(path, label, mmap=True)
@@ -170,6 +176,19 @@ def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -
     if not shapes:
         raise ModelLoadError(f"{label}: {path} holds no tensors.")
     return TensorIndex(path, shapes, state_dict=sd, label=label)
+
+
+def check_folder_weights(folder: Path, label: str, allow_pickle: bool) -> None:
+    """The weights of a diffusers model folder (``unet/``, a ControlNet folder...) as its loader reads them: every
+    ``.safetensors`` file's header (a truncated or corrupt one is named), and where there is none, the pickles
+    (``.bin``) diffusers would read instead: refused as a pickle file is (:func:`refuse_pickle`)."""
+    files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+    weights = [f for f in files if f.suffix.lower() in SAFETENSORS_EXT]
+    for w in weights:
+        read_safetensors_index(w, label)
+    pickles = [f for f in files if f.suffix.lower() in PICKLE_EXT]
+    if pickles and not weights:
+        refuse_pickle(pickles[0], label, allow_pickle)
 
 
 def read_index(path: str | os.PathLike, label: str, allow_pickle: bool = False) -> TensorIndex:

@@ -30,3 +30,9 @@ def load_weights_only(path: str | os.PathLike, label: str, mmap: bool = False):
     import torch
 
     return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def pickles_readable(allow_pickle: bool) -> bool:
+    """Whether a loader may read pickle weights where there are no safetensors (diffusers' and transformers'
+    ``use_safetensors=None`` rather than ``True``): only opted in, on a torch that reads them safely."""
+    return allow_pickle and torch_version() >= SAFE_WEIGHTS_ONLY
