@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..pipeline.local.generate import generate
-from ..pipeline.local.schedulers import SCHEDULER_TOOLTIP
+from ..pipeline.local.schedulers import SCHEDULER_TOOLTIP, TIMESTEPS_TOOLTIP, few_step_warning
 from ..pipeline.request import DEFAULT_SCHEDULER, SCHEDULERS, GenerationRequest
 from .comfy_hooks import CATEGORY, Progress, log, send_status
 from .convert import pil_to_image
@@ -57,16 +57,21 @@ class SDXLCNImg2Img:
                     "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                     "tooltip": "Local only: the fraction of the steps after which the ControlNet stops (1 = to the "
                                "last step, as fal does); lower it to let the prompt finish the details."}),
+                "timesteps": ("STRING", {"default": "", "tooltip": TIMESTEPS_TOOLTIP}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, pipeline, image, control_image, apply_canny=True, fallback="off", scheduler=DEFAULT_SCHEDULER,
-               control_start=0.0, control_end=1.0, unique_id=None, **widgets):
+               control_start=0.0, control_end=1.0, timesteps="", unique_id=None, **widgets):
         seed = int(widgets["seed"])
         requests = build_requests(widgets, image, control_image, apply_canny=bool(apply_canny),
                                   loras=list(getattr(pipeline, "loras", ())), local_scheduler=scheduler,
-                                  local_control_start=float(control_start), local_control_end=float(control_end))
+                                  local_control_start=float(control_start), local_control_end=float(control_end),
+                                  local_timesteps=timesteps)
+        warning = few_step_warning(requests[0])  # every request of the batch has the same settings: one line
+        if warning:
+            log.warning("SDXLCNImg2Img: %s", warning)
 
         if fallback == "fal":
             refuse_fallback_on_host_models(pipeline)

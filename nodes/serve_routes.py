@@ -53,6 +53,7 @@ def workflow_for(args: dict, image_name: str, control_name: str, checkpoint: str
     s["scheduler"] = args.get("local_scheduler", s["scheduler"])
     s["control_start"] = args.get("local_control_start", s["control_start"])
     s["control_end"] = args.get("local_control_end", s["control_end"])
+    s["timesteps"] = ", ".join(str(t) for t in args.get("local_timesteps") or ())
     if args.get("apply_canny", True) is False:
         s["control_image"] = ["6", 0]
     s["image"] = ["1", 0]

@@ -20,11 +20,12 @@ MAX_SEED = 2**64 - 1
 MAX_NUM_IMAGES = 8
 # local-only sampler choices (pipeline/local/schedulers.py builds each from the loaded scheduler's config)
 DEFAULT_SCHEDULER = "default"
-# appended, never reordered (saved workflows keep their values): the last three are few-step LoRAs' schedules
+# appended, never reordered (saved workflows keep their values): from "lcm" on, few-step LoRAs' schedules
 SCHEDULERS = (DEFAULT_SCHEDULER, "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "unipc",
-              "ddim", "lcm", "tcd", "euler_trailing")
+              "ddim", "lcm", "tcd", "euler_trailing", "ddim_trailing", "tcd_eta1")
 LOCAL_ONLY_DEFAULTS = {"apply_canny": True, "local_scheduler": DEFAULT_SCHEDULER, "local_control_start": 0.0,
-                       "local_control_end": 1.0}
+                       "local_control_end": 1.0, "local_timesteps": ()}
+NUM_TRAIN_TIMESTEPS = 1000  # SDXL's: a timestep is a whole number in [0, 999]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class GenerationRequest:
     local_scheduler: str = DEFAULT_SCHEDULER
     local_control_start: float = 0.0
     local_control_end: float = 1.0
+    # local only: the timesteps the scheduler runs instead of its own (a LoRA card's list, e.g. DMD2's 999, 749, 499,
+    # 249); () = the scheduler's own. img2img then runs the last int(num_inference_steps x strength) of them
+    local_timesteps: tuple[int, ...] = ()
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -80,6 +84,8 @@ class GenerationRequest:
         kwargs = dict(data)
         if "loras" in kwargs:
             kwargs["loras"] = parse_loras(kwargs["loras"])
+        if "local_timesteps" in kwargs:
+            kwargs["local_timesteps"] = parse_timesteps(kwargs["local_timesteps"])
         req = cls(**kwargs)
         req.validate()
         return req
@@ -116,6 +122,11 @@ class GenerationRequest:
             raise RequestError("local_control_start", f"{self.local_control_start} is after local_control_end "
                                                       f"{self.local_control_end}: the ControlNet would act in no step; "
                                                       "set the start at or before the end")
+        timesteps = parse_timesteps(self.local_timesteps)
+        if timesteps and len(timesteps) != self.num_inference_steps:
+            raise RequestError("local_timesteps", f"gives {len(timesteps)} timesteps but num_inference_steps is "
+                                                  f"{self.num_inference_steps}: set num_inference_steps to "
+                                                  f"{len(timesteps)} (img2img runs the last int(steps x strength))")
         return self
 
     def local_only_changes(self) -> dict:
@@ -190,6 +201,31 @@ def parse_loras(value) -> tuple[LoraSpec, ...]:
         _check_number(f"{name}.scale", scale, -4.0, 4.0)
         out.append(LoraSpec(path=item["path"], scale=float(scale)))
     return tuple(out)
+
+
+def parse_timesteps(value) -> tuple[int, ...]:
+    """``local_timesteps`` as a tuple: a list of whole numbers or comma-separated text (``"999, 749, 499, 249"``),
+    strictly descending, each in [0, 999]; empty (``[]``, ``""``, None) = the scheduler's own timesteps."""
+    name = "local_timesteps"
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace(";", ",").split(",")]
+        if parts == [""]:
+            return ()
+        if not all(p.lstrip("-").isdigit() for p in parts):
+            raise RequestError(name, f"{value!r} is not a comma-separated list of whole numbers; write them "
+                                     "descending, e.g. 999, 749, 499, 249")
+        value = [int(p) for p in parts]
+    if not isinstance(value, (list, tuple)):
+        raise RequestError(name, f"must be a list of whole numbers (e.g. [999, 749, 499, 249]), got "
+                                 f"{type(value).__name__}")
+    for i, t in enumerate(value):
+        _check_int(f"{name}[{i}]", t, 0, NUM_TRAIN_TIMESTEPS - 1)
+    if any(a <= b for a, b in zip(value, value[1:])):
+        raise RequestError(name, f"{list(value)} must be strictly descending (the noisiest first), e.g. "
+                                 "999, 749, 499, 249")
+    return tuple(value)
 
 
 def _check_image_source(name, value):

@@ -147,9 +147,10 @@ def main(out_root: Path = ROOT):
         "sdxl_controlnet_img2img": local_graph(*real),
         "sdxl_controlnet_img2img_lora": local_graph(*real, lora="example_sdxl_lora.safetensors")
         if "SDXLCNLoraLoader" in NODE_CLASS_MAPPINGS else None,
-        # a few-step LoRA (SDXL-Lightning 4-step): 5 steps x strength 0.95 = 4 run, CFG 1 (no unconditional pass)
+        # a few-step LoRA (SDXL-Lightning 4-step) on its card's grid: Euler trailing at the 4 steps it was distilled
+        # for (999/749/499/249); img2img at strength 0.95 runs the last int(4 x 0.95) = 3 (749/499/249); CFG 1
         "sdxl_controlnet_img2img_fast": local_graph(
-            *real, {"num_inference_steps": 5, "guidance_scale": 1.0, "scheduler": "euler_trailing"},
+            *real, {"num_inference_steps": 4, "guidance_scale": 1.0, "scheduler": "euler_trailing"},
             lora="sdxl_lightning_4step_lora.safetensors"),
         "sdxl_controlnet_img2img_comfy_models": comfy_models_graph(
             real[0], "controlnet-canny-sdxl-1.0/diffusion_pytorch_model.safetensors", "example_sdxl_lora.safetensors"),

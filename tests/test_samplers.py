@@ -34,7 +34,9 @@ def test_every_scheduler_runs_and_changes_the_picture_and_default_comes_back(tin
     base = _run(tiny_pipe, files)
     for name in SCHEDULERS[1:]:
         other = _run(tiny_pipe, files, local_scheduler=name)
-        assert np.abs(other - base).mean() > 0.5, name
+        # DDIM at eta 0 is Euler's step in another parametrisation: on SDXL's scheduler config (clip_sample off) it
+        # differs from the default Euler only in its last step's end point, at the same (leading) timesteps
+        assert np.abs(other - base).mean() > (0.05 if name == "ddim" else 0.5), name
     assert np.array_equal(_run(tiny_pipe, files), base)  # the shared pipeline gets its own scheduler back
     assert type(tiny_pipe.scheduler).__name__ == "EulerDiscreteScheduler"
 
@@ -90,16 +92,19 @@ def test_the_sampler_node_takes_them_as_optional_inputs_after_the_older_ones(tin
     from sdxl_controlnet_img2img import NODE_CLASS_MAPPINGS
 
     optional = NODE_CLASS_MAPPINGS["SDXLCNImg2Img"].INPUT_TYPES()["optional"]
-    assert list(optional) == ["fallback", "scheduler", "control_start", "control_end"]
+    assert list(optional) == ["fallback", "scheduler", "control_start", "control_end", "timesteps"]
     assert optional["scheduler"][1]["default"] == "default" and optional["control_end"][1]["default"] == 1.0
+    assert optional["timesteps"][1]["default"] == ""  # the scheduler's own timesteps, as before the input existed
 
 
-# ---- few-step LoRAs' schedules (LCM, TCD, Euler trailing) -----------------------------------------------------------
+# ---- few-step LoRAs' schedules (their timesteps against the cards: test_few_step_schedules.py) ---------------------
 
-FEW_STEP = {  # name -> the scheduler and call arguments as the LoRAs' authors document them for diffusers
-    "lcm": ("LCMScheduler", {}, {}),
-    "tcd": ("TCDScheduler", {}, {"eta": 0.3}),
-    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, {}),
+FEW_STEP = {  # name -> the scheduler and call arguments as the LoRAs' model cards build them for diffusers
+    "lcm": ("LCMScheduler", {}, {}),  # LCM-LoRA
+    "tcd": ("TCDScheduler", {}, {"eta": 0.3}),  # TCD-LoRA
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, {}),  # SDXL-Lightning
+    "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}, {}),  # Hyper-SD 2/4/8-step
+    "tcd_eta1": ("TCDScheduler", {}, {"eta": 1.0}),  # Hyper-SD 1-step
 }
 
 
@@ -130,18 +135,18 @@ def _documented_pipeline_image(tiny_models, files, name, steps, strength, guidan
 
 @pytest.mark.parametrize("name", list(FEW_STEP))
 def test_few_step_schedules_equal_diffusers_built_the_documented_way(tiny_pipe, tiny_models, files, name):
-    """At the _fast workflow's settings (5 steps, CFG 1, strength 0.95): our image is diffusers' own pixel for pixel,
-    int(5 x 0.95) = 4 steps run, each with no unconditional pass (batch 1); and it differs from the default."""
+    """At the _fast workflow's settings (4 steps, CFG 1, strength 0.95): our image is diffusers' own pixel for pixel,
+    int(4 x 0.95) = 3 steps run, each with no unconditional pass (batch 1); and it differs from the default."""
     batches = []
     hook = tiny_pipe.unet.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
     try:
-        ours = _run(tiny_pipe, files, local_scheduler=name, num_inference_steps=5, strength=0.95, guidance_scale=1.0)
-        default = _run(tiny_pipe, files, num_inference_steps=5, strength=0.95, guidance_scale=1.0)
+        ours = _run(tiny_pipe, files, local_scheduler=name, num_inference_steps=4, strength=0.95, guidance_scale=1.0)
+        default = _run(tiny_pipe, files, num_inference_steps=4, strength=0.95, guidance_scale=1.0)
     finally:
         hook.remove()
-    theirs, their_batches = _documented_pipeline_image(tiny_models, files, name, 5, 0.95, 1.0)
+    theirs, their_batches = _documented_pipeline_image(tiny_models, files, name, 4, 0.95, 1.0)
     assert np.array_equal(ours, theirs), np.abs(ours - theirs).max()
-    assert batches[:4] == [1, 1, 1, 1] and len(batches) == 8 and their_batches == [1, 1, 1, 1]
+    assert batches[:3] == [1, 1, 1] and len(batches) == 6 and their_batches == [1, 1, 1]
     assert np.abs(ours - default).mean() > 0.5
 
 

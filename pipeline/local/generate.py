@@ -13,7 +13,7 @@ from ..request import GenerationRequest
 from ..result import GenerationResult
 from ..sizes import cover_resize, parse_image_size, target_size
 from .compile import compiled_call
-from .schedulers import scheduler_call_kwargs, use_scheduler
+from .schedulers import custom_timesteps, scheduler_call_kwargs, use_scheduler
 from .vae_decode import LatentsKeeper, auto_vae_tiling, checked_latents, to_pil_checked
 
 # on_step(step, total, latents): called after every denoising step; raise to cancel.
@@ -255,6 +255,7 @@ def generate(
     if codec is not None and request.loras:
         raise RequestError("loras", "this pipeline runs on a host application's own models: apply LoRAs to those "
                                     "models (in ComfyUI: its LoRA loader on the MODEL and CLIP before they reach it)")
+    use_scheduler(pipe, request.local_scheduler, request.local_timesteps)  # refuses timesteps it cannot take
     if prepared is None:
         prepared = prepare_inputs(request)
     timings["prepare"] = time.perf_counter() - t0
@@ -275,16 +276,16 @@ def generate(
 
         activate_any(pipe, request.loras)
         timings["lora"] = time.perf_counter() - t
-    use_scheduler(pipe, request.local_scheduler)
 
     t = time.perf_counter()
-    if codec is None:
-        with auto_vae_tiling(pipe, prepared.width, prepared.height):
-            encoded = encode_request(pipe, request, prepared, prompt) if request.num_images > 1 else None
-            images = _denoise_each(pipe, request, prepared, prompt, on_step, encoded)
-    else:
-        images = _denoise_each(pipe, request, prepared, prompt, on_step,
-                               encode_with_codec(codec, request, prepared, prompt), codec)
+    with custom_timesteps(pipe.scheduler, request.local_timesteps):
+        if codec is None:
+            with auto_vae_tiling(pipe, prepared.width, prepared.height):
+                encoded = encode_request(pipe, request, prepared, prompt) if request.num_images > 1 else None
+                images = _denoise_each(pipe, request, prepared, prompt, on_step, encoded)
+        else:
+            images = _denoise_each(pipe, request, prepared, prompt, on_step,
+                                   encode_with_codec(codec, request, prepared, prompt), codec)
     timings["inference"] = time.perf_counter() - t
 
     flags = [False] * len(images)

@@ -112,13 +112,11 @@ def tiny_components(seed: int = 0, scale: int = 1):
     torch.manual_seed(seed + 1)
     controlnet = ControlNetModel(conditioning_embedding_out_channels=(8, 16, 32, 32),  # downsamples by 8, like the VAE
                                  **shared)
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        steps_offset=1,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-    )
+    # SDXL base's own scheduler config (its keys for other schedulers too: clip_sample and set_alpha_to_one false),
+    # so a scheduler built from_config of it, as LoRA cards do, is the one built on the real model
+    from .sdxl_config import SDXL_BASE_CONFIG
+
+    scheduler = EulerDiscreteScheduler.from_pretrained(SDXL_BASE_CONFIG, subfolder="scheduler")
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(
         # four blocks, so the VAE downsamples by 8 as SDXL's does
