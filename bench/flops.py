@@ -80,13 +80,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-run", type=int, default=23)
     ap.add_argument("--no-cfg", action="store_true", help="guidance_scale <= 1: no unconditional pass")
     ap.add_argument("--fast", action="store_true",
-                    help="compare fal's defaults (23 steps run, CFG) with the _fast workflow (4 run, CFG 1)")
+                    help="compare fal's defaults (23 steps run, CFG) with the _fast workflow (3 run, CFG 1)")
     args = ap.parse_args(argv)
     if args.fast:
         base = flops_per_image(args.size, args.size, 23, cfg=True)
-        fast = flops_per_image(args.size, args.size, 4, cfg=False)
+        fast = flops_per_image(args.size, args.size, 3, cfg=False)
         print(f"{args.size}x{args.size}: fal's defaults (25 x 0.95 = 23 steps, CFG 7.5) {base['total'] / 1e12:.1f} "
-              f"TFLOP; _fast (5 x 0.95 = 4 steps, CFG 1) {fast['total'] / 1e12:.1f} TFLOP; "
+              f"TFLOP; _fast (4 x 0.95 = 3 steps, CFG 1) {fast['total'] / 1e12:.1f} TFLOP; "
               f"ratio {base['total'] / fast['total']:.1f}x")
         return 0
     f = flops_per_image(args.size, args.size, args.steps_run, cfg=not args.no_cfg)

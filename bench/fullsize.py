@@ -25,7 +25,7 @@ once into ``--scratch`` from the single file's weights, fp16, 6.9 GB more): ours
 file (the figure the folder is held to) and ComfyUI's DiffusersLoader + ControlNetLoader, the three in turn.
 
 ``--fast`` instead times fal's defaults (25 steps x 0.95 = 23 run, CFG 7.5) against the ``_fast`` workflow's
-settings (5 x 0.95 = 4 run, CFG 1.0, euler_trailing, with a rank-64 UNet LoRA written once into ``--scratch``) on
+settings (4 x 0.95 = 3 run, CFG 1.0, euler_trailing, with a rank-64 UNet LoRA written once into ``--scratch``) on
 our pipeline, in one process, alternating, at ``--fast-size`` (default 256), in fp32 (what ``dtype auto`` picks on
 the CPU: on a CPU without AVX512-BF16 a bf16 convolution runs ~80x slower than fp32's; the models then take ~20 GB
 of RAM).
@@ -225,7 +225,7 @@ common = {"prompt": "a castle", "image_url": img, "control_image_url": img, "see
           "image_size": {"width": size, "height": size}}
 settings = {  # fal's defaults (the request's own: 25 steps x 0.95 = 23 run, CFG 7.5) and the _fast workflow's
     "defaults": GenerationRequest.from_dict(dict(common)),
-    "fast": GenerationRequest.from_dict(dict(common, num_inference_steps=5, guidance_scale=1.0, strength=0.95,
+    "fast": GenerationRequest.from_dict(dict(common, num_inference_steps=4, guidance_scale=1.0, strength=0.95,
                                              local_scheduler="euler_trailing",
                                              loras=[{"path": str(lora_path), "scale": 1.0}])),
 }
@@ -302,7 +302,7 @@ def run_fast(args, env) -> None:
     """fal's defaults against the _fast workflow's settings, on the full-size models, one process, alternating."""
     print(f"hardware: {C.hardware_line()}; {load_line()}")
     print(f"generation {args.fast_size}x{args.fast_size} in fp32 on the CPU; defaults: 25 steps x 0.95 = 23 run, "
-          "CFG 7.5, default scheduler, no LoRA; _fast: 5 x 0.95 = 4 run, CFG 1.0, euler_trailing, a rank-64 "
+          "CFG 7.5, default scheduler, no LoRA; _fast: 4 x 0.95 = 3 run, CFG 1.0, euler_trailing, a rank-64 "
           f"UNet LoRA (random, SDXL-Lightning's shape); {args.rounds} rounds, order alternating")
     times = run_child([sys.executable, "-c", FAST, str(args.scratch), BASE, CONTROLNET, str(args.fast_size),
                        str(args.rounds), LORA, str(C.ROOT / "tests")], env)
