@@ -51,6 +51,15 @@ def image_files(tmp_path):
     return _make
 
 
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    """A folder with init.png and control.png (64x64 test pictures), for requests that name files."""
+    d = tmp_path_factory.mktemp("pair")
+    make_test_image(64, 64, 1).save(d / "init.png")
+    make_test_image(64, 64, 2).save(d / "control.png")
+    return d
+
+
 # With SDXLCN_REQUIRE_COMFYUI=1 (set by .ci/run, which installs ComfyUI and Chromium), a real-ComfyUI or browser test
 # that skips is a failure: a missing COMFYUI_DIR, playwright or Chromium must never pass for green. The full-size
 # tests (SDXLCN_FULLSIZE_DIR, ~10 GB of fixtures) and the GPU tests stay opt-in.

@@ -52,13 +52,8 @@ CARDS = {
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from pictures import make_test_image
-
-    d = tmp_path_factory.mktemp("few-step")
-    make_test_image(64, 64, 1).save(d / "init.png")
-    make_test_image(64, 64, 2).save(d / "control.png")
-    return d
+def files(pair_files):
+    return pair_files
 
 
 def _request(files, **fields):

@@ -13,13 +13,8 @@ from sdxl_controlnet_img2img.pipeline.request import DEFAULT_SCHEDULER, SCHEDULE
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from pictures import make_test_image
-
-    d = tmp_path_factory.mktemp("sampler-inputs")
-    make_test_image(64, 64, 1).save(d / "init.png")
-    make_test_image(64, 64, 2).save(d / "control.png")
-    return d
+def files(pair_files):
+    return pair_files
 
 
 def _run(pipe, files, **fields):
