@@ -25,6 +25,9 @@ from .comfy_hooks import log, prompt_server
 
 PREFIX = "/sdxlcn/fal"
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "api" / "sdxl_controlnet_img2img.json"
+# the shipped workflow's nodes the served request reads back: the sampler, the SaveImage after it, and two of ComfyUI's
+# own Preview as Text nodes added for the request, showing the sampler's seed and has_nsfw_concepts outputs in history
+SAMPLER_NODE, SAVE_NODE, CONTROL_NODE, SEED_NODE, FLAGS_NODE = "4", "5", "6", "7", "8"
 SAMPLER_FIELDS = ("prompt", "negative_prompt", "controlnet_conditioning_scale", "num_inference_steps",
                   "guidance_scale", "strength", "seed", "num_images", "enable_safety_checker", "expand_prompt")
 
@@ -35,13 +38,13 @@ def workflow_for(args: dict, image_name: str, control_name: str, checkpoint: str
     image (unless ``apply_canny`` is false), the sampler's widgets from the request's fields."""
     wf = json.loads(WORKFLOW.read_text(encoding="utf-8"))
     wf["1"]["inputs"]["image"] = image_name
-    wf["6"] = {"class_type": "LoadImage", "inputs": {"image": control_name}}
-    wf["2"]["inputs"]["image"] = ["6", 0]
+    wf[CONTROL_NODE] = {"class_type": "LoadImage", "inputs": {"image": control_name}}
+    wf["2"]["inputs"]["image"] = [CONTROL_NODE, 0]
     if checkpoint:
         wf["3"]["inputs"]["checkpoint"] = checkpoint
     if controlnet:
         wf["3"]["inputs"]["controlnet"] = controlnet
-    s = wf["4"]["inputs"]
+    s = wf[SAMPLER_NODE]["inputs"]
     for name in SAMPLER_FIELDS:
         if name in args:
             s[name] = args[name]
@@ -55,10 +58,29 @@ def workflow_for(args: dict, image_name: str, control_name: str, checkpoint: str
     s["control_end"] = args.get("local_control_end", s["control_end"])
     s["timesteps"] = ", ".join(str(t) for t in args.get("local_timesteps") or ())
     if args.get("apply_canny", True) is False:
-        s["control_image"] = ["6", 0]
+        s["control_image"] = [CONTROL_NODE, 0]
     s["image"] = ["1", 0]
-    wf["5"]["inputs"]["filename_prefix"] = "sdxlcn_serve"
+    wf[SAVE_NODE]["inputs"]["filename_prefix"] = "sdxlcn_serve"
+    wf[SEED_NODE] = {"class_type": "PreviewAny", "inputs": {"source": [SAMPLER_NODE, 1]}}
+    wf[FLAGS_NODE] = {"class_type": "PreviewAny", "inputs": {"source": [SAMPLER_NODE, 2]}}
     return wf
+
+
+def served_outputs(outputs: dict) -> tuple[list[dict], int | None, list | None]:
+    """What a finished served prompt gave fal's caller, from its history ``outputs``: the generated images only (the
+    SaveImage node's files, in order; never the Canny node's edge-map preview), the seed the sampler used and its
+    ``has_nsfw_concepts``, as shown by the two Preview as Text nodes (None where absent)."""
+    images = [item for item in outputs.get(SAVE_NODE, {}).get("images", []) if item.get("type") == "output"]
+
+    def shown(node):
+        text = outputs.get(node, {}).get("text") or [None]
+        try:
+            return json.loads(text[0]) if text[0] is not None else None
+        except ValueError:
+            return None
+
+    seed, flags = shown(SEED_NODE), shown(FLAGS_NODE)
+    return images, seed if isinstance(seed, int) else None, flags if isinstance(flags, list) else None
 
 
 class ComfyQueueBackend:
@@ -184,20 +206,22 @@ class ComfyQueueBackend:
             self.store.fail(job.id, f"{err.get('exception_type', 'error')}: {err.get('exception_message', '')}".strip(),
                             "runner_error", 500)
             return
-        images, entries = [], []
         from PIL import Image
 
-        for node_out in hist.get("outputs", {}).values():
-            for item in node_out.get("images", []):
-                folder = Path(folder_paths.get_directory_by_type(item.get("type", "output")))
-                path = (folder / item.get("subfolder", "") / item["filename"]).resolve()
-                data = path.read_bytes()
-                with Image.open(path) as im:
-                    entries.append({"width": im.width, "height": im.height, "content_type": "image/png"})
-                images.append(data)
+        items, seed, flags = served_outputs(hist.get("outputs", {}))
+        images, entries = [], []
+        for item in items:
+            folder = Path(folder_paths.get_directory_by_type("output"))
+            path = (folder / item.get("subfolder", "") / item["filename"]).resolve()
+            data = path.read_bytes()
+            with Image.open(path) as im:
+                entries.append({"width": im.width, "height": im.height, "content_type": "image/png"})
+            images.append(data)
         n = len(images)
-        doc = {"images": entries, "seed": job.args.get("seed"), "has_nsfw_concepts": [False] * n,
-               "prompt": job.args.get("prompt", ""), "timings": {}}
+        if flags is None or len(flags) != n:
+            flags = [False] * n  # the safety checker did not run (its flags are one per image when it does)
+        doc = {"images": entries, "seed": seed if seed is not None else job.args.get("seed"),
+               "has_nsfw_concepts": [bool(f) for f in flags], "prompt": job.args.get("prompt", ""), "timings": {}}
         self.store.complete(job.id, doc, images)
 
     @staticmethod

@@ -31,8 +31,12 @@ class Servers:
 
     def __init__(self, root, tiny_models, stack: contextlib.ExitStack):
         self.root, self.stack = root, stack
+        from sdxl_controlnet_img2img.pipeline.local.tiny_models import build_tiny_safety_checker
+
+        checker = build_tiny_safety_checker(root / "checker" / "flags-everything", flag_everything=True)
         self.models = {"diffusers": {MODELS["checkpoint"]: tiny_models["checkpoint"]},
-                       "controlnet": {MODELS["controlnet"]: tiny_models["controlnet"]}}
+                       "controlnet": {MODELS["controlnet"]: tiny_models["controlnet"]},
+                       "safety_checker": {"tiny-checker": checker}}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/sdxlcn/fal"
         for name in ("serving", "first"):
@@ -201,3 +205,44 @@ def test_a_request_waiting_at_a_restart_of_the_serving_comfyui_is_fetched_after_
     code, res, _ = call("GET", f"{servers.url}/{REQUESTS}/{first}")
     assert code == 200 and res["seed"] == 7
     assert call("GET", res["images"][0]["url"], key=None, raw=True)[0] == 200
+
+
+def test_the_served_list_holds_exactly_the_generated_images_with_their_seed(servers, tiny_pipe):
+    """What a fal client reads from the serving ComfyUI: num_images images (not the Canny node's edge-map preview
+    beside them), in order, each the picture a local run of the same request gives, and the seed used (one was
+    chosen when the request had none)."""
+    import cv2
+
+    from sdxl_controlnet_img2img.pipeline.local.generate import generate
+    from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
+
+    code, sub, _ = call("POST", f"{servers.url}/{APP}", fal_input(num_images=2, seed=11))
+    assert code == 200, sub
+    wait_done(sub["status_url"], deadline_s=240)
+    code, res, _ = call("GET", sub["response_url"])
+    assert code == 200, res
+    assert len(res["images"]) == 2 and res["seed"] == 11 and res["has_nsfw_concepts"] == [False, False], res
+    got = [png_pixels(call("GET", entry["url"], key=None, raw=True)[1]) for entry in res["images"]]
+    req = GenerationRequest.from_dict({**fal_input(num_images=2, seed=11), "image_url": make_test_image(64, 64, 1),
+                                       "control_image_url": make_test_image(64, 64, 2)})
+    want = [np.asarray(img, dtype=np.float32) for img in generate(tiny_pipe, req).images]
+    edges = cv2.Canny(np.asarray(make_test_image(64, 64, 2).convert("RGB")), 100, 200).astype(np.float32)[..., None]
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = g.astype(np.float32)
+        # ComfyUI's venv has its own torch build: the same picture up to float noise, never the edge map
+        assert np.abs(g - w).mean() < 2.0, f"image {i} is not the local run's picture"
+        assert np.abs(g - edges).mean() > 20.0, f"image {i} is the Canny edge map"
+    assert np.abs(got[0].astype(np.float32) - got[1]).mean() > 2.0  # seed 11 and seed 12: two pictures
+
+    # the safety checker's verdict per image (the tiny one in models/safety_checker flags everything)
+    code, sub, _ = call("POST", f"{servers.url}/{APP}", fal_input(num_images=2, enable_safety_checker=True))
+    assert code == 200, sub
+    wait_done(sub["status_url"], deadline_s=240)
+    code, res, _ = call("GET", sub["response_url"])
+    assert code == 200 and res["has_nsfw_concepts"] == [True, True], res
+
+    code, sub, _ = call("POST", f"{servers.url}/{APP}", {k: v for k, v in fal_input().items() if k != "seed"})
+    assert code == 200, sub
+    wait_done(sub["status_url"], deadline_s=240)
+    code, res, _ = call("GET", sub["response_url"])
+    assert code == 200 and isinstance(res["seed"], int) and len(res["images"]) == 1, res
