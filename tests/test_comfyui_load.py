@@ -80,7 +80,7 @@ def interrupt_a_running_prompt(server):
     assert entry["status"]["status_str"] == "error" and "execution_interrupted" in json.dumps(entry["status"])
 
 
-def test_load_held_memory_flat_and_no_slowdown(server):
+def test_load_held_memory_flat_and_no_extra_reloads(server):
     rss = []
     for k in range(CYCLES + 1):  # cycle 0 warms up (first load, allocator pools)
         run_all(server, cycle(100 * k))
