@@ -276,7 +276,7 @@ def test_no_random_init_in_two_threads_at_once_leaves_initialisation_working():
     uninitialised). One thread holds it at a time: the second enters after the first has left."""
     import threading
 
-    from sdxl_controlnet_img2img.pipeline.local.single_file import no_random_init
+    from sdxl_controlnet_img2img.pipeline.local.load_lock import no_random_init
 
     normal = torch.nn.init.normal_
     first_in, second_trying, second_in, first_out = (threading.Event() for _ in range(4))

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import ModelLoadError
 from .lazy_checkpoint import checkpoint_tensors, stored_dtypes
 from .model_checks import TensorIndex, read_index
-from .single_file import no_random_init
+from .load_lock import load_lock, no_random_init
 
 # component -> (weights file diffusers reads first, library, class name)
 SDXL_PARTS = {
@@ -60,12 +60,14 @@ def fill(model, idx: TensorIndex, dtype):
     tensors the model has no place for are not read."""
     expected = model.state_dict().keys()
     sd = checkpoint_tensors(idx, dtype, keep=lambda k: k in expected)
-    try:
-        model.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=True)
-    except RuntimeError as exc:  # shapes were checked: a type the model cannot hold (int8 weights, say)
-        raise idx.error(f"does not fit {type(model).__name__} ({' '.join(str(exc).split())[:400]}).") from None
-    if dtype is not None:
-        model.to(dtype=dtype)  # the buffers the constructor made (the weights are in dtype already)
+    tensors = {k: sd[k] for k in expected}  # read (the long part) before taking the lock
+    with load_lock():  # assign=True registers each as a parameter: another load's init_empty_weights puts it on meta
+        try:
+            model.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as exc:  # shapes were checked: a type the model cannot hold (int8 weights, say)
+            raise idx.error(f"does not fit {type(model).__name__} ({' '.join(str(exc).split())[:400]}).") from None
+        if dtype is not None:
+            model.to(dtype=dtype)  # the buffers the constructor made (the weights are in dtype already)
     return model.eval()
 
 

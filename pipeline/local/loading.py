@@ -25,6 +25,7 @@ from ..errors import ModelLoadError
 from .devices import MEMORY_MODES, check_device, default_device, default_dtype, parse_dtype
 from .diffusers_folder import folder_model, folder_models, load_diffusers_file
 from .hub import hub_offline, looks_like_repo_id
+from .load_lock import load_lock
 from .memory import SingleModelCache, release_memory
 from .model_checks import (
     HINT_BASE,
@@ -188,15 +189,19 @@ def load_controlnet(source, options: LoadOptions):
     kind, value = _classify(source, label, HINT_CONTROLNET)
     if kind == "hub":
         try:
-            return ControlNetModel.from_pretrained(value, dtype=opts.dtype, use_safetensors=_safetensors_only(opts))
+            with load_lock():
+                return ControlNetModel.from_pretrained(value, dtype=opts.dtype, use_safetensors=_safetensors_only(opts))
         except Exception as exc:  # noqa: BLE001
             raise _wrap(label, value, exc, HINT_CONTROLNET) from None
     if kind == "folder":
         _check_controlnet_folder(value, label, opts.allow_pickle)
         try:
             model = folder_model(ControlNetModel, value, "diffusion_pytorch_model.safetensors", opts.dtype, label)
-            return model or ControlNetModel.from_pretrained(value, dtype=opts.dtype, local_files_only=True,
-                                                            use_safetensors=_safetensors_only(opts))
+            if model is not None:
+                return model
+            with load_lock():
+                return ControlNetModel.from_pretrained(value, dtype=opts.dtype, local_files_only=True,
+                                                       use_safetensors=_safetensors_only(opts))
         except ModelLoadError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -213,9 +218,9 @@ def load_controlnet(source, options: LoadOptions):
         try:
             from .lazy_checkpoint import checkpoint_tensors
 
-            return ControlNetModel.from_single_file(
-                checkpoint_tensors(idx, opts.dtype), config=str(cfg_dir), local_files_only=True, torch_dtype=opts.dtype
-            )
+            with load_lock():
+                return ControlNetModel.from_single_file(checkpoint_tensors(idx, opts.dtype), config=str(cfg_dir),
+                                                        local_files_only=True, torch_dtype=opts.dtype)
         except Exception as exc:  # noqa: BLE001
             raise _wrap(label, value, exc, HINT_CONTROLNET) from None
     # diffusers keys in one file: build from the config and load the weights strictly
@@ -226,7 +231,8 @@ def load_controlnet(source, options: LoadOptions):
             ControlNetModel, idx, config, opts.dtype,
             f"{label}: {value} is an SDXL ControlNet in diffusers layout, but it does not match the config in "
             f"{cfg_dir}: {{detail}}. It is probably a different size (mid/small variant): put it in a folder next to "
-            "its own config.json and give the folder (or pass controlnet_config_dir).")
+            "its own config.json and give the folder, or give that config.json's folder as controlnet_config_dir "
+            "(--controlnet-config-dir on the command line).")
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -252,12 +258,14 @@ def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
     kind, value = _classify(source, label, hint)
     try:
         if kind == "hub":
-            return AutoencoderKL.from_pretrained(value, dtype=opts.dtype, use_safetensors=_safetensors_only(opts))
+            with load_lock():
+                return AutoencoderKL.from_pretrained(value, dtype=opts.dtype, use_safetensors=_safetensors_only(opts))
         if kind == "folder":
             sub = _vae_folder(value)
             check_folder_weights(sub, label, opts.allow_pickle)
-            return AutoencoderKL.from_pretrained(sub, dtype=opts.dtype, local_files_only=True,
-                                                 use_safetensors=_safetensors_only(opts))
+            with load_lock():
+                return AutoencoderKL.from_pretrained(sub, dtype=opts.dtype, local_files_only=True,
+                                                     use_safetensors=_safetensors_only(opts))
         idx = read_index(value, label, allow_pickle=opts.allow_pickle)
         if not any(k.split(".", 1)[-1].startswith(("encoder.", "decoder.")) or k.startswith(("encoder.", "decoder."))
                    for k in idx.shapes):
@@ -271,9 +279,10 @@ def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
             raise ModelLoadError(
                 f"{label}: {value} decodes {conv_in[1]}-channel latents (an SD3/Flux-style VAE), but SDXL's have "
                 f"{channels}. Use an SDXL VAE (sdxl_vae.safetensors or sdxl-vae-fp16-fix), or none.")
-        vae = AutoencoderKL.from_single_file(
-            str(value), config=str(cfg), subfolder="vae", local_files_only=True, dtype=opts.dtype
-        )
+        with load_lock():
+            vae = AutoencoderKL.from_single_file(
+                str(value), config=str(cfg), subfolder="vae", local_files_only=True, dtype=opts.dtype
+            )
         # keep the SDXL config's force_upcast (fp32 decode in fp16) unless the weights show the VAE is fp16-safe
         if opts.dtype == torch.float16 and vae.config.force_upcast:
             from .vae_decode import fp16_safe
@@ -358,10 +367,11 @@ def _build_pipeline(base, controlnet, options: LoadOptions | None = None):
         else:
             if kind == "folder":  # its models read as the single file's are; from_pretrained for the rest
                 extra.update(folder_models(value, opts.dtype, label, skip=extra))
-            pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
-                str(value), controlnet=cn, dtype=opts.dtype, local_files_only=(kind != "hub"),
-                use_safetensors=_safetensors_only(opts), **extra,
-            )
+            with load_lock():
+                pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
+                    str(value), controlnet=cn, dtype=opts.dtype, local_files_only=(kind != "hub"),
+                    use_safetensors=_safetensors_only(opts), **extra,
+                )
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -15,37 +15,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import threading
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .lazy_checkpoint import checkpoint_tensors
+from .load_lock import no_random_init
 from .model_checks import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, TensorIndex
 
 VAE_PREFIX = "first_stage_model."
-
-
-_no_init_lock = threading.RLock()  # one no_random_init at a time in the process (nested ones in its thread)
-
-
-@contextmanager
-def no_random_init():
-    """Build models without random initialisation: every weight comes from the file. diffusers and transformers
-    build a single file's models on ``meta`` (accelerate's ``init_empty_weights``), where each init still runs,
-    through torch's Python reference kernels: building the SDXL UNet, VAE, ControlNet and text encoders took
-    1.4-1.6 s of CPU with them and 0.5-0.7 s without them on this 2-core machine. transformers' ``no_init_weights``
-    turns off torch.nn.init and ``init_weights`` (buffers such as CLIP's position ids are made by the constructors,
-    not by the init).
-
-    ``no_init_weights`` swaps module attributes for the whole process and puts back what it found: two overlapping
-    in two threads would leave the second one's no-op initialisers in place for good (every later model, anyone's,
-    built uninitialised). So one thread at a time holds it; another load waits for the block to end."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - transformers without it: initialise, slower but the same model
-        no_init_weights = nullcontext
-    with _no_init_lock, no_init_weights():
-        yield
 
 
 def _part(idx: TensorIndex, dtype, prefix: str):
