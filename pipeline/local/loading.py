@@ -35,6 +35,7 @@ from .model_checks import (
     check_folder_weights,
     check_sdxl_base,
     read_index,
+    unreadable,
 )
 from .pickles import pickles_readable
 from .placement import compile_conflict, place
@@ -129,6 +130,14 @@ def _wrap(label: str, where, exc: Exception, hint: str) -> ModelLoadError:
     return ModelLoadError(f"{label}: loading {where} failed ({type(exc).__name__}: {msg[:400]}). {hint}")
 
 
+def _names(folder: Path, label: str) -> list[str]:
+    """The sorted names in ``folder``; the pack's error when it cannot be listed."""
+    try:
+        return sorted(f.name for f in folder.iterdir())
+    except OSError as exc:
+        raise unreadable(folder, label, exc) from None
+
+
 # ---------------------------------------------------------------- ControlNet
 
 def _check_controlnet_folder(value: Path, label: str, allow_pickle: bool = False) -> None:
@@ -136,13 +145,15 @@ def _check_controlnet_folder(value: Path, label: str, allow_pickle: bool = False
     only with the opt-in)."""
     cfg_file = value / "config.json"
     if not cfg_file.is_file():
-        found = ", ".join(sorted(f.name for f in value.iterdir())[:8]) or "nothing"
+        found = ", ".join(_names(value, label)[:8]) or "nothing"
         raise ModelLoadError(
             f"{label}: {value} is a folder without config.json (found: {found}); expected a diffusers ControlNet "
             f"folder. {HINT_CONTROLNET}"
         )
     try:
         config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise unreadable(cfg_file, label, exc) from None
     except ValueError as exc:
         raise ModelLoadError(f"{label}: {cfg_file} is not valid JSON ({exc}).") from None
     if config.get("_class_name") not in (None, "ControlNetModel"):
@@ -301,11 +312,13 @@ def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
 def _base_folder_check(folder: Path, label: str, allow_pickle: bool = False) -> None:
     index = folder / "model_index.json"
     if not index.is_file():
-        singles = sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".ckpt"))
+        singles = [name for name in _names(folder, label) if Path(name).suffix in (".safetensors", ".ckpt")]
         extra = f" It holds {', '.join(singles[:4])}: give one of those files instead." if singles else ""
         raise ModelLoadError(f"{label}: {folder} is a folder without model_index.json, so not a diffusers model.{extra} {HINT_BASE}")
     try:
         mi = json.loads(index.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise unreadable(index, label, exc) from None
     except ValueError as exc:
         raise ModelLoadError(f"{label}: {index} is not valid JSON ({exc}).") from None
     if "text_encoder_2" not in mi or "unet" not in mi:

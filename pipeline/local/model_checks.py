@@ -81,6 +81,14 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def unreadable(path, label: str, exc: OSError) -> ModelLoadError:
+    """The pack's error for a file or folder the OS refuses to read (permissions, a folder where a file belongs)."""
+    return ModelLoadError(
+        f"{label}: {path} cannot be read ({exc.strerror or type(exc).__name__}). Check its permissions: the user "
+        f"running this needs read access to it (and to its folders), e.g. chmod a+r on the file."
+    )
+
+
 def file_identity(st: os.stat_result) -> tuple:
     """Device, inode, size and modification time of a file: what changes when it is rewritten or replaced."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
@@ -90,19 +98,22 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
     """Read and validate a safetensors header; raise ModelLoadError for truncated or corrupt files."""
     path = Path(path)
     fix = "Download the file again (compare its size with the source) and retry."
-    with open(path, "rb") as f:
-        identity = file_identity(os.fstat(f.fileno()))
-        size = identity[2]
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelLoadError(f"{label}: {path} is {_size(size)}, too short to be a safetensors file. {fix}")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise ModelLoadError(
-                f"{label}: {path} is not a readable safetensors file (its header claims {n} bytes but the file "
-                f"is {_size(size)}): it is corrupt, truncated, or not safetensors at all. {fix}"
-            )
-        raw = f.read(n)
+    try:
+        with open(path, "rb") as f:
+            identity = file_identity(os.fstat(f.fileno()))
+            size = identity[2]
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelLoadError(f"{label}: {path} is {_size(size)}, too short to be a safetensors file. {fix}")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise ModelLoadError(
+                    f"{label}: {path} is not a readable safetensors file (its header claims {n} bytes but the file "
+                    f"is {_size(size)}): it is corrupt, truncated, or not safetensors at all. {fix}"
+                )
+            raw = f.read(n)
+    except OSError as exc:
+        raise unreadable(path, label, exc) from None
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
@@ -163,6 +174,8 @@ def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -
             if "mmap" not in str(exc):
                 raise
             sd = load_weights_only(path, label)
+    except OSError as exc:
+        raise unreadable(path, label, exc) from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported the same way
         raise ModelLoadError(
             f"{label}: {path} could not be read as a weights-only pickle ({type(exc).__name__}: {str(exc)[:300]}). "
@@ -182,7 +195,10 @@ def check_folder_weights(folder: Path, label: str, allow_pickle: bool) -> None:
     """The weights of a diffusers model folder (``unet/``, a ControlNet folder...) as its loader reads them: every
     ``.safetensors`` file's header (a truncated or corrupt one is named), and where there is none, the pickles
     (``.bin``) diffusers would read instead: refused as a pickle file is (:func:`refuse_pickle`)."""
-    files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+    try:
+        files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+    except OSError as exc:
+        raise unreadable(folder, label, exc) from None
     weights = [f for f in files if f.suffix.lower() in SAFETENSORS_EXT]
     for w in weights:
         read_safetensors_index(w, label)
