@@ -94,6 +94,33 @@ def file_identity(st: os.stat_result) -> tuple:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _counts(values) -> bool:
+    """A JSON list of whole numbers >= 0 (what safetensors reads shapes and offsets as)."""
+    return isinstance(values, list) and all(type(x) is int and x >= 0 for x in values)
+
+
+def _check_layout(path, label: str, start: int, size: int, locations: dict, fix: str) -> None:
+    """The tensors of a safetensors file, in the order of their offsets, fill its data from its first byte
+    (``start``) to the file's end, each beginning where the one before ends: safetensors refuses a file with a gap,
+    an overlap or bytes after the last tensor (and its own writer makes none)."""
+    at = start
+    for k, (_dtype, begin, stop) in sorted(locations.items(), key=lambda item: item[1][1:]):
+        if begin != at:
+            raise ModelLoadError(
+                f"{label}: {path} has a corrupt safetensors header ({k!r} starts at data byte {begin - start}, but "
+                f"the tensors before it end at {at - start}: tensors must follow each other without gaps or "
+                f"overlaps). {fix}")
+        at = stop
+    if at > size:
+        raise ModelLoadError(
+            f"{label}: {path} is truncated: it is {_size(size)} but its header says the tensors need "
+            f"{_size(at)}. The download or copy did not finish. {fix}"
+        )
+    if at < size:
+        raise ModelLoadError(f"{label}: {path} has {size - at} bytes after its last tensor that its header does not "
+                             f"describe: it is corrupt or not one safetensors file. {fix}")
+
+
 def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
     """Read and validate a safetensors header; raise ModelLoadError for truncated or corrupt files."""
     path = Path(path)
@@ -120,14 +147,20 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as exc:
         raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header ({exc}). {fix}") from None
-    metadata = header.pop("__metadata__", None) or {}
-    shapes, locations, end = {}, {}, 0
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header (its __metadata__ is not a map of "
+                             f"strings). {fix}")
+    shapes, locations, k = {}, {}, None
     try:
         for k, v in header.items():
-            shapes[k] = tuple(int(s) for s in v["shape"])
-            begin, stop = (int(o) for o in v["data_offsets"])
-            locations[k] = (str(v["dtype"]), 8 + n + begin, 8 + n + stop)
-            end = max(end, stop)
+            shape, offsets = v["shape"], v["data_offsets"]
+            if not (_counts(shape) and _counts(offsets) and len(offsets) == 2):
+                raise ValueError(k)
+            shapes[k] = tuple(shape)
+            locations[k] = (str(v["dtype"]), 8 + n + offsets[0], 8 + n + offsets[1])
     except (KeyError, TypeError, ValueError, IndexError):
         raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header (bad entry for {k!r}). {fix}") from None
     for k, (dtype, begin, stop) in locations.items():
@@ -135,16 +168,12 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
             raise ModelLoadError(f"{label}: {path} stores {k!r} as {dtype!r}, a type safetensors' torch loader does "
                                  f"not read. Use a file saved with torch tensors of a standard type.")
         need = math.prod(shapes[k]) * SAFETENSORS_DTYPES[dtype][1]
-        if min(shapes[k], default=0) < 0 or stop - begin != need:
+        if stop - begin != need:
             raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header ({k!r} spans {stop - begin} "
                                  f"bytes, but a {dtype} tensor of shape {shapes[k]} needs {need}). {fix}")
-    if 8 + n + end > size:
-        raise ModelLoadError(
-            f"{label}: {path} is truncated: it is {_size(size)} but its header says the tensors need "
-            f"{_size(8 + n + end)}. The download or copy did not finish. {fix}"
-        )
     if not shapes:
         raise ModelLoadError(f"{label}: {path} is a safetensors file with no tensors in it. {fix}")
+    _check_layout(path, label, 8 + n, size, locations, fix)
     return TensorIndex(path, shapes, metadata, locations=locations, label=label, identity=identity)
 
 
