@@ -315,6 +315,7 @@ def test_controlnet_single_file_mismatching_bundled_config_is_explained(single_f
         build_pipeline(single_files["checkpoint"], single_files["controlnet"], opts)
     msg = str(err.value)
     assert "tiny_controlnet_canny.safetensors" in msg and "does not match the config" in msg and "config.json" in msg
+    assert "--controlnet-config-dir" in msg  # the option's name on the command line, as the base's error gives its own
 
 
 def test_single_file_with_the_bundled_sdxl_config_reports_the_architecture_mismatch(single_files, tmp_path, monkeypatch):

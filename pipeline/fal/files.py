@@ -10,6 +10,7 @@ heavy, and fal's request size limit is reached sooner). The result comes back as
 from __future__ import annotations
 
 import base64
+import json
 import mimetypes
 import os
 import time
@@ -73,7 +74,16 @@ _LOCAL_ONLY_WHY = {
     "local_scheduler": "fal runs its own sampler",
     "local_control_start": "on fal the ControlNet acts in every step",
     "local_control_end": "on fal the ControlNet acts in every step",
+    "local_timesteps": "fal runs its own sampler's timesteps",
 }
+
+
+def _as_written(value) -> str:
+    """A request value as the request JSON writes it (a list, not a Python tuple; true, not True)."""
+    try:
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def check_request(request: GenerationRequest) -> dict:
@@ -97,9 +107,9 @@ def fal_arguments(request: GenerationRequest) -> dict:
     local = request.local_only_changes()
     if local:
         name = next(iter(local))
-        raise FalValidationError(
-            name, f"is {local[name]!r}, a local-only setting: {_LOCAL_ONLY_WHY.get(name, 'fal has no such field')}; "
-                  "leave it at its default to run on fal, or run locally")
+        why = _LOCAL_ONLY_WHY.get(name, "fal has no such field")
+        raise FalValidationError(name, f"{_as_written(local[name])} is a local-only setting ({why}): leave it at its "
+                                       "default to run on fal, or run locally")
     return args
 
 

@@ -93,7 +93,8 @@ def resolve_source(
         if looks_like_repo_id(source, with_file=True):
             return _hub_file(source)
     where = f" (searched {', '.join(str(d) for d in dirs)})" if dirs else ""
-    raise LoraError(name, f"not found{where}; give a file in the LoRA folder, a local path, an http(s) URL or a hub repo id")
+    raise LoraError(name, f"not found{where}; give a file in a LoRA folder (ComfyUI's models/loras; --lora-dir DIR on "
+                          "the command line), a local path, an http(s) URL or a hub repo id")
 
 
 def _download_cached(url: str, cache_dir, max_bytes: int, timeout: float) -> Path:
