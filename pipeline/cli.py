@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import SDXLCNError
 from .fal.cli import add_fal_fetch_parser, add_remote_arguments
+from .folders import check_output_folder, write_error_text
 from .local.devices import MEMORY_MODES
 from .local.memory_plan import NEEDS_AT_1024 as NEEDS
 from .request_log import cli_command
@@ -110,7 +111,8 @@ def cmd_generate(args) -> int:
     from .fal.cli import check_local_arguments
 
     check_local_arguments(args)
-    # everything that can be checked without the models, first: device, model files, images, LoRAs, hooks
+    # everything that can be checked without the models, first: output folder, device, model files, images, LoRAs
+    out = check_output_folder(result_dir(Path(args.out), args.overwrite), "--out")
     t = time.perf_counter()
     options = LoadOptions(
         device=args.device, dtype=args.dtype, memory_mode=args.memory_mode, vae_tiling=args.vae_tiling,
@@ -137,8 +139,11 @@ def cmd_generate(args) -> int:
     print(f"loaded models in {load_s:.1f}s", file=sys.stderr)
     result = generate(pipe, request, on_step=TerminalProgress(), prepared=prepared, **hooks)
     result.timings["load"] = load_s
-    out = result_dir(Path(args.out), args.overwrite)
-    doc = write_result(result, out, fmt=args.format)
+    try:
+        doc = write_result(result, out, fmt=args.format)
+    except OSError as exc:  # checked before loading, but a disk fills up, a folder is replaced meanwhile
+        raise SDXLCNError(f"--out: could not write the result into {out} ({write_error_text(exc, out)}); run again "
+                          f"with another --out (seed {result.seed} gives the same images)") from None
     for img in doc["images"]:
         print(img["url"])
     print(f"seed {doc['seed']}; result written to {out / 'result.json'}", file=sys.stderr)
@@ -148,6 +153,7 @@ def cmd_generate(args) -> int:
 def cmd_make_tiny_models(args) -> int:
     from .local.tiny_models import build_tiny_models
 
+    check_output_folder(args.out, "--out")
     print(f"writing tiny random-weight SDXL + ControlNet models into {args.out} (reused when already there)",
           file=sys.stderr)
     paths = build_tiny_models(args.out)

@@ -15,9 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shlex
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from .folders import write_error_text
 
 LOG_FILE_NAME = "fal_requests.jsonl"
 _lock = threading.Lock()
@@ -35,9 +40,24 @@ def cli_command() -> str:
     return f"python {root}"
 
 
-def fetch_command(request_id: str) -> str:
-    """The command (in backquotes) that fetches request ``request_id``'s result; nothing is submitted again."""
-    return f"`{cli_command()} fal-fetch --request-id {request_id} --out DIR`"
+def fetch_command(request_id: str, log_dir=None) -> str:
+    """The command (in backquotes) that fetches request ``request_id``'s result; nothing is submitted again. With
+    ``log_dir`` (the request log the id is pending in) the command names it, so the fetch marks the id completed
+    there: ``fal-fetch`` would otherwise use (and mark) the log of its own ``--out`` folder."""
+    log = f" --request-log-dir {shlex.quote(os.path.abspath(log_dir))}" if log_dir is not None else ""
+    return f"`{cli_command()} fal-fetch --request-id {request_id}{log} --out DIR`"
+
+
+def recovery(request_id: str, log_dir, recorded: bool | None = None) -> str:
+    """How the result of ``request_id`` can still be fetched, as one sentence: from the request log when the id is
+    recorded there (``recorded``: None reads the log), else by this id alone, which the user must then note."""
+    if recorded is None:
+        recorded = log_dir is not None and is_recorded(log_dir, request_id)
+    if recorded:
+        return f"It stays pending in {log_path(log_dir)}: fetch it with {fetch_command(request_id, log_dir)}."
+    where = f" in {log_path(log_dir)}" if log_dir is not None else " in a request log"
+    return (f"Note this id: it was NOT recorded{where}, so it is the only way to fetch the result, with "
+            f"{fetch_command(request_id)}.")
 
 
 def log_path(log_dir) -> Path:
@@ -52,8 +72,12 @@ def append(log_dir, event: str, request_id: str, **fields) -> Path:
               "time": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"), **fields}
     line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
     with _lock:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(line)
+        with open(path, "ab+") as f:
+            if f.seek(0, os.SEEK_END) > 0:  # a line cut off earlier (a full disk) must not swallow this record
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
     return path
@@ -68,26 +92,93 @@ def record(log_dir, event: str, request_id: str, **fields) -> bool:
         append(log_dir, event, request_id, **fields)
         return True
     except OSError as exc:
+        if event == "submitted":
+            then = f"note this id to fetch its result later with {fetch_command(request_id)}"
+        elif event == "completed":
+            then = "its result was saved all the same; the log may still list it as pending (fetching it again is free)"
+        else:
+            then = "the log may still list it as it was before"
         logging.getLogger("sdxl_controlnet_img2img.fal").warning(
-            "fal: could not record request %s (%s) in %s (%s): note this id to fetch its result later with %s",
-            request_id, event, log_path(log_dir), exc, fetch_command(request_id))
+            "fal: could not record request %s (%s) in %s (%s): %s", request_id, event, log_path(log_dir),
+            write_error_text(exc, log_dir), then)
         return False
 
 
-def read(log_dir) -> list[dict]:
-    """All records, oldest first (unreadable lines are skipped)."""
+@dataclass
+class Damage:
+    """A line of the log that could not be read whole (cut off by a full disk, edited by hand). ``ids``: the request
+    ids read from it anyway; ``complete``: every record on it was recovered with its id and event (nothing hidden);
+    ``id_start``: the start of an id cut off within the line (to look it up on fal's dashboard)."""
+
+    line: int
+    ids: list[str]
+    complete: bool
+    id_start: str | None = None
+
+
+_RECORD_START = re.compile(r'\{\s*"event"\s*:')
+_EVENT = re.compile(r'"event"\s*:\s*"([a-z_]+)"')
+_ID = re.compile(r'"request_id"\s*:\s*"([0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12})"')
+_ID_START = re.compile(r'"request_id"\s*:\s*"([0-9a-fA-F][0-9a-fA-F-]{3,})$')
+
+
+def _read_damaged(text: str, line: int) -> tuple[list[dict], Damage]:
+    """The records of a line that is not one JSON record: whole ones, and the event and id of cut-off ones."""
+    starts = [m.start() for m in _RECORD_START.finditer(text)]
+    bounds = ([0] if not starts or starts[0] else []) + starts + [len(text)]
+    records, ids, complete, id_start = [], [], True, None
+    for a, b in zip(bounds, bounds[1:]):
+        part = text[a:b]
+        try:
+            rec, end = json.JSONDecoder().raw_decode(part)
+            if isinstance(rec, dict) and isinstance(rec.get("request_id"), str) and not part[end:].strip():
+                records.append(rec)
+                ids.append(rec["request_id"])
+                continue
+        except json.JSONDecodeError:
+            pass
+        found, event, cut = _ID.search(part), _EVENT.search(part), _ID_START.search(part.rstrip())
+        if found:
+            ids.append(found.group(1))
+        elif cut:
+            id_start = cut.group(1)
+        if found and event:
+            records.append({"event": event.group(1), "request_id": found.group(1), "damaged_line": line})
+        else:
+            complete = False
+    return records, Damage(line, ids, complete, id_start)
+
+
+def read_checked(log_dir) -> tuple[list[dict], list[Damage]]:
+    """All records, oldest first, with those read from damaged lines, and the damaged lines (see :class:`Damage`)."""
     path = log_path(log_dir)
     if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+        return [], []
+    out, damaged = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "request_id" in rec:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("request_id"), str):
             out.append(rec)
-    return out
+            continue
+        records, damage = _read_damaged(line, n)
+        out += records
+        damaged.append(damage)
+    return out, damaged
+
+
+def read(log_dir) -> list[dict]:
+    """All records, oldest first (what damaged lines still tell included: :func:`read_checked`)."""
+    return read_checked(log_dir)[0]
+
+
+def is_recorded(log_dir, request_id: str) -> bool:
+    """Whether the log holds the ``submitted`` record of ``request_id`` (so ``fal-pending`` lists it)."""
+    return any(r.get("request_id") == request_id and r.get("event") == "submitted" for r in read(log_dir))
 
 
 def find(log_dir, request_id: str) -> dict | None:

@@ -52,7 +52,7 @@ def _bad_png(tmp_path):
     ("image_url", "data:image/png;base64,@@@@", r"image_url: the data: URI is not a readable image"),
     ("control_image_url", "data:image/png", r"control_image_url: is a data: URI without a ','"),
     ("image_url", "   ", r"image_url: is required"),
-    ("loras", [{"path": "nowhere.safetensors"}], r"LoRA 'nowhere.safetensors': not found"),
+    ("loras", [{"path": "nowhere.safetensors"}], r"LoRA 'nowhere.safetensors': not found.*--lora-dir DIR"),
     ("loras", [{"path": "BADLORA"}], r"not a readable safetensors file"),
 ])
 def test_bad_files_are_refused_before_the_models_load(tiny_models, image_files, tmp_path, capsys, no_model_load,
@@ -98,6 +98,34 @@ def test_a_request_that_is_not_an_object_says_so(tiny_models, tmp_path, capsys, 
     rc = _run(tiny_models, req, tmp_path)
     err = capsys.readouterr().err
     assert rc == 2 and words in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("out", ["blocked", "blocked/sub"])
+def test_a_file_in_place_of_the_output_folder_is_refused_before_the_models_load(tiny_models, image_files, tmp_path,
+                                                                                capsys, no_model_load, out):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder should be")
+    rc = main(["generate", "--request", str(_request(tmp_path, image_files)), "--checkpoint",
+               str(tiny_models["checkpoint"]), "--controlnet", str(tiny_models["controlnet"]), "--out",
+               str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and no_model_load == [] and "Traceback" not in err
+    assert err.splitlines() == [line for line in err.splitlines() if line.startswith("error: --out: ")]
+    assert f"{blocked} is a file, not a folder" in err
+    assert main(["make-tiny-models", "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out: {blocked} is a file, not a folder") and "writing" not in err
+
+
+def test_an_output_folder_that_fails_at_write_time_is_one_error_line(tiny_models, image_files, tmp_path, capsys):
+    in_the_way = tmp_path / "out" / "image_000.png"
+    in_the_way.mkdir(parents=True)  # passes the check before loading; the write itself fails (as a full disk)
+    rc = _run(tiny_models, _request(tmp_path, image_files, seed=3), tmp_path)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: --out: ") and f"{in_the_way} is a folder, not a file" in err
+    assert "seed 3" in lines[0]  # how to get the same images again
 
 
 def test_a_rerun_keeps_the_earlier_result(tiny_models, image_files, tmp_path, capsys):

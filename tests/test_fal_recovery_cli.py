@@ -1,4 +1,5 @@
-"""Recovering paid fal results from where users run the pack, and the CLI's fal refusals (issue 25 items 1, 2, 4).
+"""Recovering paid fal results from where users run the pack, and the CLI's fal refusals (issue 25 items 1, 2, 4; a
+new-user review of issue 30: a file given as the request log folder, a request log damaged by a full disk).
 
 - A ComfyUI install (ComfyUI-Manager clones the pack into ``custom_nodes/<folder with dashes>`` and installs only its
   requirements, so ``sdxl_controlnet_img2img`` is not importable): ``python custom_nodes/<folder> fal-pending`` lists
@@ -55,6 +56,10 @@ def _request_file(tmp_path, **fields):
     ({"local_control_end": 0.5}, "local_control_end", "Canny"),
     ({"apply_canny": False}, "apply_canny", "sampler"),
     ({"control_image_url": "missing.png"}, "missing.png", "bills"),
+    # the value as the request file writes it (a list), in a plain sentence
+    ({"local_timesteps": [999, 749, 499, 249], "num_inference_steps": 4},
+     "local_timesteps: [999, 749, 499, 249] is a local-only setting",
+     "(999,"),
 ])
 def test_remote_refusals_come_before_the_billing_line(fal, tmp_path, capsys, fields, named, not_named):
     req = _request_file(tmp_path, **fields)
@@ -73,6 +78,51 @@ def test_fal_pending_on_a_missing_folder_or_log_says_so(tmp_path, capsys):
     assert main(["fal-pending", "--request-log-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no request log" in err and "fal_requests.jsonl" in err and "no pending" not in err
+    (tmp_path / "a-file").write_text("not a folder")
+    assert main(["fal-pending", "--request-log-dir", str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a-file'} is a file, not a folder" in err and "does not exist" not in err
+
+
+# ---- a request log damaged by a full disk: no paid id hidden behind "no pending" -----------------------------------
+
+def _cut_last_line(log: Path, keep) -> str:
+    """Cut the log's last line as a full disk leaves it (no newline); ``keep(line)`` is how many characters stay."""
+    lines = log.read_text().splitlines()
+    lines[-1] = lines[-1][:keep(lines[-1])]
+    log.write_text("\n".join(lines))
+    return lines[-1]
+
+
+def test_an_id_on_a_cut_off_line_is_listed_fetched_and_the_damage_named(fal, tmp_path, capsys):
+    fal.reset(run_s=0.8)
+    log_dir = tmp_path / "log"
+    (a, a_img), (b, b_img) = _pending_ids(log_dir, 2)
+    log = request_log.log_path(log_dir)
+    _cut_last_line(log, lambda line: line.index(b) + len(b) + 12)  # the id whole, the rest of the record lost
+    assert main(["fal-pending", "--request-log-dir", str(log_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert a in out and b in out
+    assert f"{log}, line 2" in err and b in err
+    got = tmp_path / "got"
+    assert main(["fal-pending", "--request-log-dir", str(log_dir), "--fetch", str(got)]) == 0
+    for rid, img in ((a, a_img), (b, b_img)):
+        assert np.array_equal(np.asarray(Image.open(got / rid / "image_000.png")), np.asarray(img))
+    assert request_log.pending(log_dir) == [] and fal.submissions == 2
+    for line in log.read_text().splitlines()[2:]:  # records written after the cut line start on their own line
+        assert json.loads(line)["event"] == "completed"
+
+
+def test_a_line_cut_inside_its_id_is_not_passed_off_as_nothing_pending(fal, tmp_path, capsys):
+    fal.reset(run_s=0.8)
+    log_dir = tmp_path / "log"
+    (b, _img), = _pending_ids(log_dir, 1)
+    log = request_log.log_path(log_dir)
+    _cut_last_line(log, lambda line: line.index(b) + 13)
+    assert main(["fal-pending", "--request-log-dir", str(log_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{log}, line 1 could not be read" in err and b[:13] in err  # the file, the line, the id's start
+    assert "no pending fal requests in" not in err and "damaged" in err
 
 
 # ---- item 1: the recovery commands from a ComfyUI install and from a plain pip install ------------------------------

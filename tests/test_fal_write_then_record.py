@@ -3,7 +3,8 @@ fal`` mark a paid request "completed" only once its result's files exist. A fold
 ``error:`` line naming it, the id stays pending, and ``fal-pending --fetch`` goes on with the other ids. Stopping a
 fetch by id (Ctrl-C) only stops waiting: the request is not cancelled on fal. Against the fal-protocol test server on
 127.0.0.1, reached by the real fal-client; a folder that cannot be written is a file where the folder should be (the
-tests may run as root, for whom permissions do not stop a write).
+tests may run as root, for whom permissions do not stop a write). Such a folder given on the command line is refused
+before anything is submitted or fetched; one that fails only at write time is a folder where an image should go.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def _blocked(path: Path) -> Path:
     return path
 
 
+def _fails_at_write(out: Path) -> Path:
+    """A folder that passes every check before the run but whose first image cannot be written (a folder stands where
+    it goes), as a disk that fills up while fal runs."""
+    (out / "image_000.png").mkdir(parents=True)
+    return out / "image_000.png"
+
+
 def _error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error:")]
 
@@ -56,8 +64,13 @@ def test_fal_pending_fetch_records_after_writing_and_goes_on_past_a_folder_it_ca
     got = tmp_path / "got"
     blocked = _blocked(got / first)
     assert main(["fal-pending", "--request-log-dir", str(log_dir), "--fetch", str(got)]) == 2
-    errors = _error_lines(capsys.readouterr().err)
-    assert len(errors) == 1 and str(blocked) in errors[0] and first in errors[0]
+    err = capsys.readouterr().err
+    errors = _error_lines(err)
+    assert len(errors) == 1 and first in errors[0]
+    assert f"{blocked} is a file, not a folder" in errors[0] and "Not a directory" not in err  # said once, in words
+    # one left: said in the singular, with the command that fetches what is left from the same log
+    assert "1 of 2 could not be fetched; it stays pending" in err
+    assert f"fal-pending --request-log-dir {log_dir} --fetch {got}`" in err
     assert _pending(log_dir) == [first]  # not written: still pending, to be fetched again
     assert np.array_equal(np.asarray(Image.open(got / second / "image_000.png")), np.asarray(second_img))
     assert fal.submissions == 2  # fetched, nothing paid again
@@ -70,10 +83,12 @@ def test_fal_fetch_into_a_folder_it_cannot_write_keeps_the_id_pending(fal, tmp_p
     fal.reset(run_s=0.8)
     log_dir = tmp_path / "log"
     rid, _img = _pending_request(log_dir, 32, 24, 3)
-    out = _blocked(tmp_path / "out")
+    out = tmp_path / "out"
+    in_the_way = _fails_at_write(out)
     assert main(["fal-fetch", "--request-id", rid, "--out", str(out), "--request-log-dir", str(log_dir)]) == 2
     errors = _error_lines(capsys.readouterr().err)
-    assert len(errors) == 1 and str(out) in errors[0] and f"fal-fetch --request-id {rid}" in errors[0]
+    assert len(errors) == 1 and f"{in_the_way} is a folder, not a file" in errors[0]
+    assert f"fal-fetch --request-id {rid} --request-log-dir {log_dir} --out DIR" in errors[0]  # the same log
     assert _pending(log_dir) == [rid]
 
 
@@ -82,13 +97,44 @@ def test_generate_remote_into_a_folder_it_cannot_write_keeps_the_id_pending(fal,
     Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(tmp_path / "init.png")
     (tmp_path / "req.json").write_text(json.dumps({"prompt": "a pond", "image_url": "init.png",
                                                    "control_image_url": "init.png", "seed": 2}))
-    out, log_dir = _blocked(tmp_path / "out"), tmp_path / "log"
+    out, log_dir = tmp_path / "out", tmp_path / "log"
+    in_the_way = _fails_at_write(out)
     assert main(["generate", "--remote", "fal", "--request", str(tmp_path / "req.json"), "--out", str(out),
                  "--request-log-dir", str(log_dir)]) == 2
     rid = next(iter(fal.jobs))
     errors = _error_lines(capsys.readouterr().err)
-    assert len(errors) == 1 and str(out) in errors[0] and f"fal-fetch --request-id {rid}" in errors[0]
+    assert len(errors) == 1 and f"{in_the_way} is a folder, not a file" in errors[0]
+    assert f"fal-fetch --request-id {rid} --request-log-dir {log_dir} --out DIR" in errors[0]
     assert _pending(log_dir) == [rid] and fal.submissions == 1
+
+
+@pytest.mark.parametrize("command, option", [
+    (["generate", "--remote", "fal", "--request", "REQ", "--out", "BLOCKED"], "--out"),
+    (["generate", "--remote", "fal", "--request", "REQ", "--out", "BLOCKED/sub"], "--out"),
+    (["generate", "--remote", "fal", "--request", "REQ", "--out", "OUT", "--request-log-dir", "BLOCKED"],
+     "--request-log-dir"),
+    (["fal-fetch", "--request-id", "RID", "--out", "BLOCKED/sub", "--request-log-dir", "LOG"], "--out"),
+    (["fal-pending", "--request-log-dir", "LOG", "--fetch", "BLOCKED"], "--fetch"),
+])
+def test_a_file_in_place_of_a_folder_is_refused_before_anything_is_sent(fal, tmp_path, capsys, command, option):
+    fal.reset(run_s=0.8)
+    log_dir = tmp_path / "log"
+    rid, _img = _pending_request(log_dir, 32, 24, 7)
+    Image.fromarray(np.zeros((24, 32, 3), dtype=np.uint8)).save(tmp_path / "init.png")
+    (tmp_path / "req.json").write_text(json.dumps({"prompt": "a pond", "image_url": "init.png",
+                                                   "control_image_url": "init.png", "seed": 2}))
+    blocked = _blocked(tmp_path / "blocked")
+    names = {"REQ": tmp_path / "req.json", "BLOCKED": blocked, "OUT": tmp_path / "out", "LOG": log_dir, "RID": rid}
+    argv = [str(names[a.split("/")[0]]) + a[len(a.split("/")[0]):] if a.split("/")[0] in names else a
+            for a in command]
+    calls_before = len(fal.calls)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert _error_lines(err) == [line for line in err.splitlines() if line.strip()]  # nothing else was said
+    assert len(_error_lines(err)) == 1 and f"error: {option}: {blocked} is a file, not a folder" in err
+    assert "bills" not in err and "Traceback" not in err
+    assert len(fal.calls) == calls_before and fal.submissions == 1  # nothing sent: no submit, no fetch
+    assert _pending(log_dir) == [rid]
 
 
 def _polls(fal, rid: str) -> int:

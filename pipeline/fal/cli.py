@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from ..errors import SDXLCNError
+from ..folders import check_output_folder
 
 
 def add_remote_arguments(g) -> None:
@@ -57,16 +60,19 @@ def cmd_fal_pending(args) -> int:
 
     log_dir = pending_log_dir(args.request_log_dir)
     pending = request_log.pending(log_dir)
+    damaged = _say_damage(log_dir)  # a request hidden in a damaged line must not pass for "nothing pending"
     if not pending:
-        print(f"no pending fal requests in {request_log.log_path(log_dir)}", file=sys.stderr)
-        return 0
+        print(f"no pending fal requests{' could be read' if damaged else ''} in {request_log.log_path(log_dir)}",
+              file=sys.stderr)
+        return 2 if damaged else 0
     for rec in pending:
         state = rec.get("last_event", "submitted")
         print(f"{rec['request_id']}  {rec.get('time', '?')}  {state:16s}  {rec.get('prompt', '')[:60]!r}")
     if args.fetch is None:
         print(f"{len(pending)} pending; fetch them with --fetch OUT (or one with fal-fetch --request-id ID)",
               file=sys.stderr)
-        return 0
+        return 2 if damaged else 0
+    check_output_folder(args.fetch, "--fetch")  # before anything is fetched
     from .key import KEY_FILE_NAME
 
     key_file = args.fal_key_file
@@ -79,7 +85,8 @@ def cmd_fal_pending(args) -> int:
         try:
             result = fetch_remote_result(rid, key_file=key_file, endpoint=endpoint, timeout_s=args.fal_timeout,
                                          request_log_dir=log_dir, record_completed=False)
-            doc = save_then_complete(result, Path(args.fetch) / rid, log_dir, rid, endpoint)
+            doc = save_then_complete(result, Path(args.fetch) / rid, log_dir, rid, endpoint,
+                                     recovery=f"It stays pending in {request_log.log_path(log_dir)}.")
         except SDXLCNError as exc:
             failed += 1
             print(f"error: {exc}" if rid in str(exc) else f"error: {rid}: {exc}", file=sys.stderr)
@@ -87,13 +94,52 @@ def cmd_fal_pending(args) -> int:
         for img in doc["images"]:
             print(img["url"])
     if failed:
-        print(f"{failed} of {len(pending)} could not be fetched; they stay pending", file=sys.stderr)
-    return 2 if failed else 0
+        rerun = (f"`{request_log.cli_command()} fal-pending --request-log-dir {_quoted(log_dir)} --fetch "
+                 f"{_quoted(args.fetch)}`")
+        it, stays = ("it", "it stays") if failed == 1 else ("them", "they stay")
+        print(f"{failed} of {len(pending)} could not be fetched; {stays} pending: once the cause is fixed, rerun "
+              f"{rerun} to fetch {it} (nothing is billed again)", file=sys.stderr)
+    return 2 if failed or damaged else 0
 
 
-def save_then_complete(result, out: Path, log_dir, request_id: str, endpoint: str, fmt: str = "png") -> dict:
+def _quoted(path) -> str:
+    return shlex.quote(os.path.abspath(path))
+
+
+def _say_damage(log_dir) -> bool:
+    """Warn about each damaged line of the request log (its number, and the ids still read from it); True when one
+    may hide a request (a line whose id or event could not be read)."""
+    from .. import request_log
+
+    path = request_log.log_path(log_dir)
+    hidden = False
+    for d in request_log.read_checked(log_dir)[1]:
+        ids = ", ".join(d.ids)
+        if d.complete:
+            what = f"its request {ids} was" if len(d.ids) == 1 else f"its requests {ids} were"
+            print(f"warning: {path}, line {d.line} is damaged (cut off), but {what} read from it", file=sys.stderr)
+            continue
+        hidden = True
+        if d.ids:
+            fetch = "; ".join(request_log.fetch_command(rid, log_dir) for rid in d.ids)
+            said = f"request id {ids} was read from it, but not its state: if it is still to be fetched: {fetch}"
+        elif d.id_start:
+            said = f"only the start of a request id could be read from it: {d.id_start}..."
+        else:
+            said = "no request id could be read from it"
+        print(f"warning: {path}, line {d.line} could not be read (cut off or damaged, as a full disk leaves it): "
+              f"{said}", file=sys.stderr)
+    if hidden:
+        print(f"warning: {path} is damaged, so a paid request may be missing from this list: compare with "
+              "https://fal.ai/dashboard/requests, then delete the damaged lines", file=sys.stderr)
+    return hidden
+
+
+def save_then_complete(result, out: Path, log_dir, request_id: str, endpoint: str, fmt: str = "png",
+                       recovery: str | None = None) -> dict:
     """Write ``result`` into ``out``, and only then record ``request_id`` as completed: a write that fails (a folder
-    that cannot be written) is a :class:`~.errors.FalResultNotSaved` naming the folder, and the id stays pending."""
+    that cannot be written) is a :class:`~.errors.FalResultNotSaved` naming the folder and saying how to fetch it
+    again (``recovery``; by default as the request log has it: pending there, or only by its id)."""
     from .. import request_log
     from ..result import write_result
     from .errors import FalResultNotSaved
@@ -101,7 +147,7 @@ def save_then_complete(result, out: Path, log_dir, request_id: str, endpoint: st
     try:
         doc = write_result(result, out, fmt=fmt, extra={"request_id": request_id, "endpoint": endpoint})
     except OSError as exc:
-        raise FalResultNotSaved(request_id, out, exc) from None
+        raise FalResultNotSaved(request_id, out, exc, recovery or request_log.recovery(request_id, log_dir)) from None
     request_log.record(log_dir, "completed", request_id, endpoint=endpoint)
     return doc
 
@@ -122,6 +168,9 @@ def pending_log_dir(given) -> Path:
         given = pack.parent.parent / "user" / KEY_FILE_DIRNAME
         print(f"request log folder: {given} (ComfyUI's; another one with --request-log-dir)", file=sys.stderr)
     log_dir = Path(given).expanduser()
+    if log_dir.exists() and not log_dir.is_dir():
+        which = "the folder that holds it" if log_dir.name == request_log.LOG_FILE_NAME else f"a folder: {where}"
+        raise SDXLCNError(f"--request-log-dir: {log_dir} is a file, not a folder; give {which}")
     if not log_dir.is_dir():
         raise SDXLCNError(f"--request-log-dir: the folder {log_dir} does not exist (a typo?); it should be {where}")
     if not request_log.log_path(log_dir).is_file():
@@ -171,10 +220,18 @@ def _printer():
     return on_status
 
 
-def _write(result, args, request_id, endpoint, log_dir) -> int:
+def _folders(args) -> tuple[Path, Path]:
+    """The result folder (``--out``, or its next ``run_NNN``) and the request log folder, checked before anything is
+    sent to fal: a file in the way is refused now, not after a paid request."""
     from ..result import result_dir
 
-    out = result_dir(args.out, args.overwrite)
+    out = check_output_folder(result_dir(args.out, args.overwrite), "--out")
+    if args.request_log_dir:
+        return out, check_output_folder(args.request_log_dir, "--request-log-dir")
+    return out, Path(args.out)
+
+
+def _write(result, args, out: Path, request_id, endpoint, log_dir) -> int:
     doc = save_then_complete(result, out, log_dir, request_id, endpoint, fmt=args.format)
     for img in doc["images"]:
         print(img["url"])
@@ -190,21 +247,21 @@ def cmd_generate_remote(args, request) -> int:
 
     check_request(request)  # every refusal comes before the billing line: nothing is sent when one is refused
     key = resolve_key(None, args.fal_key_file)
-    log_dir = Path(args.request_log_dir or args.out)
+    out, log_dir = _folders(args)
     on_status = _printer()
     print(f"running on fal ({ENDPOINT}); fal bills this request. Its id will be recorded in "
           f"{log_dir / 'fal_requests.jsonl'}", file=sys.stderr)
     with _Interrupt() as cancelled:
         result = run_remote(request, key=key, on_status=on_status, cancel_check=cancelled,
                             timeout_s=args.fal_timeout, request_log_dir=log_dir, record_completed=False)
-    return _write(result, args, result.request_id, ENDPOINT, log_dir)
+    return _write(result, args, out, result.request_id, ENDPOINT, log_dir)
 
 
 def cmd_fal_fetch(args) -> int:
     from .. import request_log
     from .client import ENDPOINT, fetch_remote_result
 
-    log_dir = Path(args.request_log_dir or args.out)
+    out, log_dir = _folders(args)
     endpoint = args.endpoint
     if endpoint is None:
         rec = request_log.find(log_dir, args.request_id)
@@ -214,7 +271,7 @@ def cmd_fal_fetch(args) -> int:
         result = fetch_remote_result(args.request_id, key_file=args.fal_key_file, endpoint=endpoint,
                                      on_status=on_status, cancel_check=cancelled, timeout_s=args.fal_timeout,
                                      request_log_dir=log_dir, record_completed=False)
-    return _write(result, args, result.request_id, endpoint, log_dir)
+    return _write(result, args, out, result.request_id, endpoint, log_dir)
 
 
 def check_local_arguments(args) -> None:

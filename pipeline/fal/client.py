@@ -41,14 +41,25 @@ from .transport import (
 )
 
 
+# how a caller allows more time: run_remote's and the node's timeout_s, the CLI's --fal-timeout
+_TIME_LIMIT = "timeout_s; --fal-timeout on the command line"
+
+
+def _recovery(request_id: str, request_log_dir, recorded: bool) -> str:
+    """How to fetch ``request_id`` later (see :func:`..request_log.recovery`), the fal node's way included."""
+    return request_log.recovery(request_id, request_log_dir, recorded)[:-1] + " (or the fal node's request_id input)."
+
+
 def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, waiter: Waiter, settings: FalSettings,
                     on_status: StatusCallback | None, started: float, timings: dict, request=None,
                     request_log_dir=None, record_completed: bool = True,
-                    cancel_on_stop: bool = True) -> GenerationResult:
+                    cancel_on_stop: bool = True, recorded: bool = True) -> GenerationResult:
     """Poll ``request_id`` until it is done, then fetch and decode its result. A stop (cancel, Ctrl-C) asks fal to
-    cancel when ``cancel_on_stop`` (our own submission); a fetch by id only stops waiting."""
+    cancel when ``cancel_on_stop`` (our own submission); a fetch by id only stops waiting. ``recorded``: whether
+    the request log holds the id (the messages say how to fetch it later accordingly)."""
     import fal_client
 
+    recover = _recovery(request_id, request_log_dir, recorded)
     handle = handle_factory()
     seen_logs = 0
     last_state = None
@@ -56,7 +67,7 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
     try:
         while True:
             status = call_with_retries(waiter, lambda: handle.status(with_logs=True), "polling the status",
-                                        settings, request_id)
+                                        settings, request_id, recovery=lambda _rid: recover)
             logs = getattr(status, "logs", None) or []
             new = [redact(entry.get("message", entry) if isinstance(entry, dict) else entry) for entry in logs[seen_logs:]]
             seen_logs = max(seen_logs, len(logs))
@@ -81,32 +92,32 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
         timings["fal_wait"] = time.perf_counter() - t_wait
         t = time.perf_counter()
         data = call_with_retries(waiter, lambda: handle.get(),  # called once fal reports COMPLETED: nothing left to poll
-                                  "fetching the result", settings, request_id)
+                                  "fetching the result", settings, request_id, recovery=lambda _rid: recover)
         timings["fetch"] = time.perf_counter() - t
         result = decode_result(data, request, request_id, settings, timings)
     except Cancelled:
         if not cancel_on_stop:  # the user stopped waiting for a result: the request stays theirs, and pending
-            raise FalCancelled(
-                f"stopped waiting for fal request {request_id}; it was not cancelled on fal and stays in the pending "
-                f"list: fetch its result later with {request_log.fetch_command(request_id)}.", request_id) from None
+            raise FalCancelled(f"stopped waiting for fal request {request_id}; it was not cancelled on fal. {recover}",
+                               request_id) from None
         log.warning("fal: cancelling request %s", request_id)
-        event, said = _cancel(handle, settings)
+        event, said = _cancel(handle, settings, recover)
         # only a request fal reports as cancelled is done with; otherwise fal may still run (and bill) it
         request_log.record(request_log_dir, event, request_id, endpoint=endpoint)
         raise FalCancelled(f"cancelled while waiting for fal request {request_id}; {said}.", request_id) from None
     except Deadline:
+        allowed = f"the {waiter.deadline - started:g} s" if waiter.deadline is not None else "the time"
         raise FalTimeout(
-            f"fal request {request_id} did not finish within the time allowed. It may still finish (and is billed): "
-            f"fetch it later by id {request_id} (node input 'request_id', or "
-            f"{request_log.fetch_command(request_id)}).", request_id) from None
+            f"fal request {request_id} did not finish within {allowed} allowed ({_TIME_LIMIT}). It may still finish "
+            f"(and is billed). {recover}", request_id) from None
     if record_completed:
         request_log.record(request_log_dir, "completed", request_id, endpoint=endpoint)
     return result
 
 
-def _cancel(handle, settings: FalSettings) -> tuple[str, str]:
-    """Ask fal to cancel, then look once at the request: ("cancelled" | "cancel_requested", what to tell the user).
-    fal honours a cancel while the request is queued; a running or finished one may still be billed."""
+def _cancel(handle, settings: FalSettings, recover: str) -> tuple[str, str]:
+    """Ask fal to cancel, then look once at the request: ("cancelled" | "cancel_requested", what to tell the user,
+    with ``recover``, how to fetch it, when it may still run). fal honours a cancel while the request is queued; a
+    running or finished one may still be billed."""
     import fal_client
 
     deadline = time.monotonic() + min(settings.http_timeout_s, 10.0)  # bounded: the user asked to stop
@@ -122,8 +133,7 @@ def _cancel(handle, settings: FalSettings) -> tuple[str, str]:
         return "cancelled", "fal cancelled it (nothing is billed for a request cancelled in the queue)"
     return "cancel_requested", (
         f"fal was asked to cancel it, but it was already {'done' if isinstance(status, fal_client.Completed) else 'running'}"
-        f": it may still finish and be billed. Its id stays in the pending list: fetch the result with "
-        f"{request_log.fetch_command(handle.request_id)} (or `fal-pending`)")
+        f": it may still finish and be billed. {recover[:-1]}")
 
 
 class _Submit:
@@ -136,12 +146,18 @@ class _Submit:
         self.lock = threading.Lock()
         self.abandoned = False
         self.handle = None
+        self.recorded = False  # whether the id reached the request log
+
+    def keep(self, request_id: str, **extra) -> str:
+        """Record ``request_id`` (fal accepted it) in the request log; how to fetch it later, for the user."""
+        r = self.request
+        self.recorded = request_log.record(self.request_log_dir, "submitted", request_id, endpoint=self.endpoint,
+                                           seed=r.seed, prompt=r.prompt[:200], num_images=r.num_images, **extra)
+        return _recovery(request_id, self.request_log_dir, self.recorded)
 
     def send(self, args: dict):
         handle = self.client.submit(self.endpoint, args)
-        r = self.request
-        request_log.record(self.request_log_dir, "submitted", handle.request_id, endpoint=self.endpoint, seed=r.seed,
-                           prompt=r.prompt[:200], num_images=r.num_images)
+        self.keep(handle.request_id)
         with self.lock:
             self.handle = handle
             late = self.abandoned
@@ -159,7 +175,8 @@ class _Submit:
     def _cancel_late(self, handle) -> None:
         log.warning("fal: the submission was answered late as request %s (recorded); cancelling it", handle.request_id)
         try:
-            event, _said = _cancel(handle, self.settings)
+            event, _said = _cancel(handle, self.settings, _recovery(handle.request_id, self.request_log_dir,
+                                                                    self.recorded))
             request_log.record(self.request_log_dir, event, handle.request_id, endpoint=self.endpoint)
         finally:
             close_client(self.client)
@@ -181,7 +198,8 @@ def _say_waiting(stop: BaseException, settings: FalSettings, on_status: StatusCa
 
 
 def _stop_after_submit(handle, stop: BaseException, endpoint: str, settings: FalSettings,
-                       on_status: StatusCallback | None, started: float, request_log_dir) -> GenerationResult:
+                       on_status: StatusCallback | None, started: float, request_log_dir,
+                       recorded: bool) -> GenerationResult:
     """fal accepted a submit during which a stop came: its id is already recorded; cancel it, then raise the stop."""
     request_id = handle.request_id
     if on_status is not None:
@@ -190,12 +208,13 @@ def _stop_after_submit(handle, stop: BaseException, endpoint: str, settings: Fal
         except Exception:  # noqa: BLE001 - already stopping
             pass
     log.warning("fal: cancelling request %s (accepted while we were stopping)", request_id)
-    event, said = _cancel(handle, settings)
+    event, said = _cancel(handle, settings, _recovery(request_id, request_log_dir, recorded))
     request_log.record(request_log_dir, event, request_id, endpoint=endpoint)
-    where = f"recorded in {request_log.log_path(request_log_dir)}" if request_log_dir is not None else "its id above"
+    where = f"recorded in {request_log.log_path(request_log_dir)}" if recorded else "NOT recorded: note this id"
     text = f"fal had accepted the request as {request_id} ({where}); {said}."
     if isinstance(stop, Deadline):
-        raise FalTimeout(f"the time limit passed while the request was being submitted: {text}", request_id)
+        raise FalTimeout(f"the time limit ({_TIME_LIMIT}) passed while the request was being submitted: {text}",
+                         request_id)
     if isinstance(stop, KeyboardInterrupt):
         log.warning("fal: interrupted while submitting: %s", text)
         raise stop
@@ -209,7 +228,7 @@ def _unanswered(exc: SubmitUnanswered, request_log_dir) -> FalError:
             f"and be billed: if this process keeps running, its id is recorded and the request cancelled when the "
             f"answer comes; otherwise check {where}")
     if isinstance(exc.stop, Deadline):
-        return FalTimeout(f"the time limit passed while the request was being submitted; {text}")
+        return FalTimeout(f"the time limit ({_TIME_LIMIT}) passed while the request was being submitted; {text}")
     return FalCancelled(f"cancelled while the request was being submitted; {text}")
 
 
@@ -252,14 +271,15 @@ def run_remote(
             for name in ("image_url", "control_image_url"):
                 args[name] = prepare_image(args[name], name, client, waiter, settings)
             timings["prepare"] = time.perf_counter() - t
+            # fal received a submit whose answer then failed (it may bill it): the id is kept before the error is told
             handle = call_with_retries(waiter, lambda: sender.send(args), "submitting the request", settings, None,
-                                       submit=True, on_keep=lambda stop: _say_waiting(stop, settings, on_status))
+                                       submit=True, on_keep=lambda stop: _say_waiting(stop, settings, on_status),
+                                       recovery=lambda rid: sender.keep(rid, submit_error=True))
         except FalError as exc:
-            if exc.request_id:  # fal received it (and may bill it) but the answer failed: keep the id
-                request_log.record(request_log_dir, "submitted", exc.request_id, endpoint=endpoint, seed=request.seed,
-                                   prompt=request.prompt[:200], num_images=request.num_images, submit_error=True)
+            if exc.request_id:
                 if waiter.stopped is not None:  # the user stopped: do not leave it running either
-                    event, said = _cancel(client.get_handle(endpoint, exc.request_id), settings)
+                    recover = _recovery(exc.request_id, request_log_dir, sender.recorded)
+                    event, said = _cancel(client.get_handle(endpoint, exc.request_id), settings, recover)
                     request_log.record(request_log_dir, event, exc.request_id, endpoint=endpoint)
                     raise FalCancelled(f"{exc} You stopped while it was being submitted: {said}.",
                                        exc.request_id) from None
@@ -270,11 +290,13 @@ def run_remote(
         except Cancelled:  # before the submit was sent, or a send that never reached fal
             raise FalCancelled("cancelled before the request was submitted to fal (nothing was billed)") from None
         except Deadline:
-            raise FalTimeout("timed out before the request was submitted to fal (nothing was billed)") from None
+            raise FalTimeout(f"the time limit ({_TIME_LIMIT}) passed before the request was submitted to fal "
+                             "(nothing was billed)") from None
         request_id = handle.request_id
         log.info("fal: submitted request %s to %s", request_id, endpoint)
         if waiter.stopped is not None:  # a stop came while the submit was in flight: fal accepted it, cancel it
-            return _stop_after_submit(handle, waiter.stopped, endpoint, settings, on_status, started, request_log_dir)
+            return _stop_after_submit(handle, waiter.stopped, endpoint, settings, on_status, started, request_log_dir,
+                                      sender.recorded)
         try:
             if on_status is not None:
                 notify(on_status, FalStatus(request_id, "SUBMITTED", None, [], time.monotonic() - started))
@@ -282,7 +304,7 @@ def run_remote(
             waiter = Waiter(lambda: True, None)  # cancel at the first check, through the usual path
         return _wait_and_fetch(client, lambda: handle, request_id, endpoint, waiter, settings, on_status, started,
                                timings, request=request, request_log_dir=request_log_dir,
-                               record_completed=record_completed)
+                               record_completed=record_completed, recorded=sender.recorded)
     finally:
         if not sender.abandoned:
             close_client(client)
@@ -310,8 +332,8 @@ def fetch_remote_result(
     """
     settings = settings or FalSettings()
     request_id = check_request_id(request_id)
-    if endpoint is None and request_log_dir is not None:
-        rec = request_log.find(request_log_dir, request_id)
+    rec = request_log.find(request_log_dir, request_id) if request_log_dir is not None else None
+    if endpoint is None:
         endpoint = rec.get("endpoint") if rec else None
     endpoint = endpoint or ENDPOINT
     key = resolve_key(key, key_file)
@@ -321,7 +343,8 @@ def fetch_remote_result(
     try:
         return _wait_and_fetch(client, lambda: client.get_handle(endpoint, request_id), request_id, endpoint, waiter,
                                settings, on_status, started, {}, request=None, request_log_dir=request_log_dir,
-                               record_completed=record_completed, cancel_on_stop=False)
+                               record_completed=record_completed, cancel_on_stop=False,
+                               recorded=request_log.is_recorded(request_log_dir, request_id) if rec else False)
     finally:
         close_client(client)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import GenerationCancelled, SDXLCNError
+from ..folders import write_error_text
 from ..request_log import fetch_command
 
 
@@ -68,16 +69,16 @@ class FalImageDownloadError(FalError):
 
 
 class FalResultNotSaved(FalError):
-    """A fetched (paid) result could not be written to ``folder``: its id stays pending, to be fetched again."""
+    """A fetched (paid) result could not be written to ``folder``: its id stays pending, to be fetched again.
+    ``recovery``: how to fetch it again, one sentence (default: by its id, the fal node's way included)."""
 
-    def __init__(self, request_id: str, folder, exc: OSError):
+    def __init__(self, request_id: str, folder, exc: OSError, recovery: str | None = None):
         self.folder = folder
-        where = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(folder) else ""
+        recovery = recovery or (f"It stays pending (paid, nothing is lost): fetch it with {fetch_command(request_id)} "
+                                "(or the fal node's request_id input).")
         super().__init__(
-            f"could not write the result of fal request {request_id} to the folder {folder} "
-            f"({exc.strerror or type(exc).__name__}{where}). It stays pending (paid, nothing is lost): make the "
-            f"folder writable or choose another, then fetch it with {fetch_command(request_id)} (or the fal node's "
-            "request_id input)", request_id)
+            f"could not write the result of fal request {request_id} into {folder}: {write_error_text(exc, folder)}; "
+            f"choose another folder or free this one. {recovery}", request_id)
 
 
 class FalCancelled(FalError, GenerationCancelled):

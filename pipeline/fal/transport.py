@@ -336,10 +336,11 @@ def http_error(exc, what: str, request_id: str | None) -> FalError:
 
 
 def call_with_retries(waiter: Waiter, fn, what: str, settings: FalSettings, request_id: str | None,
-                       submit: bool = False, on_keep=None):
+                       submit: bool = False, on_keep=None, recovery=None):
     """``fn`` with retries of transient failures. A submit is never abandoned while in flight (see
     :meth:`Waiter.call`); once a stop came (:attr:`Waiter.stopped`) it is not sent again: a failure that never reached
-    fal raises the stop, a success returns the handle for the caller to record and cancel."""
+    fal raises the stop, a success returns the handle for the caller to record and cancel. ``recovery(request_id)``
+    says how to fetch a request that failed here later (a submit's keeps the id fal gave first)."""
     import fal_client
 
     attempt = 0
@@ -360,19 +361,22 @@ def call_with_retries(waiter: Waiter, fn, what: str, settings: FalSettings, requ
                          settings.max_retries, delay)
                 waiter.sleep(delay)
                 continue
-            raise transient_error(exc, what, attempt, request_id, submit) from None
+            raise transient_error(exc, what, attempt, request_id, submit, recovery) from None
 
 
-def transient_error(exc: Transient, what: str, retries: int, request_id: str | None, submit: bool) -> FalError:
+def transient_error(exc: Transient, what: str, retries: int, request_id: str | None, submit: bool,
+                    recovery=None) -> FalError:
     tried = f" after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else ""
     request_id = request_id or (exc.request_id if submit else None)
     rid = f" (request {request_id})" if request_id else ""
     text = redact(exc)
-    recover = f" The request may still finish: fetch it later with {fetch_command(request_id)}." if request_id else ""
+    if request_id:
+        how = recovery(request_id) if recovery is not None else f"Fetch it with {fetch_command(request_id)}."
+    recover = f" The request may still finish. {how}" if request_id else ""
     if submit and exc.sent:  # fal may hold (and bill) it: never sent again
         if request_id:
             note = (f" fal accepted it as request {request_id}: it was not sent again (that would be billed twice). "
-                    f"Fetch its result with {fetch_command(request_id)} (or the fal node's request_id input).")
+                    f"{how}")
         else:
             note = (" It may have reached fal (check https://fal.ai/dashboard/requests): it was not sent again (that "
                     "would be billed twice).")

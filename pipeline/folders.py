@@ -1,0 +1,45 @@
+"""Output folders: checked before any work starts (nothing loaded, nothing submitted to fal and billed), and a write
+that still fails later (a full disk) said in words, not in errno names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import SDXLCNError
+
+
+def folder_problem(path) -> str | None:
+    """What keeps ``path`` from being (or becoming) a folder that can be written, in words; None when nothing does.
+    A missing folder is no problem (it is made when the first file is written)."""
+    p = Path(path).expanduser()
+    for q in (p, *p.parents):
+        if not q.exists():
+            continue
+        if not q.is_dir():
+            return f"{q} is a file, not a folder" + ("" if q == p else f" (so {p} cannot be made)")
+        if not os.access(q, os.W_OK | os.X_OK):
+            return f"{q} cannot be written (no permission)" + ("" if q == p else f" (so {p} cannot be made)")
+        return None
+    return None
+
+
+def check_output_folder(path, option: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path` when a result can be written there; otherwise one
+    :class:`~.errors.SDXLCNError` naming ``option`` (``--out``), what is in the way and the fix."""
+    problem = folder_problem(path)
+    if problem:
+        raise SDXLCNError(f"{option}: {problem}; give a folder that can be written (a missing one is made)")
+    return Path(path)
+
+
+def write_error_text(exc: OSError, folder) -> str:
+    """An error writing into ``folder``, in words: "X is a file, not a folder" when a file stands where the folder
+    should be, else the system's own words and the file they concern."""
+    problem = folder_problem(folder)
+    if problem:
+        return problem
+    if isinstance(exc, IsADirectoryError) and exc.filename:
+        return f"{exc.filename} is a folder, not a file"
+    where = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(folder) else ""
+    return f"{exc.strerror or type(exc).__name__}{where}"
