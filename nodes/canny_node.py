@@ -34,14 +34,9 @@ class SDXLCNCanny:
             },
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, low_threshold=DEFAULT_LOW_THRESHOLD, high_threshold=DEFAULT_HIGH_THRESHOLD, **_):
-        try:
-            check_thresholds(int(low_threshold), int(high_threshold))
-        except ValueError as exc:
-            return str(exc)
-        return True
-
+    # No VALIDATE_INPUTS: ComfyUI pins its answer to every argument it takes, and comparing the thresholds takes
+    # two, so one mistake would be reported twice. Each threshold's range (and resolution's) is ComfyUI's own min/max
+    # check at /prompt, once, on that input; low above high is refused here, once, before any edge is computed.
     def detect(self, image, low_threshold=DEFAULT_LOW_THRESHOLD, high_threshold=DEFAULT_HIGH_THRESHOLD,
                l2_gradient=False, resolution=0):
         check_thresholds(int(low_threshold), int(high_threshold))

@@ -47,23 +47,26 @@ class SDXLCNLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, checkpoint, controlnet, device="auto", vae="none"):
-        """Before the graph runs: the files are there and their headers are an SDXL base and an SDXL ControlNet,
-        and the device is usable, so a bad choice is refused without a long load."""
+    def VALIDATE_INPUTS(cls, device="auto"):
+        """Before the graph runs: the device is usable here. ComfyUI pins what this returns to every argument it
+        takes, and checks the lists of the inputs it does not take itself (execution.py, validate_inputs): so it takes
+        only ``device``, and a missing checkpoint, ControlNet or VAE is refused by ComfyUI's own list check, once,
+        on its own input, all of them in the same answer. What the files hold is checked in ``load`` before any
+        weights are read."""
         from ..pipeline.errors import SDXLCNError
-        from ..pipeline.local.loading import LoadOptions, check_sources
+        from ..pipeline.local.devices import check_device
 
+        if device in (None, "", "auto"):
+            return True
         try:
-            vae_path = None if vae in (None, "", "none") else resolve("vae", vae)
-            check_sources(resolve("checkpoint", checkpoint), resolve("controlnet", controlnet),
-                          LoadOptions(device=None if device == "auto" else device, vae=vae_path))
-        except (SDXLCNError, FileNotFoundError) as exc:
+            check_device(device)
+        except SDXLCNError as exc:
             return str(exc)
         return True
 
     def load(self, checkpoint, controlnet, dtype="auto", memory_mode="auto", vae_tiling=False,
              device="auto", vae="none", compile=False, attention="sdpa"):
-        from ..pipeline.local.loading import LoadOptions, PipelineRef
+        from ..pipeline.local.loading import LoadOptions, PipelineRef, check_sources
         from . import comfy_memory
 
         base_path = resolve("checkpoint", checkpoint)
@@ -86,6 +89,8 @@ class SDXLCNLoader:
             attention=attention,
             host_placement=after_load is not None,
         )
+        # the kind of model in each file (from headers only), so a wrong or swapped file is refused before a long load
+        check_sources(base_path, cn_path, options)
         log.info("SDXLCNLoader: %s + %s (%s)", checkpoint, controlnet, options)
         # the value passed on holds no weights: old values in ComfyUI's cache keep nothing alive
         ref = PipelineRef(base_path, cn_path, options, after_load=after_load)

@@ -87,13 +87,17 @@ class SDXLCNLoraLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, lora_name, allow_pickle=False):
-        """Before the graph runs (so before the pipeline loads): the file is there and its header is a LoRA's."""
-        from ..pipeline.local.lora import LoraError, check_lora_file
+    def VALIDATE_INPUTS(cls, lora_name):
+        """Before the graph runs (so before the pipeline loads): the file is there and its header is a LoRA's. It
+        takes only ``lora_name``, as ComfyUI pins what it returns to every argument it takes. A pickle is refused
+        here unless the server opted in; with the opt-in it is read, or refused for this node's ``allow_pickle``, when
+        the node runs."""
+        from ..pipeline.local.lora import LoraError, check_lora_file, is_safetensors
 
         try:
             path = _full_path(lora_name)
-            check_lora_file(path, lora_name, _allow_pickle(lora_name, path, bool(allow_pickle)))
+            if is_safetensors(path) or not server_allows_pickle():
+                check_lora_file(path, lora_name)
         except LoraError as exc:
             return str(exc)
         return True

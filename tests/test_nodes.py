@@ -97,8 +97,7 @@ def test_canny_node_resolution_and_threshold_errors():
     batch = _image_batch(make_test_image(96, 64, seed=5))
     (edges,) = _call(cls, image=batch, low_threshold=100, high_threshold=200, resolution=128)
     assert edges.shape == (1, 128, 192, 3)
-    assert "low_threshold (200) is above high_threshold (100)" in cls.VALIDATE_INPUTS(low_threshold=200, high_threshold=100)
-    with pytest.raises(ValueError, match="low_threshold"):
+    with pytest.raises(ValueError, match=r"low_threshold \(200\) is above high_threshold \(100\)"):
         _call(cls, image=batch, low_threshold=200, high_threshold=100)
 
 
@@ -162,24 +161,35 @@ def test_pack_imports_cheaply_and_without_diffusers():
 
 # ---- refused before the graph runs (VALIDATE_INPUTS) ------------------------------------------------------------
 
-def test_loader_validates_files_and_device_before_anything_loads(tiny_models, tmp_path):
+def test_loader_validates_the_device_and_refuses_wrong_files_before_anything_loads(tiny_models, tmp_path,
+                                                                                   monkeypatch):
+    """VALIDATE_INPUTS takes the device alone (ComfyUI pins its answer to each argument it takes; the model lists are
+    ComfyUI's own check); what a file holds is checked by the node before any weights are read."""
+    from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
+    from sdxl_controlnet_img2img.pipeline.local import loading
+
     loader = NODE_CLASS_MAPPINGS["SDXLCNLoader"]
-    ckpt, cn = str(tiny_models["checkpoint"]), str(tiny_models["controlnet"])
-    assert loader.VALIDATE_INPUTS(checkpoint=ckpt, controlnet=cn) is True
-    truncated = tmp_path / "half.safetensors"
-    truncated.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\": {\"dtype\": \"F16\", \"shape\": [4]")
-    msg = loader.VALIDATE_INPUTS(checkpoint=str(truncated), controlnet=cn)
-    assert isinstance(msg, str) and msg.startswith("checkpoint:") and "half.safetensors" in msg
-    msg = loader.VALIDATE_INPUTS(checkpoint=ckpt, controlnet=str(tmp_path / "gone.safetensors"))
-    assert isinstance(msg, str) and "controlnet" in msg and "gone.safetensors" in msg
-    msg = loader.VALIDATE_INPUTS(checkpoint=ckpt, controlnet=cn, device="banana")
+    assert loader.VALIDATE_INPUTS() is True and loader.VALIDATE_INPUTS(device="cpu") is True
+    msg = loader.VALIDATE_INPUTS(device="banana")
     assert isinstance(msg, str) and msg.startswith("device: 'banana' is not a device name")
     if not torch.cuda.is_available():
-        msg = loader.VALIDATE_INPUTS(checkpoint=ckpt, controlnet=cn, device="cuda")
+        msg = loader.VALIDATE_INPUTS(device="cuda")
         assert isinstance(msg, str) and msg.startswith("device: cuda was asked for")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were read before the bad file was refused")
+
+    monkeypatch.setattr(loading, "build_pipeline", refuse)
+    truncated = tmp_path / "half.safetensors"
+    truncated.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\": {\"dtype\": \"F16\", \"shape\": [4]")
+    with pytest.raises(ModelLoadError, match=r"^checkpoint: .*half\.safetensors"):
+        _call(loader, checkpoint=str(truncated), controlnet=str(tiny_models["controlnet"]), device="cpu")
 
 
 def test_lora_node_validates_the_file_before_the_pipeline_loads(tmp_path, monkeypatch):
+    from sdxl_controlnet_img2img.nodes.lora_node import _allow_pickle
+    from sdxl_controlnet_img2img.pipeline.local.lora import LoraError
+
     node = NODE_CLASS_MAPPINGS["SDXLCNLoraLoader"]
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
@@ -187,14 +197,15 @@ def test_lora_node_validates_the_file_before_the_pipeline_loads(tmp_path, monkey
     assert isinstance(msg, str) and "junk.safetensors" in msg and "not a readable safetensors" in msg
     pt = tmp_path / "style.pt"
     torch.save({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, pt)
-    msg = node.VALIDATE_INPUTS(lora_name=str(pt))
-    assert isinstance(msg, str) and "refused by default" in msg and "allow_pickle" in msg
-    # the node's allow_pickle alone is not enough: the server's operator opts in (no workflow can)
+    # without the server's opt-in a pickle is refused, saying both opt-ins (no workflow can make the server's)
     monkeypatch.delenv("SDXLCN_ALLOW_PICKLE", raising=False)
-    msg = node.VALIDATE_INPUTS(lora_name=str(pt), allow_pickle=True)
-    assert isinstance(msg, str) and "SDXLCN_ALLOW_PICKLE=1" in msg and "style.pt" in msg
+    msg = node.VALIDATE_INPUTS(lora_name=str(pt))
+    assert isinstance(msg, str) and "refused by default" in msg and "SDXLCN_ALLOW_PICKLE=1" in msg and "style.pt" in msg
+    with pytest.raises(LoraError, match="SDXLCN_ALLOW_PICKLE=1"):  # the node's allow_pickle alone, when it runs
+        _allow_pickle(str(pt), str(pt), True)
     monkeypatch.setenv("SDXLCN_ALLOW_PICKLE", "1")
-    assert node.VALIDATE_INPUTS(lora_name=str(pt), allow_pickle=True) is True
+    assert node.VALIDATE_INPUTS(lora_name=str(pt)) is True  # read, or refused for allow_pickle off, when it runs
+    assert _allow_pickle(str(pt), str(pt), True) is True and _allow_pickle(str(pt), str(pt), False) is False
     assert "allow_pickle" in node.INPUT_TYPES()["optional"]
 
 

@@ -1,5 +1,5 @@
 """Checkpoint and ControlNet given the other way round: one line that says they look swapped, before any model
-loads, from the CLI and from the loader node's VALIDATE_INPUTS (issue 25 item 3). Folders and single files."""
+loads, from the CLI and from the loader node (issue 25 item 3). Folders and single files."""
 
 from __future__ import annotations
 
@@ -81,11 +81,14 @@ def test_cli_says_swapped_in_one_line_before_loading(tiny_models, single_files, 
     assert not (tmp_path / "out").exists()
 
 
-def test_loader_node_validate_inputs_says_swapped(tiny_models, single_files):
+def test_loader_node_says_swapped_before_loading(tiny_models, single_files, no_model_load):
+    """The node checks the files' kinds when it runs, before reading weights (its VALIDATE_INPUTS takes only the
+    device: ComfyUI pins a VALIDATE_INPUTS answer to each argument, so a swap would be reported twice)."""
     loader = NODE_CLASS_MAPPINGS["SDXLCNLoader"]
     ckpt, cn = str(single_files["checkpoint"]), str(single_files["controlnet"])
-    assert loader.VALIDATE_INPUTS(checkpoint=ckpt, controlnet=cn, device="cpu") is True
-    _assert_swapped_line(loader.VALIDATE_INPUTS(checkpoint=cn, controlnet=ckpt, device="cpu"), ckpt, cn)
+    with pytest.raises(ModelLoadError) as err:
+        loader().load(checkpoint=cn, controlnet=ckpt, device="cpu")
+    _assert_swapped_line(str(err.value), ckpt, cn)
 
 
 def test_other_wrong_pairs_keep_their_own_refusal(tiny_models, single_files, tmp_path):

@@ -1,0 +1,128 @@
+"""One error per mistake, on the input that is wrong, in a real ComfyUI server's `POST /prompt` answer (HTTP 400,
+`node_errors`) and in the run's error (skipped without COMFYUI_DIR).
+
+ComfyUI 0.8.0 (execution.py, validate_inputs) pins a VALIDATE_INPUTS answer to every argument the method takes, and
+checks the lists and ranges of the inputs it does not take itself, each on its own: these tests read the shape of
+what the server answers, never our own messages' wording alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, running_comfyui
+
+pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
+
+CANNY, LOADER, LORA = "2", "3", "9"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_models):
+    files = tmp_path_factory.mktemp("files")
+    junk = files / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    pickle = files / "style_pickle.pt"
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, pickle)
+    models = {"diffusers": {"tiny-sdxl": tiny_models["checkpoint"]},
+              "controlnet": {"tiny-controlnet-canny": tiny_models["controlnet"]},
+              # a ControlNet's weights where a base checkpoint goes: listed, so only its header can tell
+              "checkpoints": {"controlnet_not_a_base.safetensors":
+                              tiny_models["controlnet"] / "diffusion_pytorch_model.safetensors"},
+              "loras": {"junk.safetensors": junk, "style_pickle.pt": pickle}}
+    with running_comfyui(tmp_path_factory.mktemp("comfyui-base"), models,
+                         env={"SDXLCN_ALLOW_PICKLE": None}) as s:
+        yield s
+
+
+def workflow(lora_name=None):
+    wf = json.loads((ROOT / "workflows" / "api" / "sdxl_controlnet_img2img_tiny.json").read_text())
+    if lora_name is not None:
+        wf[LORA] = {"class_type": "SDXLCNLoraLoader",
+                    "inputs": {"pipeline": [LOADER, 0], "lora_name": lora_name, "strength": 1.0, "allow_pickle": True}}
+        wf["4"]["inputs"]["pipeline"] = [LORA, 0]
+    return wf
+
+
+def refused(server, wf) -> dict:
+    """{node id: sorted [(error type, input name), ...]} of a /prompt that must be refused (ComfyUI walks a node's
+    inputs as a set: their order varies), and the raw errors."""
+    status, body = server.post("/prompt", {"prompt": wf})
+    assert status == 400, body
+    errors = body["node_errors"]
+    return {nid: sorted((e["type"], e["extra_info"].get("input_name")) for e in entry["errors"])
+            for nid, entry in errors.items()}, errors
+
+
+def details(errors, nid) -> str:
+    return "\n".join(e["details"] for e in errors[nid]["errors"])
+
+
+def test_every_mistake_in_one_answer_each_once_on_its_own_input(server):
+    """A shared workflow whose models are absent, a bad LoRA file and a threshold out of range: one answer names
+    each of them once, on its own input (before: the checkpoint four times, on checkpoint, controlnet, device and
+    vae, the ControlNet only on the next try, the LoRA twice, the threshold five times)."""
+    wf = workflow("junk.safetensors")
+    wf[LOADER]["inputs"].update(checkpoint="sd_xl_base_1.0.safetensors", controlnet="controlnet-canny-sdxl-1.0",
+                                vae="sdxl_vae.safetensors")
+    wf[CANNY]["inputs"]["low_threshold"] = 300
+    shape, errors = refused(server, wf)
+    assert shape == {LOADER: [("value_not_in_list", "checkpoint"), ("value_not_in_list", "controlnet"),
+                              ("value_not_in_list", "vae")],  # sorted
+                     LORA: [("custom_validation_failed", "lora_name")],
+                     CANNY: [("value_bigger_than_max", "low_threshold")]}, errors
+    loader = details(errors, LOADER)
+    assert "sd_xl_base_1.0.safetensors" in loader and "controlnet-canny-sdxl-1.0" in loader
+    assert "junk.safetensors" in details(errors, LORA) and "not a readable safetensors" in details(errors, LORA)
+
+
+def test_one_missing_model_is_one_error(server):
+    wf = workflow()
+    wf[LOADER]["inputs"]["controlnet"] = "controlnet-canny-sdxl-1.0"
+    shape, errors = refused(server, wf)
+    assert shape == {LOADER: [("value_not_in_list", "controlnet")]}, errors
+
+
+def test_an_unusable_device_is_one_error_on_device(server):
+    wf = workflow()
+    wf[LOADER]["inputs"]["device"] = "mps"  # never available on Linux; a saved workflow keeps any device it names
+    shape, errors = refused(server, wf)
+    assert shape == {LOADER: [("custom_validation_failed", "device")]}, errors
+    assert "device: mps was asked for" in details(errors, LOADER)
+
+
+@pytest.mark.parametrize("lora", ["missing.safetensors", "style_pickle.pt"])
+def test_a_missing_or_refused_lora_is_one_error_on_lora_name(server, lora):
+    shape, errors = refused(server, workflow(lora))
+    assert shape == {LORA: [("custom_validation_failed", "lora_name")]}, errors
+    text = details(errors, LORA)
+    assert lora in text
+    if lora.endswith(".pt"):  # the node's allow_pickle is on: the server's own opt-in is what is missing
+        assert "SDXLCN_ALLOW_PICKLE=1" in text and "refused by default" in text
+
+
+def _run_error(server, wf) -> list[dict]:
+    entry = server.wait_history(server.queue_prompt(wf))
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    return [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+
+
+def test_thresholds_the_wrong_way_round_are_one_error(server):
+    """Comparing two inputs cannot be one error at /prompt (VALIDATE_INPUTS would need both as arguments and would be
+    pinned to both): the node refuses it when it runs, once."""
+    wf = workflow()
+    wf[CANNY]["inputs"].update(low_threshold=200, high_threshold=100)
+    runs = _run_error(server, wf)
+    assert len(runs) == 1 and runs[0]["node_id"] == CANNY, runs
+    assert "low_threshold (200) is above high_threshold (100)" in runs[0]["exception_message"]
+
+
+def test_a_file_of_the_wrong_kind_is_one_error(server):
+    wf = workflow()
+    wf[LOADER]["inputs"]["checkpoint"] = "controlnet_not_a_base.safetensors"
+    runs = _run_error(server, wf)
+    assert len(runs) == 1 and runs[0]["node_id"] == LOADER, runs
+    message = runs[0]["exception_message"]
+    assert message.startswith("checkpoint: ") and "ControlNet" in message, message
