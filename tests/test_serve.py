@@ -212,7 +212,8 @@ def test_an_optional_model_the_server_lacks_is_refused_with_a_hint_it_can_follow
         server.stop_all()
 
 
-def test_cancel_restart_and_webhook(tmp_path, tiny_pipe):
+def test_cancel_restart_and_webhook(tmp_path, tiny_pipe, monkeypatch):
+    monkeypatch.setenv("SDXLCN_SERVE_ALLOW_INTERNAL_URLS", "127.0.0.1")  # the receiver is on this machine
     received, got = [], threading.Event()
 
     class Receiver(BaseHTTPRequestHandler):

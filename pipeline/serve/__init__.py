@@ -9,6 +9,7 @@ result, in fal's shapes, so fal's own clients (the JS ``@fal-ai/client`` through
 - :mod:`.store` the queue and the results in SQLite and files next to it (a restart loses nothing accepted);
 - :mod:`.app` the HTTP handling, independent of the web framework (stdlib here, aiohttp inside ComfyUI);
 - :mod:`.worker` one worker per device running the local pipeline; :mod:`.webhook` fal's webhook delivery;
+- :mod:`.fetch` what the server itself fetches and posts (image URLs, webhooks): nothing inside the network;
 - :mod:`.httpd` the stand-alone server and ``serve`` on the command line.
 
 Nothing here imports ComfyUI; ``nodes/serve_routes.py`` mounts :class:`.app.ServeApp` on ComfyUI's server.

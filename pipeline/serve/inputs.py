@@ -1,8 +1,10 @@
 """A submitted body, checked the way fal checks it, before anything is queued: HTTP 422 naming the field otherwise.
 
-Image fields take what fal takes from an API client: an ``http(s)`` URL (downloaded now, with a size and time cap) or
-a ``data:`` URI. Local paths and ``file://`` URLs are refused: nothing from a request reaches a file path on the
-server. LoRAs are refused for the same reason (a request cannot make the server load files or code).
+Image fields take what fal takes from an API client: an ``http(s)`` URL (downloaded now through :mod:`.fetch`: no
+address inside the network, a size cap and one deadline for the whole download) or a ``data:`` URI. Local paths and
+``file://`` URLs are refused: nothing from a request reaches a file path on the server. LoRAs are refused for the same
+reason (a request cannot make the server load files or code). An image's size is read from its header and refused
+before it is decoded.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import binascii
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ImageInputError, RequestError
-from ..images import decode_image, download
+from ..images import decode_image, redact_url
 from ..request import GenerationRequest
 from ..sizes import target_size
+from . import fetch
 from .protocol import HttpError, invalid
 from .store import INPUT_NAMES
 
@@ -27,7 +30,8 @@ class Limits:
     max_body_bytes: int = 64 * 1024 * 1024  # a request body (data URIs included)
     max_image_bytes: int = 32 * 1024 * 1024  # one input image, decoded or downloaded
     max_input_pixels: int = 6144 * 6144  # one input image's pixels (checked before it is decoded)
-    download_timeout_s: float = 30.0
+    download_timeout_s: float = 30.0  # one image's whole download, redirects included
+    outbound: fetch.Policy = field(default_factory=fetch.Policy.from_env)  # internal addresses image URLs may reach
     max_waiting: int = 100  # waiting requests; more is answered with 429
     sync_wait_s: float = 600.0  # how long a synchronous run waits for its result
 
@@ -63,12 +67,28 @@ def _image_bytes(name: str, value: str, limits: Limits) -> bytes:
         except (binascii.Error, ValueError):
             raise invalid(["body", name], "is a data: URI whose base64 data is invalid") from None
     if low.startswith(("http://", "https://")):
-        try:
-            return download(value, name, max_bytes=limits.max_image_bytes, timeout=limits.download_timeout_s)
-        except ImageInputError as exc:
-            raise invalid(["body", name], _message(exc)) from None
+        return download(name, value, limits)
     raise invalid(["body", name], "must be an http(s) URL or a data: URI (base64); this server opens no files, so "
                                   "local paths and file:// URLs are refused")
+
+
+def download(name: str, url: str, limits: Limits) -> bytes:
+    """An image URL's bytes (:mod:`.fetch`'s rules); 422 naming the field otherwise."""
+    try:
+        status, data = fetch.request(url, max_bytes=limits.max_image_bytes, timeout_s=limits.download_timeout_s,
+                                     policy=limits.outbound)
+    except fetch.FetchError as exc:
+        raise invalid(["body", name], f"{_shown(url)} {exc}") from None
+    if status != 200:
+        raise invalid(["body", name], f"downloading {_shown(url)} failed with HTTP {status}; check the URL")
+    return data
+
+
+def _shown(url: str) -> str:
+    try:
+        return redact_url(url)[:200]
+    except ValueError:
+        return "the URL"
 
 
 def check_image(name: str, data: bytes, limits: Limits):
@@ -89,11 +109,21 @@ def check_image(name: str, data: bytes, limits: Limits):
         raise invalid(["body", name], _message(exc)) from None
 
 
-def check_webhook(url: str | None) -> str | None:
+def check_webhook(url: str | None, policy: fetch.Policy | None = None) -> str | None:
+    """``fal_webhook``: an http(s) URL whose host is outside the network (checked again at each delivery)."""
     if url is None:
         return None
+    loc = ["query", "fal_webhook"]
     if not url.lower().startswith(("http://", "https://")) or len(url) > 2048:
-        raise invalid(["query", "fal_webhook"], "must be an http(s) URL (at most 2048 characters)")
+        raise invalid(loc, "must be an http(s) URL (at most 2048 characters)")
+    try:
+        parts = fetch.split(url)
+        with fetch.Deadline(5.0) as deadline:
+            fetch.resolve(parts.hostname, parts.port or 443, deadline, policy or fetch.Policy.from_env())
+    except fetch.Refused as exc:
+        raise invalid(loc, f"{_shown(url)} {exc}") from None
+    except fetch.FetchError:
+        pass  # a name that does not resolve now may resolve at delivery, which checks again
     return url
 
 

@@ -84,7 +84,8 @@ before(async () => {
   const data = fs.mkdtempSync(path.join(os.tmpdir(), "sdxlcn-js-serve-"));
   serve = spawn(PYTHON, ["-m", "sdxl_controlnet_img2img", "serve", "--checkpoint", paths.checkpoint, "--controlnet",
     paths.controlnet, "--port", String(port), "--device", "cpu", "--dtype", "fp32", "--data-dir", data],
-  { cwd: ROOT, env: { ...process.env, HF_HUB_OFFLINE: "1", TRANSFORMERS_OFFLINE: "1", SDXLCN_SERVE_KEY: KEY } });
+  { cwd: ROOT, env: { ...process.env, HF_HUB_OFFLINE: "1", TRANSFORMERS_OFFLINE: "1", SDXLCN_SERVE_KEY: KEY,
+    SDXLCN_SERVE_ALLOW_INTERNAL_URLS: "127.0.0.1" } }); // the webhook receiver is on this machine
   serve.stderr.on("data", (d) => { serveLog += d; });
   await withDeadline(new Promise((resolve, reject) => {
     let out = "";
