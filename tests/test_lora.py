@@ -352,3 +352,24 @@ def test_adapters_beyond_the_active_set_are_bounded(tiny_models, tmp_path, count
     assert len(count_reads) == reads + 1
     activate(own, [LoraSpec(str(paths[-1]), 1.0)])  # still kept: no read
     assert len(count_reads) == reads + 1
+
+
+def test_a_lora_load_takes_its_turn_with_model_loads(pipe, lora_files, tmp_path):
+    """peft builds a LoRA's layers under accelerate's init_empty_weights, a patch of torch for the whole process: a
+    LoRA loaded while another thread builds a model would cross it (tests/test_loading_threads.py). So it waits for
+    the load lock, as model loads do."""
+    from sdxl_controlnet_img2img.pipeline.local.load_lock import load_lock
+
+    done = threading.Event()
+    path = F.write(F.peft_state_dict(pipe, seed=7), tmp_path / "while_locked.safetensors")
+
+    def load():
+        load_lora(pipe, str(path))
+        done.set()
+
+    with load_lock():  # a model load in progress
+        t = threading.Thread(target=load)
+        t.start()
+        assert not done.wait(2.0), "the LoRA loaded while a model load held the lock"
+    assert done.wait(120), "the LoRA did not load once the lock was free"
+    t.join()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..request import LoraSpec
 from .lora_sources import LoraError, resolve_source
+from .load_lock import load_lock
 from .pickles import load_weights_only, refuse_unsafe_torch
 from .quiet import quiet_libraries
 
@@ -281,7 +282,7 @@ def load_lora(pipe, source: str, lora_dirs=None, allow_pickle: bool = False, **r
         log.warning("LoRA %r: loaded %d of %d layers; skipped %s", source, info.total - len(info.skipped), info.total, shown)
     adapter = "sdxlcn_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
     try:
-        with quiet_libraries():
+        with load_lock(), quiet_libraries():  # peft builds the adapter's layers under init_empty_weights
             pipe.load_lora_weights(sd, adapter_name=adapter)
     except (ValueError, RuntimeError, KeyError) as exc:
         _delete_adapter(pipe, adapter)

@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from .load_lock import load_lock
 from .memory import SingleModelCache
 
 SEED_MODULUS = 2**32  # Fooocus reduces seeds like this (numpy's seed limit); kept for the same seed -> same text
@@ -180,7 +181,8 @@ def _load(folder: Path, device: str, dtype) -> LocalPromptExpander:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        with load_lock():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"prompt expansion: could not load {folder}: {exc}") from exc
     model.to(device)

@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from .load_lock import load_lock
 from .memory import SingleModelCache
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -174,7 +175,8 @@ def _load(path, local: Path, device, dtype, allow_network: bool) -> LocalSafetyC
     if local.exists():
         model_dir, proc_dir = split_layout(local)
         try:
-            model = StableDiffusionSafetyChecker.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+            with load_lock():
+                model = StableDiffusionSafetyChecker.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
             if proc_dir is not None:
                 processor = _processor_class().from_pretrained(proc_dir, local_files_only=True)
             else:
@@ -187,8 +189,9 @@ def _load(path, local: Path, device, dtype, allow_network: bool) -> LocalSafetyC
         if "/" not in str(path) or str(path).startswith((".", "/", "~")):
             raise ModelLoadError(f"safety checker: {path} does not exist; give a folder or a hub id")
         try:
-            model = StableDiffusionSafetyChecker.from_pretrained(str(path), dtype=dtype,
-                                                                 local_files_only=not allow_network)
+            with load_lock():
+                model = StableDiffusionSafetyChecker.from_pretrained(str(path), dtype=dtype,
+                                                                     local_files_only=not allow_network)
             processor = _processor_class().from_pretrained(str(path), local_files_only=not allow_network)
         except Exception as exc:
             hint = "" if allow_network else " (looked in the local Hugging Face cache only; no download was attempted)"
