@@ -69,9 +69,22 @@ def _files_and_folders(name: str) -> list[str]:
     return files + folders
 
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _weights_only_folders(name: str) -> dict[str, str]:
+    """Folders holding a diffusers model's weights file but no config.json, by relative name -> that file: what the
+    shipped workflows' models lists download for ``controlnet-canny-sdxl-1.0`` (ComfyUI's frontend can list files,
+    not folders). The file loads as a single file, with the pack's own SDXL ControlNet config."""
+    found = _subfolders_with(name, DIFFUSERS_WEIGHTS)
+    return {rel: os.path.join(path, DIFFUSERS_WEIGHTS) for rel, path in found.items()
+            if not os.path.isfile(os.path.join(path, "config.json"))}
+
+
 def controlnet_choices() -> list[str]:
-    """ControlNet files and diffusers folders (with config.json) in models/controlnet."""
-    return _files_and_folders("controlnet")
+    """ControlNet files and diffusers folders (with config.json) in models/controlnet, then folders that hold only
+    the weights file (whose file stays listed too, as saved workflows may name it)."""
+    return _files_and_folders("controlnet") + sorted(_weights_only_folders("controlnet"))
 
 
 def vae_choices() -> list[str]:
@@ -94,6 +107,9 @@ def resolve(kind: str, name: str) -> str:
             found = _subfolders_with(folder_name, marker).get(name)
             if found:
                 return found
+        found = _weights_only_folders(folder).get(name) if kind == "controlnet" else None
+        if found:
+            return found
     where = {"checkpoint": "models/checkpoints (single files) or models/diffusers (diffusers folders)",
              "controlnet": "models/controlnet", "vae": "models/vae"}[kind]
     raise FileNotFoundError(f"{kind}: {name!r} was not found; put it in ComfyUI's {where} and refresh")

@@ -28,6 +28,30 @@ CORE = {
     "ControlNetLoader": ([], [("control_net_name", "")], [("CONTROL_NET", "CONTROL_NET")]),
 }
 
+# Where each model the shipped workflows name comes from: (Hugging Face repo, file in it). The UI workflows carry them
+# as ComfyUI's top-level "models" list, which its frontend (1.35) shows in its Missing Models dialog as
+# "directory / name" with a Download button when the file is absent; it takes files only (.safetensors/.sft) from
+# https://huggingface.co/ or civitai, so a direct /resolve/ link, never a /blob/ page.
+DOWNLOADS = {
+    "sd_xl_base_1.0.safetensors": ("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors"),
+    # the README's layout of diffusers/controlnet-canny-sdxl-1.0, its fp16 weights saved under the plain name; the
+    # loader reads the folder by this file alone (without config.json: the pack's own SDXL ControlNet config)
+    "controlnet-canny-sdxl-1.0/diffusion_pytorch_model.safetensors": (
+        "diffusers/controlnet-canny-sdxl-1.0", "diffusion_pytorch_model.fp16.safetensors"),
+    "pixel-art-xl.safetensors": ("nerijs/pixel-art-xl", "pixel-art-xl.safetensors"),
+    "sdxl_lightning_4step_lora.safetensors": ("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_lora.safetensors"),
+}
+# a value that names a diffusers folder -> the file the list names for it (the frontend cannot list a folder)
+FOLDER_WEIGHTS = {"controlnet-canny-sdxl-1.0": "controlnet-canny-sdxl-1.0/diffusion_pytorch_model.safetensors"}
+# the ComfyUI model folder each model-naming widget reads
+MODEL_WIDGETS = {
+    ("SDXLCNLoader", "checkpoint"): "checkpoints", ("SDXLCNLoader", "controlnet"): "controlnet",
+    ("SDXLCNLoader", "vae"): "vae", ("SDXLCNLoraLoader", "lora_name"): "loras",
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints", ("LoraLoader", "lora_name"): "loras",
+    ("ControlNetLoader", "control_net_name"): "controlnet",
+}
+EXAMPLE_LORA = "pixel-art-xl.safetensors"
+
 DEFAULT_REQUEST = {
     "prompt": "Ice fortress, aurora skies, polar wildlife, twilight",
     "negative_prompt": "cartoon, illustration, animation. face. male, female",
@@ -55,7 +79,24 @@ def node_io(type_name):
     return links, widgets, list(zip(names, cls.RETURN_TYPES))
 
 
-def build(nodes):
+def models_list(nodes):
+    """ComfyUI's "models" list ({name, url, directory}) for every model a node names, once each, in node order."""
+    models = []
+    for _, typ, values, _ in nodes:
+        for name, default in node_io(typ)[1]:
+            folder = MODEL_WIDGETS.get((typ, name))
+            value = values.get(name, default)
+            if folder is None or value in ("", "none"):
+                continue
+            file = FOLDER_WEIGHTS.get(value, value)
+            repo, path = DOWNLOADS[file]  # a shipped workflow names only models that can be downloaded
+            entry = {"name": file, "url": f"https://huggingface.co/{repo}/resolve/main/{path}", "directory": folder}
+            if entry not in models:
+                models.append(entry)
+    return models
+
+
+def build(nodes, with_models=True):
     """nodes: list of (id, type, {widget: value}, {input: (from_id, slot)}) -> (ui, api) workflow dicts."""
     api, ui_nodes, links = {}, [], []
     out_links = {}
@@ -98,6 +139,9 @@ def build(nodes):
         "nodes": ui_nodes, "links": links, "groups": [], "config": {},
         "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4,
     }
+    models = models_list(nodes) if with_models else []
+    if models:
+        ui["models"] = models
     return ui, api
 
 
@@ -145,7 +189,7 @@ def main(out_root: Path = ROOT):
     tiny = ("tiny-sdxl", "tiny-controlnet-canny")
     graphs = {
         "sdxl_controlnet_img2img": local_graph(*real),
-        "sdxl_controlnet_img2img_lora": local_graph(*real, lora="example_sdxl_lora.safetensors")
+        "sdxl_controlnet_img2img_lora": local_graph(*real, lora=EXAMPLE_LORA)
         if "SDXLCNLoraLoader" in NODE_CLASS_MAPPINGS else None,
         # a few-step LoRA (SDXL-Lightning 4-step) on its card's grid: Euler trailing at the 4 steps it was distilled
         # for (999/749/499/249); img2img at strength 0.95 runs the last int(4 x 0.95) = 3 (749/499/249); CFG 1
@@ -153,7 +197,7 @@ def main(out_root: Path = ROOT):
             *real, {"num_inference_steps": 4, "guidance_scale": 1.0, "scheduler": "euler_trailing"},
             lora="sdxl_lightning_4step_lora.safetensors"),
         "sdxl_controlnet_img2img_comfy_models": comfy_models_graph(
-            real[0], "controlnet-canny-sdxl-1.0/diffusion_pytorch_model.safetensors", "example_sdxl_lora.safetensors"),
+            real[0], FOLDER_WEIGHTS[real[1]], EXAMPLE_LORA),
         "sdxl_controlnet_img2img_fal": fal_graph() if "SDXLCNFalImg2Img" in NODE_CLASS_MAPPINGS else None,
         # tiny offline models, for tests and a quick check of an install (not a template: lives in a subfolder)
         "tiny/sdxl_controlnet_img2img_tiny": local_graph(*tiny, {"image_size": "custom", "width": 64, "height": 64}),
@@ -162,7 +206,7 @@ def main(out_root: Path = ROOT):
         if graph is None:
             print(f"skipped {name}: its node is not defined yet")
             continue
-        ui, api = build(graph)
+        ui, api = build(graph, with_models=not name.startswith("tiny/"))  # tiny models are made, not downloaded
         ui_path = out_root / "workflows" / f"{name}.json"
         api_path = out_root / "workflows" / "api" / f"{Path(name).name}.json"
         ui_path.parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,10 @@ def comfy(tmp_path_factory, tiny_models, fal_test_server):
         server = server_cm.__enter__()
     try:
         server.fal = fal_test_server
-        for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):
+        # the Missing Models dialog (the shipped workflows name real models this server lacks) would cover the
+        # graph: tests/test_browser_missing_models.py checks it; a missing node type still shows its own dialog
+        for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False),
+                               ("Comfy.Workflow.ShowMissingModelsWarning", False)):
             status, body = server.post(f"/api/settings/{setting}", value)
             assert status == 200, (setting, status, body)
         yield server

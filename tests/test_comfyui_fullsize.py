@@ -104,11 +104,12 @@ def test_the_comfy_models_workflow_keeps_one_copy_of_the_weights(tmp_path):
     the server right after ComfyUI's own graph on the same loaders: the server's memory stays within 10% of what
     ComfyUI itself holds for these models (its weights -- bf16 UNet/ControlNet with --bf16-unet, fp16 CLIP, fp32
     VAE -- plus its own LoRA backups and working memory): our node adds no second copy."""
-    lora = _fullsize_lora(tmp_path / "example_sdxl_lora.safetensors")
+    wf = json.loads((ROOT / "workflows" / "api" / "sdxl_controlnet_img2img_comfy_models.json").read_text())
+    lora_name = next(n["inputs"]["lora_name"] for n in wf.values() if n["class_type"] == "LoraLoader")
+    lora = _fullsize_lora(tmp_path / lora_name)  # random weights under the name the workflow gives
     cn_name = "controlnet-canny-sdxl-1.0/diffusion_pytorch_model.safetensors"
     models = {"checkpoints": {"sd_xl_base_1.0.safetensors": FULLSIZE / BASE},
               "controlnet": {cn_name: FULLSIZE / CONTROLNET}, "loras": {lora.name: lora}}
-    wf = json.loads((ROOT / "workflows" / "api" / "sdxl_controlnet_img2img_comfy_models.json").read_text())
     for node in wf.values():
         if node["class_type"] == "SDXLCNImg2Img":
             node["inputs"].update(num_inference_steps=2, strength=1.0, image_size="custom", width=256, height=256)

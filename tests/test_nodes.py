@@ -242,6 +242,42 @@ def test_a_diffusers_controlnet_folder_is_listed_once(tmp_path, monkeypatch):
     assert model_folders.controlnet_choices() == ["single.safetensors", "canny-sdxl"]
 
 
+def test_a_controlnet_folder_with_only_its_weights_file_is_listed_and_loads_as_that_file(tmp_path, monkeypatch):
+    """What the shipped workflows' models list downloads for controlnet-canny-sdxl-1.0 (ComfyUI's Missing Models
+    dialog lists files, not folders): the folder with diffusion_pytorch_model.safetensors and no config.json. The
+    workflows name the folder; it resolves to the file (read with the pack's SDXL ControlNet config). The file keeps
+    its own entry, as saved workflows may name it."""
+    import os
+    import types
+
+    from sdxl_controlnet_img2img.nodes import comfy_hooks, model_folders
+
+    root = tmp_path / "controlnet"
+    (root / "controlnet-canny-sdxl-1.0").mkdir(parents=True)
+    weights = root / "controlnet-canny-sdxl-1.0" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"x")
+    (root / "with-config").mkdir()
+    (root / "with-config" / "config.json").write_text("{}")
+    (root / "with-config" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+
+    def filenames(name):
+        return sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+                      for d, _, fs in os.walk(root) for f in fs if f.endswith(".safetensors"))
+
+    def full_path(name, filename):
+        path = root / filename
+        return str(path) if path.is_file() else None
+
+    fake = types.SimpleNamespace(get_folder_paths=lambda name: [str(root)], get_filename_list=filenames,
+                                 get_full_path=full_path)
+    monkeypatch.setattr(model_folders, "folder_paths", lambda: fake)
+    monkeypatch.setattr(comfy_hooks, "folder_paths", lambda: fake)
+    assert model_folders.controlnet_choices() == [
+        "controlnet-canny-sdxl-1.0/diffusion_pytorch_model.safetensors", "with-config", "controlnet-canny-sdxl-1.0"]
+    assert model_folders.resolve("controlnet", "controlnet-canny-sdxl-1.0") == str(weights)
+    assert model_folders.resolve("controlnet", "with-config") == str(root / "with-config")
+
+
 def test_pickles_are_refused_on_a_torch_whose_weights_only_is_unsafe():
     from sdxl_controlnet_img2img.pipeline.local.pickles import refuse_unsafe_torch
 
