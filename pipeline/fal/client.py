@@ -25,7 +25,16 @@ from typing import Callable
 from .. import request_log
 from ..request import GenerationRequest
 from ..result import GenerationResult
-from .errors import FalBatchIncomplete, FalCancelled, FalError, FalRequestFailed, FalTimeout, FalValidationError
+from ..errors import SDXLCNError
+from .errors import (
+    FalBatchIncomplete,
+    FalCancelled,
+    FalError,
+    FalRequestFailed,
+    FalTimeout,
+    FalUnexpectedAnswer,
+    FalValidationError,
+)
 from .files import decode_result, fal_arguments, prepare_image
 from .key import redact, resolve_key
 from .settings import DEFAULT_TIMEOUT_S, ENDPOINT, CancelCheck, FalSettings, FalStatus, StatusCallback, log
@@ -66,8 +75,8 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
     t_wait = time.perf_counter()
     try:
         while True:
-            status = call_with_retries(waiter, lambda: handle.status(with_logs=True), "polling the status",
-                                        settings, request_id, recovery=lambda _rid: recover)
+            status = call_with_retries(waiter, lambda: _status(handle), "polling the status", settings, request_id,
+                                        recovery=lambda _rid: recover)
             logs = getattr(status, "logs", None) or []
             new = [redact(entry.get("message", entry) if isinstance(entry, dict) else entry) for entry in logs[seen_logs:]]
             seen_logs = max(seen_logs, len(logs))
@@ -91,10 +100,10 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
             waiter.sleep(settings.poll_interval_s)
         timings["fal_wait"] = time.perf_counter() - t_wait
         t = time.perf_counter()
-        data = call_with_retries(waiter, lambda: handle.get(),  # called once fal reports COMPLETED: nothing left to poll
+        data = call_with_retries(waiter, handle.get,  # once fal reports COMPLETED: nothing left to poll
                                   "fetching the result", settings, request_id, recovery=lambda _rid: recover)
         timings["fetch"] = time.perf_counter() - t
-        result = decode_result(data, request, request_id, settings, timings)
+        result = _decoded(data, request, request_id, settings, timings, recover)
     except Cancelled:
         if not cancel_on_stop:  # the user stopped waiting for a result: the request stays theirs, and pending
             raise FalCancelled(f"stopped waiting for fal request {request_id}; it was not cancelled on fal. {recover}",
@@ -112,6 +121,33 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
     if record_completed:
         request_log.record(request_log_dir, "completed", request_id, endpoint=endpoint)
     return result
+
+
+def _status(handle):
+    """fal's status of ``handle`` (fal-client parses it), in the shapes the wait above uses: a queue position that is
+    a number, logs that are a list; anything else is a garbled answer (``ValueError``: retried, see
+    :func:`.transport.call_with_retries`)."""
+    status = handle.status(with_logs=True)
+    logs = getattr(status, "logs", None)
+    if logs is not None and not isinstance(logs, list):
+        raise ValueError(f"its logs are {type(logs).__name__}, not a list")
+    pos = getattr(status, "position", None)
+    if pos is not None and (isinstance(pos, bool) or not isinstance(pos, int)):
+        raise ValueError(f"its queue_position is {str(pos)[:40]!r}, not a number")
+    return status
+
+
+def _decoded(data, request, request_id: str, settings: FalSettings, timings: dict, recover: str) -> GenerationResult:
+    """:func:`.files.decode_result`, a result with fields of another kind (a seed that is no number) as the pack's
+    error naming the id, which stays pending (the result is paid for; fal keeps it a while): ``recover`` says how to
+    fetch it again."""
+    try:
+        return decode_result(data, request, request_id, settings, timings)
+    except SDXLCNError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise FalUnexpectedAnswer(f"fal's result for request {request_id} could not be read ({type(exc).__name__}: "
+                                  f"{redact(exc)[:200]}). {recover}", None, request_id) from None
 
 
 def _cancel(handle, settings: FalSettings, recover: str) -> tuple[str, str]:

@@ -48,6 +48,11 @@ class FalServerError(FalError):
         super().__init__(message, request_id)
 
 
+class FalUnexpectedAnswer(FalServerError):
+    """An answer that is not fal's queue protocol, still after the allowed retries: a body that is not JSON, cannot be
+    decoded or lacks fields fal always sends, a status fal does not have, a redirect of a submission."""
+
+
 class FalTimeout(FalError, TimeoutError):
     """Waiting for fal took longer than allowed. The request may still finish: fetch it by id."""
 

@@ -5,10 +5,13 @@ that polls for cancel and a deadline while each call runs.
 timeout (also one that comes while the answer's body is read, after fal accepted the submission) and HTTP 408/409/429.
 The client built here gives it an HTTP transport that caps every HTTP call's timeout, reads each answer's body itself
 and hands every failure fal-client would retry (those answers, 5xx, dropped or refused connections, timeouts, a body
-cut off or stalled after the headers, and a 2xx answer of fal's queue that is not the JSON fal-client parses) to
-:func:`call_with_retries`, a bounded retry with backoff (:class:`~.settings.FalSettings`). A submit is re-sent only
-when nothing reached fal (refused connection, 429, 5xx answers without fal's id), so a retry never pays twice. Every
-HTTP call runs in a worker thread while the caller's ``cancel_check`` is polled every 50 ms (:class:`Waiter`).
+cut off, stalled or not decodable after the headers) to :func:`call_with_retries`, a bounded retry with backoff
+(:class:`~.settings.FalSettings`). Answers are checked by what the call is, never by the URL they came from: a
+submit's answer must be the JSON fal-client parses, and a submit never follows a redirect (fal's queue API does not
+redirect one; following would send the body again, maybe elsewhere); a status poll, result or upload fal-client
+cannot parse is retried (:func:`_parsed`). A submit is re-sent only when nothing reached fal (refused connection, 429,
+5xx answers without fal's id), so a retry never pays twice. Every HTTP call runs in a worker thread while the caller's
+``cancel_check`` is polled every 50 ms (:class:`Waiter`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 
+from ..errors import SDXLCNError
 from ..request_log import fetch_command
 from .errors import (
     FalAuthError,
@@ -25,18 +29,25 @@ from .errors import (
     FalRequestFailed,
     FalServerError,
     FalTimeout,
+    FalUnexpectedAnswer,
     FalValidationError,
 )
 from .key import redact
-from .settings import CancelCheck, FalSettings, FalStatus, StatusCallback, log
+from .settings import ENDPOINT_URL_ENV, CancelCheck, FalSettings, FalStatus, StatusCallback, log
 
 
 def received_by_fal(response) -> str | None:
     """The request id when fal itself answered (so a submit reached it and may be billed), else None.
 
     fal-client's own rule (``_maybe_retry_request``): only a 5xx *without* an ``x-fal-request-id`` header is an
-    ingress error, one that never reached fal and may be sent again. A 429 is a refusal (nothing was queued), so
-    it is retried too. fal-client has no public function for this test; it is written once, here.
+    ingress error, one that never reached fal and may be sent again. fal-client has no public function for this
+    test; it is written once, here.
+
+    A 429 is a refusal, whatever its headers, so a submit answered 429 is sent again: fal-client re-sends every 429
+    (``RETRY_CODES``, a submit included, without looking at ``x-fal-request-id``), and fal's docs say a queue
+    submission is never turned away for concurrency: it waits in the queue instead ("Requests are never rejected due
+    to concurrency limits", docs.fal.ai, model-apis/concurrency-limits). A 429 on the submit is the gateway refusing
+    before anything is queued. Should fal ever queue a request it answers 429, this is the line to change.
     """
     if response.status_code == 429:
         return None
@@ -53,11 +64,13 @@ class Transient(Exception):
     """A failure worth retrying: raised from the transport so fal-client's own retry loop passes it up."""
 
     def __init__(self, kind: str, message: str, status_code: int | None = None, sent: bool = True,
-                 request_id: str | None = None):
-        self.kind = kind  # "http", "timeout", "connection", "answer" (a 2xx body fal-client cannot parse)
+                 request_id: str | None = None, retry: bool = True):
+        # "http", "timeout", "connection", "answer" (a body fal-client cannot parse), "redirect" (a submit's 3xx)
+        self.kind = kind
         self.status_code = status_code
         self.sent = sent  # whether the request may have reached fal
         self.request_id = request_id  # fal's id for it, when fal answered
+        self.retry = retry  # False: the same answer would come again (nothing is sent again)
         super().__init__(message)
 
 
@@ -71,23 +84,38 @@ def detail_text(body) -> str:
     return str(body)
 
 
-def _queue_call(url: str, method: str) -> str | None:
-    """"submit" or "queue" for a URL of fal's queue that fal-client built (before any redirect), else None."""
-    import fal_client.client as fc
-
-    if not url.startswith(fc.QUEUE_URL_FORMAT):
-        return None
-    return "submit" if method == "POST" and "/requests/" not in url else "queue"
-
-
 SUBMIT_ANSWER_KEYS = ("request_id", "response_url", "status_url", "cancel_url")  # what fal-client's submit reads
 
+# what the HTTP call the transport now sees is for, set by the thread that makes it (fal-client's calls run in the
+# thread that calls them): the transport checks a submission's answer as one whatever URL it went to
+_calling = threading.local()
 
-def check_answer(call: str | None, response) -> None:
-    """A 2xx answer of fal's queue must be the JSON fal-client parses (a submit's: an object with the request id and
-    its URLs); anything else (an HTML page from a proxy) is a :class:`Transient` here, never a raw ``ValueError`` or
-    ``KeyError`` out of fal-client after fal accepted the submission."""
-    if call is None or not 200 <= response.status_code < 300:
+
+def _as_submit(fn):
+    """``fn`` (fal-client's submit) with its POST known to the transport as a submission."""
+
+    def run():
+        _calling.submit = True
+        try:
+            return fn()
+        finally:
+            _calling.submit = False
+
+    return run
+
+
+def check_submit_answer(response) -> None:
+    """A submit's 2xx answer must be the JSON fal-client parses (an object with the request id and its URLs);
+    anything else (an HTML page from a proxy) is a :class:`Transient` here, never a raw ``ValueError`` or
+    ``KeyError`` out of fal-client after fal accepted the submission. A 3xx is never followed: fal's queue does not
+    redirect a submission, and following re-sends the body (a second bill), maybe to another host."""
+    code = response.status_code
+    rid = response.headers.get("x-fal-request-id") or None
+    if 300 <= code < 400:
+        where = redact(response.headers.get("location", "nowhere"))[:200]
+        raise Transient("redirect", f"HTTP {code} to {where}", status_code=code, sent=rid is not None,
+                        request_id=rid, retry=False)
+    if not 200 <= code < 300:
         return
     import json
 
@@ -98,16 +126,34 @@ def check_answer(call: str | None, response) -> None:
         problem = "is not JSON"
     else:
         problem = None
-    if call == "submit" and problem is None and not (
+    if problem is None and not (
             isinstance(body, dict) and all(isinstance(body.get(k), str) for k in SUBMIT_ANSWER_KEYS)):
         problem = f"lacks {', '.join(SUBMIT_ANSWER_KEYS)}"
     if problem is None:
         return
     ctype = response.headers.get("content-type", "no content type")
     shown = response.content[:120].decode("utf-8", "replace")
-    rid = response.headers.get("x-fal-request-id") or (body.get("request_id") if isinstance(body, dict) else None)
-    raise Transient("answer", f"fal's answer (HTTP {response.status_code}, {ctype}) {problem}: {shown!r}",
-                    status_code=response.status_code, sent=True, request_id=rid if isinstance(rid, str) else None)
+    rid = rid or (body.get("request_id") if isinstance(body, dict) else None)
+    raise Transient("answer", f"fal's answer (HTTP {code}, {ctype}) {problem}: {shown!r}",
+                    status_code=code, sent=True, request_id=rid if isinstance(rid, str) else None)
+
+
+def _parsed(fn):
+    """``fn`` (a fal-client call that starts nothing on fal: a status poll, a result fetch, an upload) with an answer
+    it cannot parse (not JSON, a field missing or of another kind, an unknown status, a redirect loop) as a
+    :class:`Transient`, retried like any other broken answer, wherever the answer came from."""
+    import httpx
+
+    def run():
+        try:
+            return fn()
+        except SDXLCNError:
+            raise
+        except (ValueError, KeyError, TypeError, httpx.HTTPError) as exc:
+            raise Transient("answer", f"fal-client could not parse it ({type(exc).__name__}: {str(exc)[:200]})",
+                            sent=True) from None
+
+    return run
 
 
 def read_body(response, cap: float) -> None:
@@ -129,6 +175,10 @@ def read_body(response, cap: float) -> None:
         raise Transient("connection", f"the answer (HTTP {code}) was cut off after its headers "
                                       f"({type(exc).__name__}: {exc})", status_code=code, sent=sent,
                         request_id=rid) from None
+    except httpx.DecodingError as exc:  # not a TransportError: fal-client would pass it on raw, the id lost
+        coding = response.headers.get("content-encoding", "none")
+        raise Transient("answer", f"the answer (HTTP {code}) could not be decoded as its Content-Encoding "
+                                  f"({coding}) says ({exc})", status_code=code, sent=sent, request_id=rid) from None
     finally:
         response.close()
 
@@ -150,7 +200,7 @@ def make_transport(settings: FalSettings):
     class BoundedTransport(httpx.BaseTransport):
         def handle_request(self, request):
             cap = settings.http_timeout_s
-            call = _queue_call(str(request.url), request.method)
+            submit = request.method == "POST" and getattr(_calling, "submit", False)
             t = dict(request.extensions.get("timeout") or {})
             for k in ("connect", "read", "write", "pool"):
                 v = t.get(k)
@@ -182,7 +232,8 @@ def make_transport(settings: FalSettings):
                 received = received_by_fal(response)
                 raise Transient("http", text.strip(), status_code=response.status_code, sent=may_be_accepted(response),
                                 request_id=received)
-            check_answer(call, response)
+            if submit:
+                check_submit_answer(response)
             return response
 
         def close(self):
@@ -206,6 +257,9 @@ def make_client(key: str, settings: FalSettings):
                     headers={"Authorization": self._auth.header_value, "User-Agent": getattr(
                         fal_client.client, "USER_AGENT", "fal-client (python)")},
                     timeout=settings.http_timeout_s,
+                    # as fal-client's own client: a poll, result or upload may follow a redirect (it starts nothing
+                    # on fal; httpx drops the key when it leaves the host); a submit never does (the transport
+                    # stops it: check_submit_answer), and every answer is checked by its call, not its URL
                     follow_redirects=True,
                 )
                 self.__dict__["_sdxlcn_http"] = c
@@ -339,19 +393,25 @@ def call_with_retries(waiter: Waiter, fn, what: str, settings: FalSettings, requ
                        submit: bool = False, on_keep=None, recovery=None):
     """``fn`` with retries of transient failures. A submit is never abandoned while in flight (see
     :meth:`Waiter.call`); once a stop came (:attr:`Waiter.stopped`) it is not sent again: a failure that never reached
-    fal raises the stop, a success returns the handle for the caller to record and cancel. ``recovery(request_id)``
-    says how to fetch a request that failed here later (a submit's keeps the id fal gave first)."""
+    fal raises the stop, a success returns the handle for the caller to record and cancel. Any other call's answer
+    that fal-client cannot parse is retried (:func:`_parsed`). ``recovery(request_id)`` says how to fetch a request
+    that failed here later (a submit's keeps the id fal gave first)."""
     import fal_client
+    import httpx
 
     attempt = 0
     keep_s = settings.submit_answer_s if submit else None
+    run = _as_submit(fn) if submit else _parsed(fn)
     while True:
         try:
-            return waiter.call(fn, keep_s=keep_s, on_keep=on_keep)
+            try:
+                return waiter.call(run, keep_s=keep_s, on_keep=on_keep)
+            except httpx.HTTPError as exc:  # a submit's the transport did not make a Transient: may have reached fal
+                raise Transient("answer", f"{type(exc).__name__}: {exc}", sent=True) from None
         except fal_client.FalClientHTTPError as exc:
             raise http_error(exc, what, request_id) from None
         except Transient as exc:
-            retryable = not (submit and exc.sent)
+            retryable = exc.retry and not (submit and exc.sent)
             if retryable and waiter.stopped is not None:
                 raise waiter.stopped from None  # fal never got it: stop now, nothing to recover
             if retryable and attempt < settings.max_retries:
@@ -380,18 +440,33 @@ def transient_error(exc: Transient, what: str, retries: int, request_id: str | N
         else:
             note = (" It may have reached fal (check https://fal.ai/dashboard/requests): it was not sent again (that "
                     "would be billed twice).")
-        cls = {"timeout": FalTimeout, "connection": FalConnectionError}.get(exc.kind)
+        cls = {"timeout": FalTimeout, "connection": FalConnectionError, "answer": FalUnexpectedAnswer,
+               "redirect": FalUnexpectedAnswer}.get(exc.kind)
         head = {"http": f"fal received the submission but answered HTTP {exc.status_code}{tried}{rid}: {text}.",
                 "answer": f"fal's answer to the submission{rid} could not be read: {text}.",
+                "redirect": f"fal answered the submission{rid} with a redirect ({text}), which fal's queue never "
+                            "sends for a submission: it was not followed.",
                 "timeout": f"fal did not answer the submission in time{rid}: {text}."}.get(
             exc.kind, f"the connection to fal broke during the submission{rid}: {text}.")
         if cls is None:
             return FalServerError(head + note, exc.status_code, request_id)
+        if issubclass(cls, FalServerError):
+            return cls(head + note, exc.status_code, request_id)
         return cls(head + note, request_id)
+    if exc.kind == "redirect":  # a submit's, without fal's id: fal did not answer it
+        return FalUnexpectedAnswer(
+            f"the submission was answered with a redirect ({text}) that carries no fal request id: fal's queue never "
+            f"redirects a submission, so something between this machine and fal answered it (a proxy, a captive "
+            f"portal, or a wrong {ENDPOINT_URL_ENV}). It was not followed (that would send the request, and your "
+            f"key, elsewhere) and not sent again; nothing reached fal. Check the network and {ENDPOINT_URL_ENV}.",
+            exc.status_code)
+    if exc.kind == "answer":
+        return FalUnexpectedAnswer(f"fal's answer could not be read{tried} while {what}{rid}: {text}."
+                                   f"{recover or ' Try again later.'}", exc.status_code, request_id)
     if exc.kind == "http" and exc.status_code == 429:
         return FalRateLimited(f"fal is rate-limiting this key (HTTP 429){tried} while {what}{rid}: {text}. "
                               f"Lower the concurrency or try again later.{recover}", request_id)
-    if exc.kind in ("http", "answer"):
+    if exc.kind == "http":
         return FalServerError(f"fal had a server error (HTTP {exc.status_code}){tried} while {what}{rid}: {text}. "
                               f"Try again later.{recover}", exc.status_code, request_id)
     if exc.kind == "timeout":
