@@ -180,14 +180,15 @@ def _png_data_uri() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.mark.parametrize("answer", [json_answer({"images": [{"url": _png_data_uri()}], "seed": "abc"}), HTML_PAGE],
-                         ids=["seed-not-a-number", "html-page"])
+@pytest.mark.parametrize("answer", [json_answer({"images": [{"url": _png_data_uri()}], "seed": "abc"}), HTML_PAGE,
+                                    json_answer({"images": {"url": _png_data_uri()}, "seed": 1})],
+                         ids=["seed-not-a-number", "html-page", "images-not-a-list"])
 def test_a_result_that_cannot_be_read_is_the_packs_error_and_the_id_stays_pending(fal, tmp_path, monkeypatch, answer):
     install(fal, monkeypatch, result=answer)
     with pytest.raises(FalError) as err:
         _run(tmp_path)
     _assert_kept(err, fal, tmp_path)
-    assert "pending" in str(err.value)
+    assert "pending" in str(err.value) and "billed again" not in str(err.value)  # fetch it, never pay again
 
 
 # ---- item 5: a self-hosted endpoint (SDXLCN_FAL_URL) is checked as fal is --------------------------

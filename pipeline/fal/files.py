@@ -118,7 +118,9 @@ def decode_result(data, request: GenerationRequest | None, request_id: str, sett
     if not isinstance(data, dict):
         raise FalNoImages(f"fal's result for request {request_id} is not an object; no images came back", request_id)
     entries = data.get("images") or []
-    if not isinstance(entries, list) or not entries:
+    if not isinstance(entries, list):  # an answer fal does not give: read again by id, never paid for again
+        raise ValueError(f"its images field is a {type(entries).__name__}, not a list")
+    if not entries:
         raise FalNoImages(
             f"fal's result for request {request_id} holds no images (keys: {sorted(data)}); nothing to return. "
             "Try again (a new request is billed again).", request_id)
