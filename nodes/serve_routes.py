@@ -9,7 +9,11 @@ not finished are queued again.
 
 Server-side settings (environment, never a workflow): ``SDXLCN_SERVE_KEY`` or ``user/sdxl_controlnet_img2img/
 serve_key.txt`` (the key clients send; without one only this machine may call), ``SDXLCN_SERVE_CHECKPOINT`` and
-``SDXLCN_SERVE_CONTROLNET`` (names in ComfyUI's model folders; default: the shipped workflow's).
+``SDXLCN_SERVE_CONTROLNET`` (names in ComfyUI's model folders; default: the shipped workflow's),
+``SDXLCN_SERVE_CORS_ORIGINS``, ``SDXLCN_SERVE_PUBLIC_URL``, ``SDXLCN_SERVE_TRUSTED_PROXIES`` (as ``serve``'s
+``--cors-origin``, ``--public-url``, ``--trusted-proxy``). Without a key the API refuses every call while ComfyUI
+listens beyond loopback. The calls run through the same adapter as ``serve`` (``pipeline/serve/web.py``), on a few
+threads of their own.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from pathlib import Path
 from .comfy_hooks import log, prompt_server
 
 PREFIX = "/sdxlcn/fal"
+CORS_ENV = "SDXLCN_SERVE_CORS_ORIGINS"  # web page origins allowed to call it (with a key), comma-separated
+PUBLIC_URL_ENV = "SDXLCN_SERVE_PUBLIC_URL"  # the API's base as clients reach it, e.g. https://gpu-box/sdxlcn/fal
+PROXIES_ENV = "SDXLCN_SERVE_TRUSTED_PROXIES"  # reverse proxies whose X-Forwarded-Proto/-Host are believed
+THREADS = 4
+HELD: list = []  # the serve folder's lock, held while ComfyUI runs
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "api" / "sdxl_controlnet_img2img.json"
 # the shipped workflow's nodes the served request reads back: the sampler, the SaveImage after it, and two of ComfyUI's
 # own Preview as Text nodes added for the request, showing the sampler's seed and has_nsfw_concepts outputs in history
@@ -236,51 +245,86 @@ class ComfyQueueBackend:
                 pass
 
 
+def comfy_listen_beyond_loopback() -> str | None:
+    """An address ComfyUI listens on (``--listen``) that is not loopback, or None."""
+    from ..pipeline.serve.access import is_loopback
+
+    try:
+        from comfy.cli_args import args  # type: ignore
+    except ImportError:
+        return None
+    for address in str(getattr(args, "listen", "") or "").split(","):
+        if address.strip() and not is_loopback(address.strip()):
+            return address.strip()
+    return None
+
+
 def register_serve_routes() -> None:
     server = prompt_server()
     if server is None:
         return
     web, instance = server
+    from concurrent.futures import ThreadPoolExecutor
+
     import folder_paths  # type: ignore
 
-    from ..pipeline.serve.app import HttpRequest, ServeApp
-    from ..pipeline.serve.httpd import is_loopback, read_key
+    from ..pipeline.serve.access import is_loopback, parse_origins, parse_proxies
+    from ..pipeline.serve.app import ServeApp
+    from ..pipeline.serve.datalock import lock_folder
+    from ..pipeline.serve.httpd import read_key
     from ..pipeline.serve.store import Store
+    from ..pipeline.serve.web import Adapter
     from ..pipeline.serve.webhook import Webhooks
 
     folder = Path(folder_paths.get_user_directory()) / "sdxl_controlnet_img2img"
     key_file = folder / "serve_key.txt"
     try:  # a failure here costs the endpoint, never the pack's nodes
         key = read_key(key_file if key_file.is_file() else None)
+        options = dict(public_url=os.environ.get(PUBLIC_URL_ENV, "").strip() or None,
+                       cors_origins=parse_origins([os.environ.get(CORS_ENV, "")], CORS_ENV),
+                       trusted_proxies=parse_proxies([os.environ.get(PROXIES_ENV, "")], PROXIES_ENV))
+        HELD.append(lock_folder(folder / "serve", "ComfyUI's serve folder"))  # one ComfyUI per user folder
         store = Store(folder / "serve")
         store.requeue_interrupted()
         backend = ComfyQueueBackend(instance, store).start()
-        app = ServeApp(store, backend, key=key)
+        app = ServeApp(store, backend, key=key, **options)
         Webhooks(store, app.payload_for).start()
-    except Exception:  # noqa: BLE001
-        log.exception("SDXL ControlNet: the fal queue API at %s is unavailable", PREFIX)
+    except Exception as exc:  # noqa: BLE001
+        from ..pipeline.errors import SDXLCNError
+
+        if isinstance(exc, SDXLCNError):
+            log.error("SDXL ControlNet: the fal queue API at %s is unavailable: %s", PREFIX, exc)
+        else:
+            log.exception("SDXL ControlNet: the fal queue API at %s is unavailable", PREFIX)
         return
+    # its own few threads: a slow call (an image download) never holds asyncio's default pool, which serves
+    # ComfyUI's own static files
+    adapter = Adapter(app, ThreadPoolExecutor(THREADS, thread_name_prefix="sdxlcn-serve-call"), prefix=PREFIX)
+    beyond = None if key else comfy_listen_beyond_loopback()
 
     async def handle(request):
-        if key is None and not is_loopback(request.remote or ""):
-            return web.json_response({"detail": "no key is set on this ComfyUI (SDXLCN_SERVE_KEY or user/"
-                                                "sdxl_controlnet_img2img/serve_key.txt): only this machine may call"},
-                                     status=403)
-        length = request.content_length or 0
-        if length > app.limits.max_body_bytes:
-            resp = app.too_large(length)
-        else:
-            body = await request.read()
-            tail = request.match_info.get("tail", "")
-            req = HttpRequest(request.method, "/" + tail, request.query_string,
-                              {k.lower(): v for k, v in request.headers.items()}, body,
-                              f"{request.scheme}://{request.host}{PREFIX}")
-            import asyncio
+        if key is None and (beyond or not is_loopback(request.remote or "")):
+            where = f"ComfyUI listens on {beyond} (--listen)" if beyond else "the call came from another machine"
+            return web.json_response({"detail": f"no key is set on this ComfyUI (SDXLCN_SERVE_KEY or user/"
+                                                f"sdxl_controlnet_img2img/serve_key.txt) and {where}: set a key to "
+                                                "serve beyond this machine"}, status=403)
+        return await adapter(request)
 
-            resp = await asyncio.get_running_loop().run_in_executor(None, app.handle, req)
-        return web.Response(status=resp.status, body=resp.body, content_type=resp.content_type.split(";")[0],
-                            headers=resp.headers)
+    @web.middleware
+    async def before_comfy(request, handler):
+        """The API's calls skip ComfyUI's CORS and origin middlewares (they answer every OPTIONS themselves): the
+        adapter's own rules apply (:mod:`pipeline.serve.access`)."""
+        if request.path == PREFIX or request.path.startswith(PREFIX + "/"):
+            return await handle(request)
+        return await handler(request)
 
     instance.routes.route("*", PREFIX + "/{tail:.*}")(handle)
+    try:
+        instance.app.middlewares.insert(0, before_comfy)
+    except (AttributeError, RuntimeError):  # already started (frozen): the route alone, behind ComfyUI's middlewares
+        log.warning("SDXL ControlNet: %s runs behind ComfyUI's own CORS/origin handling", PREFIX)
+    if beyond:
+        log.warning("SDXL ControlNet: fal's queue API at %s refuses every call: ComfyUI listens on %s and no key is "
+                    "set (SDXLCN_SERVE_KEY or user/sdxl_controlnet_img2img/serve_key.txt)", PREFIX, beyond)
     log.info("SDXL ControlNet: fal's queue API for fal-ai/fast-sdxl-controlnet-canny/image-to-image at %s (%s)",
              PREFIX, "key required" if key else "no key set: this machine only")

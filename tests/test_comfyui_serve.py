@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -50,7 +53,8 @@ class Servers:
 
     def _start_serving(self):
         env = {"SDXLCN_SERVE_KEY": KEY, "SDXLCN_SERVE_CHECKPOINT": MODELS["checkpoint"],
-               "SDXLCN_SERVE_CONTROLNET": MODELS["controlnet"], "SDXLCN_FAL_URL": None, "FAL_KEY": None}
+               "SDXLCN_SERVE_CONTROLNET": MODELS["controlnet"], "SDXLCN_FAL_URL": None, "FAL_KEY": None,
+               "SDXLCN_SERVE_ALLOW_INTERNAL_URLS": "1"}  # the slow image server below is on 127.0.0.1
         return self.serving_stack.enter_context(running_comfyui(self.root / "serving", self.models, env=env,
                                                                 port=self.port))
 
@@ -246,3 +250,80 @@ def test_the_served_list_holds_exactly_the_generated_images_with_their_seed(serv
     wait_done(sub["status_url"], deadline_s=240)
     code, res, _ = call("GET", sub["response_url"])
     assert code == 200 and isinstance(res["seed"], int) and len(res["images"]) == 1, res
+
+
+def test_the_route_judges_the_key_before_reading_the_body(servers):
+    """A caller without the key sends the headers of a large body and only its first bytes: 401 at once (the route
+    read the whole body first)."""
+    from test_serve_http import post_head, read_response
+
+    with socket.create_connection(("127.0.0.1", servers.port), timeout=15) as s:
+        s.sendall(post_head(f"/sdxlcn/fal/{APP}", {"Content-Type": "application/json", "Content-Length": "900000"})
+                  + b"{" + b" " * 1000)
+        status, _h, answer = read_response(s)
+    assert status == 401, answer
+
+
+class SlowImages:
+    """An image server that sends the start of an image and then holds every download until released."""
+
+    def __init__(self):
+        self.active, self.most, self.lock, self.release = 0, 0, threading.Lock(), threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                with owner.lock:
+                    owner.active += 1
+                    owner.most = max(owner.most, owner.active)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    self.wfile.write(b"\x89PNG\r\n\x1a\n")
+                    self.wfile.flush()
+                    owner.release.wait(120)
+                finally:
+                    with owner.lock:
+                        owner.active -= 1
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/slow.png"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_slow_submits_run_on_the_routes_own_threads_and_comfyuis_page_is_still_served(servers):
+    """8 submits whose image downloads hang: at most the route's 4 threads download at once, and ComfyUI's own page
+    (a static file, served on asyncio's default pool) is answered meanwhile (it waited for the hung downloads when
+    the route ran on that pool)."""
+    import urllib.request
+
+    from sdxl_controlnet_img2img.nodes.serve_routes import THREADS
+
+    slow = SlowImages()
+    codes = []
+    try:
+        calls = [threading.Thread(target=lambda: codes.append(call("POST", f"{servers.url}/{APP}",
+                                                                   fal_input(image_url=slow.url))[0]))
+                 for _ in range(8)]
+        for t in calls:
+            t.start()
+        wait_until(lambda: slow.active >= min(THREADS, 8), "the slow downloads starting", deadline_s=60)
+        with urllib.request.urlopen(f"http://127.0.0.1:{servers.port}/", timeout=20) as r:
+            assert r.status == 200 and b"<html" in r.read(4096).lower()
+        assert slow.most <= THREADS, f"{slow.most} downloads at once: the route's calls ran beyond its own pool"
+    finally:
+        slow.release.set()  # the held downloads end cut off, the later ones at once
+        for t in calls:
+            t.join(120)
+        slow.close()
+    assert codes == [422] * 8, codes  # each download cut off: the field named, nothing queued

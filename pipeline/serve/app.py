@@ -1,6 +1,8 @@
 """The HTTP handling of the queue protocol, independent of the web framework: :class:`ServeApp` takes an
-:class:`HttpRequest` and gives an :class:`HttpResponse`. The stand-alone server (:mod:`.httpd`, stdlib) and the
-ComfyUI routes (``nodes/serve_routes.py``, aiohttp) only carry bytes in and out.
+:class:`HttpRequest` and gives an :class:`HttpResponse`. Both servers, the stand-alone one
+(:mod:`.server`) and ComfyUI's routes (``nodes/serve_routes.py``), run it through one aiohttp adapter (:mod:`.web`),
+which only carries bytes in and out: :meth:`ServeApp.precheck` decides from the request line and headers alone (the
+key, Host and Origin, the declared length) before any body is read.
 
 What runs a request is the backend's business (:class:`Backend`): this module queues it in the :class:`~.store.Store`
 and answers from there, so status, result and cancel read the same whether the local workers or ComfyUI's prompt
@@ -13,12 +15,14 @@ import base64
 import hmac
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .access import Access
 from .inputs import Limits, check_submission, check_webhook, refuse_body_size
-from .protocol import (APP, CORS_HEADERS, STORAGE_REFUSED, TARGET_HEADER, HttpError, request_urls, route_path,
-                       route_target, status_body)
+from .protocol import (APP, STORAGE_REFUSED, TARGET_HEADER, HttpError, Route, request_urls, route_path, route_target,
+                       status_body)
 from .store import Job, QueueFull, Store
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
@@ -33,6 +37,8 @@ class HttpRequest:
     headers: dict  # lower-case names
     body: bytes
     base: str  # how the client reached the base: scheme://host[:port][/prefix], no trailing slash
+    peer: str = ""  # the client's address (a proxy's, behind one)
+    scheme: str = "http"  # of the connection itself: https over TLS
 
 
 @dataclass
@@ -41,6 +47,7 @@ class HttpResponse:
     body: bytes = b""
     content_type: str = "application/json"
     headers: dict = field(default_factory=dict)
+    wait: tuple | None = None  # (request id, monotonic deadline): a synchronous run still waiting (see run_answer)
 
 
 class Backend(Protocol):
@@ -87,36 +94,63 @@ def output(job: Job, store: Store, files_base: str) -> dict:
 
 class ServeApp:
     def __init__(self, store: Store, backend: Backend, *, key: str | None = None, limits: Limits | None = None,
-                 public_url: str | None = None):
+                 public_url: str | None = None, cors_origins=frozenset(), trusted_proxies=frozenset()):
         self.store = store
         self.backend = backend
         self.key = key
         self.limits = limits or Limits()
         self.public_url = public_url.rstrip("/") if public_url else None
+        self.access = Access(key is not None, frozenset(cors_origins), frozenset(trusted_proxies), self.public_url)
 
     # ---- entry ----------------------------------------------------------------------------------
+    def precheck(self, req: HttpRequest) -> HttpResponse | None:
+        """The answer when the request line and headers alone refuse the call (Host, Origin, the key, a declared
+        body over the limit), else None: called before any body is read."""
+        try:
+            self._admit(req)
+        except HttpError as exc:
+            return self.error(req, exc)
+        return None
+
     def handle(self, req: HttpRequest) -> HttpResponse:
         try:
-            resp = self._handle(req)
+            resp = self._handle(req, self._admit(req))
         except HttpError as exc:
-            resp = self.json(exc.status, exc.body(), exc.headers)
+            return self.error(req, exc)
         except Exception:  # noqa: BLE001 - a bug must not take the server down, nor leak a traceback to clients
             log.exception("serve: %s %s failed", req.method, req.path[:200])
             resp = self.json(500, {"detail": "internal server error (see the server log)"})
-        resp.headers = {**CORS_HEADERS, **resp.headers}
+        return self.finish(req, resp)
+
+    def error(self, req: HttpRequest, exc: HttpError) -> HttpResponse:
+        return self.finish(req, self.json(exc.status, exc.body(), exc.headers))
+
+    def finish(self, req: HttpRequest, resp: HttpResponse) -> HttpResponse:
+        resp.headers = {**self.access.cors(req.headers), **resp.headers}
         return resp
 
     @staticmethod
     def json(status: int, body, headers: dict | None = None) -> HttpResponse:
         return HttpResponse(status, json.dumps(body).encode(), "application/json", dict(headers or {}))
 
-    def too_large(self, length: int) -> HttpResponse:
-        """The answer to a body over the limit (sent without reading it)."""
-        try:
-            refuse_body_size(length, self.limits)
-        except HttpError as exc:
-            return self.json(exc.status, exc.body(), CORS_HEADERS)
-        return self.json(400, {"detail": "the body's Content-Length is invalid"}, CORS_HEADERS)
+    def _admit(self, req: HttpRequest) -> Route | None:
+        """The call a request makes, once its headers allow it (None: a CORS preflight); :class:`HttpError` else."""
+        refusal = self.access.refusal(req.headers, req.scheme)
+        if refusal is not None:
+            raise refusal
+        if req.method == "OPTIONS":
+            if "origin" in req.headers and self.access.allowed_origin(req.headers) is None:
+                raise HttpError(403, "this origin is not allowed: the server's operator lists the web pages that may "
+                                     "call it (--cors-origin, or SDXLCN_SERVE_CORS_ORIGINS in ComfyUI)")
+            return None
+        target = req.headers.get(TARGET_HEADER)
+        route = route_target(req.method, target) if target else route_path(req.method, req.path, req.query)
+        if route.kind != "file":
+            check_key(req.headers.get("authorization"), self.key)
+        declared = req.headers.get("content-length")
+        if declared is not None and declared.strip().isdigit():
+            refuse_body_size(int(declared), self.limits)
+        return route
 
     def payload_for(self, job: Job, base: str) -> dict:
         """A webhook's payload: the result, or ``{"detail": ...}`` for a failed request."""
@@ -127,14 +161,11 @@ class ServeApp:
     def files_base(self, req: HttpRequest) -> str:
         return self.public_url or req.base
 
-    def _handle(self, req: HttpRequest) -> HttpResponse:
-        if req.method == "OPTIONS":
+    def _handle(self, req: HttpRequest, route: Route | None) -> HttpResponse:
+        if route is None:
             return HttpResponse(204)
-        target = req.headers.get(TARGET_HEADER)
-        route = route_target(req.method, target) if target else route_path(req.method, req.path, req.query)
         if route.kind == "file":
             return self._file(route)
-        check_key(req.headers.get("authorization"), self.key)
         if route.kind == "storage":
             raise HttpError(400, STORAGE_REFUSED)
         if route.kind in ("submit", "run"):
@@ -194,13 +225,23 @@ class ServeApp:
         return self.json(200, output(job, self.store, self.files_base(req)), ids)
 
     def _run(self, req: HttpRequest, job: Job) -> HttpResponse:
-        """fal's synchronous run: wait for the request, answer its result."""
-        done = self.store.wait(lambda: (self.store.get(job.id) or job).state == "COMPLETED", self.limits.sync_wait_s)
-        if not done:
-            return self.json(504, {"detail": f"the request did not finish within {self.limits.sync_wait_s:g} s; it "
-                                             f"stays queued as {job.id}: fetch it through the queue API"},
-                             {"x-fal-request-id": job.id})
-        return self._result(req, self.store.get(job.id))
+        """fal's synchronous run: the adapter waits (without holding a thread) and asks :meth:`run_answer`."""
+        return HttpResponse(202, wait=(job.id, time.monotonic() + self.limits.sync_wait_s))
+
+    def run_answer(self, req: HttpRequest, wait: tuple) -> HttpResponse:
+        """A synchronous run's answer once its request finished, 504 past its deadline, else a response that still
+        waits (same ``wait``)."""
+        request_id, deadline = wait
+        job = self.store.get(request_id)
+        if job is not None and job.state == "COMPLETED":
+            resp = self._result(req, job)
+        elif time.monotonic() >= deadline:
+            resp = self.json(504, {"detail": f"the request did not finish within {self.limits.sync_wait_s:g} s; it "
+                                             f"stays queued as {request_id}: fetch it through the queue API"},
+                             {"x-fal-request-id": request_id})
+        else:
+            return HttpResponse(202, wait=wait)
+        return self.finish(req, resp)
 
     def _file(self, route) -> HttpResponse:
         job = self.store.by_token(route.token)

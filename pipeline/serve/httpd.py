@@ -1,126 +1,27 @@
-"""The stand-alone server (stdlib HTTP, optional TLS) and ``serve`` on the command line.
+"""``serve`` on the command line: the stand-alone server (:mod:`.server`: aiohttp, optional TLS) with local workers.
 
 ``python -m sdxl_controlnet_img2img serve --checkpoint ... --controlnet ... --port 8443 --tls-cert C --tls-key K``
 answers fal's queue protocol for ``fal-ai/fast-sdxl-controlnet-canny/image-to-image`` with one worker per
-``--device``. The key comes from ``SDXLCN_SERVE_KEY`` or ``--key-file``; without one the server listens on 127.0.0.1
-only (and says so).
+``--device``. The key comes from ``SDXLCN_SERVE_KEY`` or ``--key-file``; without one the server listens on loopback
+only (and says so). Start-up errors (the key file, the TLS files, the port, the data folder in use or unreadable)
+are one line each, before the models load.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
-import ssl
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .app import HttpRequest, ServeApp, log
+from .access import is_loopback, parse_origins, parse_proxies
+from .app import ServeApp
 from .inputs import Limits
+from .server import StandaloneServer
 
 KEY_ENV = "SDXLCN_SERVE_KEY"
-
-
-IDLE_S = 120  # a connection silent this long (mid-request, or idle between keep-alive requests) is closed
-
-
-class StandaloneServer:
-    """:class:`ServeApp` on a ``ThreadingHTTPServer``; ``port=0`` picks a free port (see :attr:`port`).
-
-    No client can hold the server: the TLS handshake runs on the connection's own thread (the thread that accepts
-    connections never waits on a client), a connection silent for ``IDLE_S`` is closed, and :meth:`stop` does not
-    wait for open connections (their threads are daemons)."""
-
-    def __init__(self, app: ServeApp, host: str = "127.0.0.1", port: int = 0, tls_cert=None, tls_key=None):
-        self.app = app
-        self.tls = tls_cert is not None
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            timeout = IDLE_S
-
-            def handle(self):
-                if server.tls:
-                    try:
-                        self.connection.do_handshake()
-                    except (OSError, ValueError) as exc:  # not TLS, a bad hello, or silent past IDLE_S
-                        log.debug("serve: TLS handshake with %s failed: %s", self.client_address[0], exc)
-                        return
-                super().handle()
-
-            def log_message(self, fmt, *args):  # the path may carry a webhook URL: keep the access log short
-                path = getattr(self, "path", "")  # unset when the request line never came
-                log.debug("serve: %s %s", getattr(self, "command", "-"), path.split("?", 1)[0][:200])
-
-            def do_GET(self):
-                server._handle(self)
-
-            do_POST = do_PUT = do_OPTIONS = do_DELETE = do_GET
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False  # stop() must not wait for a client to close its connection
-        if self.tls:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(str(tls_cert), str(tls_key))
-            # handshakes in Handler.handle, on each connection's thread: accept() must never wait on a client
-            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
-        self.host = host
-        self.port = self.httpd.server_address[1]
-        self.thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host = self.host if ":" not in self.host else f"[{self.host}]"
-        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
-
-    def start(self) -> "StandaloneServer":
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                       name="sdxlcn-serve-http", daemon=True)
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def _handle(self, h: BaseHTTPRequestHandler) -> None:
-        try:
-            length = int(h.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        path, _, query = h.path.partition("?")
-        headers = {k.lower(): v for k, v in h.headers.items()}
-        base = f"{'https' if self.tls else 'http'}://{h.headers.get('Host') or f'{self.host}:{self.port}'}"
-        if length < 0 or length > self.app.limits.max_body_bytes:
-            h.close_connection = True  # the body is not read: the connection cannot be reused
-            resp = self.app.too_large(max(length, 0))
-        else:
-            body = h.rfile.read(length) if length else b""
-            resp = self.app.handle(HttpRequest(h.command, path, query, headers, body, base))
-        try:
-            h.send_response(resp.status)
-            h.send_header("Content-Type", resp.content_type)
-            h.send_header("Content-Length", str(len(resp.body)))
-            for k, v in resp.headers.items():
-                h.send_header(k, v)
-            h.end_headers()
-            if h.command != "HEAD":
-                h.wfile.write(resp.body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+__all__ = ["StandaloneServer", "add_serve_parser", "build_app", "cmd_serve", "is_loopback", "read_key"]
 
 
 def read_key(key_file) -> str | None:
@@ -143,20 +44,23 @@ def read_key(key_file) -> str | None:
     return None
 
 
+
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve fal's queue API for fal-ai/fast-sdxl-controlnet-canny/image-to-image on "
                                      "this machine's GPU(s) (fal's own clients work against it)")
     p.add_argument("--checkpoint", required=True, help="SDXL base model: a .safetensors file or a diffusers folder")
     p.add_argument("--controlnet", required=True, help="SDXL Canny ControlNet: a diffusers folder or its file")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; any other needs a key: SDXLCN_SERVE_KEY or --key-file)")
+                   help="address to listen on, IPv4 or IPv6 (default 127.0.0.1; any but loopback needs a key: "
+                        "SDXLCN_SERVE_KEY or --key-file, and TLS, or the key travels in clear text)")
     p.add_argument("--port", type=int, default=8443, help="port (default 8443)")
     p.add_argument("--key-file", default=None,
                    help=f"file whose first line is the key clients must send (Authorization: Key ...); or set {KEY_ENV}")
     p.add_argument("--tls-cert", default=None, help="TLS certificate (PEM); fal's Python client speaks HTTPS only")
     p.add_argument("--tls-key", default=None, help="TLS private key (PEM) of --tls-cert")
     p.add_argument("--data-dir", default="sdxlcn-serve",
-                   help="folder for the queue (queue.sqlite3) and results; kept across restarts (default ./sdxlcn-serve)")
+                   help="folder for the queue (queue.sqlite3) and results; kept across restarts, one server per "
+                        "folder (default ./sdxlcn-serve)")
     p.add_argument("--device", action="append", default=[],
                    help="a device to run on (repeatable: one worker each, e.g. --device cuda:0 --device cuda:1; "
                         "default: the best available)")
@@ -166,47 +70,117 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (64)")
     p.add_argument("--max-image-mb", type=float, default=32.0, help="largest input image, decoded or downloaded (32)")
     p.add_argument("--public-url", default=None,
-                   help="base URL clients reach this server at, for the URLs it answers (behind a load balancer: "
-                        "this server's own address); default: from each request's Host header")
+                   help="base URL clients reach this server at, for the URLs it answers (behind a load balancer or "
+                        "a TLS proxy: e.g. https://gpu-3.example:443); default: the scheme of each request's "
+                        "connection and its Host header")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web page origin allowed to call this server from a browser (repeatable, e.g. "
+                        "https://app.example.com); needs a key. Default: none (no CORS headers)")
+    p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
+                   help="address of a reverse proxy in front of this server whose X-Forwarded-Proto and "
+                        "X-Forwarded-Host are believed for the URLs it answers (repeatable); others are ignored")
     p.set_defaults(func=cmd_serve)
 
 
 def build_app(store, backend, args, key) -> ServeApp:
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                     max_image_bytes=int(args.max_image_mb * 1024 * 1024), max_waiting=args.max_queue)
-    return ServeApp(store, backend, key=key, limits=limits, public_url=args.public_url)
+    return ServeApp(store, backend, key=key, limits=limits, public_url=args.public_url,
+                    cors_origins=parse_origins(args.cors_origin, "--cors-origin"),
+                    trusted_proxies=parse_proxies(args.trusted_proxy, "--trusted-proxy"))
 
 
-def cmd_serve(args) -> int:
+def check_options(args, key) -> None:
+    """What the options alone rule out, before anything is opened."""
     from ..errors import SDXLCNError
 
-    key = read_key(args.key_file)
     if key is None and not is_loopback(args.host):
         raise SDXLCNError(f"--host {args.host}: refusing to listen beyond this machine without a key; set "
                           f"{KEY_ENV} (or --key-file FILE) to a secret clients send as 'Authorization: Key ...', or "
                           "leave --host at 127.0.0.1")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SDXLCNError("--tls-cert and --tls-key go together: give both (PEM files) or neither")
-    from ..local.loading import LoadOptions, build_pipeline, check_sources
+    if args.cors_origin and key is None:
+        raise SDXLCNError("--cors-origin needs a key: without one no web page may call this server; set "
+                          f"{KEY_ENV} or --key-file")
+    parse_origins(args.cors_origin, "--cors-origin")
+    parse_proxies(args.trusted_proxy, "--trusted-proxy")
+
+
+def raise_open_files_limit(want: int = 8192) -> None:
+    """Connections are file descriptors: lift the soft limit (often 1024) toward ``want`` where the hard one allows."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def open_store(folder):
+    """The data folder's store (after its lock); a database that cannot be read is one line naming it."""
+    import sqlite3
+
+    from ..errors import SDXLCNError
     from .store import Store
+
+    try:
+        store = Store(folder)
+        again = store.requeue_interrupted()
+    except sqlite3.DatabaseError as exc:
+        raise SDXLCNError(f"--data-dir {folder}: its queue database cannot be read ({exc}); move queue.sqlite3 "
+                          "away to start with an empty queue") from None
+    if again:
+        print(f"{len(again)} request(s) that were running at the last stop are queued again", file=sys.stderr)
+    return store
+
+
+def cmd_serve(args) -> int:
+    key = read_key(args.key_file)
+    check_options(args, key)
+    from .datalock import lock_folder
+
+    lock = lock_folder(args.data_dir)  # held until the process ends
+    store = open_store(args.data_dir)
+    raise_open_files_limit()
+    try:
+        server = StandaloneServer(None, args.host, args.port, args.tls_cert, args.tls_key)
+    except BaseException:
+        store.close()
+        raise
+    if key is not None and not args.tls_cert and not is_loopback(args.host):
+        print(f"warning: --host {args.host} without --tls-cert/--tls-key: the key (and every image) travels in "
+              "clear text to this server; use TLS, or a TLS proxy in front with --public-url https://...",
+              file=sys.stderr, flush=True)
+    try:
+        return serve_loaded(args, key, store, server)
+    finally:
+        lock.close()
+
+
+def serve_loaded(args, key, store, server) -> int:
+    from ..local.loading import LoadOptions, build_pipeline, check_sources
     from .webhook import Webhooks
     from .worker import LocalWorkers
 
-    devices = args.device or [None]
-    opts = [LoadOptions(device=d, dtype=args.dtype, memory_mode=args.memory_mode).resolved() for d in devices]
-    check_sources(args.checkpoint, args.controlnet, opts[0])
-    pipes = {}
-    for o in opts:
-        print(f"loading the models on {o.device} ...", file=sys.stderr, flush=True)
-        pipes[o.device] = build_pipeline(args.checkpoint, args.controlnet, o)
-    store = Store(args.data_dir)
-    again = store.requeue_interrupted()
-    if again:
-        print(f"{len(again)} request(s) that were running at the last stop are queued again", file=sys.stderr)
+    try:
+        devices = args.device or [None]
+        opts = [LoadOptions(device=d, dtype=args.dtype, memory_mode=args.memory_mode).resolved() for d in devices]
+        check_sources(args.checkpoint, args.controlnet, opts[0])
+        pipes = {}
+        for o in opts:
+            print(f"loading the models on {o.device} ...", file=sys.stderr, flush=True)
+            pipes[o.device] = build_pipeline(args.checkpoint, args.controlnet, o)
+    except BaseException:
+        server.stop()
+        store.close()
+        raise
     workers = LocalWorkers(store, pipes)
-    app = build_app(store, workers, args, key)
-    hooks = Webhooks(store, app.payload_for).start()
-    server = StandaloneServer(app, args.host, args.port, args.tls_cert, args.tls_key)
+    server.app = build_app(store, workers, args, key)
+    hooks = Webhooks(store, server.app.payload_for).start()
     workers.start()
     server.start()
     if key is None:
@@ -214,10 +188,10 @@ def cmd_serve(args) -> int:
               "may use it", file=sys.stderr)
     print(f"serving {len(pipes)} worker(s) at {server.url} (fal's queue API for fal-ai/fast-sdxl-controlnet-canny/"
           f"image-to-image); data in {Path(args.data_dir).resolve()}", file=sys.stderr, flush=True)
-    print(f"READY {server.url}", flush=True)
     if threading.current_thread() is threading.main_thread():  # SIGTERM (systemd, docker stop) stops as Ctrl-C does
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        print(f"READY {server.url}", flush=True)  # inside the try: a stop signal may come right after it
         while server.thread.is_alive():  # a timed wait: the kernel may hand SIGINT to another thread, and Python
             server.thread.join(0.5)      # raises KeyboardInterrupt only when the main thread next runs
     except KeyboardInterrupt:

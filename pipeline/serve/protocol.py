@@ -28,8 +28,7 @@ RUN_HOSTS = ("fal.run",)
 STORAGE_HOSTS = ("rest.fal.ai", "rest.alpha.fal.ai", "v3.fal.media", "fal.media")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 TOKEN_RE = re.compile(r"^[0-9a-f]{32}$")
-CORS_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
+CORS_HEADERS = {  # for an origin the operator listed (see access.py); never "*"
     "Access-Control-Allow-Methods": "GET, POST, PUT, OPTIONS",
     "Access-Control-Allow-Headers": "authorization, content-type, accept, x-fal-target-url, x-fal-queue-priority, "
                                     "x-fal-request-timeout, x-fal-runner-hint, x-fal-object-lifecycle, "

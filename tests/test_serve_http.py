@@ -1,0 +1,219 @@
+"""The stand-alone server speaks HTTP as HTTP says, and no client can wear it out (issue 31, item 1): raw bytes on a
+socket against a real server on 127.0.0.1, the truth being the HTTP/1.1 rules (RFC 9112: chunked bodies, one valid
+Content-Length) and the kernel's own view of the listening socket (``ss``).
+
+- a chunked body is read as the body (it ran as a second request before), and a duplicated, conflicting or
+  malformed Content-Length, a Content-Length beside chunked, or a line that is not HTTP is 400 with nothing queued;
+- the key (and a declared length over the limit) is judged from the headers, before any body is read;
+- a body that trickles gets 408 at its deadline; headers that trickle are cut at theirs; one address cannot hold
+  more than its share of connections, and a keyed client is still answered while another address trickles;
+- 150 submits at once are each answered (200 or 429), none reset: the listen backlog is at least 128.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from test_serve import APP, KEY, Paused, call, fal_input
+
+
+class Running:
+    def __init__(self, tmp_path, key=KEY, max_waiting=100, **conn):
+        from sdxl_controlnet_img2img.pipeline.serve.app import ServeApp
+        from sdxl_controlnet_img2img.pipeline.serve.inputs import Limits
+        from sdxl_controlnet_img2img.pipeline.serve.server import ConnLimits, StandaloneServer
+        from sdxl_controlnet_img2img.pipeline.serve.store import Store
+
+        self.store = Store(tmp_path / "data")
+        app = ServeApp(self.store, Paused(), key=key, limits=Limits(max_waiting=max_waiting, max_body_bytes=1 << 20))
+        self.server = StandaloneServer(app, limits=ConnLimits(**conn)).start()
+        self.port, self.url = self.server.port, self.server.url
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stop()
+        self.store.close()
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """One HTTP response from ``sock`` (status, lower-case headers, body by its Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a whole response: {data[:200]!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return status, headers, rest[:length]
+
+
+def send(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dict, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        return read_response(s)
+
+
+def post_head(path: str, headers: dict) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def chunked(body: bytes, size: int = 1000) -> bytes:
+    parts = [b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size)]
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+def closed_by_server(sock: socket.socket, deadline_s: float) -> bool:
+    """Whether the server closes ``sock`` within ``deadline_s`` (an answer before the close is read and dropped)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        sock.settimeout(max(0.05, min(0.5, end - time.monotonic())))
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except socket.timeout:
+            continue
+        except OSError:  # reset
+            return True
+    return False
+
+
+def test_chunked_bodies_are_bodies_and_bad_lengths_are_400(tmp_path):
+    body = json.dumps(fal_input()).encode()
+    with Running(tmp_path) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            s.sendall(post_head(f"/{APP}", {"Authorization": f"Key {KEY}", "Content-Type": "application/json",
+                                            "Transfer-Encoding": "chunked"}) + chunked(body))
+            status, _h, answer = read_response(s)
+            assert status == 200, answer
+            rid = json.loads(answer)["request_id"]
+            # the same connection carries the next request: the chunks were the body, not a request of their own
+            s.sendall(f"GET /{APP}/requests/{rid}/status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Key {KEY}"
+                      "\r\n\r\n".encode())
+            status, _h, answer = read_response(s)
+            assert status == 200 and json.loads(answer)["status"] == "IN_QUEUE", answer
+        assert srv.store.waiting() == 1
+        auth = {"Authorization": f"Key {KEY}", "Content-Type": "application/json"}
+        for name, extra, payload in (
+                ("two lengths", {"Content-Length": f"{len(body)}\r\nContent-Length: {len(body)}"}, body),
+                ("conflicting lengths", {"Content-Length": f"{len(body)}\r\nContent-Length: 5"}, body),
+                ("1_0", {"Content-Length": "1_0"}, b"0123456789"),
+                ("not a number", {"Content-Length": "ten"}, b"0123456789"),
+                ("a sign", {"Content-Length": f"+{len(body)}"}, body),
+                ("chunked and a length", {"Transfer-Encoding": "chunked", "Content-Length": "5"}, chunked(body))):
+            status, _h, answer = send(srv.port, post_head(f"/{APP}", {**auth, **extra}) + payload)
+            assert status == 400, (name, status, answer[:300])
+        status, _h, _a = send(srv.port, b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        assert status == 400
+        assert srv.store.waiting() == 1  # nothing of the refused ones was queued
+
+
+@pytest.mark.parametrize("auth", [None, "Key not-the-key"], ids=["no key", "wrong key"])
+def test_the_key_is_checked_before_the_body_is_read(tmp_path, auth):
+    """A caller without the key sends the headers of a large body and only its first bytes: it is answered 401 at
+    once (the server read the whole body first, holding the connection and the memory)."""
+    with Running(tmp_path) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+            headers = {"Content-Type": "application/json", "Content-Length": str(900_000)}
+            if auth:
+                headers["Authorization"] = auth
+            s.sendall(post_head(f"/{APP}", headers) + b"{" + b" " * 1000)
+            status, _h, answer = read_response(s)  # within the socket's 15 s, the body never completed
+        assert status == 401 and "not-the-key" not in answer.decode()
+        # a declared body over the limit is refused as early, with the key
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+            s.sendall(post_head(f"/{APP}", {"Authorization": f"Key {KEY}", "Content-Length": str(5 << 20)}) + b"{")
+            status, _h, answer = read_response(s)
+        assert status == 413 and json.loads(answer)["detail"][0]["loc"] == ["body"]
+
+
+def test_a_trickling_body_gets_408_at_its_deadline(tmp_path):
+    with Running(tmp_path, body_s=2.0) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as s:
+            s.sendall(post_head(f"/{APP}", {"Authorization": f"Key {KEY}", "Content-Length": "1000"}))
+            stop = threading.Event()
+
+            def trickle():
+                while not stop.wait(0.2):
+                    try:
+                        s.send(b" ")
+                    except OSError:
+                        return
+
+            threading.Thread(target=trickle, daemon=True).start()
+            try:
+                status, _h, answer = read_response(s)
+            finally:
+                stop.set()
+        assert status == 408 and "did not arrive" in json.loads(answer)["detail"]
+
+
+def test_trickling_connections_are_bounded_per_address_and_cut_at_the_header_deadline(tmp_path):
+    """40 connections from 127.0.0.2 that send their headers a byte at a time: past 8 from that address they are
+    closed at once, the 8 others at the 3 s header deadline; meanwhile a keyed client on 127.0.0.1 is answered."""
+    with Running(tmp_path, max_client_connections=8, header_s=3.0) as srv:
+        socks = []
+        try:
+            for _ in range(40):
+                s = socket.create_connection(("127.0.0.1", srv.port), timeout=10, source_address=("127.0.0.2", 0))
+                try:
+                    s.sendall(b"POST /" + APP.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                except OSError:  # closed already
+                    pass
+                socks.append(s)
+            code, body, _ = call("GET", f"{srv.url}/{APP}/requests/00000000-0000-0000-0000-000000000000/status")
+            assert code == 404, body
+            closed = [closed_by_server(s, 2.0) for s in socks[8:]]
+            assert all(closed), f"{closed.count(False)} of the 32 connections over the per-address limit stayed open"
+            for s in socks[:8]:
+                try:
+                    s.sendall(b"a")
+                except OSError:
+                    pass
+            assert all(closed_by_server(s, 15.0) for s in socks[:8]), "headers trickled past their deadline"
+        finally:
+            for s in socks:
+                s.close()
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read the listen backlog")
+def test_150_submits_at_once_are_each_answered(tmp_path):
+    body = json.dumps(fal_input()).encode()
+    with Running(tmp_path, max_waiting=20) as srv:
+        listing = subprocess.run(["ss", "-Hltn", f"sport = :{srv.port}"], capture_output=True, text=True).stdout
+        backlog = int(listing.split()[2])  # LISTEN's Send-Q: the backlog given to listen()
+        assert backlog >= 128, listing
+        results, go = [], threading.Barrier(150)
+
+        def submit():
+            go.wait()
+            try:
+                results.append(call("POST", f"{srv.url}/{APP}", body)[0])
+            except Exception as exc:  # noqa: BLE001 - a reset, a refused connection: what must not happen
+                results.append(repr(exc))
+
+        threads = [threading.Thread(target=submit) for _ in range(150)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sorted(set(map(str, results))) == ["200", "429"], [r for r in results if r not in (200, 429)][:5]
+        assert results.count(200) == 20 and srv.store.waiting() == 20
