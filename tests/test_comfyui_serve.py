@@ -327,3 +327,22 @@ def test_slow_submits_run_on_the_routes_own_threads_and_comfyuis_page_is_still_s
             t.join(120)
         slow.close()
     assert codes == [422] * 8, codes  # each download cut off: the field named, nothing queued
+
+
+def test_a_keyless_route_answers_only_this_machines_programs(servers):
+    """The first ComfyUI has no serving key: a call through a proxy (everyone is 127.0.0.1 behind a local reverse
+    proxy) or under another host name (DNS rebinding) is refused; a plain local call is answered."""
+    url = f"http://127.0.0.1:{servers.first.port}/sdxlcn/fal/{REQUESTS}/00000000-0000-0000-0000-000000000000/status"
+    assert call("GET", url, key=None)[0] == 404
+    for headers in ({"X-Forwarded-For": "203.0.113.9"}, {"Host": f"rebind.evil.example:{servers.first.port}"}):
+        code, body, got = call("GET", url, key=None, headers=headers)
+        assert code == 403 and "key" in body["detail"], (headers, code, body)
+        assert not [h for h in got if h.lower().startswith("access-control-")], got
+
+
+def test_a_keyless_route_refuses_every_call_while_comfyui_listens_beyond_loopback(tmp_path):
+    with running_comfyui(tmp_path / "wide", extra_args=("--listen", "0.0.0.0"), env={"SDXLCN_SERVE_KEY": None}) as wide:
+        code, body, _ = call("GET", f"http://127.0.0.1:{wide.port}/sdxlcn/fal/{REQUESTS}/"
+                                    "00000000-0000-0000-0000-000000000000/status", key=None)
+        assert code == 403 and "0.0.0.0" in body["detail"] and "key" in body["detail"], body
+        assert "refuses every call" in wide.log()
