@@ -8,7 +8,10 @@ Folder and file names come only from ids this server made (UUIDs) and fixed name
 from __future__ import annotations
 
 import json
+import logging
+import os
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -16,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger("sdxl_controlnet_img2img.serve")
 INPUT_NAMES = ("image_url", "control_image_url")
 MAX_LOG_LINES = 500
 _SCHEMA = """
@@ -49,6 +53,15 @@ class QueueFull(Exception):
         super().__init__(f"the queue is full ({waiting} requests waiting); try again later")
 
 
+class StoreUnavailable(Exception):
+    """The store could not be read or written for its whole retry window (a lock held elsewhere, a full disk, a
+    broken file): the caller answers 503, the worker says it is not ready. The message names the cause."""
+
+
+# what a store call retries with back-off: SQLite's busy/locked/full/I-O errors, and the file system's (ENOSPC, EIO)
+TRANSIENT = (sqlite3.DatabaseError, OSError)
+
+
 @dataclass
 class Job:
     seq: int
@@ -71,14 +84,29 @@ class Job:
     external: str | None  # the id of the host's own work item (ComfyUI's prompt id)
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    """``data`` in ``path``, on the disk (fsync) when this returns."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class Store:
-    def __init__(self, folder):
+    """``retry_s``: how long a write keeps retrying a transient error before :class:`StoreUnavailable`; ``busy_s``:
+    how long one attempt waits for SQLite's lock (the store's own lock is held only that long, so readers go on)."""
+
+    def __init__(self, folder, *, retry_s: float = 30.0, busy_s: float = 1.0):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "requests").mkdir(exist_ok=True)
+        self.retry_s = retry_s
+        self._problem: str | None = None  # the last write that failed for good, until one succeeds
+        self._probed = 0.0
         self._lock = threading.RLock()
         self.changed = threading.Condition(self._lock)  # notified on every state change
-        self._db = sqlite3.connect(str(self.folder / "queue.sqlite3"), check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(str(self.folder / "queue.sqlite3"), timeout=busy_s, check_same_thread=False,
+                                   isolation_level=None)
         self._db.row_factory = sqlite3.Row
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -88,6 +116,71 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    # ---- resilience -----------------------------------------------------------------------------
+    def _do(self, what: str, fn, retry_s: float | None = None):
+        """``fn()`` under the store's lock, retried with growing pauses (taken outside the lock) while it fails with
+        a transient error; :class:`StoreUnavailable` after ``retry_s``. A write's lasting failure is remembered for
+        :meth:`health` until a later write succeeds."""
+        end = time.monotonic() + (self.retry_s if retry_s is None else retry_s)
+        pause, warned = 0.05, False
+        while True:
+            try:
+                with self._lock:
+                    out = fn()
+                if self._problem is not None and what != "read":
+                    log.warning("serve: the store works again (%s)", what)
+                    self._problem = None
+                return out
+            except TRANSIENT as exc:
+                cause = f"{type(exc).__name__}: {exc}"
+                if time.monotonic() + pause > end:
+                    if what != "read" and what != "log":
+                        self._problem = f"the queue store cannot be written ({cause}) in {self.folder}"
+                    raise StoreUnavailable(f"the queue store cannot be {'read' if what == 'read' else 'written'} "
+                                           f"({cause}); try again later") from exc
+                if not warned:
+                    log.warning("serve: %s failed (%s); retrying for up to %g s", what, cause, end - time.monotonic())
+                    warned = True
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
+    def _tx(self, fn):
+        """``fn()`` as one transaction: all of it or nothing (BEGIN IMMEDIATE takes the write lock first)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn()
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        self.changed.notify_all()
+        return out
+
+    def _read(self, fn):
+        return self._do("read", fn, min(self.retry_s, 5.0))
+
+    def health(self) -> str | None:
+        """None while the store works; else why it does not (a write failed for its whole retry window and no write
+        succeeded since; probed again at most once a second: a file written and synced, SQLite's write lock taken)."""
+        if self._problem is not None and time.monotonic() - self._probed > 1.0:
+            self._probed = time.monotonic()
+            probe = self.folder / ".probe"
+            try:
+                with self._lock:
+                    _write_synced(probe, b"ok")
+                    probe.unlink()
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.execute("ROLLBACK")
+                log.warning("serve: the store works again")
+                self._problem = None
+            except TRANSIENT:
+                pass
+        return self._problem
+
+    def ready(self) -> bool:
+        return self._problem is None
 
     # ---- reading --------------------------------------------------------------------------------
     @staticmethod
@@ -101,27 +194,29 @@ class Store:
                    row["error_status"], json.loads(detail) if detail else None, bool(row["cancel"]), row["webhook"],
                    bool(row["webhook_done"]), row["external"])
 
+    def _get(self, request_id: str) -> Job | None:
+        return self._job(self._db.execute("SELECT * FROM jobs WHERE id=?", (request_id,)).fetchone())
+
     def get(self, request_id: str) -> Job | None:
-        with self._lock:
-            return self._job(self._db.execute("SELECT * FROM jobs WHERE id=?", (request_id,)).fetchone())
+        return self._read(lambda: self._get(request_id))
 
     def by_token(self, token: str) -> Job | None:
-        with self._lock:
-            return self._job(self._db.execute("SELECT * FROM jobs WHERE token=?", (token,)).fetchone())
+        return self._read(lambda: self._job(self._db.execute("SELECT * FROM jobs WHERE token=?", (token,)).fetchone()))
 
     def position(self, job: Job) -> int:
         """Requests waiting ahead of ``job`` (0: next)."""
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state='IN_QUEUE' AND seq<?",
-                                    (job.seq,)).fetchone()[0]
+        return self._read(lambda: self._db.execute("SELECT COUNT(*) FROM jobs WHERE state='IN_QUEUE' AND seq<?",
+                                                   (job.seq,)).fetchone()[0])
+
+    def _waiting(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state='IN_QUEUE'").fetchone()[0]
 
     def waiting(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state='IN_QUEUE'").fetchone()[0]
+        return self._read(self._waiting)
 
     def jobs(self, state: str) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE state=? ORDER BY seq", (state,)).fetchall()
+        rows = self._read(lambda: self._db.execute("SELECT * FROM jobs WHERE state=? ORDER BY seq",
+                                                   (state,)).fetchall())
         return [self._job(r) for r in rows]
 
     def job_dir(self, request_id: str) -> Path:
@@ -137,112 +232,151 @@ class Store:
 
     # ---- changing -------------------------------------------------------------------------------
     def add(self, args: dict, images: dict, webhook: str | None = None, max_waiting: int | None = None) -> Job:
-        """Queue a request (its input images written first); :class:`QueueFull` past ``max_waiting``."""
-        rid = str(uuid.uuid4())
+        """Queue a request (its input images written first); :class:`QueueFull` past ``max_waiting``,
+        :class:`StoreUnavailable` when it cannot be written (nothing is left behind then)."""
+        if any(name not in INPUT_NAMES for name in images):
+            raise ValueError(sorted(set(images) - set(INPUT_NAMES)))
+        rid, token = str(uuid.uuid4()), secrets.token_hex(16)
         folder = self.job_dir(rid)
-        with self._lock:
-            waiting = self.waiting()
+
+        def write():
+            waiting = self._waiting()
             if max_waiting is not None and waiting >= max_waiting:
                 raise QueueFull(waiting)
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
             for name, data in images.items():
-                if name not in INPUT_NAMES:
-                    raise ValueError(name)
                 (folder / name).write_bytes(data)
             self._db.execute("INSERT INTO jobs (id, token, state, args, created, webhook) VALUES (?,?,?,?,?,?)",
-                             (rid, secrets.token_hex(16), "IN_QUEUE", json.dumps(args), time.time(), webhook))
+                             (rid, token, "IN_QUEUE", json.dumps(args), time.time(), webhook))
             self.changed.notify_all()
-            return self.get(rid)
+            return self._get(rid)
+
+        try:
+            return self._do("queueing a request", write)
+        except (QueueFull, StoreUnavailable):
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def claim(self) -> Job | None:
         """The oldest waiting request, now IN_PROGRESS; None when the queue is empty."""
-        with self._lock:
+        def take():
             row = self._db.execute("SELECT id FROM jobs WHERE state='IN_QUEUE' ORDER BY seq LIMIT 1").fetchone()
             if row is None:
                 return None
-            self.start(row["id"])
-            return self.get(row["id"])
+            self._db.execute("UPDATE jobs SET state='IN_PROGRESS', started=? WHERE id=?", (time.time(), row["id"]))
+            return self._get(row["id"])
+
+        if not self._read(self._waiting):  # an idle poll takes no write lock
+            return None
+        return self._do("taking the next request", lambda: self._tx(take))
 
     def start(self, request_id: str, external: str | None = None) -> None:
-        with self._lock:
+        def write():
             self._db.execute("UPDATE jobs SET state='IN_PROGRESS', started=?, external=COALESCE(?, external) "
                              "WHERE id=? AND state='IN_QUEUE'", (time.time(), external, request_id))
             self.changed.notify_all()
 
-    def set_external(self, request_id: str, external: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE jobs SET external=? WHERE id=?", (external, request_id))
+        self._do("starting a request", write)
 
-    def log(self, request_id: str, message: str, level: str = "INFO") -> None:
+    def set_external(self, request_id: str, external: str) -> None:
+        self._do("recording a request's work item",
+                 lambda: self._db.execute("UPDATE jobs SET external=? WHERE id=?", (external, request_id)))
+
+    def _log(self, request_id: str, message: str, level: str = "INFO") -> None:
         entry = {"message": str(message), "level": level, "source": "user",
                  "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"}
-        with self._lock:
-            row = self._db.execute("SELECT logs FROM jobs WHERE id=?", (request_id,)).fetchone()
-            if row is None:
-                return
-            logs = json.loads(row["logs"])[-(MAX_LOG_LINES - 1):] + [entry]
-            self._db.execute("UPDATE jobs SET logs=? WHERE id=?", (json.dumps(logs), request_id))
-            self.changed.notify_all()
+        row = self._db.execute("SELECT logs FROM jobs WHERE id=?", (request_id,)).fetchone()
+        if row is None:
+            return
+        logs = json.loads(row["logs"])[-(MAX_LOG_LINES - 1):] + [entry]
+        self._db.execute("UPDATE jobs SET logs=? WHERE id=?", (json.dumps(logs), request_id))
+        self.changed.notify_all()
+
+    def log(self, request_id: str, message: str, level: str = "INFO") -> None:
+        """A log line for the request's status; best effort: a line the store cannot take within 2 s is dropped
+        (a progress line must not hold a running request)."""
+        try:
+            self._do("log", lambda: self._log(request_id, message, level), min(self.retry_s, 2.0))
+        except StoreUnavailable as exc:
+            log.info("serve: a log line of %s was dropped (%s)", request_id, exc)
 
     def complete(self, request_id: str, result: dict, images: list[bytes]) -> None:
         """Write the result images, then mark the request COMPLETED with ``result`` (images named by file)."""
         folder = self.job_dir(request_id)
-        for i, data in enumerate(images):
-            tmp = folder / f"{i}.png.part"
-            tmp.write_bytes(data)
-            tmp.replace(folder / f"{i}.png")
-        with self._lock:
+
+        def write():
+            for i, data in enumerate(images):
+                tmp = folder / f"{i}.png.part"
+                tmp.write_bytes(data)
+                tmp.replace(folder / f"{i}.png")
             self._db.execute("UPDATE jobs SET state='COMPLETED', finished=?, result=? WHERE id=?",
                              (time.time(), json.dumps(result), request_id))
             self.changed.notify_all()
 
+        self._do("storing a result", write)
+
+    def _fail(self, request_id: str, error: str, error_type: str, status: int = 500, detail=None) -> None:
+        self._db.execute("UPDATE jobs SET state='COMPLETED', finished=?, error=?, error_type=?, error_status=?, "
+                         "error_detail=? WHERE id=? AND state!='COMPLETED'",
+                         (time.time(), error, error_type, status,
+                          json.dumps(detail if detail is not None else error), request_id))
+        self.changed.notify_all()
+
     def fail(self, request_id: str, error: str, error_type: str, status: int = 500, detail=None) -> None:
-        with self._lock:
-            self._db.execute("UPDATE jobs SET state='COMPLETED', finished=?, error=?, error_type=?, error_status=?, "
-                             "error_detail=? WHERE id=? AND state!='COMPLETED'",
-                             (time.time(), error, error_type, status, json.dumps(detail if detail is not None else
-                                                                                  error), request_id))
-            self.changed.notify_all()
+        self._do("storing a failure", lambda: self._fail(request_id, error, error_type, status, detail))
 
     def cancel(self, request_id: str) -> str:
         """"cancelled" (it was waiting: it never runs), "requested" (running: stopped at its next step), "done"."""
-        with self._lock:
-            job = self.get(request_id)
+        def write():
+            job = self._get(request_id)
             if job is None or job.state == "COMPLETED":
                 return "done"
             self._db.execute("UPDATE jobs SET cancel=1 WHERE id=?", (request_id,))
             if job.state == "IN_QUEUE":
-                self.fail(request_id, "Request cancelled", "request_cancelled", 400, "Request cancelled")
+                self._fail(request_id, "Request cancelled", "request_cancelled", 400, "Request cancelled")
                 return "cancelled"
-            self.changed.notify_all()
             return "requested"
 
+        return self._do("cancelling a request", lambda: self._tx(write))
+
     def cancel_requested(self, request_id: str) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT cancel FROM jobs WHERE id=?", (request_id,)).fetchone()
+        row = self._read(lambda: self._db.execute("SELECT cancel FROM jobs WHERE id=?", (request_id,)).fetchone())
         return bool(row and row["cancel"])
+
+    def requeue(self, request_id: str, why: str) -> bool:
+        """A request left IN_PROGRESS by a worker that no longer runs it goes back to the queue's front (at its
+        place); True when it did."""
+        def write():
+            cur = self._db.execute("UPDATE jobs SET state='IN_QUEUE', started=NULL, external=NULL "
+                                   "WHERE id=? AND state='IN_PROGRESS'", (request_id,))
+            if cur.rowcount:
+                self._log(request_id, why)
+            return bool(cur.rowcount)
+
+        return self._do("requeueing a request", lambda: self._tx(write))
 
     def requeue_interrupted(self) -> list[str]:
         """Requests that were running when the process stopped go back to the queue (at their place: the front).
         Waiting requests forget their host work item too (ComfyUI's prompt queue lives in memory): the backend
         hands them over again."""
-        with self._lock:
+        def write():
             ids = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE state='IN_PROGRESS'").fetchall()]
             for rid in ids:
                 self._db.execute("UPDATE jobs SET state='IN_QUEUE', started=NULL, external=NULL WHERE id=?", (rid,))
-                self.log(rid, "the server restarted while this request ran; it is queued again")
+                self._log(rid, "the server restarted while this request ran; it is queued again")
             self._db.execute("UPDATE jobs SET external=NULL WHERE state='IN_QUEUE' AND external IS NOT NULL")
             return ids
 
+        return self._do("requeueing interrupted requests", lambda: self._tx(write))
+
     def webhooks_due(self) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE state='COMPLETED' AND webhook IS NOT NULL "
-                                    "AND webhook_done=0 ORDER BY seq").fetchall()
+        rows = self._read(lambda: self._db.execute("SELECT * FROM jobs WHERE state='COMPLETED' AND webhook IS NOT "
+                                                   "NULL AND webhook_done=0 ORDER BY seq").fetchall())
         return [self._job(r) for r in rows]
 
     def webhook_delivered(self, request_id: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE jobs SET webhook_done=1 WHERE id=?", (request_id,))
+        self._do("recording a webhook",
+                 lambda: self._db.execute("UPDATE jobs SET webhook_done=1 WHERE id=?", (request_id,)))
 
     def wait(self, predicate, timeout: float) -> bool:
         """Block until ``predicate()`` is true (checked at each change) or ``timeout`` seconds pass."""

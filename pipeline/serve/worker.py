@@ -4,6 +4,12 @@ oldest waiting request from the store, running it with the local pipeline and st
 Progress goes to the request's logs (``step i/n``), which fal's clients read with ``logs=1``; a cancel is seen at
 the next denoising step. Errors are stored in fal's shapes: a request the pipeline refuses answers 422 naming the
 field, anything else 500 with the error's text.
+
+A worker outlives its store: every turn of its loop is guarded, the store retries a transient error (a lock held
+elsewhere, a full disk) with back-off, and a turn that fails anyway costs a pause, not the thread. While a worker's
+turns fail, :meth:`LocalWorkers.health` says why (the HTTP layer answers ``/ready`` and submits with 503), and a
+request a failed turn left IN_PROGRESS is settled as soon as the store takes writes again: failed with 500 when its
+result could not be stored, queued again when it never ran.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import threading
 from ..errors import GenerationCancelled, ImageInputError, RequestError
 from ..images import encode_image
 from .inputs import field_loc, run_request
-from .store import INPUT_NAMES, Job, Store
+from .store import INPUT_NAMES, Job, Store, StoreUnavailable
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
 
@@ -56,6 +62,11 @@ class LocalWorkers:
         self.pipes = pipes
         self.generate = generate
         self.stopping = threading.Event()
+        self.trouble: dict[str, str | None] = {name: None for name in pipes}  # device -> why its last turn failed
+        self._claiming = threading.Lock()  # claiming a request and marking it running are one step for the sweep
+        self._running: set[str] = set()  # ids a thread runs now
+        self._unstored: dict[str, tuple] = {}  # id -> (why its outcome was not stored, result doc, PNGs) or no result
+        self._sweep = False  # a turn failed: look for requests left IN_PROGRESS
         self.threads = [threading.Thread(target=self._loop, args=(name, pipe), name=f"sdxlcn-serve-{name}",
                                          daemon=True) for name, pipe in pipes.items()]
 
@@ -70,6 +81,22 @@ class LocalWorkers:
     def hooks(self) -> frozenset:
         return frozenset()
 
+    def health(self) -> str | None:
+        """None while requests can be taken and run; else why not (the store, or every worker failing)."""
+        problem = self.store.health()
+        if problem:
+            return problem
+        alive = [t.name.rsplit("-", 1)[-1] for t in self.threads if t.is_alive()]
+        if self.threads and self.threads[0].ident is not None and not alive:
+            return "no worker thread is running; restart the server"
+        bad = {d: why for d, why in self.trouble.items() if why}
+        if bad and len(bad) == len(self.trouble):
+            return "every worker fails: " + "; ".join(f"{d}: {why}" for d, why in bad.items())
+        return None
+
+    def ready(self) -> bool:
+        return self.health() is None
+
     def start(self) -> "LocalWorkers":
         for t in self.threads:
             t.start()
@@ -83,12 +110,54 @@ class LocalWorkers:
             t.join(timeout)
 
     def _loop(self, device: str, pipe) -> None:
+        pause = 1.0
         while not self.stopping.is_set():
-            job = self.store.claim()
-            if job is None:
-                self.store.wait(lambda: self.stopping.is_set() or self.store.waiting() > 0, 5.0)
-                continue
-            self.run_one(device, pipe, job)
+            try:  # a turn that fails (the store unreachable past its retries) costs a pause, never the thread
+                if self._sweep or self._unstored:
+                    self._settle()
+                with self._claiming:
+                    job = self.store.claim()
+                    if job is not None:
+                        self._running.add(job.id)
+                if job is None:
+                    self.trouble[device] = None
+                    self.store.wait(lambda: self.stopping.is_set() or self.store.waiting() > 0, 5.0)
+                    continue
+                try:
+                    self.run_one(device, pipe, job)
+                finally:
+                    self._running.discard(job.id)
+                self.trouble[device] = None
+                pause = 1.0
+            except Exception as exc:  # noqa: BLE001
+                self.trouble[device] = f"{type(exc).__name__}: {exc}"
+                self._sweep = True
+                log.error("serve: the worker on %s failed a turn (%s); trying again in %g s", device,
+                          self.trouble[device], pause)
+                self.stopping.wait(pause)
+                pause = min(pause * 2, 30.0)
+
+    def _settle(self) -> None:
+        """Requests a failed turn left IN_PROGRESS: failed (500) when their outcome could not be stored, else queued
+        again. Raises (the store still failing) to be tried at the next turn."""
+        for rid, (why, doc, images) in list(self._unstored.items()):
+            if doc is not None:  # the result is still here: stored now, if the store takes it
+                try:
+                    self.store.complete(rid, doc, images)
+                    self._unstored.pop(rid, None)
+                    log.warning("serve: the result of %s is stored after all", rid)
+                    continue
+                except StoreUnavailable as exc:
+                    why = str(exc)
+            self.store.fail(rid, f"the server could not store this request's outcome ({why}); submit it again",
+                            "runner_error", 500)
+            self._unstored.pop(rid, None)
+        with self._claiming:
+            for job in self.store.jobs("IN_PROGRESS"):
+                if job.id not in self._running and self.store.requeue(
+                        job.id, "a server fault interrupted this request before it ran; it is queued again"):
+                    log.warning("serve: request %s was left in progress by a failed turn; queued again", job.id)
+        self._sweep = False
 
     def run_one(self, device: str, pipe, job: Job) -> None:
         store = self.store
@@ -96,7 +165,11 @@ class LocalWorkers:
 
         def on_step(step, total, _latents=None):
             store.log(job.id, f"step {step}/{total}")
-            if store.cancel_requested(job.id) or self.stopping.is_set():
+            try:
+                cancelled = store.cancel_requested(job.id)
+            except StoreUnavailable:  # a store fault does not stop a run: its cancel is seen at a later step
+                cancelled = False
+            if cancelled or self.stopping.is_set():
                 raise GenerationCancelled("cancelled")
 
         try:
@@ -108,10 +181,18 @@ class LocalWorkers:
                 return  # shutting down: the store requeues it at the next start
             if not isinstance(exc, (GenerationCancelled, RequestError, ImageInputError)):
                 log.exception("serve: request %s failed", job.id)
-            store_failure(store, job.id, exc)
+            try:
+                store_failure(store, job.id, exc)
+            except StoreUnavailable as unstored:
+                self._unstored[job.id] = (str(unstored), None, None)
+                raise
             if not isinstance(exc, Exception):
                 raise
             return
-        store.complete(job.id, doc, images)
+        try:
+            store.complete(job.id, doc, images)
+        except StoreUnavailable as exc:  # never left IN_PROGRESS: stored or failed at a later turn
+            self._unstored[job.id] = (str(exc), doc, images)
+            raise
         store.log(job.id, f"done: {len(images)} image(s), seed {doc['seed']}")
         log.info("serve: request %s done on %s", job.id, device)
