@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
-from .errors import SDXLCNError
+from .errors import RequestError, SDXLCNError
 from .fal.cli import add_fal_fetch_parser, add_remote_arguments
-from .folders import check_output_folder, write_error_text
+from .folders import check_output_folder, comfyui_folder, write_error_text
 from .local.devices import MEMORY_MODES
 from .local.memory_plan import NEEDS_AT_1024 as NEEDS
 from .request_log import cli_command
@@ -32,7 +33,8 @@ def _resolve_image_paths(data: dict, base: Path) -> dict:
     return data
 
 
-def read_request(path: Path):
+def read_request(path: Path, overrides: dict | None = None):
+    """The request in ``path``, with ``overrides`` (fal field -> value, from --steps/--size) in place of its own."""
     from .request import GenerationRequest
 
     try:
@@ -44,7 +46,37 @@ def read_request(path: Path):
     if not isinstance(data, dict):
         raise SDXLCNError(f"--request: {path} holds a JSON {type(data).__name__}; a request is a JSON object "
                           '({"prompt": ..., "image_url": ..., "control_image_url": ...}), as fal takes it')
+    data.update(overrides or {})
     return GenerationRequest.from_dict(_resolve_image_paths(data, path.resolve().parent))
+
+
+def size_option(text: str):
+    """``--size``: WxH (512x512), a fal preset name or none (the control image's size), as fal's ``image_size``."""
+    from .sizes import IMAGE_SIZE_PRESETS, MAX_SIDE, MIN_SIDE, parse_image_size
+
+    value = text.strip().lower()
+    match = re.fullmatch(r"(\d+)\s*[x\u00d7]\s*(\d+)", value)
+    if match:
+        size = {"width": int(match[1]), "height": int(match[2])}
+        try:
+            return parse_image_size(size)
+        except RequestError:
+            raise argparse.ArgumentTypeError(f"{text!r}: each side must be between {MIN_SIDE} and {MAX_SIDE} "
+                                             "pixels") from None
+    if value == "none" or value in IMAGE_SIZE_PRESETS:
+        return parse_image_size(value)
+    raise argparse.ArgumentTypeError(f"{text!r} is not WxH (e.g. 512x512), a preset ({', '.join(IMAGE_SIZE_PRESETS)}) "
+                                     "or none (the control image's size)")
+
+
+def request_overrides(args) -> dict:
+    """The request fields set on the command line (--steps, --size), for a quick run without editing the file."""
+    out = {}
+    if getattr(args, "steps", None) is not None:
+        out["num_inference_steps"] = args.steps
+    if getattr(args, "size", False) is not False:
+        out["image_size"] = args.size
+    return out
 
 
 class TerminalProgress:
@@ -103,7 +135,14 @@ def cmd_generate(args) -> int:
     from .local.lora_fused import preload
     from .result import result_dir, write_result
 
-    request = read_request(Path(args.request))
+    overrides = request_overrides(args)
+    try:
+        request = read_request(Path(args.request), overrides)
+    except RequestError as exc:
+        if exc.field not in overrides:
+            raise
+        option = {"num_inference_steps": "--steps", "image_size": "--size"}[exc.field]
+        raise SDXLCNError(f"{option} {overrides[exc.field]}: {exc}") from None
     if getattr(args, "remote", None) == "fal":
         from .fal.cli import cmd_generate_remote
 
@@ -153,10 +192,20 @@ def cmd_generate(args) -> int:
 def cmd_make_tiny_models(args) -> int:
     from .local.tiny_models import build_tiny_models
 
-    check_output_folder(args.out, "--out")
-    print(f"writing tiny random-weight SDXL + ControlNet models into {args.out} (reused when already there)",
-          file=sys.stderr)
-    paths = build_tiny_models(args.out)
+    comfyui = bool(args.comfyui)
+    out = args.out
+    if out is None:
+        home = comfyui_folder()
+        if home is None:
+            raise SDXLCNError("make-tiny-models: --out DIR is required here (run from ComfyUI's folder as "
+                              "`python custom_nodes/<pack folder> make-tiny-models`, it writes into ComfyUI's models "
+                              "folder)")
+        out, comfyui = home / "models", True
+    check_output_folder(out, "--out")
+    where = "ComfyUI's model folders under " if comfyui else ""
+    print(f"writing tiny random-weight SDXL + ControlNet models and a LoRA into {where}{out} (reused when already "
+          "there); they draw noise-like pictures, for checking an install", file=sys.stderr)
+    paths = build_tiny_models(out, comfyui=comfyui)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
 
@@ -177,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "there is kept: the new one goes to a run_NNN subfolder)")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out instead")
     g.add_argument("--format", choices=["png", "jpeg"], default="png", help="image file format (default png)")
+    g.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="num_inference_steps instead of the request's (int(N x strength) run): e.g. 4 for a quick run")
+    g.add_argument("--size", type=size_option, default=False, metavar="WxH",
+                   help="image_size instead of the request's: WxH (e.g. 512x512; floored to multiples of 8), a fal "
+                        "preset name, or none (the control image's size)")
     g.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
                    help="folder to find LoRAs named by bare file name in the request's loras (repeatable; "
                         "the request file's folder is searched too)")
@@ -213,8 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     add_fal_fetch_parser(sub)
     add_serve_parser(sub)
-    t = sub.add_parser("make-tiny-models", help="write tiny random-weight SDXL + ControlNet models (offline demo and tests)")
-    t.add_argument("--out", required=True, help="folder to write them into")
+    t = sub.add_parser("make-tiny-models", help="write tiny random-weight SDXL + ControlNet models and a LoRA for "
+                                                "them (offline demo, tests, the workflows in workflows/tiny/)")
+    t.add_argument("--out", default=None,
+                   help="folder to write them into (default, when this pack is run from ComfyUI's custom_nodes "
+                        "folder: ComfyUI's models folder, each model in its own folder as with --comfyui)")
+    t.add_argument("--comfyui", action="store_true",
+                   help="--out is ComfyUI's models folder: write tiny-sdxl into diffusers/, tiny-controlnet-canny "
+                        "into controlnet/ and tiny-sdxl-lora.safetensors into loras/, where the tiny workflows "
+                        "find them")
     t.set_defaults(func=cmd_make_tiny_models)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "\n".join(f"---- {name} ----\n{p.format_help()}" for name, p in sub.choices.items())

@@ -43,3 +43,10 @@ def write_error_text(exc: OSError, folder) -> str:
         return f"{exc.filename} is a folder, not a file"
     where = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(folder) else ""
     return f"{exc.strerror or type(exc).__name__}{where}"
+
+
+def comfyui_folder() -> Path | None:
+    """ComfyUI's folder (the one holding custom_nodes/, models/ and user/) when this pack sits in its custom_nodes
+    folder, as ComfyUI-Manager installs it (a link there counts too: the path is not resolved); else None."""
+    pack = Path(os.path.abspath(__file__)).parent.parent
+    return pack.parent.parent if pack.parent.name == "custom_nodes" else None

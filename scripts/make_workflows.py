@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 from sdxl_controlnet_img2img import NODE_CLASS_MAPPINGS  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.local.tiny_models import TINY_NAMES  # noqa: E402
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 EXAMPLE_IMAGE = "sdxlcn_fortress.png"  # copied into ComfyUI's input folder by the pack (nodes/example_inputs.py)
@@ -184,23 +185,29 @@ def fal_graph():
     ]
 
 
+# a few-step LoRA (SDXL-Lightning 4-step) on its card's grid: Euler trailing at the 4 steps it was distilled for
+# (999/749/499/249); img2img at strength 0.95 runs the last int(4 x 0.95) = 3 (749/499/249); CFG 1
+FAST = {"num_inference_steps": 4, "guidance_scale": 1.0, "scheduler": "euler_trailing"}
+# the tiny models (`make-tiny-models`) run at 64x64: a quick check of an install
+TINY_SIZE = {"image_size": "custom", "width": 64, "height": 64}
+
+
 def main(out_root: Path = ROOT):
     real = ("sd_xl_base_1.0.safetensors", "controlnet-canny-sdxl-1.0")
-    tiny = ("tiny-sdxl", "tiny-controlnet-canny")
+    tiny = (TINY_NAMES["checkpoint"], TINY_NAMES["controlnet"])
     graphs = {
         "sdxl_controlnet_img2img": local_graph(*real),
-        "sdxl_controlnet_img2img_lora": local_graph(*real, lora=EXAMPLE_LORA)
-        if "SDXLCNLoraLoader" in NODE_CLASS_MAPPINGS else None,
-        # a few-step LoRA (SDXL-Lightning 4-step) on its card's grid: Euler trailing at the 4 steps it was distilled
-        # for (999/749/499/249); img2img at strength 0.95 runs the last int(4 x 0.95) = 3 (749/499/249); CFG 1
-        "sdxl_controlnet_img2img_fast": local_graph(
-            *real, {"num_inference_steps": 4, "guidance_scale": 1.0, "scheduler": "euler_trailing"},
-            lora="sdxl_lightning_4step_lora.safetensors"),
+        "sdxl_controlnet_img2img_lora": local_graph(*real, lora=EXAMPLE_LORA),
+        "sdxl_controlnet_img2img_fast": local_graph(*real, FAST, lora="sdxl_lightning_4step_lora.safetensors"),
         "sdxl_controlnet_img2img_comfy_models": comfy_models_graph(
             real[0], FOLDER_WEIGHTS[real[1]], EXAMPLE_LORA),
         "sdxl_controlnet_img2img_fal": fal_graph() if "SDXLCNFalImg2Img" in NODE_CLASS_MAPPINGS else None,
-        # tiny offline models, for tests and a quick check of an install (not a template: lives in a subfolder)
-        "tiny/sdxl_controlnet_img2img_tiny": local_graph(*tiny, {"image_size": "custom", "width": 64, "height": 64}),
+        # tiny offline models, for tests and a quick check of an install (not templates: they live in a subfolder);
+        # the LoRA and fast ones with the tiny LoRA. _comfy_models has none: ComfyUI's checkpoint loader recognises
+        # SDXL by its full-size layout (320 channels, 2048-wide text embeddings), which no tiny model has
+        "tiny/sdxl_controlnet_img2img_tiny": local_graph(*tiny, TINY_SIZE),
+        "tiny/sdxl_controlnet_img2img_lora_tiny": local_graph(*tiny, TINY_SIZE, lora=TINY_NAMES["lora"]),
+        "tiny/sdxl_controlnet_img2img_fast_tiny": local_graph(*tiny, {**FAST, **TINY_SIZE}, lora=TINY_NAMES["lora"]),
     }
     for name, graph in graphs.items():
         if graph is None:

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
   sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
-  bash scripts/setup_venv.sh >/dev/null 2>&1
+  bash scripts/setup_venv.sh run >/dev/null 2>&1
   exec .venv/bin/python -m sdxl_controlnet_img2img generate --help
 fi
 # model paths: the leading arguments that are not options (none, or both)
@@ -21,7 +21,7 @@ if [ ${#models[@]} -eq 1 ] || [ ${#models[@]} -gt 2 ]; then
   echo "       bash scripts/run_example.sh --help   shows how" >&2
   exit 2
 fi
-bash scripts/setup_venv.sh
+bash scripts/setup_venv.sh run   # only what running needs (no pytest/playwright)
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 if [ ${#models[@]} -eq 2 ]; then
   CHECKPOINT=${models[0]}; CONTROLNET=${models[1]}

@@ -163,23 +163,53 @@ def tiny_components(seed: int = 0, scale: int = 1):
     }, controlnet
 
 
-def build_tiny_models(root: str | os.PathLike, seed: int = 0, scale: int = 1) -> dict[str, Path]:
-    """Save a tiny SDXL base (diffusers folder) and a tiny ControlNet (diffusers folder) under ``root``.
+# the file or folder name of each tiny model, and the ComfyUI model folder it belongs in (where the tiny workflows,
+# workflows/tiny/ and workflows/api/*_tiny.json, look for it)
+TINY_NAMES = {"checkpoint": "tiny-sdxl", "controlnet": "tiny-controlnet-canny", "lora": "tiny-sdxl-lora.safetensors"}
+COMFYUI_FOLDERS = {"checkpoint": "diffusers", "controlnet": "controlnet", "lora": "loras"}
 
-    Returns ``{"checkpoint": <folder>, "controlnet": <folder>}``. Idempotent: an existing
-    complete build is reused.
+
+def tiny_model_paths(root: str | os.PathLike, comfyui: bool = False) -> dict[str, Path]:
+    """Where :func:`build_tiny_models` puts each model: all in ``root``, or (``comfyui``) ``root`` being ComfyUI's
+    ``models`` folder, each in its own model folder (diffusers/, controlnet/, loras/)."""
+    root = Path(root)
+    return {k: (root / COMFYUI_FOLDERS[k] if comfyui else root) / name for k, name in TINY_NAMES.items()}
+
+
+def build_tiny_models(root: str | os.PathLike, seed: int = 0, scale: int = 1, comfyui: bool = False) -> dict[str, Path]:
+    """Save a tiny SDXL base (diffusers folder), a tiny ControlNet (diffusers folder) and a tiny LoRA for that base
+    (a .safetensors file) under ``root`` (see :func:`tiny_model_paths`).
+
+    Returns ``{"checkpoint": <folder>, "controlnet": <folder>, "lora": <file>}``. Idempotent: each model is written
+    under a temporary name and renamed when complete, so one that exists is complete and is reused.
     """
+    import shutil
+
     from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
 
-    root = Path(root)
-    base_dir = root / "tiny-sdxl"
-    cn_dir = root / "tiny-controlnet-canny"
-    done = root / ".complete"
-    if done.exists():
-        return {"checkpoint": base_dir, "controlnet": cn_dir}
+    paths = tiny_model_paths(root, comfyui)
+    missing = [k for k, p in paths.items() if not p.exists()]
+    if not missing:
+        return paths
     components, controlnet = tiny_components(seed, scale)
-    pipe = StableDiffusionXLControlNetImg2ImgPipeline(**components, controlnet=controlnet)
-    # The base model folder is a plain SDXL layout (no controlnet entry), like stabilityai/stable-diffusion-xl-base-1.0.
+    for kind in missing:
+        final = paths[kind]
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = final.with_name(f".{final.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+        if kind == "checkpoint":
+            pipe = StableDiffusionXLControlNetImg2ImgPipeline(**components, controlnet=controlnet)
+            _save_base(pipe, partial)
+        elif kind == "controlnet":
+            controlnet.save_pretrained(partial)
+        else:
+            write_tiny_lora(components["unet"], partial, seed=seed)
+        os.replace(partial, final)
+    return paths
+
+
+def _save_base(pipe, base_dir: Path) -> None:
+    """A plain SDXL base folder (no controlnet entry), like stabilityai/stable-diffusion-xl-base-1.0."""
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
         getattr(pipe, name).save_pretrained(base_dir / name)
     index = {
@@ -198,9 +228,26 @@ def build_tiny_models(root: str | os.PathLike, seed: int = 0, scale: int = 1) ->
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (base_dir / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    controlnet.save_pretrained(cn_dir)
-    done.write_text("ok", encoding="utf-8")
-    return {"checkpoint": base_dir, "controlnet": cn_dir}
+
+
+def write_tiny_lora(unet, path: str | os.PathLike, seed: int = 0, rank: int = 4, amplitude: float = 0.5) -> Path:
+    """A random-weight LoRA for the tiny UNet, in the diffusers/PEFT layout (``unet.<module>.lora_A.weight`` and
+    ``lora_B.weight`` for each attention projection, as SDXL LoRAs train them), so the LoRA and few-step workflows
+    can run on the tiny models. Its weights are large enough to change the picture visibly."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed + 10)
+    state = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".attentions." in name and name.endswith(
+                (".to_q", ".to_k", ".to_v", ".to_out.0")):
+            state[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=gen) * amplitude
+            state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=gen) * amplitude
+    path = Path(path)
+    save_file(state, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o644)  # safetensors writes its files readable by their owner only
+    return path
 
 
 # ---- tiny safety checker and prompt-expansion model (issue 8) ------------------------------------
