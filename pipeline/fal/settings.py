@@ -96,6 +96,18 @@ def check_endpoint_url(raw: str) -> str:
     return text.rstrip("/")
 
 
+def check_followed_url(url: str) -> None:
+    """Every URL the client sends the key to, a status, result or cancel URL a server answered and each redirect
+    included: https, or http to this machine only; :class:`FalValidationError` before anything is sent otherwise."""
+    parts = urllib.parse.urlsplit(str(url))
+    if parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(parts.hostname or "")):
+        return
+    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"[:120]
+    raise FalValidationError("url", f"the server sent the client on to {shown!r}, not https: the key would travel "
+                                    "in clear text, so nothing was sent there. A self-hosted server must answer https "
+                                    "URLs (serve behind a TLS proxy: --public-url https://... or --trusted-proxy)")
+
+
 def endpoint_url_from_env() -> str | None:
     value = os.environ.get(ENDPOINT_URL_ENV, "").strip()
     return check_endpoint_url(value) if value else None

@@ -33,7 +33,7 @@ from .errors import (
     FalValidationError,
 )
 from .key import redact
-from .settings import ENDPOINT_URL_ENV, CancelCheck, FalSettings, FalStatus, StatusCallback, log
+from .settings import ENDPOINT_URL_ENV, CancelCheck, FalSettings, FalStatus, StatusCallback, check_followed_url, log
 
 
 def received_by_fal(response) -> str | None:
@@ -215,6 +215,7 @@ def make_transport(settings: FalSettings):
                 host, _, port = mapped.partition(":")
                 request.url = request.url.copy_with(host=host, port=int(port) if port else None)
                 request.headers["Host"] = mapped
+            check_followed_url(str(request.url))  # a URL a server answered: never the key in clear text
             try:
                 response = inner.handle_request(request)
             except httpx.TimeoutException as exc:
