@@ -12,7 +12,7 @@ class SDXLCNFromComfyModels:
     DESCRIPTION = ("Makes an SDXL ControlNet pipeline from ComfyUI's own loaded models (Load Checkpoint, Load LoRA, "
                    "Load ControlNet Model): no second copy of the weights, ComfyUI's LoRA stack and memory modes "
                    "apply. The sampler then runs fal's request with diffusers on these models.")
-    CATEGORY = CATEGORY
+    CATEGORY = f"{CATEGORY}/loaders"  # beside the pipeline loader: every node sits in a group under one root
     RETURN_TYPES = ("SDXLCN_PIPELINE",)
     RETURN_NAMES = ("pipeline",)
     OUTPUT_TOOLTIPS = ("For 'SDXL ControlNet Img2Img'. LoRAs: apply them to MODEL/CLIP with ComfyUI's LoRA loader "

@@ -63,7 +63,7 @@ def _full_path(lora_name: str) -> str:
 class SDXLCNLoraLoader:
     DESCRIPTION = ("Adds a LoRA (kohya/A1111 or diffusers SDXL LoRA) at a strength to the pipeline. "
                    "Chain several; switching LoRAs or strengths between runs does not reload the model.")
-    CATEGORY = CATEGORY
+    CATEGORY = f"{CATEGORY}/loaders"  # beside the pipeline loader: every node sits in a group under one root
     RETURN_TYPES = ("SDXLCN_PIPELINE",)
     RETURN_NAMES = ("pipeline",)
     OUTPUT_TOOLTIPS = ("The same pipeline with this LoRA added to its LoRA list.",)

@@ -66,6 +66,25 @@ def test_public_node_contract():
     assert WEB_DIRECTORY == "./web"
 
 
+def test_every_node_sits_in_a_group_under_one_category_root():
+    """ComfyUI's node menu shows categories as folders ("SDXL ControlNet/loaders"): every node is in a group under
+    the one root, none loose beside the groups, and the nodes that make a pipeline share the loaders group."""
+    groups = {name: cls.CATEGORY.split("/") for name, cls in NODE_CLASS_MAPPINGS.items()}
+    assert all(len(parts) == 2 and parts[0] == "SDXL ControlNet" for parts in groups.values()), groups
+    loaders = {groups[name][1] for name in ("SDXLCNLoader", "SDXLCNLoraLoader", "SDXLCNFromComfyModels")}
+    samplers = {groups[name][1] for name in ("SDXLCNImg2Img", "SDXLCNFalImg2Img")}
+    assert loaders == {"loaders"} and samplers == {"sampling"}, groups
+
+
+def test_menus_do_not_depend_on_the_machine():
+    """A saved workflow keeps its widget values on any machine: the menus list every choice everywhere (a `device`
+    of cuda saved on a GPU machine is still a choice here, on the CPU; whether it can run is said when it runs)."""
+    import torch
+
+    devices = NODE_CLASS_MAPPINGS["SDXLCNLoader"].INPUT_TYPES()["optional"]["device"][0]
+    assert not torch.cuda.is_available() and {"auto", "cuda", "xpu", "mps", "cpu"} <= set(devices)
+
+
 def test_sampler_widgets_use_fals_names_and_defaults():
     d = _widget_defaults(NODE_CLASS_MAPPINGS["SDXLCNImg2Img"])
     assert d["controlnet_conditioning_scale"] == 0.5 and d["num_inference_steps"] == 25
