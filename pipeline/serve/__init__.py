@@ -7,10 +7,12 @@ result, in fal's shapes, so fal's own clients (the JS ``@fal-ai/client`` through
 - :mod:`.protocol` the URL layout, ids, fal's error and status shapes (no I/O);
 - :mod:`.inputs` a submitted body checked and its images fetched, before anything is queued (HTTP 422 otherwise);
 - :mod:`.store` the queue and the results in SQLite and files next to it (a restart loses nothing accepted);
-- :mod:`.app` the HTTP handling, independent of the web framework (stdlib here, aiohttp inside ComfyUI);
+- :mod:`.app` the HTTP handling, independent of the web framework; :mod:`.access` who may call it from where (Host,
+  Origin, CORS, proxies) and the base URL its answers name; :mod:`.web` the aiohttp adapter both servers run;
 - :mod:`.worker` one worker per device running the local pipeline; :mod:`.webhook` fal's webhook delivery;
 - :mod:`.fetch` what the server itself fetches and posts (image URLs, webhooks): nothing inside the network;
-- :mod:`.httpd` the stand-alone server and ``serve`` on the command line.
+- :mod:`.server` the stand-alone server (bounded connections, deadlines, TLS); :mod:`.httpd` ``serve`` on the command
+  line; :mod:`.datalock` one server per data folder.
 
-Nothing here imports ComfyUI; ``nodes/serve_routes.py`` mounts :class:`.app.ServeApp` on ComfyUI's server.
+Nothing here imports ComfyUI; ``nodes/serve_routes.py`` mounts the same adapter on ComfyUI's server.
 """
