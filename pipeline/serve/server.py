@@ -162,8 +162,16 @@ class StandaloneServer:
         adapter = Adapter(self.app, executor, body_s=self.limits.body_s, send_continue=True)
         # keepalive_timeout runs from a connection's start and from each answer until a request's headers are
         # whole: the header deadline (and the idle limit); lingering_time bounds the discarding of an unread body
+        # (older aiohttp starts that timer only after a first answer: Connection below covers the first request)
         kwargs = dict(keepalive_timeout=self.limits.header_s, lingering_time=2.0, logger=HTTP_LOG, access_log=None)
         self._web = web.Server(adapter, handler_cancellation=True, **kwargs)
+        made = self._web.request_factory
+
+        def request_factory(message, payload, protocol, writer, task):  # a request's headers are whole
+            protocol.requests = getattr(protocol, "requests", 0) + 1
+            return made(message, payload, protocol, writer, task)
+
+        self._web.request_factory = request_factory
         self._kwargs = kwargs
         accept = asyncio.ensure_future(self._accept())
         ready.set()
@@ -217,11 +225,24 @@ class StandaloneServer:
                 if self._open[peer] <= 0:
                     del self._open[peer]
 
-        server, kwargs = self._web, self._kwargs
+        server, kwargs, header_s = self._web, self._kwargs, self.limits.header_s
 
         class Connection(web.RequestHandler):
+            requests = 0
+            first_due = None
+
+            def connection_made(self, transport):
+                super().connection_made(transport)
+                self.first_due = asyncio.get_running_loop().call_later(header_s, self.first_headers_due)
+
+            def first_headers_due(self):
+                if not self.requests:
+                    self.force_close()
+
             def connection_lost(self, exc):
                 try:
+                    if self.first_due is not None:
+                        self.first_due.cancel()
                     super().connection_lost(exc)
                 finally:
                     release()
