@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..pipeline.local.generate import generate
+from ..pipeline.local.generate import generate, prepare_inputs
 from ..pipeline.local.schedulers import SCHEDULER_TOOLTIP, TIMESTEPS_TOOLTIP, few_step_warning
 from ..pipeline.request import DEFAULT_SCHEDULER, SCHEDULERS, GenerationRequest
 from .comfy_hooks import CATEGORY, Progress, log, send_status
@@ -99,12 +99,17 @@ class SDXLCNImg2Img:
         hooks = _hooks_for(requests[0], pipe)
         per_request = requests[0].steps_to_run * requests[0].num_images
         progress = Progress(per_request * len(requests), unique_id)
+        said = set()
         for k, req in enumerate(requests):
             offset = k * per_request
+            prepared = prepare_inputs(req)
+            for warning in set(prepared.warnings) - said:  # once per run, not once per image of a batch
+                log.warning("SDXLCNImg2Img: %s", warning)
+            said.update(prepared.warnings)
             results.append(generate(
                 pipe, req,
                 on_step=lambda step, _total, latents, o=offset: progress.update(o + step, latents),
-                **hooks,
+                prepared=prepared, **hooks,
             ))
 
 

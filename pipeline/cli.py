@@ -166,9 +166,9 @@ def cmd_generate(args) -> int:
     hooks = _model_hooks(args, request, options)
     from .local.schedulers import few_step_warning
 
-    warning = few_step_warning(request)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    for warning in (*prepared.warnings, few_step_warning(request)):
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     print(f"checked the request, images and model files in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     t = time.perf_counter()
     pipe = load_pipeline(args.checkpoint, args.controlnet, options)

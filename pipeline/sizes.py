@@ -10,10 +10,13 @@ Policy (documented in the README):
   image with ``image_size`` none) is refused with a message naming ``image_size`` and what to pick.
 - Both the init image and the control image are brought to the target size by
   *cover and centre-crop*: scaled (Lanczos) so they cover the target while keeping
-  their aspect ratio, then cropped to it around the centre. Nothing is stretched.
+  their aspect ratio, then cropped to it around the centre. Nothing is stretched. An image scaled up more than
+  :data:`MAX_UPSCALE` times (a 1x1 image with a custom size) is used, with a warning line naming it.
 """
 
 from __future__ import annotations
+
+import math
 
 from .errors import RequestError
 
@@ -29,6 +32,7 @@ IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
 
 MIN_SIDE = 64  # SDXL's UNet needs a latent of at least 8x8
 MAX_SIDE = 4096
+MAX_UPSCALE = 4  # an input scaled up more than this is mostly made-up pixels (blurry, blocky): said in a warning
 MAX_PIXELS = 2048 * 2048  # 4.2 MP: four times SDXL's native 1024x1024; beyond it SDXL repeats itself and memory explodes
 
 
@@ -104,3 +108,15 @@ def cover_resize(image, size: tuple[int, int]):
     resized = image.resize((nw, nh), Image.LANCZOS) if (nw, nh) != (w, h) else image
     left, top = (nw - tw) // 2, (nh - th) // 2
     return resized.crop((left, top, left + tw, top + th))
+
+
+def upscale_warning(field: str, size: tuple[int, int], target: tuple[int, int]) -> str | None:
+    """One line when the image ``field`` of ``size`` is scaled up more than :data:`MAX_UPSCALE` times to cover
+    ``target`` (both (width, height)), naming the smallest size that would not be; else None."""
+    (w, h), (tw, th) = size, target
+    scale = max(tw / w, th / h)
+    if scale <= MAX_UPSCALE:
+        return None
+    return (f"{field} is {w}x{h} and is scaled up {scale:.3g} times to cover {tw}x{th}, so the result will be "
+            f"blurry or blocky; use an image of at least {math.ceil(tw / MAX_UPSCALE)}x{math.ceil(th / MAX_UPSCALE)} "
+            f"(at most {MAX_UPSCALE} times smaller than the output) or a smaller image_size")

@@ -11,7 +11,7 @@ from ..errors import RequestError
 from ..images import load_image
 from ..request import GenerationRequest
 from ..result import GenerationResult
-from ..sizes import cover_resize, parse_image_size, target_size
+from ..sizes import cover_resize, parse_image_size, target_size, upscale_warning
 from .compile import compiled_call
 from .schedulers import custom_timesteps, scheduler_call_kwargs, use_scheduler
 from .vae_decode import LatentsKeeper, auto_vae_tiling, checked_latents, to_pil_checked
@@ -52,6 +52,7 @@ class PreparedInputs:
     control_image: object  # PIL RGB at (width, height): the Canny map when apply_canny
     width: int
     height: int
+    warnings: tuple[str, ...] = ()  # one line each, for the caller to show (an input scaled up a lot)
 
 
 def prepare_inputs(request: GenerationRequest) -> PreparedInputs:
@@ -59,11 +60,13 @@ def prepare_inputs(request: GenerationRequest) -> PreparedInputs:
     control = load_image(request.control_image_url, "control_image_url")
     init = load_image(request.image_url, "image_url")
     width, height = target_size(parse_image_size(request.image_size), control.size)
+    warnings = tuple(w for w in (upscale_warning("image_url", init.size, (width, height)),
+                                 upscale_warning("control_image_url", control.size, (width, height))) if w)
     control = cover_resize(control, (width, height))
     init = cover_resize(init, (width, height))
     if request.apply_canny:
         control = canny_image(control)
-    return PreparedInputs(init, control, width, height)
+    return PreparedInputs(init, control, width, height, warnings)
 
 
 def make_generator(seed: int):
