@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..pipeline import request_log
-from ..pipeline.fal.errors import FalBatchIncomplete, FalCancelled, FalError, FalResultNotSaved
+from ..pipeline.fal.errors import FalBatchIncomplete, FalCancelled, FalError, FalResultNotSaved, FalValidationError
 from .comfy_hooks import folder_paths, log
 
 
@@ -56,6 +56,7 @@ def fetch_ids(ids: list[str], reporter, common: dict):
     stays pending when any id failed."""
     from ..pipeline.fal.client import fetch_remote_result
 
+    refuse_malformed(ids)
     out = output_dir()
     log_dir = common.get("request_log_dir")
     results, saved, failures = [], [], []
@@ -85,6 +86,24 @@ def fetch_ids(ids: list[str], reporter, common: dict):
                        + "; ".join(f"{rid}: {exc}" for rid, exc in failures)
                        + f"). {kept} The failed ids stay in the pending list: fetch them again later.")
     return results, saved, out
+
+
+def refuse_malformed(ids: list[str]) -> None:
+    """Every id is a fal request id (a UUID), or nothing is fetched: one error naming each malformed line. Such an id
+    was never sent (no URL is built from it) and is in no request log, so it cannot "stay pending"."""
+    from ..pipeline.fal.client import check_request_id
+
+    bad = []
+    for n, rid in enumerate(ids, start=1):
+        try:
+            check_request_id(rid)
+        except FalValidationError:
+            bad.append(f"{rid[:60]!r}" + (f" (id {n} of {len(ids)})" if len(ids) > 1 else ""))
+    if bad:
+        raise FalValidationError("request_id", f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not a fal "
+                                               "request id (a UUID such as 3f2b8c1e-0d4a-4b6e-9c7f-1a2b3c4d5e6f); "
+                                               "nothing was sent and nothing fetched: correct or remove "
+                                               f"{'it' if len(bad) == 1 else 'them'} (one id per line)")
 
 
 def batch_of_first_size(results, saved: list[str], out: Path | None, log_dir):

@@ -146,3 +146,22 @@ def test_cancel_on_a_fetch_by_id_only_stops_waiting(fal, user_dir, monkeypatch):
         SDXLCNFalImg2Img().generate(batch(1), batch(1), request_id=rid, **widgets())
     assert fal.cancelled == [] and not any(m == "PUT" for m, _p, _a in fal.calls)
     assert [r["event"] for r in request_log.read(user_dir) if r["request_id"] == rid] == ["submitted"]
+
+
+@pytest.mark.parametrize("typo", ["not-an-id", "3f2b8c1e-0d4a-4b6e-9c7f"])
+def test_a_malformed_id_among_good_ones_sends_nothing_and_says_so_once(fal, user_dir, typo):
+    """A malformed id is refused with every other id before anything is sent: one message, naming the line, that
+    says nothing was sent (it used to be fetched around, then the whole run was told its failed ids "stay in the
+    pending list", which a malformed id never was in)."""
+    from sdxl_controlnet_img2img.pipeline.fal.errors import FalValidationError
+
+    fal.reset(run_s=0.2)
+    good, _img = _pending_request(user_dir, 32, 24, 1)
+    before = len(fal.calls)
+    with pytest.raises(FalValidationError) as err:
+        SDXLCNFalImg2Img().generate(batch(1), batch(1), request_id=f"{good}\n{typo}", **widgets())
+    text = str(err.value)
+    assert text.startswith("request_id: ") and f"'{typo}' (id 2 of 2) is not a fal request id" in text, text
+    assert "nothing was sent" in text and "pending" not in text, text
+    assert fal.calls[before:] == []  # no request of any kind reached fal
+    assert [r["request_id"] for r in request_log.pending(user_dir)] == [good]  # untouched: still to be fetched
