@@ -25,6 +25,7 @@ from test_serve import APP, KEY, call, fal_input, wait_done
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
 
 REQUESTS = "fal-ai/fast-sdxl-controlnet-canny/requests"
+PAGE = "https://app.example:8080"  # the web page origin the serving ComfyUI lists (SDXLCN_SERVE_CORS_ORIGINS)
 MODELS = {"checkpoint": "tiny-sdxl", "controlnet": "tiny-controlnet-canny"}
 
 
@@ -54,7 +55,8 @@ class Servers:
     def _start_serving(self):
         env = {"SDXLCN_SERVE_KEY": KEY, "SDXLCN_SERVE_CHECKPOINT": MODELS["checkpoint"],
                "SDXLCN_SERVE_CONTROLNET": MODELS["controlnet"], "SDXLCN_FAL_URL": None, "FAL_KEY": None,
-               "SDXLCN_SERVE_ALLOW_INTERNAL_URLS": "1"}  # the slow image server below is on 127.0.0.1
+               "SDXLCN_SERVE_ALLOW_INTERNAL_URLS": "1",  # the slow image server below is on 127.0.0.1
+               "SDXLCN_SERVE_CORS_ORIGINS": PAGE}
         return self.serving_stack.enter_context(running_comfyui(self.root / "serving", self.models, env=env,
                                                                 port=self.port))
 
@@ -346,3 +348,19 @@ def test_a_keyless_route_refuses_every_call_while_comfyui_listens_beyond_loopbac
                                     "00000000-0000-0000-0000-000000000000/status", key=None)
         assert code == 403 and "0.0.0.0" in body["detail"] and "key" in body["detail"], body
         assert "refuses every call" in wide.log()
+
+
+def test_cors_in_comfyui_only_for_the_listed_origin(servers):
+    """The route answers its own CORS preflights (ComfyUI's middlewares answered every OPTIONS with 200 and no CORS
+    headers, so no listed page could call it): the listed origin gets them, another none."""
+    preflight = {"Origin": PAGE, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type,x-fal-target-url"}
+    code, _b, headers = call("OPTIONS", f"{servers.url}/proxy", key=None, headers=preflight)
+    assert code == 204 and headers.get("Access-Control-Allow-Origin") == PAGE, (code, headers)
+    assert "x-fal-target-url" in headers["Access-Control-Allow-Headers"]
+    code, _b, headers = call("OPTIONS", f"{servers.url}/proxy", key=None,
+                             headers={**preflight, "Origin": "https://evil.example"})
+    assert code == 403 and not [h for h in headers if h.lower().startswith("access-control-")], headers
+    code, _b, headers = call("GET", f"{servers.url}/{REQUESTS}/00000000-0000-0000-0000-000000000000/status",
+                             headers={"Origin": PAGE})
+    assert code == 404 and headers.get("Access-Control-Allow-Origin") == PAGE
