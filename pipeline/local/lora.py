@@ -27,6 +27,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ModelLoadError
 from ..request import LoraSpec
 from .lora_sources import LoraError, resolve_source
 from .load_lock import load_lock
@@ -85,13 +86,21 @@ def read_lora_file(path: str | os.PathLike, name: str | None = None, allow_pickl
     if is_safetensors(path):
         from safetensors import SafetensorError, safe_open
 
+        from .model_checks import read_safetensors_index
+
+        try:  # the pack's header check: a damaged file, a web page or a cut-off download said in words
+            keys = list(read_safetensors_index(path, "LoRA").shapes)
+        except ModelLoadError as exc:
+            raise LoraError(name, str(exc).removeprefix("LoRA: ")) from None
+        _check_lora_keys(name, keys)
+        if keys_only:
+            return {}
         try:
             with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-                _check_lora_keys(name, keys)
-                return {} if keys_only else {k: f.get_tensor(k) for k in keys}
-        except SafetensorError as exc:
-            raise LoraError(name, f"is not a readable safetensors file ({exc}); is it a LoRA?") from None
+                return {k: f.get_tensor(k) for k in keys}
+        except SafetensorError:
+            raise LoraError(name, f"{path} is not a readable safetensors file (its weights could not be read: it "
+                                  "is damaged); download it again") from None
     _refuse_pickle(path, name, allow_pickle)
     import torch
 

@@ -121,6 +121,25 @@ def _check_layout(path, label: str, start: int, size: int, locations: dict, fix:
                              f"describe: it is corrupt or not one safetensors file. {fix}")
 
 
+def _not_a_header(start: bytes, n: int, size: int) -> str:
+    """Why a file whose first 8 bytes (a safetensors file's header length, ``n``) do not fit is not one, in words,
+    from its first bytes ``start``."""
+    text = start.lstrip()
+    if text[:1] == b"<":
+        return ("it is a web page (HTML), not the model; a page was saved instead of the file (on Hugging Face, "
+                "download from the file's /resolve/ link, not its /blob/ page)")
+    if text.startswith(b"version https://git-lfs"):
+        return ("it is a Git LFS pointer (a small text file that stands for the model), not the model; the repository "
+                "was cloned without Git LFS (run `git lfs pull` there, or download the file itself)")
+    if start and all(32 <= b < 127 or b in b"\t\r\n" for b in start):
+        return "it is a text file, not model weights"
+    if n > _MAX_HEADER:
+        return ("its first bytes are not the start of one (it is damaged, or another kind of file named "
+                ".safetensors)")
+    return (f"its header alone would need {_size(8 + n)} but the whole file is {_size(size)}, so it was cut off (an "
+            "unfinished download or copy)")
+
+
 def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
     """Read and validate a safetensors header; raise ModelLoadError for truncated or corrupt files."""
     path = Path(path)
@@ -134,10 +153,9 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
                 raise ModelLoadError(f"{label}: {path} is {_size(size)}, too short to be a safetensors file. {fix}")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER or 8 + n > size:
-                raise ModelLoadError(
-                    f"{label}: {path} is not a readable safetensors file (its header claims {n} bytes but the file "
-                    f"is {_size(size)}): it is corrupt, truncated, or not safetensors at all. {fix}"
-                )
+                f.seek(0)
+                raise ModelLoadError(f"{label}: {path} is not a readable safetensors file: "
+                                     f"{_not_a_header(f.read(64), n, size)}. {fix}")
             raw = f.read(n)
     except OSError as exc:
         raise unreadable(path, label, exc) from None
@@ -145,8 +163,9 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header ({exc}). {fix}") from None
+    except (UnicodeDecodeError, ValueError):
+        raise ModelLoadError(f"{label}: {path} is not a readable safetensors file: it has a corrupt safetensors header "
+                             f"(the list of its tensors at the start of the file is not readable text). {fix}") from None
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
