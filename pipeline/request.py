@@ -246,6 +246,8 @@ def _check_str(name, value, required=False):
 
 
 def _check_number(name, value, low, high, low_open=False):
+    if isinstance(value, int) and not isinstance(value, bool) and not -1e300 < value < 1e300:
+        raise RequestError(name, f"must be a number in [{low}, {high}], got one of {value.bit_length()} bits")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RequestError(name, f"must be a number, got {value!r}")
     too_low = value <= low if low_open else value < low

@@ -23,7 +23,8 @@ from .access import Access
 from .inputs import Limits, check_submission, check_webhook, refuse_body_size
 from .protocol import (APP, STORAGE_REFUSED, TARGET_HEADER, HttpError, Route, request_urls, route_path, route_target,
                        status_body)
-from .store import Job, QueueFull, Store
+from .disk import LowDisk
+from .store import Job, QueueFull, Store, StoreUnavailable
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
 FAL_QUEUE_BASE = "https://queue.fal.run"  # the URLs a proxied client expects (it sends them through the proxy)
@@ -205,13 +206,20 @@ class ServeApp:
 
     def _submit(self, req: HttpRequest, route) -> Job:
         refuse_body_size(len(req.body), self.limits)
+        why = self.store.health() or getattr(self.backend, "health", lambda: None)()  # never accept and leave
+        if why:
+            raise HttpError(503, f"this server cannot take requests now: {why}", {"Retry-After": "10"})
         args, images = check_submission(req.body, self.limits, self.backend.hooks())
-        webhook = check_webhook((route.query or {}).get("fal_webhook"))
+        webhook = check_webhook((route.query or {}).get("fal_webhook"), self.limits.outbound)
         hook = json.dumps({"url": webhook, "base": self.files_base(req)}) if webhook else None
         try:
             job = self.store.add(args, images, hook, self.limits.max_waiting)
         except QueueFull as exc:
             raise HttpError(429, str(exc), {"Retry-After": "5"}) from None
+        except LowDisk as exc:
+            raise HttpError(507, str(exc)) from None
+        except StoreUnavailable as exc:
+            raise HttpError(503, str(exc), {"Retry-After": "10"}) from None
         log.info("serve: queued request %s (%s, %d waiting)", job.id, APP, self.store.waiting())
         self.backend.queued(job)
         return job

@@ -29,7 +29,7 @@ from .store import INPUT_NAMES
 class Limits:
     max_body_bytes: int = 64 * 1024 * 1024  # a request body (data URIs included)
     max_image_bytes: int = 32 * 1024 * 1024  # one input image, decoded or downloaded
-    max_input_pixels: int = 6144 * 6144  # one input image's pixels (checked before it is decoded)
+    max_input_pixels: int = 4096 * 4096  # one input image's pixels, read from its header before it is decoded
     download_timeout_s: float = 30.0  # one image's whole download, redirects included
     outbound: fetch.Policy = field(default_factory=fetch.Policy.from_env)  # internal addresses image URLs may reach
     max_waiting: int = 100  # waiting requests; more is answered with 429
@@ -91,18 +91,28 @@ def _shown(url: str) -> str:
         return "the URL"
 
 
-def check_image(name: str, data: bytes, limits: Limits):
-    """The decoded image (RGB); 422 when it is no image or too large."""
+def image_size(name: str, data: bytes, limits: Limits) -> tuple[int, int]:
+    """(width, height) from the image's header, nothing decoded; 422 when it is no image or has too many pixels
+    (a 147 KB PNG can declare 6144x6144: decoding it would take 750 MB)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as probe:
             w, h = probe.size
+    except Image.DecompressionBombError:
+        w = h = None
     except Exception:  # noqa: BLE001 - any failure to read is "not an image"
         raise invalid(["body", name], "is not a readable image; give a PNG, JPEG or WebP") from None
-    if w * h > limits.max_input_pixels:
-        raise invalid(["body", name], f"is {w}x{h}, over this server's limit of {limits.max_input_pixels} pixels; "
-                                      "send a smaller image")
+    if w is None or w * h > limits.max_input_pixels:
+        size = "declares more pixels" if w is None else f"is {w}x{h} ({w * h / 1e6:.1f} MP)"
+        raise invalid(["body", name], f"{size} than this server decodes ({limits.max_input_pixels / 1e6:.1f} MP, e.g. "
+                                      "4096x4096); send a smaller image: the output is at most 2048x2048")
+    return w, h
+
+
+def check_image(name: str, data: bytes, limits: Limits):
+    """The decoded image (RGB); 422 when it is no image or too large (checked from its header first)."""
+    image_size(name, data, limits)
     try:
         return decode_image(name, data, "the image")
     except ImageInputError as exc:
@@ -127,6 +137,29 @@ def check_webhook(url: str | None, policy: fetch.Policy | None = None) -> str | 
     return url
 
 
+def refuse_broken_text(data) -> None:
+    """422 naming the first text (a field's name or value, at any depth) holding a lone surrogate such as
+    ``"\\ud800"``: JSON lets one through, but it is no character and cannot be written as UTF-8."""
+    stack = [(data, ["body"])]
+    while stack:
+        value, loc = stack.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            where = loc + [key if isinstance(key, int) else _printable(key)]
+            if isinstance(key, str) and _printable(key) != key:
+                raise invalid(where, "this field's name holds a lone surrogate (\\ud800-\\udfff), which is no "
+                                     "character; send valid UTF-8")
+            if isinstance(item, str) and _printable(item) != item:
+                raise invalid(where, "holds a lone surrogate (\\ud800-\\udfff), which is no character; send "
+                                     "valid UTF-8 text")
+            if isinstance(item, (dict, list)):
+                stack.append((item, where))
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()) -> tuple[dict, dict]:
     """(the request's arguments to store, its input images as bytes): everything checked, images fetched.
 
@@ -134,8 +167,12 @@ def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()
     """
     try:
         data = json.loads(body or b"null")
+    except RecursionError:
+        raise invalid(["body"], "nests too deeply to be read (a request is one flat object)",
+                      "value_error.jsondecode") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid(["body"], f"is not valid JSON ({exc.__class__.__name__})", "value_error.jsondecode") from None
+    refuse_broken_text(data)
     if not isinstance(data, dict):
         raise invalid(["body"], "must be a JSON object: {\"prompt\": ..., \"image_url\": ..., "
                                 "\"control_image_url\": ...}", "type_error.dict")
@@ -152,17 +189,19 @@ def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()
         if getattr(request, name) and name not in hooks:
             raise invalid(["body", name], f"this server runs without a model for {name} (the stand-alone serve "
                                           "loads none); set it to false or leave it out")
-    images, decoded = {}, {}
+    images, sizes = {}, {}
     for name in INPUT_NAMES:
         value = getattr(request, name)
         if not isinstance(value, str):
             raise invalid(["body", name], "must be text: an http(s) URL or a data: URI")
         images[name] = _image_bytes(name, value.strip(), limits)
-        decoded[name] = check_image(name, images[name], limits)
-    try:
-        target_size(request.image_size, decoded["control_image_url"].size)
+        sizes[name] = image_size(name, images[name], limits)
+    try:  # from the header: EXIF rotation swaps the sides, which changes neither the pixels nor the shorter side
+        target_size(request.image_size, sizes["control_image_url"])
     except RequestError as exc:
         raise invalid(field_loc(exc.field), _message(exc)) from None
+    for name in INPUT_NAMES:  # every check passed: now each is decoded once, to know it decodes
+        check_image(name, images[name], limits)
     request = request.with_seed()
     args = request.to_fal_arguments()
     args.update(request.local_only_changes())

@@ -1,8 +1,11 @@
 """The queue and its results on disk: SQLite (``queue.sqlite3``) with one folder per request next to it.
 
-Every accepted request is written (row and input images) before its id is answered, so a restart loses no accepted
-request and no finished result: requests that were running when the process stopped go back to the queue's front.
-Folder and file names come only from ids this server made (UUIDs) and fixed names, never from a request.
+Every accepted request is written (input images synced to disk, then its row) before its id is answered, so a
+restart loses no accepted request and no finished result: requests that were running when the process stopped go
+back to the queue's front. A request's input images are deleted when it ends (completed, failed or cancelled); its
+result (row and images) is deleted ``keep_results_s`` after it ended (7 days unless set; a webhook still due keeps it).
+Below a floor of free space no request is accepted (:class:`~.disk.LowDisk`). Folder and file names come only from
+ids this server made (UUIDs) and fixed names, never from a request.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import disk
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
 INPUT_NAMES = ("image_url", "control_image_url")
@@ -44,6 +49,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     external TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished);
 """
 
 
@@ -84,23 +90,24 @@ class Job:
     external: str | None  # the id of the host's own work item (ComfyUI's prompt id)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    """``data`` in ``path``, on the disk (fsync) when this returns."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class Store:
     """``retry_s``: how long a write keeps retrying a transient error before :class:`StoreUnavailable`; ``busy_s``:
-    how long one attempt waits for SQLite's lock (the store's own lock is held only that long, so readers go on)."""
+    how long one attempt waits for SQLite's lock (the store's own lock is held only that long, so readers go on);
+    ``keep_results_s`` and ``min_free_bytes``: see the module (defaults: ``SDXLCN_SERVE_KEEP_RESULTS_HOURS``, 168,
+    and ``SDXLCN_SERVE_MIN_FREE_MB``, 256)."""
 
-    def __init__(self, folder, *, retry_s: float = 30.0, busy_s: float = 1.0):
+    def __init__(self, folder, *, retry_s: float = 30.0, busy_s: float = 1.0, keep_results_s: float | None = None,
+                 min_free_bytes: int | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "requests").mkdir(exist_ok=True)
         self.retry_s = retry_s
+        if keep_results_s is None:
+            keep_results_s = disk.setting(disk.KEEP_ENV, disk.KEEP_HOURS) * 3600
+        if min_free_bytes is None:
+            min_free_bytes = int(disk.setting(disk.MIN_FREE_ENV, disk.MIN_FREE_MB) * 2**20)
+        self.keep_results_s, self.min_free_bytes = keep_results_s, min_free_bytes
+        self._purged = 0.0  # when expired results were last looked for
         self._problem: str | None = None  # the last write that failed for good, until one succeeds
         self._probed = 0.0
         self._lock = threading.RLock()
@@ -169,7 +176,7 @@ class Store:
             probe = self.folder / ".probe"
             try:
                 with self._lock:
-                    _write_synced(probe, b"ok")
+                    disk.write_synced(probe, b"ok")
                     probe.unlink()
                     self._db.execute("BEGIN IMMEDIATE")
                     self._db.execute("ROLLBACK")
@@ -232,10 +239,12 @@ class Store:
 
     # ---- changing -------------------------------------------------------------------------------
     def add(self, args: dict, images: dict, webhook: str | None = None, max_waiting: int | None = None) -> Job:
-        """Queue a request (its input images written first); :class:`QueueFull` past ``max_waiting``,
-        :class:`StoreUnavailable` when it cannot be written (nothing is left behind then)."""
+        """Queue a request: its input images written and synced first, then its row. :class:`QueueFull` past
+        ``max_waiting``, :class:`~.disk.LowDisk` below the free-space floor, :class:`StoreUnavailable` when it cannot
+        be written (nothing is left behind then)."""
         if any(name not in INPUT_NAMES for name in images):
             raise ValueError(sorted(set(images) - set(INPUT_NAMES)))
+        self.purge_expired()
         rid, token = str(uuid.uuid4()), secrets.token_hex(16)
         folder = self.job_dir(rid)
 
@@ -243,9 +252,12 @@ class Store:
             waiting = self._waiting()
             if max_waiting is not None and waiting >= max_waiting:
                 raise QueueFull(waiting)
+            disk.check_free(self.folder, sum(len(d) for d in images.values()), self.min_free_bytes)
             folder.mkdir(parents=True, exist_ok=True)
             for name, data in images.items():
-                (folder / name).write_bytes(data)
+                disk.write_synced(folder / name, data)
+            disk.sync_dir(folder)
+            disk.sync_dir(folder.parent)
             self._db.execute("INSERT INTO jobs (id, token, state, args, created, webhook) VALUES (?,?,?,?,?,?)",
                              (rid, token, "IN_QUEUE", json.dumps(args), time.time(), webhook))
             self.changed.notify_all()
@@ -253,7 +265,7 @@ class Store:
 
         try:
             return self._do("queueing a request", write)
-        except (QueueFull, StoreUnavailable):
+        except (QueueFull, disk.LowDisk, StoreUnavailable):
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
@@ -301,19 +313,20 @@ class Store:
             log.info("serve: a log line of %s was dropped (%s)", request_id, exc)
 
     def complete(self, request_id: str, result: dict, images: list[bytes]) -> None:
-        """Write the result images, then mark the request COMPLETED with ``result`` (images named by file)."""
+        """Write the result images (each synced, then renamed into place), then mark the request COMPLETED with
+        ``result`` (images named by file); its input images go."""
         folder = self.job_dir(request_id)
 
         def write():
             for i, data in enumerate(images):
-                tmp = folder / f"{i}.png.part"
-                tmp.write_bytes(data)
-                tmp.replace(folder / f"{i}.png")
+                disk.replace_synced(folder / f"{i}.png", data)
+            disk.sync_dir(folder)
             self._db.execute("UPDATE jobs SET state='COMPLETED', finished=?, result=? WHERE id=?",
                              (time.time(), json.dumps(result), request_id))
             self.changed.notify_all()
 
         self._do("storing a result", write)
+        self._drop_inputs(request_id)
 
     def _fail(self, request_id: str, error: str, error_type: str, status: int = 500, detail=None) -> None:
         self._db.execute("UPDATE jobs SET state='COMPLETED', finished=?, error=?, error_type=?, error_status=?, "
@@ -323,7 +336,9 @@ class Store:
         self.changed.notify_all()
 
     def fail(self, request_id: str, error: str, error_type: str, status: int = 500, detail=None) -> None:
+        """The request ends with an error (unless it had ended); its input images go."""
         self._do("storing a failure", lambda: self._fail(request_id, error, error_type, status, detail))
+        self._drop_inputs(request_id)
 
     def cancel(self, request_id: str) -> str:
         """"cancelled" (it was waiting: it never runs), "requested" (running: stopped at its next step), "done"."""
@@ -337,7 +352,41 @@ class Store:
                 return "cancelled"
             return "requested"
 
-        return self._do("cancelling a request", lambda: self._tx(write))
+        outcome = self._do("cancelling a request", lambda: self._tx(write))
+        if outcome == "cancelled":
+            self._drop_inputs(request_id)
+        return outcome
+
+    def _drop_inputs(self, request_id: str) -> None:
+        """An ended request's input images (best effort: what stays is deleted with its folder when it expires)."""
+        for name in INPUT_NAMES:
+            try:
+                (self.job_dir(request_id) / name).unlink(missing_ok=True)
+            except OSError as exc:
+                log.info("serve: the input %s of %s stays until the result expires (%s)", name, request_id, exc)
+
+    def purge_expired(self, force: bool = False) -> int:
+        """Deletes the requests that ended more than ``keep_results_s`` ago (row and folder), except those whose
+        webhook is still due; at most once a minute unless ``force``. How many went."""
+        now = time.monotonic()
+        if not force and now - self._purged < 60.0:
+            return 0
+        self._purged = now
+        cutoff = time.time() - self.keep_results_s
+        try:
+            ids = [r["id"] for r in self._read(lambda: self._db.execute(
+                "SELECT id FROM jobs WHERE state='COMPLETED' AND finished<? AND (webhook IS NULL OR webhook_done=1)",
+                (cutoff,)).fetchall())]
+            for rid in ids:  # the row first: a folder without its row is never served, a row without files would be
+                self._do("deleting an expired result",
+                         lambda rid=rid: self._db.execute("DELETE FROM jobs WHERE id=?", (rid,)))
+                shutil.rmtree(self.job_dir(rid), ignore_errors=True)
+        except StoreUnavailable as exc:
+            log.warning("serve: expired results stay for now (%s)", exc)
+            return 0
+        if ids:
+            log.info("serve: deleted %d result(s) older than %g h", len(ids), self.keep_results_s / 3600)
+        return len(ids)
 
     def cancel_requested(self, request_id: str) -> bool:
         row = self._read(lambda: self._db.execute("SELECT cancel FROM jobs WHERE id=?", (request_id,)).fetchone())
@@ -370,6 +419,9 @@ class Store:
         return self._do("requeueing interrupted requests", lambda: self._tx(write))
 
     def webhooks_due(self) -> list[Job]:
+        """Finished requests whose webhook was not delivered (read by the webhook thread's every turn, which also
+        deletes expired results, at most once a minute)."""
+        self.purge_expired()
         rows = self._read(lambda: self._db.execute("SELECT * FROM jobs WHERE state='COMPLETED' AND webhook IS NOT "
                                                    "NULL AND webhook_done=0 ORDER BY seq").fetchall())
         return [self._job(r) for r in rows]

@@ -15,6 +15,7 @@ result could not be stored, queued again when it never ran.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 
 from ..errors import GenerationCancelled, ImageInputError, RequestError
@@ -138,8 +139,9 @@ class LocalWorkers:
                 pause = min(pause * 2, 30.0)
 
     def _settle(self) -> None:
-        """Requests a failed turn left IN_PROGRESS: failed (500) when their outcome could not be stored, else queued
-        again. Raises (the store still failing) to be tried at the next turn."""
+        """Requests a failed turn left IN_PROGRESS: a result kept in memory is stored (failed with 500 when its files
+        cannot be written), a failure stored, others queued again. Raises (the store still failing) to be tried at
+        the next turn."""
         for rid, (why, doc, images) in list(self._unstored.items()):
             if doc is not None:  # the result is still here: stored now, if the store takes it
                 try:
@@ -148,6 +150,8 @@ class LocalWorkers:
                     log.warning("serve: the result of %s is stored after all", rid)
                     continue
                 except StoreUnavailable as exc:
+                    if isinstance(exc.__cause__, sqlite3.DatabaseError):
+                        raise  # the database refused, not the files: the result is stored at a later turn
                     why = str(exc)
             self.store.fail(rid, f"the server could not store this request's outcome ({why}); submit it again",
                             "runner_error", 500)
