@@ -77,7 +77,8 @@ def _fal_options(timeout_s) -> dict:
 
 
 class _Reporter:
-    """fal status -> ComfyUI's progress bar, a websocket message for the frontend, and the server log."""
+    """fal status -> ComfyUI's progress bar and a websocket message for the frontend (the server log gets the fal
+    client's own lines)."""
 
     def __init__(self, n_requests: int, node_id):
         self.node_id = node_id
@@ -95,10 +96,7 @@ class _Reporter:
             with self.lock:
                 self.values[index] = max(self.values[index], _PROGRESS.get(st.state, 0))
                 value = sum(self.values)
-            for line in st.logs:
-                log.info("fal %s: %s", st.request_id, line)
-            if st.state == "IN_QUEUE":
-                log.info("fal %s: in queue, position %s", st.request_id, st.queue_position)
+            # the log has the client's lines (one per status change and per fal log line): not said again here
             send_status(STATUS_EVENT, {
                 "node": self.node_id, "request_id": st.request_id, "state": st.state,
                 "queue_position": st.queue_position, "elapsed": round(st.elapsed, 1),

@@ -91,6 +91,10 @@ def vae_choices() -> list[str]:
     return ["none"] + _files_and_folders("vae")
 
 
+def _is_folder(folder_name: str, name: str) -> bool:
+    return any(os.path.isdir(os.path.join(root, name)) for root in _folders(folder_name))
+
+
 def resolve(kind: str, name: str) -> str:
     """The full path of a combo value; raises with the folder to put it in when it is gone. Inside ComfyUI only a
     name in its model folders resolves (as the dropdowns list them): a workflow cannot name any other file."""
@@ -99,7 +103,9 @@ def resolve(kind: str, name: str) -> str:
         return name  # outside ComfyUI (scripts, tests): a path. Inside, only what the model folders list
     if fp is not None:
         folder = {"checkpoint": "checkpoints", "controlnet": "controlnet", "vae": "vae"}[kind]
-        path = fp.get_full_path(folder, name)
+        # a folder's name is not asked of get_full_path (files only): for a linked folder it logs "WARNING path ...
+        # exists but doesn't link anywhere, skipping", untrue, at every run
+        path = None if _is_folder(folder, name) else fp.get_full_path(folder, name)
         if path:
             return path
         marker = "model_index.json" if kind == "checkpoint" else "config.json"

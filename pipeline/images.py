@@ -8,6 +8,7 @@ import io
 import os
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 
 from .errors import ImageInputError
@@ -17,12 +18,25 @@ DOWNLOAD_TIMEOUT_S = 30.0
 
 
 def decode_image(field: str, data: bytes, where: str):
-    """Decode image bytes to an RGB PIL image (EXIF applied, alpha on white); errors name ``field`` and ``where``."""
+    """Decode image bytes to an RGB PIL image (EXIF applied, alpha on white); errors name ``field`` and ``where``.
+
+    Pillow's decompression-bomb guard warns (``DecompressionBombWarning``, a line naming Pillow's own file) above
+    89.5 MP and refuses above twice that with a bare exception: the warning is left out (the size rules say what
+    a large image means for the run, sizes.py), the refusal is the pack's error naming the input."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except Image.DecompressionBombError:
+        from .sizes import MAX_PIXELS
+
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ImageInputError(field, f"{where} is larger than {limit / 1e6:.0f} MP, more than this pack decodes (a "
+                                     "guard against images made to exhaust memory); scale it down (SDXL runs at up "
+                                     f"to {MAX_PIXELS / 1e6:.1f} MP) and use that") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageInputError(field, f"{where} is not a readable image ({exc.__class__.__name__}); give a PNG, JPEG or WebP") from None
     img = ImageOps.exif_transpose(img)

@@ -71,7 +71,7 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
     recover = _recovery(request_id, request_log_dir, recorded)
     handle = handle_factory()
     seen_logs = 0
-    last_state = None
+    last_state = last_pos = None
     t_wait = time.perf_counter()
     try:
         while True:
@@ -86,11 +86,14 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
                 state, pos = "IN_PROGRESS", None
             else:
                 state, pos = "COMPLETED", None
-            for line in new:
+            # the log: one line per status change and fal's new lines once each (those a finished request's answer
+            # brings came before it finished)
+            said = [_said(state, pos, time.monotonic() - started)] if (state, pos) != (last_state, last_pos) else []
+            for line in (new + said) if state == "COMPLETED" else (said + new):
                 log.info("fal %s: %s", request_id, line)
             if on_status is not None and (new or state != last_state or state == "IN_QUEUE"):
                 notify(on_status, FalStatus(request_id, state, pos, new, time.monotonic() - started))
-            last_state = state
+            last_state, last_pos = state, pos
             if isinstance(status, fal_client.Completed):
                 if status.error:
                     raise FalRequestFailed(
@@ -121,6 +124,15 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
     if record_completed:
         request_log.record(request_log_dir, "completed", request_id, endpoint=endpoint)
     return result
+
+
+def _said(state: str, position, elapsed: float) -> str:
+    """A status change as the log says it."""
+    if state == "IN_QUEUE":
+        return f"in fal's queue, position {position}" if position is not None else "in fal's queue"
+    if state == "IN_PROGRESS":
+        return "running"
+    return f"done (waited {elapsed:.1f} s)"
 
 
 def _status(handle):

@@ -1,15 +1,20 @@
 """What the remote path talks to and how patiently: the endpoint, network settings, the status record.
 
 The logger lives here too, with the key-redacting filter on it, so every module of the fal client
-logs through it.
+logs through it; and the filter that keeps httpx's "HTTP Request: GET ..." INFO line per call out of the log for
+the calls the pack makes (:func:`own_http_calls`): a status poll every half second filled ComfyUI's log, twice
+over (fal-client's transport sends each request through a second httpx client, which logs it again). The client
+says what matters in its own lines: one per status change, per line of fal's log, per retry.
 """
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import logging
 import os
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +32,30 @@ ENDPOINT_URL_ENV = "SDXLCN_FAL_URL"
 log = logging.getLogger("sdxl_controlnet_img2img.fal")
 if not any(isinstance(f, RedactingFilter) for f in log.filters):
     log.addFilter(RedactingFilter())
+
+_OWN_CALL = contextvars.ContextVar("sdxlcn_fal_own_http_call", default=False)
+
+
+class _DropOwnRequestLines(logging.Filter):
+    """On httpx's logger: drops the records of calls made inside :func:`own_http_calls` (others' stay)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _OWN_CALL.get()
+
+
+@contextmanager
+def own_http_calls():
+    """httpx's per-request log lines stay out of the log for the calls made in this block (in this thread)."""
+    token = _OWN_CALL.set(True)
+    try:
+        yield
+    finally:
+        _OWN_CALL.reset(token)
+
+
+_httpx_log = logging.getLogger("httpx")
+if not any(isinstance(f, _DropOwnRequestLines) for f in _httpx_log.filters):
+    _httpx_log.addFilter(_DropOwnRequestLines())
 
 
 @dataclass(frozen=True)

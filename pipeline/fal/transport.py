@@ -33,7 +33,8 @@ from .errors import (
     FalValidationError,
 )
 from .key import redact
-from .settings import ENDPOINT_URL_ENV, CancelCheck, FalSettings, FalStatus, StatusCallback, check_followed_url, log
+from .settings import (ENDPOINT_URL_ENV, CancelCheck, FalSettings, FalStatus, StatusCallback, check_followed_url, log,
+                       own_http_calls)
 
 
 def received_by_fal(response) -> str | None:
@@ -326,7 +327,8 @@ class Waiter:
 
         def target():
             try:
-                box["value"] = fn()
+                with own_http_calls():  # httpx's line per request stays out of the log: ours say what matters
+                    box["value"] = fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 box["error"] = exc
             finally:

@@ -12,6 +12,8 @@ So every step of the pack's loads that runs under such patches (building an empt
 ``from_single_file``) or registers parameters (filling a model) holds :func:`load_lock`: two loads in one process
 take turns there (reading the files, most of a load, is outside it). The lock is re-entrant, and when the outermost
 block ends, whatever it patched is put back as it was at its start, even where a library left something behind.
+Being where every load passes, it is also where the libraries' progress bars are turned off for the load
+(:func:`.quiet.no_progress_bars`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import sys
 import threading
 from contextlib import contextmanager, nullcontext
+
+from .quiet import no_progress_bars
 
 _lock = threading.RLock()
 _depth = [0]  # blocks held by the thread that holds the lock (changed only while holding it)
@@ -46,8 +50,8 @@ def _patchable() -> list[tuple[object, str]]:
 @contextmanager
 def load_lock():
     """Hold the process's load lock for the block (see the module's doc); the outermost block puts back the patched
-    globals as they were when it began."""
-    with _lock:
+    globals as they were when it began; diffusers' and transformers' progress bars stay off meanwhile."""
+    with _lock, no_progress_bars():
         _depth[0] += 1
         before = [(owner, name, vars(owner)[name]) for owner, name in _patchable() if name in vars(owner)] \
             if _depth[0] == 1 else []

@@ -298,6 +298,10 @@ def load_lora(pipe, source: str, lora_dirs=None, allow_pickle: bool = False, **r
         raise LoraError(source, f"could not be applied to this model ({exc.__class__.__name__}: {exc})") from None
     loaded = LoadedLora(source, str(path), adapter, fmt, dict(info.modules), tuple(info.skipped))
     kept[key] = loaded
+    others = len(kept) - 1  # PEFT's own warning for a second adapter is silenced (quiet.py): this line says it
+    log.info("LoRA %s: loaded%s", Path(path).name,
+             f" (kept beside {others} other LoRA{'s' if others > 1 else ''}: switching between them reads no file)"
+             if others else "")
     return loaded
 
 

@@ -8,17 +8,27 @@
   ``pipeline.local`` is imported, so it applies before diffusers/transformers are (with torchvision installed the
   transformers message never comes).
 - :class:`quiet_libraries` silences diffusers/transformers below errors for the span of one call whose own
-  warnings we report better (LoRA loading lists other adapters' weights as "missing").
+  warnings we report better (LoRA loading lists other adapters' weights as "missing"), and PEFT's "Already found a
+  `peft_config`" warning, which every LoRA after the first raises: keeping several adapters is what the pack does
+  (the LoRA loader says in its own line how many it keeps).
+- :func:`no_progress_bars` turns off diffusers' and transformers' tqdm bars ("Loading pipeline components...",
+  "Loading weights") while any pack load runs (the load lock holds it): in ComfyUI's log they were screens of
+  carriage-return lines per load; the pack says what it loaded, and in how long, in one line of its own.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import warnings
+from contextlib import contextmanager
 
 _NOISE = {
     "diffusers.models.modeling_utils": "that should be kept in float32: []",
     "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
 }
+# PEFT's warnings.warn when a second adapter joins a model (peft/tuners/tuners_utils.py)
+PEFT_SECOND_ADAPTER = r"Already found a `peft_config` attribute in the model"
 
 
 class _DropMessage(logging.Filter):
@@ -42,7 +52,8 @@ def drop_known_noise() -> None:
 
 
 class quiet_libraries:
-    """Silence diffusers'/transformers' warnings for one call (restored afterwards)."""
+    """Silence diffusers'/transformers' warnings and PEFT's second-adapter warning for one call (restored
+    afterwards)."""
 
     def __enter__(self):
         import diffusers.utils.logging as dl
@@ -51,9 +62,46 @@ class quiet_libraries:
         self._levels = [(m, m.get_verbosity()) for m in (dl, tl)]
         for m, _ in self._levels:
             m.set_verbosity_error()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message=PEFT_SECOND_ADAPTER, category=UserWarning)
         return self
 
     def __exit__(self, *exc):
+        self._warnings.__exit__(*exc)
         for m, level in self._levels:
             m.set_verbosity(level)
         return False
+
+
+_bars = threading.Lock()
+_bars_held = [0, []]  # blocks open in any thread, [(module, enabled before the first)]
+
+
+def _bar_modules() -> list:
+    import diffusers.utils.logging as dl
+    import transformers.utils.logging as tl
+
+    return [dl, tl]
+
+
+@contextmanager
+def no_progress_bars():
+    """diffusers' and transformers' progress bars off while any such block is open (in any thread); the first block
+    to open records whether each was on, the last to close puts that back."""
+    with _bars:
+        if _bars_held[0] == 0:
+            _bars_held[1] = [(m, m.is_progress_bar_enabled()) for m in _bar_modules()]
+            for m, _ in _bars_held[1]:
+                m.disable_progress_bar()
+        _bars_held[0] += 1
+    try:
+        yield
+    finally:
+        with _bars:
+            _bars_held[0] -= 1
+            if _bars_held[0] == 0:
+                for m, enabled in _bars_held[1]:
+                    if enabled:
+                        m.enable_progress_bar()
+                _bars_held[1] = []
