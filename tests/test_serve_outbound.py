@@ -278,3 +278,27 @@ def test_a_webhook_inside_the_network_is_refused_at_submit(tmp_path, no_internal
     finally:
         server.stop_all()
         site.close()
+
+
+def test_the_operator_allows_internal_networks_with_serves_option(monkeypatch):
+    """``serve --allow-internal-urls NETWORKS`` (or ``all``) is the policy image URLs and webhooks get; a bad entry
+    is one error line naming the option."""
+    import argparse
+
+    from sdxl_controlnet_img2img.pipeline.errors import SDXLCNError
+    from sdxl_controlnet_img2img.pipeline.serve.httpd import add_serve_parser, outbound_policy
+
+    monkeypatch.delenv(ENV, raising=False)
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+
+    def policy(*extra):
+        return outbound_policy(parser.parse_args(["serve", "--checkpoint", "c", "--controlnet", "n", *extra]))
+
+    assert policy().refuses("127.0.0.1") and policy().refuses("10.1.2.3") and not policy().refuses("8.8.8.8")
+    some = policy("--allow-internal-urls", "10.0.0.0/8,127.0.0.1")
+    assert not some.refuses("10.1.2.3") and not some.refuses("127.0.0.1") and not some.refuses("::ffff:10.0.0.1")
+    assert some.refuses("127.0.0.2") and some.refuses("169.254.169.254")
+    assert not policy("--allow-internal-urls").refuses("169.254.169.254")  # the flag alone: all
+    with pytest.raises(SDXLCNError, match="--allow-internal-urls: 'bogus'"):
+        policy("--allow-internal-urls", "10.0.0.0/8,bogus")

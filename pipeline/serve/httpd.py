@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .access import is_loopback, parse_origins, parse_proxies
 from .app import ServeApp
+from .fetch import Policy
 from .inputs import Limits
 from .server import StandaloneServer
 
@@ -79,12 +80,35 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
                    help="address of a reverse proxy in front of this server whose X-Forwarded-Proto and "
                         "X-Forwarded-Host are believed for the URLs it answers (repeatable); others are ignored")
+    p.add_argument("--allow-internal-urls", nargs="?", const="all", default=None, metavar="NETWORKS",
+                   help="let image URLs and webhooks reach addresses inside the network (loopback, private, "
+                        "link-local): all of them, or only the networks listed (e.g. 10.0.0.0/8,192.168.1.20). "
+                        "Default: none, or SDXLCN_SERVE_ALLOW_INTERNAL_URLS")
+    p.add_argument("--keep-results-hours", type=float, default=None,
+                   help="hours a finished request's result stays fetchable before it is deleted (default 168, 7 days, "
+                        "or SDXLCN_SERVE_KEEP_RESULTS_HOURS)")
+    p.add_argument("--min-free-mb", type=float, default=None,
+                   help="free disk space in MiB below which submits get HTTP 507 (default 256, or "
+                        "SDXLCN_SERVE_MIN_FREE_MB)")
     p.set_defaults(func=cmd_serve)
+
+
+def outbound_policy(args) -> Policy:
+    """``--allow-internal-urls`` (else ``SDXLCN_SERVE_ALLOW_INTERNAL_URLS``); one error line naming a bad entry."""
+    if getattr(args, "allow_internal_urls", None) is None:
+        return Policy.from_env()
+    try:
+        return Policy.parse(args.allow_internal_urls)
+    except ValueError as exc:
+        from ..errors import SDXLCNError
+
+        raise SDXLCNError(f"--allow-internal-urls: {exc}") from None
 
 
 def build_app(store, backend, args, key) -> ServeApp:
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                    max_image_bytes=int(args.max_image_mb * 1024 * 1024), max_waiting=args.max_queue)
+                    max_image_bytes=int(args.max_image_mb * 1024 * 1024), max_waiting=args.max_queue,
+                    outbound=outbound_policy(args))
     return ServeApp(store, backend, key=key, limits=limits, public_url=args.public_url,
                     cors_origins=parse_origins(args.cors_origin, "--cors-origin"),
                     trusted_proxies=parse_proxies(args.trusted_proxy, "--trusted-proxy"))
@@ -105,6 +129,7 @@ def check_options(args, key) -> None:
                           f"{KEY_ENV} or --key-file")
     parse_origins(args.cors_origin, "--cors-origin")
     parse_proxies(args.trusted_proxy, "--trusted-proxy")
+    outbound_policy(args)
 
 
 def raise_open_files_limit(want: int = 8192) -> None:
@@ -145,6 +170,10 @@ def cmd_serve(args) -> int:
 
     lock = lock_folder(args.data_dir)  # held until the process ends
     store = open_store(args.data_dir)
+    if args.keep_results_hours is not None:
+        store.keep_results_s = args.keep_results_hours * 3600
+    if args.min_free_mb is not None:
+        store.min_free_bytes = int(args.min_free_mb * 2**20)
     raise_open_files_limit()
     try:
         server = StandaloneServer(None, args.host, args.port, args.tls_cert, args.tls_key)
@@ -180,7 +209,7 @@ def serve_loaded(args, key, store, server) -> int:
         raise
     workers = LocalWorkers(store, pipes)
     server.app = build_app(store, workers, args, key)
-    hooks = Webhooks(store, server.app.payload_for).start()
+    hooks = Webhooks(store, server.app.payload_for, server.app.limits.outbound).start()
     workers.start()
     server.start()
     if key is None:
