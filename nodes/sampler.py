@@ -14,6 +14,7 @@ from .sampler_inputs import (
     SAMPLER_RETURN_NAMES,
     SAMPLER_RETURN_TYPES,
     build_requests,
+    check_prompt,
     image_inputs,
     request_widgets,
 )
@@ -61,6 +62,11 @@ class SDXLCNImg2Img:
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt=None):
+        """An empty prompt is refused when the workflow is queued (see :func:`.sampler_inputs.check_prompt`)."""
+        return check_prompt(prompt)
 
     def sample(self, pipeline, image, control_image, apply_canny=True, fallback="off", scheduler=DEFAULT_SCHEDULER,
                control_start=0.0, control_end=1.0, timesteps="", unique_id=None, **widgets):

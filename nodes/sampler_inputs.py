@@ -50,6 +50,15 @@ def request_widgets() -> dict:
     }
 
 
+def check_prompt(prompt=None):
+    """The samplers' VALIDATE_INPUTS: an empty prompt (a fresh node's) is refused when the workflow is queued, on
+    the prompt input, before anything loads or is paid for. It takes only ``prompt``: ComfyUI 0.8.0 pins the answer to
+    every argument it takes. A prompt linked from another node is not known yet (None) and is checked when it runs."""
+    if isinstance(prompt, str) and not prompt.strip():
+        return "is empty: write what to generate (fal's prompt is required)"
+    return True
+
+
 def image_inputs() -> dict:
     return {
         "image": ("IMAGE", {"tooltip": "Init image(s). A batch of B gives B x num_images results."}),

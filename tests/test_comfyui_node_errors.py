@@ -126,3 +126,31 @@ def test_a_file_of_the_wrong_kind_is_one_error(server):
     assert len(runs) == 1 and runs[0]["node_id"] == LOADER, runs
     message = runs[0]["exception_message"]
     assert message.startswith("checkpoint: ") and "ControlNet" in message, message
+
+
+SAMPLER = "4"
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n"])
+def test_an_empty_prompt_is_refused_when_queued_once_on_prompt(server, prompt):
+    """A fresh sampler's prompt is empty: the workflow is refused at /prompt, on the prompt input, once, before the
+    pipeline loads (it used to load the models and fail when the sampler ran)."""
+    wf = workflow()
+    wf[SAMPLER]["inputs"]["prompt"] = prompt
+    shape, errors = refused(server, wf)
+    assert shape == {SAMPLER: [("custom_validation_failed", "prompt")]}, errors
+    assert "is empty: write what to generate" in details(errors, SAMPLER)
+
+
+def test_a_prompt_from_another_node_is_checked_when_it_runs(server):
+    """A linked prompt is unknown at /prompt: it validates, runs, and an empty one is refused when the sampler runs."""
+    wf = workflow()
+    wf["20"] = {"class_type": "StringConcatenate", "inputs": {"string_a": "ice", "string_b": "fortress",
+                                                              "delimiter": " "}}
+    wf[SAMPLER]["inputs"]["prompt"] = ["20", 0]
+    entry = server.wait_history(server.queue_prompt(wf))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    wf["20"]["inputs"].update(string_a="", string_b="")
+    runs = _run_error(server, wf)
+    assert len(runs) == 1 and runs[0]["node_id"] == SAMPLER, runs
+    assert runs[0]["exception_message"].startswith("prompt: is required"), runs

@@ -303,3 +303,12 @@ def test_pickles_are_refused_on_a_torch_whose_weights_only_is_unsafe():
     with pytest.raises(ValueError, match=r"lora: pickle files are refused on torch 2\.5.*2\.6 or newer"):
         refuse_unsafe_torch("lora", (2, 5))
     refuse_unsafe_torch("lora", (2, 6))  # 2.6 and newer read pickles with weights_only
+
+
+def test_the_sampler_refuses_an_empty_prompt_when_queued():
+    """ComfyUI calls VALIDATE_INPUTS with the prompt when it is a widget value, and without it when it comes from
+    another node (then it is checked when the sampler runs)."""
+    validate = NODE_CLASS_MAPPINGS["SDXLCNImg2Img"].VALIDATE_INPUTS
+    assert validate(prompt="a cat") is True and validate() is True
+    for empty in ("", "  \n"):
+        assert validate(prompt=empty) == "is empty: write what to generate (fal's prompt is required)"
