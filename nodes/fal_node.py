@@ -122,7 +122,9 @@ class SDXLCNFalImg2Img:
     CATEGORY = f"{CATEGORY}/sampling"
     RETURN_TYPES = SAMPLER_RETURN_TYPES
     RETURN_NAMES = SAMPLER_RETURN_NAMES
-    OUTPUT_TOOLTIPS = SAMPLER_OUTPUT_TOOLTIPS
+    # fal seeds each request once (every image of it from that seed), not seed + i per image as the local sampler
+    OUTPUT_TOOLTIPS = (SAMPLER_OUTPUT_TOOLTIPS[0], "The seed of the first request (fal seeds a request once: its "
+                       "images all come from that seed).", *SAMPLER_OUTPUT_TOOLTIPS[2:])
     FUNCTION = "generate"
 
     @classmethod
@@ -255,7 +257,8 @@ def _fal_widgets() -> dict:
     widgets = request_widgets()
     kind, opts = widgets["seed"]
     widgets["seed"] = (kind, {**opts, "tooltip": "fal's seed for the request: fal seeds a request's num_images once "
-                                                 "(not seed + i per image as the local sampler does)."})
+                                                 "(not seed + i per image as the local sampler does). An input batch "
+                                                 "of B images is B requests: request k gets seed + k x num_images."})
     return widgets
 
 

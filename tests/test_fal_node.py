@@ -224,3 +224,21 @@ def test_a_partly_failed_batch_that_cannot_be_saved_keeps_its_ids_pending(fal, u
     assert str(output) in str(err) and all(rid in str(err) for rid in completed)
     pending = {r["request_id"] for r in request_log.pending(user_dir)}
     assert set(completed) < pending and len(pending) == 3  # nothing saved, nothing marked completed
+
+
+def test_seeding_is_told_alike_by_the_readme_and_the_node(fal, user_dir):
+    """What fal does, in its own answers (the test server speaks fal's protocol: one seed per request, the one asked
+    for): the README's fal column and the node's tooltips say the same, and never 'seed + i' for fal's images."""
+    fal.reset(run_s=0.1)
+    SDXLCNFalImg2Img().generate(batch(2), batch(1), **widgets(num_images=2, seed=40))
+    assert sorted(j.args["seed"] for j in fal.jobs.values()) == [40, 42]  # request k: seed + k x num_images
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    row = next(line for line in readme.read_text().splitlines() if line.startswith("| `seed`"))
+    fal_column = row.split(" | ")[2]
+    tooltip = SDXLCNFalImg2Img.INPUT_TYPES()["required"]["seed"][1]["tooltip"]
+    output = SDXLCNFalImg2Img.OUTPUT_TOOLTIPS[SDXLCNFalImg2Img.RETURN_NAMES.index("seed")]
+    for text in (fal_column, tooltip, output):
+        assert "once" in text and "i used seed + i" not in text, text
+    for text in (fal_column, tooltip):
+        words = text.replace("`", "").replace("*", "").replace(" x ", " × ")
+        assert "not seed + i" in words and "request k" in words and "seed + k × num_images" in words, text
