@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from .errors import ImageInputError
+from .units import file_size
 
 MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -56,7 +57,8 @@ def download(url: str, field: str, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             if length and int(length) > max_bytes:
-                raise ImageInputError(field, f"{safe} is {int(length)} bytes, over the {max_bytes}-byte limit")
+                raise ImageInputError(field, f"{safe} is {file_size(int(length))}, over the {file_size(max_bytes)} "
+                                             "limit")
             data = resp.read(max_bytes + 1)
     except ImageInputError:
         raise
@@ -66,7 +68,7 @@ def download(url: str, field: str, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout:
         reason = getattr(exc, "reason", exc)
         raise ImageInputError(field, f"downloading {safe} failed ({reason}); check the URL and the network") from None
     if len(data) > max_bytes:
-        raise ImageInputError(field, f"{safe} is over the {max_bytes}-byte limit")
+        raise ImageInputError(field, f"{safe} is over the {file_size(max_bytes)} limit")
     return data
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..units import file_size
 from .pickles import load_weights_only, refuse_unsafe_torch
 
 SAFETENSORS_EXT = {".safetensors", ".sft"}
@@ -73,14 +74,6 @@ class TensorIndex:
         return f"{len(keys)} tensors, top-level names like {', '.join(roots[:6])}" + (" ..." if len(roots) > 6 else "")
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def unreadable(path, label: str, exc: OSError) -> ModelLoadError:
     """The pack's error for a file or folder the OS refuses to read (permissions, a folder where a file belongs)."""
     return ModelLoadError(
@@ -113,8 +106,8 @@ def _check_layout(path, label: str, start: int, size: int, locations: dict, fix:
         at = stop
     if at > size:
         raise ModelLoadError(
-            f"{label}: {path} is truncated: it is {_size(size)} but its header says the tensors need "
-            f"{_size(at)}. The download or copy did not finish. {fix}"
+            f"{label}: {path} is truncated: it is {file_size(size)} but its header says the tensors need "
+            f"{file_size(at)}. The download or copy did not finish. {fix}"
         )
     if at < size:
         raise ModelLoadError(f"{label}: {path} has {size - at} bytes after its last tensor that its header does not "
@@ -136,8 +129,8 @@ def _not_a_header(start: bytes, n: int, size: int) -> str:
     if n > _MAX_HEADER:
         return ("its first bytes are not the start of one (it is damaged, or another kind of file named "
                 ".safetensors)")
-    return (f"its header alone would need {_size(8 + n)} but the whole file is {_size(size)}, so it was cut off (an "
-            "unfinished download or copy)")
+    return (f"its header alone would need {file_size(8 + n)} but the whole file is {file_size(size)}, so it was cut "
+            "off (an unfinished download or copy)")
 
 
 def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
@@ -150,7 +143,7 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
             size = identity[2]
             head = f.read(8)
             if len(head) < 8:
-                raise ModelLoadError(f"{label}: {path} is {_size(size)}, too short to be a safetensors file. {fix}")
+                raise ModelLoadError(f"{label}: {path} is {file_size(size)}, too short to be a safetensors file. {fix}")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER or 8 + n > size:
                 f.seek(0)
@@ -164,8 +157,9 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError):
-        raise ModelLoadError(f"{label}: {path} is not a readable safetensors file: it has a corrupt safetensors header "
-                             f"(the list of its tensors at the start of the file is not readable text). {fix}") from None
+        raise ModelLoadError(f"{label}: {path} is not a readable safetensors file: it has a corrupt safetensors "
+                             "header (the list of its tensors at the start of the file is not readable text). "
+                             f"{fix}") from None
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
