@@ -103,8 +103,8 @@ def test_a_database_locked_for_12_s_delays_the_running_request_and_loses_nothing
 
 def test_a_worker_that_cannot_store_says_so_and_stores_the_result_once_it_can(tmp_path, tiny_pipe):
     """The lock held past the store's retry window: the worker is reported not ready (naming the lock) instead of
-    dying, and a submit meanwhile gets 503 (before, it was accepted and never ran); once the lock goes, the result
-    kept in memory is stored and fetched, and the next request runs."""
+    dying, /ready answers 503 and a submit meanwhile gets 503 (before, it was accepted and never ran); once the lock
+    goes, the result kept in memory is stored and fetched, /ready answers 200, and the next request runs."""
     lock = DatabaseLock(tmp_path / "data" / "queue.sqlite3")
     server = serve(tmp_path, tiny_pipe, first_call(lambda _req: lock.hold()), retry_s=1.0)
     try:
@@ -114,11 +114,14 @@ def test_a_worker_that_cannot_store_says_so_and_stores_the_result_once_it_can(tm
         assert not server.workers.ready()
         code, body, headers = call("POST", f"{server.url}/{APP}", fal_input(seed=9))  # refused, not accepted and left
         assert code == 503 and "locked" in body["detail"] and headers.get("Retry-After"), body
+        code, body, _ = call("GET", f"{server.url}/ready", key=None)  # what a load balancer asks, without the key
+        assert code == 503 and body["ready"] is False and "locked" in body["detail"], body
         lock.release.set()
         done, _seen = wait_done(first["status_url"], deadline_s=90)
         assert "error" not in done, done
         assert call("GET", first["response_url"])[0] == 200
         wait_until(lambda: server.workers.health() is None, "the worker ready again", deadline_s=60)
+        assert call("GET", f"{server.url}/ready", key=None)[:2] == (200, {"ready": True})
         second = submit(server, seed=8)
         done, _seen = wait_done(second["status_url"], deadline_s=60)
         assert "error" not in done, done

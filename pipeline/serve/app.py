@@ -146,7 +146,7 @@ class ServeApp:
             return None
         target = req.headers.get(TARGET_HEADER)
         route = route_target(req.method, target) if target else route_path(req.method, req.path, req.query)
-        if route.kind != "file":
+        if route.kind not in ("file", "ready"):
             check_key(req.headers.get("authorization"), self.key)
         declared = req.headers.get("content-length")
         if declared is not None and declared.strip().isdigit():
@@ -167,6 +167,10 @@ class ServeApp:
             return HttpResponse(204)
         if route.kind == "file":
             return self._file(route)
+        if route.kind == "ready":
+            why = self.unready()
+            return self.json(503, {"ready": False, "detail": why}, {"Retry-After": "10"}) if why else \
+                self.json(200, {"ready": True})
         if route.kind == "storage":
             raise HttpError(400, STORAGE_REFUSED)
         if route.kind in ("submit", "run"):
@@ -204,9 +208,13 @@ class ServeApp:
         pos = ask(job) if ask is not None else None
         return self.store.position(job) if pos is None else pos
 
+    def unready(self) -> str | None:
+        """Why requests cannot be taken now (the store cannot be written, or every worker fails), else None."""
+        return self.store.health() or getattr(self.backend, "health", lambda: None)()
+
     def _submit(self, req: HttpRequest, route) -> Job:
         refuse_body_size(len(req.body), self.limits)
-        why = self.store.health() or getattr(self.backend, "health", lambda: None)()  # never accept and leave
+        why = self.unready()  # never accept a request and leave it
         if why:
             raise HttpError(503, f"this server cannot take requests now: {why}", {"Retry-After": "10"})
         args, images = check_submission(req.body, self.limits, self.backend.hooks())

@@ -6,7 +6,8 @@ Paths, relative to the server's base (``https://host:port`` stand-alone, ``http:
 - ``GET <owner>/<alias>[/image-to-image]/requests/<id>/status[?logs=1]`` status; ``GET .../requests/<id>`` result;
   ``PUT .../requests/<id>/cancel`` cancel (fal's clients leave the ``/image-to-image`` sub-path out of these);
 - ``POST run/<app>`` fal's synchronous run (``fal.run``): waits and answers the result;
-- ``GET files/<token>/<n>.png`` a result image (no key: the token is random, as fal's CDN URLs are).
+- ``GET files/<token>/<n>.png`` a result image (no key: the token is random, as fal's CDN URLs are);
+- ``GET ready`` 200 while requests are taken and run, 503 saying why not (no key: for load balancers' checks).
 
 A call through a proxy (``x-fal-target-url``, what the JS client sends with ``proxyUrl``) is routed by its target:
 ``queue.fal.run`` is the queue, ``fal.run`` the synchronous run, ``rest.fal.ai`` fal's storage (not hosted here:
@@ -61,7 +62,7 @@ def invalid(loc: list, msg: str, kind: str = "value_error") -> HttpError:
 
 @dataclass(frozen=True)
 class Route:
-    kind: str  # submit, run, status, result, cancel, file, storage
+    kind: str  # submit, run, status, result, cancel, file, storage, ready
     request_id: str | None = None
     token: str | None = None
     index: int | None = None
@@ -84,6 +85,10 @@ def route_path(method: str, path: str, query: str = "", via_proxy: bool = False)
         return Route("file", token=parts[1], index=int(parts[2].split(".")[0]))
     if parts[:1] == ["storage"]:
         return Route("storage")
+    if parts == ["ready"] and not via_proxy:
+        if method != "GET":
+            raise HttpError(405, f"{method} is not allowed on ready; use GET")
+        return Route("ready")
     run = parts[:1] == ["run"]
     if run:
         parts = parts[1:]

@@ -143,7 +143,7 @@ class Store:
                 cause = f"{type(exc).__name__}: {exc}"
                 if time.monotonic() + pause > end:
                     if what != "read" and what != "log":
-                        self._problem = f"the queue store cannot be written ({cause}) in {self.folder}"
+                        self._problem = f"the queue store cannot be written ({cause})"
                     raise StoreUnavailable(f"the queue store cannot be {'read' if what == 'read' else 'written'} "
                                            f"({cause}); try again later") from exc
                 if not warned:
