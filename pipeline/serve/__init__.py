@@ -7,6 +7,7 @@ result, in fal's shapes, so fal's own clients (the JS ``@fal-ai/client`` through
 - :mod:`.protocol` the URL layout, ids, fal's error and status shapes (no I/O);
 - :mod:`.inputs` a submitted body checked and its images fetched, before anything is queued (HTTP 422 otherwise);
 - :mod:`.store` the queue and the results in SQLite and files next to it (a restart loses nothing accepted);
+  :mod:`.disk` its files synced before their rows, and the free-space floor (HTTP 507);
 - :mod:`.app` the HTTP handling, independent of the web framework; :mod:`.access` who may call it from where (Host,
   Origin, CORS, proxies) and the base URL its answers name; :mod:`.web` the aiohttp adapter both servers run;
 - :mod:`.worker` one worker per device running the local pipeline; :mod:`.webhook` fal's webhook delivery;
