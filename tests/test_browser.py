@@ -8,9 +8,8 @@ Run it (about 3 minutes on 2 CPU cores)::
     COMFYUI_DIR=/work/comfyui COMFYUI_PYTHON=/work/comfyui-venv/bin/python \\
         .venv/bin/python -m pytest --rootdir=tests tests/test_browser.py -v
 
-Screenshots and the browser console go to ``test-artifacts/browser/``. With
-``SDXLCN_UPDATE_SCREENSHOT=1`` the example workflow's screenshot is also copied to
-``docs/workflow-screenshot.png`` (the README's picture).
+Screenshots and the browser console go to ``test-artifacts/browser/``. The README's picture
+(``docs/workflow-screenshot.png``) and the templates' thumbnails are made by ``scripts/make_screenshot.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -254,9 +252,6 @@ def test_workflow_loads_with_defaults_and_size_widgets(comfy, page, path):
         if saved["type"] == "SDXLCNCanny":
             assert values["low_threshold"] == 100 and values["high_threshold"] == 200
     page.screenshot(path.stem)
-    if path == EXAMPLE and os.environ.get("SDXLCN_UPDATE_SCREENSHOT") == "1":
-        (ROOT / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(ARTIFACTS / f"{path.stem}.png", ROOT / "docs" / "workflow-screenshot.png")
 
     # The saved/exported workflow has nothing of ours beyond widget values.
     assert _serialized_leaks(page) == []

@@ -5,6 +5,8 @@
 //   "sdxlcn.fal_status" websocket messages is drawn under the node, cleared when the run ends.
 // - Nothing runtime is saved: statuses live in memory, labels and secret-named widgets are scrubbed
 //   from the serialized node.
+// - The Templates browser shows the pack's templates with their titles and descriptions (./templates.json)
+//   instead of their file names (see lib/template_titles.js).
 // Served by ComfyUI from WEB_DIRECTORY under /extensions/<pack folder>/, hence ../../scripts/.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -17,6 +19,7 @@ import {
 } from "./lib/size_widgets.js";
 import { FAL_NODE_TYPE, FAL_STATUS_EVENT, createStatusStore } from "./lib/fal_status.js";
 import { sanitizeSerializedNode } from "./lib/sanitize.js";
+import { templateLabels, watchTemplateCards } from "./lib/template_titles.js";
 
 /** In-memory fal status per node id (exported for the browser test; never written to a node). */
 export const falStatus = createStatusStore();
@@ -149,6 +152,10 @@ app.registerExtension({
     api.addEventListener("executed", ({ detail }) => {
       if (falStatus.clear(detail?.display_node ?? detail?.node)) redraw();
     });
+    fetch(new URL("./templates.json", import.meta.url)) // not awaited: the page's start does not wait for it
+      .then((r) => r.json())
+      .then((index) => watchTemplateCards(document, templateLabels(index)))
+      .catch((err) => console.info("sdxlcn: template titles unavailable; Templates shows file names", err));
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
