@@ -20,6 +20,7 @@ def test_make_tiny_models_prints_no_torchvision_fallback_warnings(tmp_path):
                           str(tmp_path / "m")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "requires torchvision" not in out.stderr + out.stdout
+    assert not TQDM_BAR.search(out.stderr), out.stderr  # transformers' "Writing model shards" bars (issue 35 item 5)
     if importlib.util.find_spec("torchvision") is None:
         # and the filter is what keeps them out: without it the same import prints them
         raw = subprocess.run([sys.executable, "-c", "import transformers; transformers.CLIPImageProcessor"],

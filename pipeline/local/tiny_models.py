@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from .quiet import no_progress_bars
+
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _WORDS = [
     "ice", "fortress", "aurora", "skies", "polar", "wildlife", "twilight", "cartoon",
@@ -192,19 +194,20 @@ def build_tiny_models(root: str | os.PathLike, seed: int = 0, scale: int = 1, co
     if not missing:
         return paths
     components, controlnet = tiny_components(seed, scale)
-    for kind in missing:
-        final = paths[kind]
-        final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_name(f".{final.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
-        if kind == "checkpoint":
-            pipe = StableDiffusionXLControlNetImg2ImgPipeline(**components, controlnet=controlnet)
-            _save_base(pipe, partial)
-        elif kind == "controlnet":
-            controlnet.save_pretrained(partial)
-        else:
-            write_tiny_lora(components["unet"], partial, seed=seed)
-        os.replace(partial, final)
+    with no_progress_bars():  # transformers' "Writing model shards" bar per text encoder: the CLI says what it wrote
+        for kind in missing:
+            final = paths[kind]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            partial = final.with_name(f".{final.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+            if kind == "checkpoint":
+                pipe = StableDiffusionXLControlNetImg2ImgPipeline(**components, controlnet=controlnet)
+                _save_base(pipe, partial)
+            elif kind == "controlnet":
+                controlnet.save_pretrained(partial)
+            else:
+                write_tiny_lora(components["unet"], partial, seed=seed)
+            os.replace(partial, final)
     return paths
 
 
