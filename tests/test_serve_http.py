@@ -217,3 +217,16 @@ def test_150_submits_at_once_are_each_answered(tmp_path):
             t.join(120)
         assert sorted(set(map(str, results))) == ["200", "429"], [r for r in results if r not in (200, 429)][:5]
         assert results.count(200) == 20 and srv.store.waiting() == 20
+
+
+def test_a_malformed_proxy_target_is_404_in_fals_shape(tmp_path):
+    """An ``x-fal-target-url`` that urllib cannot even split (an unclosed IPv6 bracket) is one more target this
+    server does not serve: 404 with fal's ``{"detail": ...}``, as for any other (it was aiohttp's plain-text 500)."""
+    for key in (KEY, None):
+        with Running(tmp_path / str(bool(key)), key=key) as srv:
+            for target in ("http://[::1", "https://queue.fal.run:99999/x"):
+                status, headers, answer = send(srv.port, post_head("/proxy", {"x-fal-target-url": target,
+                                                                              "Content-Length": "2"}) + b"{}")
+                assert status == 404 and headers["content-type"].startswith("application/json"), (target, answer)
+                assert "forwards nothing to fal" in json.loads(answer)["detail"], answer
+

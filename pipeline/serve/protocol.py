@@ -117,9 +117,12 @@ def route_path(method: str, path: str, query: str = "", via_proxy: bool = False)
 
 def route_target(method: str, target: str) -> Route:
     """The call a proxied request makes, from its ``x-fal-target-url``."""
-    parts = urllib.parse.urlsplit(target.strip())
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("https", "http") or not host:
+    try:  # urllib raises ValueError for some malformed URLs (an unclosed '[', a bad port): not a URL either
+        parts = urllib.parse.urlsplit(target.strip())
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        parts, host = None, ""
+    if parts is None or parts.scheme not in ("https", "http") or not host:
         raise HttpError(404, f"{TARGET_HEADER} is not a URL; {NOT_HERE}")
     if host in STORAGE_HOSTS:
         return Route("storage", via_proxy=True)
