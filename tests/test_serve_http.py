@@ -230,3 +230,12 @@ def test_a_malformed_proxy_target_is_404_in_fals_shape(tmp_path):
                 assert status == 404 and headers["content-type"].startswith("application/json"), (target, answer)
                 assert "forwards nothing to fal" in json.loads(answer)["detail"], answer
 
+
+def test_a_key_that_is_not_utf8_is_401(tmp_path):
+    """``Authorization: Key`` followed by bytes that are not UTF-8 is a wrong key: 401 (it was a 500)."""
+    with Running(tmp_path) as srv:
+        for raw in (b"Key \xff\xfe", b"Key \xed\xa0\x80"):
+            head = post_head(f"/{APP}", {"Content-Length": "2"}).replace(b"\r\n\r\n", b"\r\nAuthorization: " + raw
+                                                                         + b"\r\n\r\n")
+            status, _h, answer = send(srv.port, head + b"{}")
+            assert status == 401 and "missing or wrong key" in json.loads(answer)["detail"], (raw, status, answer)

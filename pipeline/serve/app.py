@@ -68,7 +68,11 @@ def check_key(header: str | None, key: str | None) -> None:
         return
     given = (header or "").strip()
     scheme, _, value = given.partition(" ")
-    ok = scheme.lower() == "key" and hmac.compare_digest(value.strip().encode(), key.encode())
+    try:  # header bytes that are not UTF-8 arrive surrogate-escaped: they cannot be the key, and must not be a 500
+        given_key = value.strip().encode("utf-8")
+    except UnicodeEncodeError:
+        given_key = None
+    ok = scheme.lower() == "key" and given_key is not None and hmac.compare_digest(given_key, key.encode())
     if not ok:
         raise HttpError(401, "missing or wrong key: send 'Authorization: Key <the server's key>' (fal's clients: set "
                              "FAL_KEY, or credentials in fal.config, to the key the server was started with)")
