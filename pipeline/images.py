@@ -38,7 +38,8 @@ def decode_image(field: str, data: bytes, where: str):
         raise ImageInputError(field, f"{where} is larger than {limit / 1e6:.0f} MP, more than this pack decodes (a "
                                      "guard against images made to exhaust memory); scale it down (SDXL runs at up "
                                      f"to {MAX_PIXELS / 1e6:.1f} MP) and use that") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's plugins raise
+        # SyntaxError for a broken file ("broken PNG file") and EOFError for a cut one
         raise ImageInputError(field, f"{where} is not a readable image ({exc.__class__.__name__}); give a PNG, JPEG or WebP") from None
     img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):

@@ -189,3 +189,28 @@ def test_files_are_on_the_disk_before_their_row_commits(tmp_path, tiny_pipe, mon
     [completed] = [i for i, (kind, what) in enumerate(events) if kind == "sql" and "SET state='COMPLETED'" in what]
     synced = [name for kind, name in events[insert:completed] if kind == "fsync"]
     assert "0.png.part" in synced and rid in synced[synced.index("0.png.part"):], synced  # the file, then its folder
+
+
+def broken_png() -> bytes:
+    """A 64x64 PNG whose pixel data is split in two chunks, the second with a chunk type that is not one: its header
+    reads, and Pillow raises SyntaxError ("broken PNG file") when it decodes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    pixels = zlib.compress(b"".join(b"\x00" + bytes(range(64)) * 3 for _ in range(64)))
+    half = len(pixels) // 2
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)) +
+            chunk(b"IDAT", pixels[:half]) + chunk(b"\x00\x01\x02\x03", pixels[half:]) + chunk(b"IEND", b""))
+
+
+def test_a_broken_png_is_422_naming_the_field(tmp_path):
+    uri = "data:image/png;base64," + base64.b64encode(broken_png()).decode()
+    server = paused_server(tmp_path)
+    try:
+        for field in ("image_url", "control_image_url"):
+            code, body, _ = call("POST", f"{server.url}/{APP}", fal_input(**{field: uri}))
+            assert code == 422 and body["detail"][0]["loc"] == ["body", field], body
+            assert "not a readable image" in body["detail"][0]["msg"], body
+        assert server.store.waiting() == 0
+    finally:
+        server.stop_all()
