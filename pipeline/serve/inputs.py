@@ -104,7 +104,7 @@ def image_size(name: str, data: bytes, limits: Limits) -> tuple[int, int]:
     except Exception:  # noqa: BLE001 - any failure to read is "not an image"
         raise invalid(["body", name], "is not a readable image; give a PNG, JPEG or WebP") from None
     if w is None or w * h > limits.max_input_pixels:
-        size = "declares more pixels" if w is None else f"is {w}x{h} ({w * h / 1e6:.1f} MP)"
+        size = "declares more pixels" if w is None else f"is {w}x{h} ({w * h / 1e6:.1f} MP), more pixels"
         raise invalid(["body", name], f"{size} than this server decodes ({limits.max_input_pixels / 1e6:.1f} MP, e.g. "
                                       "4096x4096); send a smaller image: the output is at most 2048x2048")
     return w, h
