@@ -96,6 +96,20 @@ def test_start_up_errors_are_one_line_before_the_models_load(tiny_models, tmp_pa
     assert "--host no-such-host.invalid" in line, line
 
 
+def test_bad_port_public_url_and_data_dir_are_one_line_naming_the_option(tiny_models, tmp_path):
+    """A port out of TCP's range (99999 listened on 34463, -5 blamed --host), a --public-url that is no URL (taken
+    silently) and a --data-dir holding a file where the store makes its folder (a traceback): one line each."""
+    for port in (99999, -5):
+        line = refused(serve_args(tiny_models, tmp_path / "a", port))
+        assert line.startswith(f"error: --port {port}:") and "65535" in line, line
+    line = refused(serve_args(tiny_models, tmp_path / "b", 0, "--public-url", "notaurl"))
+    assert line.startswith("error: --public-url notaurl:"), line
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "requests").write_text("not a folder")
+    line = refused(serve_args(tiny_models, tmp_path / "c", 0))
+    assert line.startswith(f"error: --data-dir {tmp_path / 'c'}:") and "requests" in line, line
+
+
 def ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:

@@ -122,6 +122,10 @@ def check_options(args, key) -> None:
         raise SDXLCNError(f"--host {args.host}: refusing to listen beyond this machine without a key; set "
                           f"{KEY_ENV} (or --key-file FILE) to a secret clients send as 'Authorization: Key ...', or "
                           "leave --host at 127.0.0.1")
+    if not 0 <= args.port <= 65535:
+        raise SDXLCNError(f"--port {args.port}: not a TCP port; give one from 1 to 65535 (0: any free one)")
+    if args.public_url is not None:
+        check_public_url(args.public_url)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SDXLCNError("--tls-cert and --tls-key go together: give both (PEM files) or neither")
     if args.cors_origin and key is None:
@@ -130,6 +134,23 @@ def check_options(args, key) -> None:
     parse_origins(args.cors_origin, "--cors-origin")
     parse_proxies(args.trusted_proxy, "--trusted-proxy")
     outbound_policy(args)
+
+
+def check_public_url(url: str) -> None:
+    """``--public-url``: an absolute http(s) URL with a host, no query or fragment; one error line else."""
+    import urllib.parse
+
+    from ..errors import SDXLCNError
+
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query and not parts.fragment
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SDXLCNError(f"--public-url {url[:200]}: not a base URL; give the scheme, host and port clients reach "
+                          "this server at, e.g. https://gpu-3.example:443 (a path prefix allowed, no query)")
 
 
 def raise_open_files_limit(want: int = 8192) -> None:
@@ -158,6 +179,9 @@ def open_store(folder):
     except sqlite3.DatabaseError as exc:
         raise SDXLCNError(f"--data-dir {folder}: its queue database cannot be read ({exc}); move queue.sqlite3 "
                           "away to start with an empty queue") from None
+    except OSError as exc:  # e.g. a file where the store makes its requests folder
+        raise SDXLCNError(f"--data-dir {folder}: {exc.filename or folder} cannot be used ({exc.strerror or exc}); "
+                          "give a folder this user may write, holding only this server's files") from None
     if again:
         print(f"{len(again)} request(s) that were running at the last stop are queued again", file=sys.stderr)
     return store
