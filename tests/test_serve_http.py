@@ -239,3 +239,48 @@ def test_a_key_that_is_not_utf8_is_401(tmp_path):
                                                                          + b"\r\n\r\n")
             status, _h, answer = send(srv.port, head + b"{}")
             assert status == 401 and "missing or wrong key" in json.loads(answer)["detail"], (raw, status, answer)
+
+
+def ipv6_port_80_free() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 80))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_port_80_free(), reason="needs [::1]:80 (IPv6 loopback, a free port 80 and the right "
+                                                     "to bind it)")
+def test_an_ipv6_url_without_a_port_goes_to_port_80_with_its_host_bracketed(tmp_path):
+    """The server's outbound fetch of ``http://[::1]/x`` (an image URL, a webhook) reaches [::1]:80, the scheme's
+    default port (RFC 3986), and says ``Host: [::1]`` (RFC 9110); it went to host ':' port 1."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from sdxl_controlnet_img2img.pipeline.serve import fetch
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers["Host"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    class Server6(HTTPServer):
+        address_family = socket.AF_INET6
+
+    server = Server6(("::1", 80), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status, data = fetch.request("http://[::1]/x?y=1", max_bytes=100, timeout_s=10,
+                                     policy=fetch.Policy(fetch.Policy.ALL))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (status, data) == (200, b"ok") and seen == [("/x?y=1", "[::1]")], (status, data, seen)

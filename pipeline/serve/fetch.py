@@ -198,8 +198,10 @@ def resolve(host: str, port: int, deadline: Deadline, policy: Policy) -> str:
     return addresses[0]
 
 
-def _connection(parts, address: str, deadline: Deadline):
-    """An HTTP(S) connection to ``parts``' host that connects to ``address`` only (SNI and certificate: the name)."""
+def _connection(parts, address: str, port: int, deadline: Deadline):
+    """An HTTP(S) connection to ``parts``' host that connects to ``address``:``port`` only (SNI and certificate: the
+    name). The port is always given: with None, http.client reads one off the host's tail (``::1``: host ':',
+    port 1)."""
     https = parts.scheme == "https"
     base = http.client.HTTPSConnection if https else http.client.HTTPConnection
 
@@ -213,7 +215,7 @@ def _connection(parts, address: str, deadline: Deadline):
             sock.settimeout(deadline.left())
             self.sock = sock
 
-    return Pinned(parts.hostname, parts.port, timeout=deadline.left())
+    return Pinned(parts.hostname, port, timeout=deadline.left())
 
 
 def split(url: str):
@@ -247,7 +249,7 @@ def request(url: str, *, method: str = "GET", body: bytes | None = None, headers
                 address = resolve(parts.hostname, port, deadline, policy)
             except Refused as exc:
                 raise Refused(f"redirects to a URL that {exc}" if hop else str(exc)) from None
-            conn = _connection(parts._replace(scheme=parts.scheme.lower()), address, deadline)
+            conn = _connection(parts._replace(scheme=parts.scheme.lower()), address, port, deadline)
             try:
                 status, data, location = _exchange(conn, parts, method, body, headers or {}, max_bytes, deadline)
             finally:
