@@ -11,6 +11,7 @@ import pytest
 
 import fal_server
 from comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, running_comfyui
+from fal_server import fal_test_server  # noqa: F401 - the session's server
 from pictures import make_test_image
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
@@ -19,11 +20,12 @@ LORAS = ("style_a.safetensors", "style_b.safetensors")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models, tiny_pipe):
+def server(tmp_path_factory, tiny_models, tiny_pipe, fal_test_server):  # noqa: F811
+    """ComfyUI pointed at the session's fal-protocol server (one per session: tests/test_browser.py's and others'
+    share its port; a second server of this module's own could not bind it)."""
     import lora_factory
 
     env = fal_server.configure_environment()  # FAL_QUEUE_RUN_HOST, FAL_RUN_HOST, SSL_CERT_FILE: inherited
-    fal = fal_server.FalTestServer()
     d = tmp_path_factory.mktemp("loras")
     for seed, name in enumerate(LORAS):
         lora_factory.write(lora_factory.kohya_state_dict(tiny_pipe, seed=seed + 1), d / name)
@@ -33,14 +35,12 @@ def server(tmp_path_factory, tiny_models, tiny_pipe):
     base = tmp_path_factory.mktemp("comfyui-base")
     (base / "input").mkdir()
     make_test_image(64, 64, 1).save(base / "input" / "sdxlcn_test_image.png")
-    try:
-        with running_comfyui(base, models, env={"FAL_KEY": fal_server.TEST_KEY, "FAL_KEY_ID": None,
-                                                "FAL_KEY_SECRET": None, "SDXLCN_FAL_URL": None}) as s:
-            s.fal = fal
-            assert env["host"]
-            yield s
-    finally:
-        fal.stop()
+    with running_comfyui(base, models, env={"FAL_KEY": fal_server.TEST_KEY, "FAL_KEY_ID": None,
+                                            "FAL_KEY_SECRET": None, "SDXLCN_FAL_URL": None}) as s:
+        s.fal = fal_test_server
+        assert env["host"]
+        yield s
+    fal_test_server.reset()
 
 
 def fal_workflow() -> dict:
