@@ -23,7 +23,7 @@ from pictures import make_test_image  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """{"checkpoint": diffusers folder, "controlnet": diffusers folder} of tiny random-weight models."""
+    """{"checkpoint": diffusers folder, "controlnet": diffusers folder, "lora": file} of tiny random-weight models."""
     from sdxl_controlnet_img2img.pipeline.local.tiny_models import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))

@@ -33,8 +33,9 @@ sys.addaudithook(_audit)
 @pytest.fixture
 def models(tiny_models, tmp_path):
     """Private copies (so other tests' cached pipelines are not involved) of the tiny base and ControlNet, twice."""
-    a = {k: shutil.copytree(v, tmp_path / "a" / Path(v).name) for k, v in tiny_models.items()}
-    b = {k: shutil.copytree(v, tmp_path / "b" / Path(v).name) for k, v in tiny_models.items()}
+    folders = {k: tiny_models[k] for k in ("checkpoint", "controlnet")}  # (tiny_models also holds a LoRA file)
+    a = {k: shutil.copytree(v, tmp_path / "a" / Path(v).name) for k, v in folders.items()}
+    b = {k: shutil.copytree(v, tmp_path / "b" / Path(v).name) for k, v in folders.items()}
     yield a, b
     free_cached_pipeline()
 
