@@ -7,29 +7,11 @@ Skipped as tests/test_browser.py is (COMFYUI_DIR, the playwright package, /usr/b
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
-from comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, running_comfyui
-
-CHROMIUM = os.environ.get("SDXLCN_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-
-
-def _skip_reason() -> str | None:
-    if comfyui_dir() is None:
-        return SKIP_REASON
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright Python package is not installed (pip install playwright; no browser download needed)"
-    if not Path(CHROMIUM).is_file():
-        return f"no Chromium at {CHROMIUM} (apt install chromium, or set SDXLCN_CHROMIUM)"
-    return None
-
+from comfyui_harness import ROOT, running_comfyui
+from test_browser import CHROMIUM, CHROMIUM_ARGS, _skip_reason  # one browser set-up for the browser tests
 
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 
