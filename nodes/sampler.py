@@ -15,6 +15,7 @@ from .sampler_inputs import (
     SAMPLER_RETURN_TYPES,
     build_requests,
     check_prompt,
+    field_widget,
     image_inputs,
     request_widgets,
 )
@@ -38,10 +39,7 @@ class SDXLCNImg2Img:
                 "pipeline": ("SDXLCN_PIPELINE", {"tooltip": "From 'Load SDXL ControlNet Pipeline' (and LoRA nodes), or from 'SDXL ControlNet Pipeline from ComfyUI Models'."}),
                 **image_inputs(),
                 **request_widgets(),
-                "apply_canny": ("BOOLEAN", {
-                    "default": True,
-                    "tooltip": "Run Canny (100/200) on the control image first, as fal does. Turn off when the "
-                               "control image is already an edge map (e.g. from the Canny node)."}),
+                "apply_canny": field_widget("apply_canny"),
             },
             "optional": {
                 "fallback": (FALLBACK_CHOICES, {
@@ -50,14 +48,8 @@ class SDXLCNImg2Img:
                                "request on fal instead (billed by fal; needs FAL_KEY). off: fail with the local error."}),
                 # added later: after the older inputs, so saved workflows' widget values keep their places
                 "scheduler": (list(SCHEDULERS), {"default": DEFAULT_SCHEDULER, "tooltip": SCHEDULER_TOOLTIP}),
-                "control_start": ("FLOAT", {
-                    "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Local only: the fraction of the steps at which the ControlNet starts acting "
-                               "(0 = from the first step, as fal does), like Apply ControlNet's start_percent."}),
-                "control_end": ("FLOAT", {
-                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Local only: the fraction of the steps after which the ControlNet stops (1 = to the "
-                               "last step, as fal does); lower it to let the prompt finish the details."}),
+                "control_start": field_widget("local_control_start"),
+                "control_end": field_widget("local_control_end"),
                 "timesteps": ("STRING", {"default": "", "tooltip": TIMESTEPS_TOOLTIP}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},

@@ -6,20 +6,37 @@ rename; add new inputs as optional at the end.
 
 from __future__ import annotations
 
-from ..pipeline.request import MAX_NUM_IMAGES, MAX_SEED, GenerationRequest
+from ..pipeline.request import FIELD, MAX_SEED, GenerationRequest
 from ..pipeline.sizes import IMAGE_SIZE_PRESETS, MAX_SIDE, MIN_SIDE
 
 IMAGE_SIZE_CHOICES = ["none", *IMAGE_SIZE_PRESETS.keys(), "custom"]
 
 
+WIDGET_TYPES = {"text": "STRING", "number": "FLOAT", "whole": "INT", "switch": "BOOLEAN"}
+
+
+def field_widget(name: str, **changes) -> tuple:
+    """The ComfyUI widget of a request field, from its row in the request's field table (type, default, range,
+    tooltip); ``changes`` override options (a widget's own default where the field's is "absent")."""
+    f = FIELD[name]
+    opts = {"multiline": True} if f.kind == "text" else {}
+    opts["default"] = f.default
+    if f.low is not None:
+        opts["min"] = f.step if f.low_open else f.low
+        opts["max"] = f.high
+    if f.step is not None:
+        opts["step"] = f.step
+    opts["tooltip"] = f.tooltip
+    opts.update(changes)
+    return WIDGET_TYPES[f.kind], opts
+
+
 def request_widgets() -> dict:
     """The request widgets, in order, after the node's own leading inputs."""
     return {
-        "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to generate (fal: prompt, required)."}),
-        "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to avoid (fal: negative_prompt)."}),
-        "controlnet_conditioning_scale": ("FLOAT", {
-            "default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-            "tooltip": "How strongly the Canny edges steer the image (fal default 0.5)."}),
+        "prompt": field_widget("prompt"),
+        "negative_prompt": field_widget("negative_prompt"),
+        "controlnet_conditioning_scale": field_widget("controlnet_conditioning_scale"),
         "image_size": (IMAGE_SIZE_CHOICES, {
             "default": "none",
             "tooltip": "Output size: a fal preset, 'custom' (width/height below), or 'none' = the control image's size. "
@@ -28,26 +45,19 @@ def request_widgets() -> dict:
                           "tooltip": "Output width when image_size is 'custom'."}),
         "height": ("INT", {"default": 1024, "min": MIN_SIDE, "max": MAX_SIDE, "step": 8,
                            "tooltip": "Output height when image_size is 'custom'."}),
-        "num_inference_steps": ("INT", {"default": 25, "min": 1, "max": 50,
-                                        "tooltip": "Denoising schedule length; int(steps x strength) steps actually run."}),
-        "guidance_scale": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 20.0, "step": 0.1,
-                                     "tooltip": "Classifier-free guidance (CFG) scale (fal default 7.5). At 1 or below no "
-                                                "unconditional pass runs (locally: half the UNet and ControlNet "
-                                                "work); few-step LoRAs use 1-2."}),
-        "strength": ("FLOAT", {"default": 0.95, "min": 0.01, "max": 1.0, "step": 0.01,
-                               "tooltip": "How much of the init image is replaced: 1.0 ignores it (fal default 0.95)."}),
-        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED,
-                         "tooltip": "Image i of a run uses seed + i, so every image can be redone alone."}),
-        "num_images": ("INT", {"default": 1, "min": 1, "max": MAX_NUM_IMAGES,
-                               "tooltip": "Images per init image (fal: num_images)."}),
-        "enable_safety_checker": ("BOOLEAN", {
-            "default": False,
-            "tooltip": "Opt-in, as on fal: flag (and black out) NSFW results. Locally this needs the safety checker "
-                       "model in models/safety_checker (see README)."}),
-        "expand_prompt": ("BOOLEAN", {
-            "default": False,
-            "tooltip": "Enrich the prompt with a prompt-expansion model (locally: models/prompt_expansion)."}),
+        "num_inference_steps": field_widget("num_inference_steps"),
+        "guidance_scale": field_widget("guidance_scale"),
+        "strength": field_widget("strength"),
+        "seed": field_widget("seed", default=0),  # a widget always holds a number
+        "num_images": field_widget("num_images"),
+        "enable_safety_checker": field_widget("enable_safety_checker"),
+        "expand_prompt": field_widget("expand_prompt"),
     }
+
+
+CASTS = {"text": lambda text: text, "number": float, "whole": int, "switch": bool}
+# the widgets that are request fields as they are (image_size, width and height make one field)
+FIELD_WIDGETS = tuple(name for name in request_widgets() if name in FIELD)
 
 
 def check_prompt(prompt=None):
@@ -87,21 +97,12 @@ def image_size_value(image_size: str, width: int, height: int):
 
 def request_dict(widgets: dict, image, control_image, seed: int) -> dict:
     """A fal-shaped request dict from widget values (images as PIL)."""
-    return {
-        "prompt": widgets["prompt"],
-        "negative_prompt": widgets["negative_prompt"],
-        "image_url": image,
-        "control_image_url": control_image,
-        "controlnet_conditioning_scale": float(widgets["controlnet_conditioning_scale"]),
-        "image_size": image_size_value(widgets["image_size"], widgets["width"], widgets["height"]),
-        "num_inference_steps": int(widgets["num_inference_steps"]),
-        "guidance_scale": float(widgets["guidance_scale"]),
-        "strength": float(widgets["strength"]),
-        "seed": int(seed),
-        "num_images": int(widgets["num_images"]),
-        "enable_safety_checker": bool(widgets["enable_safety_checker"]),
-        "expand_prompt": bool(widgets["expand_prompt"]),
-    }
+    data = {"image_url": image, "control_image_url": control_image, "seed": int(seed),
+            "image_size": image_size_value(widgets["image_size"], widgets["width"], widgets["height"])}
+    for name in FIELD_WIDGETS:
+        if name not in data:
+            data[name] = CASTS[FIELD[name].kind](widgets[name])
+    return data
 
 
 def pair_batches(image, control_image):

@@ -18,6 +18,7 @@ from .fal.cli import add_fal_fetch_parser, add_remote_arguments
 from .folders import check_output_folder, comfyui_folder, write_error_text
 from .local.devices import MEMORY_MODES
 from .local.memory_plan import NEEDS_AT_1024 as NEEDS
+from .request_fields import describe_fields
 from .request_log import cli_command
 from .serve.httpd import add_serve_parser
 
@@ -216,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="SDXL ControlNet (Canny) image-to-image with fal's request JSON, run locally with diffusers.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="run one fal-shaped request and write images + result.json")
+    g = sub.add_parser("generate", help="run one fal-shaped request and write images + result.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"the request's fields (fal's names and defaults):\n{describe_fields()}")
     g.add_argument("--request", required=True, help="request JSON in fal's input shape (prompt, image_url, control_image_url, ...)")
     g.add_argument("--checkpoint", default=None,
                    help="(local runs, required) SDXL base model: a single .safetensors (e.g. sd_xl_base_1.0.safetensors) or a diffusers folder")

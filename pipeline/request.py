@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 from .errors import RequestError
+from .request_fields import (  # noqa: F401 - the request's constants, re-exported for its users
+    ALIASES,
+    DEFAULT_SCHEDULER,
+    DEFAULTS,
+    FIELD,
+    FIELDS,
+    LOCAL_ONLY,
+    MAX_NUM_IMAGES,
+    MAX_SEED,
+    NUM_TRAIN_TIMESTEPS,
+    SCHEDULERS,
+)
 from .sizes import parse_image_size
-
-MAX_SEED = 2**64 - 1
-MAX_NUM_IMAGES = 8
-# local-only sampler choices (pipeline/local/schedulers.py builds each from the loaded scheduler's config)
-DEFAULT_SCHEDULER = "default"
-# appended, never reordered (saved workflows keep their values): from "lcm" on, few-step LoRAs' schedules
-SCHEDULERS = (DEFAULT_SCHEDULER, "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "unipc",
-              "ddim", "lcm", "tcd", "euler_trailing", "ddim_trailing", "tcd_eta1")
-LOCAL_ONLY_DEFAULTS = {"apply_canny": True, "local_scheduler": DEFAULT_SCHEDULER, "local_control_start": 0.0,
-                       "local_control_end": 1.0, "local_timesteps": ()}
-NUM_TRAIN_TIMESTEPS = 1000  # SDXL's: a timestep is a whole number in [0, 999]
 
 
 @dataclass(frozen=True)
@@ -39,27 +40,27 @@ class GenerationRequest:
     prompt: str
     image_url: object  # path / URL / data URI string, or a PIL image when used as a library
     control_image_url: object
-    negative_prompt: str = ""
-    controlnet_conditioning_scale: float = 0.5
-    image_size: object = None  # preset name, {"width", "height"}, or None = control image size
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
-    strength: float = 0.95
-    seed: int | None = None
-    num_images: int = 1
-    loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
-    enable_safety_checker: bool = False  # opt-in: fal's schema gives it no default
-    expand_prompt: bool = False
-    sync_mode: bool = False
-    apply_canny: bool = True
+    negative_prompt: str = DEFAULTS["negative_prompt"]
+    controlnet_conditioning_scale: float = DEFAULTS["controlnet_conditioning_scale"]
+    image_size: object = DEFAULTS["image_size"]  # preset name, {"width", "height"}, or None = control image size
+    num_inference_steps: int = DEFAULTS["num_inference_steps"]
+    guidance_scale: float = DEFAULTS["guidance_scale"]
+    strength: float = DEFAULTS["strength"]
+    seed: int | None = DEFAULTS["seed"]
+    num_images: int = DEFAULTS["num_images"]
+    loras: tuple[LoraSpec, ...] = DEFAULTS["loras"]
+    enable_safety_checker: bool = DEFAULTS["enable_safety_checker"]  # opt-in: fal's schema gives it no default
+    expand_prompt: bool = DEFAULTS["expand_prompt"]
+    sync_mode: bool = DEFAULTS["sync_mode"]
+    apply_canny: bool = DEFAULTS["apply_canny"]
     # local only, never sent to fal (prefixed so they cannot collide with a field fal adds): the sampler and the
     # fraction of the steps in which the ControlNet acts, as ComfyUI's Apply ControlNet start/end percent
-    local_scheduler: str = DEFAULT_SCHEDULER
-    local_control_start: float = 0.0
-    local_control_end: float = 1.0
+    local_scheduler: str = DEFAULTS["local_scheduler"]
+    local_control_start: float = DEFAULTS["local_control_start"]
+    local_control_end: float = DEFAULTS["local_control_end"]
     # local only: the timesteps the scheduler runs instead of its own (a LoRA card's list, e.g. DMD2's 999, 749, 499,
     # 249); () = the scheduler's own. img2img then runs the last int(num_inference_steps x strength) of them
-    local_timesteps: tuple[int, ...] = ()
+    local_timesteps: tuple[int, ...] = DEFAULTS["local_timesteps"]
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -68,16 +69,16 @@ class GenerationRequest:
         if not isinstance(data, dict):
             raise RequestError("request", f"must be a JSON object, got {type(data).__name__}")
         data = dict(data)
-        for alias, name in (("image", "image_url"), ("control_image", "control_image_url")):
+        for alias, name in ALIASES.items():
             if alias in data:
                 if name in data:
                     raise RequestError(alias, f"give either {alias!r} or {name!r}, not both")
                 data[name] = data.pop(alias)
-        known = {f.name for f in fields(cls)}
+        known = set(FIELD)
         unknown = sorted(set(data) - known)
         if unknown:
             raise RequestError(unknown[0], f"is not a field of this request; valid fields: {', '.join(sorted(known))}")
-        for required in ("prompt", "image_url", "control_image_url"):
+        for required in (f.name for f in FIELDS if f.required):
             value = data.get(required)
             if value is None or isinstance(value, str) and not value.strip():
                 raise RequestError(required, "is required")
@@ -92,32 +93,15 @@ class GenerationRequest:
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> "GenerationRequest":
-        _check_str("prompt", self.prompt, required=True)
-        for name in ("image_url", "control_image_url"):
-            _check_image_source(name, getattr(self, name))
-        _check_str("negative_prompt", self.negative_prompt)
-        _check_number("controlnet_conditioning_scale", self.controlnet_conditioning_scale, 0.0, 1.0)
-        parse_image_size(self.image_size)
-        _check_int("num_inference_steps", self.num_inference_steps, 1, 50)
-        _check_number("guidance_scale", self.guidance_scale, 0.0, 20.0)
-        _check_number("strength", self.strength, 0.0, 1.0, low_open=True)
+        """Every field checked by its row of :data:`.request_fields.FIELDS`, then the rules between fields."""
+        for f in FIELDS:
+            _check_field(f, getattr(self, f.name))
         if int(self.num_inference_steps * self.strength) < 1:
             raise RequestError(
                 "strength",
                 f"{self.strength} with num_inference_steps {self.num_inference_steps} runs no denoising step "
                 "(steps run = int(num_inference_steps * strength)); raise strength or num_inference_steps",
             )
-        if self.seed is not None:
-            _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_int("num_images", self.num_images, 1, MAX_NUM_IMAGES)
-        for name in ("enable_safety_checker", "expand_prompt", "sync_mode", "apply_canny"):
-            if not isinstance(getattr(self, name), bool):
-                raise RequestError(name, f"must be true or false, got {getattr(self, name)!r}")
-        parse_loras(self.loras)
-        if self.local_scheduler not in SCHEDULERS:
-            raise RequestError("local_scheduler", f"{self.local_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-        _check_number("local_control_start", self.local_control_start, 0.0, 1.0)
-        _check_number("local_control_end", self.local_control_end, 0.0, 1.0)
         if self.local_control_start > self.local_control_end:
             raise RequestError("local_control_start", f"{self.local_control_start} is after local_control_end "
                                                       f"{self.local_control_end}: the ControlNet would act in no step; "
@@ -131,7 +115,7 @@ class GenerationRequest:
 
     def local_only_changes(self) -> dict:
         """The local-only fields set away from their defaults (what fal cannot honour)."""
-        return {k: getattr(self, k) for k, v in LOCAL_ONLY_DEFAULTS.items() if getattr(self, k) != v}
+        return {k: getattr(self, k) for k in LOCAL_ONLY if getattr(self, k) != DEFAULTS[k]}
 
     # ---- derived values ------------------------------------------------------------------
     @property
@@ -153,21 +137,10 @@ class GenerationRequest:
 
     def to_fal_arguments(self) -> dict:
         """The request as fal's API takes it (no local-only fields; images left as given)."""
-        args = {
-            "prompt": self.prompt,
-            "image_url": self.image_url,
-            "control_image_url": self.control_image_url,
-            "negative_prompt": self.negative_prompt,
-            "controlnet_conditioning_scale": self.controlnet_conditioning_scale,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "strength": self.strength,
-            "num_images": self.num_images,
-            "loras": [{"path": l.path, "scale": l.scale} for l in self.loras],
-            "enable_safety_checker": self.enable_safety_checker,
-            "expand_prompt": self.expand_prompt,
-            "sync_mode": self.sync_mode,
-        }
+        args = {f.name: getattr(self, f.name) for f in FIELDS if f.fal}
+        args["loras"] = [{"path": l.path, "scale": l.scale} for l in self.loras]
+        args.pop("image_size")
+        args.pop("seed")
         if parse_image_size(self.image_size) is not None:  # "none" means: leave the field out, as fal expects
             args["image_size"] = self.image_size
         if self.seed is not None:
@@ -226,6 +199,31 @@ def parse_timesteps(value) -> tuple[int, ...]:
         raise RequestError(name, f"{list(value)} must be strictly descending (the noisiest first), e.g. "
                                  "999, 749, 499, 249")
     return tuple(value)
+
+
+def _check_field(f, value) -> None:
+    """One field's value against its row (kind and range)."""
+    if f.kind == "text":
+        _check_str(f.name, value, required=f.required)
+    elif f.kind == "image":
+        _check_image_source(f.name, value)
+    elif f.kind == "number":
+        _check_number(f.name, value, f.low, f.high, low_open=f.low_open)
+    elif f.kind == "whole":
+        if value is not None or f.default is not None:  # an absent seed is drawn later
+            _check_int(f.name, value, f.low, f.high)
+    elif f.kind == "switch":
+        if not isinstance(value, bool):
+            raise RequestError(f.name, f"must be true or false, got {value!r}")
+    elif f.kind == "size":
+        parse_image_size(value)
+    elif f.kind == "loras":
+        parse_loras(value)
+    elif f.kind == "choice":
+        if value not in f.choices:
+            raise RequestError(f.name, f"{value!r} is not one of {', '.join(f.choices)}")
+    elif f.kind == "timesteps":
+        parse_timesteps(value)
 
 
 def _check_image_source(name, value):
