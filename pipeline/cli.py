@@ -111,7 +111,7 @@ def _model_hooks(args, request, options) -> dict:
         )
     except MissingModelError as exc:
         option = "--safety-checker" if exc.field == "enable_safety_checker" else "--prompt-expansion"
-        raise MissingModelError(exc.field, f"{str(exc).split(': ', 1)[1]}; or pass {option} PATH") from None
+        raise MissingModelError(exc.field, f"{exc.detail}; or pass {option} PATH") from None
     for label, hook in (("safety checker", safety), ("prompt expansion", expander)):
         if hook is not None:
             print(f"{label}: {hook.source}", file=sys.stderr)

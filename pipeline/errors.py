@@ -13,23 +13,26 @@ class SDXLCNError(Exception):
         cls.__module__ = "sdxlcn"
 
 
-class RequestError(SDXLCNError, ValueError):
-    """A request field is missing or out of range.
+class FieldError(SDXLCNError):
+    """The base of every error that names one input: ``field`` is the input's name (the fal field name where there is
+    one, e.g. ``"strength"``, so callers can point at the widget) and ``detail`` what is wrong with it, the message
+    without the name. Read them instead of taking the message apart.
 
-    ``field`` is the fal field name (e.g. ``"strength"``), so callers can point at the widget.
-    """
+    The message is ``"<field>: <detail>"``, or ``"<label>: <detail>"`` where the input is named otherwise (a LoRA by
+    its file). Further arguments go on to the next base class (``FalError``'s ``request_id``)."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, detail: str, *args, label: str | None = None, **kwargs):
         self.field = field
-        super().__init__(f"{field}: {message}")
+        self.detail = detail
+        super().__init__(f"{field if label is None else label}: {detail}", *args, **kwargs)
 
 
-class ImageInputError(SDXLCNError, ValueError):
+class RequestError(FieldError, ValueError):
+    """A request field is missing or out of range."""
+
+
+class ImageInputError(FieldError, ValueError):
     """An image input could not be read or decoded."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
 
 
 class ModelLoadError(SDXLCNError, RuntimeError):

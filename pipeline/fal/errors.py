@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import GenerationCancelled, SDXLCNError
+from ..errors import FieldError, GenerationCancelled, SDXLCNError
 from ..folders import write_error_text
 from ..request_log import fetch_command
 
@@ -28,12 +28,9 @@ class FalAuthError(FalError):
         super().__init__(message, request_id)
 
 
-class FalValidationError(FalError, ValueError):
-    """fal rejected a field (HTTP 422), or a value cannot be sent to fal. ``field`` names it."""
-
-    def __init__(self, field: str, message: str, request_id: str | None = None):
-        self.field = field
-        super().__init__(f"{field}: {message}", request_id)
+class FalValidationError(FieldError, FalError, ValueError):
+    """fal rejected a field (HTTP 422), or a value cannot be sent to fal: ``FalValidationError(field, detail,
+    request_id=None)``."""
 
 
 class FalRateLimited(FalError):

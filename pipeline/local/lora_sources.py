@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import SDXLCNError
+from ..errors import FieldError
 from ..images import download, redact_url
 from ..request import LoraSpec
 from .hub import hub_offline, looks_like_repo_id
@@ -24,12 +24,13 @@ MAX_LORA_DOWNLOAD_BYTES = 2 * 1024**3
 LORA_DOWNLOAD_TIMEOUT_S = 60.0
 
 
-class LoraError(SDXLCNError, ValueError):
-    """A LoRA could not be found, read or applied. The message names the LoRA."""
+class LoraError(FieldError, ValueError):
+    """A LoRA could not be found, read or applied. The message names the LoRA (``lora``: its name or path as given);
+    ``field`` is the request's ``loras``."""
 
     def __init__(self, name: str, message: str):
         self.lora = name
-        super().__init__(f"LoRA {name!r}: {message}")
+        super().__init__("loras", message, label=f"LoRA {name!r}")
 
 
 def default_lora_dirs() -> list[Path]:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import SDXLCNError
+from ..errors import FieldError
 
 SAFETY_CHECKER_FOLDER = "safety_checker"
 PROMPT_EXPANSION_FOLDER = "prompt_expansion"
@@ -37,12 +37,8 @@ PROMPT_EXPANSION_SOURCE = (
 )
 
 
-class MissingModelError(SDXLCNError, FileNotFoundError):
+class MissingModelError(FieldError, FileNotFoundError):
     """A feature was enabled but its model is not on disk. ``field`` is the request field that enabled it."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
 
 
 def _candidates(search_dirs: Iterable, folder_name: str) -> list[Path]:
