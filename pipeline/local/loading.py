@@ -35,6 +35,7 @@ from .model_checks import (
     check_folder_weights,
     check_sdxl_base,
     read_index,
+    read_json,
     unreadable,
 )
 from .pickles import pickles_readable
@@ -150,12 +151,7 @@ def _check_controlnet_folder(value: Path, label: str, allow_pickle: bool = False
             f"{label}: {value} is a folder without config.json (found: {found}); expected a diffusers ControlNet "
             f"folder. {HINT_CONTROLNET}"
         )
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise unreadable(cfg_file, label, exc) from None
-    except ValueError as exc:
-        raise ModelLoadError(f"{label}: {cfg_file} is not valid JSON ({exc}).") from None
+    config = read_json(cfg_file, label)
     if config.get("_class_name") not in (None, "ControlNetModel"):
         raise ModelLoadError(
             f"{label}: {value} is a diffusers {config.get('_class_name')} folder, not a ControlNetModel. {HINT_CONTROLNET}"
@@ -315,12 +311,7 @@ def _base_folder_check(folder: Path, label: str, allow_pickle: bool = False) -> 
         singles = [name for name in _names(folder, label) if Path(name).suffix in (".safetensors", ".ckpt")]
         extra = f" It holds {', '.join(singles[:4])}: give one of those files instead." if singles else ""
         raise ModelLoadError(f"{label}: {folder} is a folder without model_index.json, so not a diffusers model.{extra} {HINT_BASE}")
-    try:
-        mi = json.loads(index.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise unreadable(index, label, exc) from None
-    except ValueError as exc:
-        raise ModelLoadError(f"{label}: {index} is not valid JSON ({exc}).") from None
+    mi = read_json(index, label)
     if "text_encoder_2" not in mi or "unet" not in mi:
         raise ModelLoadError(
             f"{label}: {folder} is a diffusers {mi.get('_class_name', 'pipeline')} without the two SDXL text "

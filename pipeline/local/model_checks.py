@@ -82,6 +82,16 @@ def unreadable(path, label: str, exc: OSError) -> ModelLoadError:
     )
 
 
+def read_json(path, label: str) -> dict:
+    """A model folder's JSON file; a :class:`ModelLoadError` naming it when unreadable or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise unreadable(path, label, exc) from None
+    except ValueError as exc:
+        raise ModelLoadError(f"{label}: {path} is not valid JSON ({exc}).") from None
+
+
 def file_identity(st: os.stat_result) -> tuple:
     """Device, inode, size and modification time of a file: what changes when it is rewritten or replaced."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
