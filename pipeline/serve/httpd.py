@@ -166,17 +166,29 @@ def raise_open_files_limit(want: int = 8192) -> None:
         pass
 
 
-def open_store(folder):
-    """The data folder's store (after its lock); a database that cannot be read is one line naming it."""
+def open_store(folder, wait_s: float = 3.0):
+    """The data folder's store (after its lock); a database that cannot be read, or whose write lock another program
+    holds for more than ``wait_s`` seconds (an ``sqlite3`` shell in a transaction: no ``serve``, so the folder's lock
+    file does not tell), is one line naming it."""
     import sqlite3
 
     from ..errors import SDXLCNError
     from .store import Store
 
     try:
+        probe = sqlite3.connect(str(Path(folder) / "queue.sqlite3"), timeout=wait_s, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")  # the write lock every store write takes
+            probe.execute("ROLLBACK")
+        finally:
+            probe.close()
         store = Store(folder)
         again = store.requeue_interrupted()
     except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorcode", None) in (5, 6) or "locked" in str(exc):  # SQLITE_BUSY, SQLITE_LOCKED
+            raise SDXLCNError(f"--data-dir {folder}: its queue database (queue.sqlite3) is locked by another program "
+                              "(an sqlite3 shell or a backup holding a write transaction?); close it and start again, "
+                              "or give serve another --data-dir") from None
         raise SDXLCNError(f"--data-dir {folder}: its queue database cannot be read ({exc}); move queue.sqlite3 "
                           "away to start with an empty queue") from None
     except OSError as exc:  # e.g. a file where the store makes its requests folder
