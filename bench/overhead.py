@@ -1,7 +1,7 @@
 """Overhead: the sampler node against the plain diffusers pipeline call, and a warm run against a cold one.
 
-1. Node overhead. One request (fal's defaults: 25 steps x strength 0.95 = 23 steps, guidance 7.5,
-   ControlNet scale 0.5, one image) through ``SDXLCNImg2Img().sample`` -- IMAGE tensors in, Canny on the
+1. Node overhead. One request (fal's defaults, as the request module has them: int(steps x strength) steps,
+   guidance, ControlNet scale, one image) through ``SDXLCNImg2Img().sample`` -- IMAGE tensors in, Canny on the
    control image, IMAGE tensor out -- against what a plain diffusers user writes: ``cv2.Canny`` on the
    control image and one ``StableDiffusionXLControlNetImg2ImgPipeline.__call__`` with the same inputs
    and seed. Both use the same loaded pipeline (tiny random-weight SDXL + ControlNet, CPU, fp32);
@@ -23,14 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 
 import _common as C
+from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
 NODE_TARGET = 1.03
 WARM_LOAD_TARGET = 0.01
 
-FAL_DEFAULTS = {"negative_prompt": "", "controlnet_conditioning_scale": 0.5, "num_inference_steps": 25,
-                "guidance_scale": 7.5, "strength": 0.95, "num_images": 1}
+# fal's defaults, from the request module (where they are written once)
+FAL_DEFAULTS = {f.name: f.default for f in fields(GenerationRequest) if f.name in (
+    "negative_prompt", "controlnet_conditioning_scale", "num_inference_steps", "guidance_scale", "strength",
+    "num_images")}
 
 
 def node_widgets(prompt: str, seed: int) -> dict:
@@ -68,8 +72,11 @@ def main(argv=None) -> int:
     paths = build_tiny_models(args.models)
     ckpt, cn = str(paths["checkpoint"]), str(paths["controlnet"])
     print(f"hardware: {C.hardware_line()}")
+    d = FAL_DEFAULTS
+    steps, strength = d["num_inference_steps"], d["strength"]
     print(f"tiny SDXL + ControlNet (random weights) on the CPU in fp32, {args.size}x{args.size}, fal defaults "
-          f"(23 of 25 steps, CFG 7.5, ControlNet 0.5)\n")
+          f"({int(steps * strength)} of {steps} steps, CFG {d['guidance_scale']:g}, ControlNet "
+          f"{d['controlnet_conditioning_scale']:g})\n")
 
     prompt, seed = "ice fortress, aurora skies", 42
     init_u8 = C.synthetic_photo(args.size, args.size, seed=1, scene="photo")
@@ -89,9 +96,10 @@ def main(argv=None) -> int:
     def run_diffusers():
         edges = cv2.Canny(ctl_u8, 100, 200)
         control = Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
-        return pipe(prompt=prompt, negative_prompt="", image=init_pil, control_image=control,
-                    height=args.size, width=args.size, strength=0.95, num_inference_steps=25, guidance_scale=7.5,
-                    controlnet_conditioning_scale=0.5, num_images_per_prompt=1,
+        return pipe(prompt=prompt, negative_prompt=d["negative_prompt"], image=init_pil, control_image=control,
+                    height=args.size, width=args.size, strength=strength, num_inference_steps=steps,
+                    guidance_scale=d["guidance_scale"],
+                    controlnet_conditioning_scale=d["controlnet_conditioning_scale"], num_images_per_prompt=d["num_images"],
                     generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images[0]
 
     # --- 1. node overhead

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..pipeline.endpoint import ENDPOINT
 from ..pipeline.local.generate import generate, prepare_inputs
 from ..pipeline.local.schedulers import SCHEDULER_TOOLTIP, TIMESTEPS_TOOLTIP, few_step_warning
 from ..pipeline.request import DEFAULT_SCHEDULER, SCHEDULERS, GenerationRequest
@@ -25,7 +26,7 @@ FALLBACK_CHOICES = ["off", "fal"]
 
 class SDXLCNImg2Img:
     DESCRIPTION = ("SDXL ControlNet (Canny) image-to-image, run locally with diffusers. "
-                   "Same parameters and defaults as fal's fast-sdxl-controlnet-canny/image-to-image.")
+                   f"Same parameters and defaults as fal's {ENDPOINT}.")
     CATEGORY = f"{CATEGORY}/sampling"
     RETURN_TYPES = SAMPLER_RETURN_TYPES
     RETURN_NAMES = SAMPLER_RETURN_NAMES

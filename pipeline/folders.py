@@ -8,6 +8,10 @@ from pathlib import Path
 
 from .errors import SDXLCNError
 
+# the pack's folder in ComfyUI's user directory (user/<this>): the fal key file and request log, serve's key file
+# and store
+USER_FOLDER = "sdxl_controlnet_img2img"
+
 
 def folder_problem(path) -> str | None:
     """What keeps ``path`` from being (or becoming) a folder that can be written, in words; None when nothing does.

@@ -1,4 +1,4 @@
-"""The request schema: fal's ``fast-sdxl-controlnet-canny/image-to-image`` input, with its names,
+"""The request schema: the input of fal's endpoint (:data:`.endpoint.ENDPOINT`), with its names,
 defaults and ranges, validated before any model work.
 
 Image fields use fal's names ``image_url`` and ``control_image_url``; ``image`` and

@@ -1,4 +1,4 @@
-"""The one table of the request's fields: fal's ``fast-sdxl-controlnet-canny/image-to-image`` input, then the local-only
+"""The one table of the request's fields: fal's endpoint's input (:data:`.endpoint.ENDPOINT`), then the local-only
 extensions. Each row says a field's name, kind, default, range, what it does, its alias and whether fal takes it.
 
 Everything that lists fields is built from :data:`FIELDS`: the request's validation and its fal arguments
