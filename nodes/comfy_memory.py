@@ -140,11 +140,12 @@ def adopt(pipe, mode: str) -> None:
     if mm is None:
         return
     release_pending()
+    from ..pipeline.local.choices import memory_mode_row
     from ..pipeline.local.placement import apply_memory_mode
 
     device = mm.get_torch_device()
     mode = choose_mode(pipe, mode, str(device))
-    if mode != "none":
+    if memory_mode_row(mode).offload:  # diffusers' hooks place the weights (never mixed with a patcher)
         apply_memory_mode(pipe, mode, str(device))
         return
     container_cls, patcher_cls = _container_and_patcher_classes()

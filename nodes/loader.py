@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from ..pipeline.handle import PipelineHandle
-from ..pipeline.local.devices import MEMORY_MODES
-from ..pipeline.local.memory_plan import NEEDS_AT_1024 as NEEDS
+from ..pipeline.local.choices import DEFAULT, DTYPES, MEMORY_MODES, dtype_help, memory_mode_help
 from .comfy_hooks import CATEGORY, log
 from .model_folders import checkpoint_choices, controlnet_choices, resolve, vae_choices
 
-DTYPES = ["auto", "fp16", "bf16", "fp32"]
 DEVICES = ["auto", "cuda", "xpu", "mps", "cpu"]
 ATTENTION = ["sdpa", "classic"]
+# what ComfyUI adds to the choices' own help lines (choices.py)
+DTYPE_NOTES = {"auto": "inside ComfyUI, what ComfyUI runs its own SDXL in (its --force-fp16/--bf16-unet/--fp32 flags apply)"}
+MEMORY_NOTES = {"auto": "inside ComfyUI it follows --lowvram/--novram, else the card's total memory",
+                "none": "managed by ComfyUI like its own models"}
 
 
 class SDXLCNLoader:
@@ -29,13 +31,8 @@ class SDXLCNLoader:
             "required": {
                 "checkpoint": (checkpoint_choices(), {"tooltip": "SDXL base: a single file (models/checkpoints) or a diffusers folder (models/diffusers)."}),
                 "controlnet": (controlnet_choices(), {"tooltip": "SDXL Canny ControlNet: a file or diffusers folder in models/controlnet."}),
-                "dtype": (DTYPES, {"default": "auto", "tooltip": "Weights precision. auto: as ComfyUI runs its own SDXL (its --force-fp16/--bf16-unet/--fp32 flags apply); outside ComfyUI bf16 on Ampere and newer, fp16 on older cards and Apple MPS, fp32 on the CPU."}),
-                "memory_mode": (list(MEMORY_MODES), {"default": "auto", "tooltip": (
-                    "auto: chosen from the GPU's memory and the models' sizes (the log says what and why; follows "
-                    "ComfyUI's --lowvram/--novram). none: all on the GPU, managed by ComfyUI like its own models "
-                    f"(fastest; {NEEDS['none']} at 1024x1024). model_cpu_offload: one model on the GPU at a time "
-                    f"({NEEDS['model_cpu_offload']}; 12 GB cards). sequential_cpu_offload: layer by layer "
-                    f"({NEEDS['sequential_cpu_offload']}; 8 GB cards, much slower).")}),
+                "dtype": (list(DTYPES), {"default": DEFAULT, "tooltip": dtype_help(DTYPE_NOTES)}),
+                "memory_mode": (list(MEMORY_MODES), {"default": DEFAULT, "tooltip": memory_mode_help(MEMORY_NOTES)}),
                 "vae_tiling": ("BOOLEAN", {"default": False, "tooltip": "Decode in tiles: less memory for large images, slightly slower."}),
             },
             "optional": {

@@ -16,8 +16,7 @@ from pathlib import Path
 from .errors import RequestError, SDXLCNError
 from .fal.cli import add_fal_fetch_parser, add_remote_arguments
 from .folders import check_output_folder, comfyui_folder, write_error_text
-from .local.devices import MEMORY_MODES
-from .local.memory_plan import NEEDS_AT_1024 as NEEDS
+from .local.choices import DEFAULT, DTYPES, MEMORY_MODES, dtype_help, memory_mode_help
 from .request_fields import describe_fields
 from .request_log import cli_command
 from .serve.httpd import add_serve_parser
@@ -239,14 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the request file's folder is searched too)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, xpu, mps or cpu (default: the best available, in "
                                                    "that order)")
-    g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                   help="weights precision (default auto: bf16 on CUDA cards of compute capability 8.0+ (Ampere and "
-                        "newer), fp16 on older ones, XPU without bf16 and MPS, fp32 on the CPU)")
-    g.add_argument("--memory-mode", choices=list(MEMORY_MODES), default="auto",
-                   help="GPU memory: auto (default: chosen from the free GPU memory and the models' sizes, said in "
-                        f"the log), none (all on the GPU, {NEEDS['none']} at 1024x1024), model_cpu_offload (one "
-                        f"model at a time, {NEEDS['model_cpu_offload']}), sequential_cpu_offload (layer by layer, "
-                        f"{NEEDS['sequential_cpu_offload']}, much slower)")
+    g.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT, help=dtype_help())
+    g.add_argument("--memory-mode", choices=list(MEMORY_MODES), default=DEFAULT, help=memory_mode_help())
     g.add_argument("--vae-tiling", action="store_true", help="encode/decode the VAE in tiles (large images, small GPUs)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNet (CUDA only, ignored elsewhere): slow first run, faster after")

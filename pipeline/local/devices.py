@@ -1,15 +1,13 @@
-"""Where the models run and in which precision: the defaults and the names users may give.
+"""Where the models run and in which precision: the defaults, and a device or dtype name checked and read.
 
-One home for these facts, imported by the loader, the safety checker, the prompt expander and the
-loader node.
+Imported by the loader, the safety checker, the prompt expander and the loader node; the dtype names users may give
+are a table in choices.py.
 """
 
 from __future__ import annotations
 
 from ..errors import ModelLoadError
-
-# auto: chosen from the free GPU memory and the models' sizes when the pipeline is placed (memory_plan.py)
-MEMORY_MODES = ("auto", "none", "model_cpu_offload", "sequential_cpu_offload")
+from .choices import DTYPES, DTYPES_TABLE
 
 
 def default_device() -> str:
@@ -98,12 +96,11 @@ def parse_dtype(value):
 
     if isinstance(value, torch.dtype):
         return value
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    names = {n: getattr(torch, d.torch_name) for d in DTYPES_TABLE if d.torch_name for n in (d.name, *d.spellings)}
     try:
         return names[str(value).lower()]
     except KeyError:
-        raise ModelLoadError(f"dtype: {value!r} is not one of auto, fp32, fp16, bf16") from None
+        raise ModelLoadError(f"dtype: {value!r} is not one of {', '.join(DTYPES)}") from None
 
 
 def free_memory_bytes(device: str) -> int | None:

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from .devices import MEMORY_MODES, check_device, default_device, default_dtype, parse_dtype
+from .choices import DEFAULT, MEMORY_MODES, memory_mode_row
+from .devices import check_device, default_device, default_dtype, parse_dtype
 from .diffusers_folder import folder_model, folder_models, load_diffusers_file
 from .hub import hub_offline, looks_like_repo_id
 from .load_lock import load_lock
@@ -49,7 +50,7 @@ class LoadOptions:
 
     device: str | None = None  # None: the best available (devices.default_device)
     dtype: object = None  # None/"auto": bf16 (or fp16) on CUDA, fp16 on MPS, fp32 on CPU; or "fp16"/torch.float16...
-    memory_mode: str = "auto"  # auto | none | model_cpu_offload | sequential_cpu_offload (memory_plan.py)
+    memory_mode: str = DEFAULT  # a name in choices.MEMORY_MODES (auto: chosen by memory_plan.py)
     vae_tiling: bool = False  # decode/encode in tiles: large images on small GPUs
     vae: str | None = None  # a VAE to use instead of the checkpoint's (e.g. sdxl-vae-fp16-fix): folder or file
     config_dir: str | None = None  # SDXL config folder for single-file checkpoints (default: bundled)
@@ -67,7 +68,7 @@ class LoadOptions:
         dtype = parse_dtype(self.dtype) or default_dtype(device)
         if self.memory_mode not in MEMORY_MODES:
             raise ModelLoadError(f"memory_mode: {self.memory_mode!r} is not one of {', '.join(MEMORY_MODES)}")
-        if self.memory_mode not in ("auto", "none") and not device.startswith(("cuda", "xpu", "mps")):
+        if memory_mode_row(self.memory_mode).needs_gpu and not device.startswith(("cuda", "xpu", "mps")):
             raise ModelLoadError(
                 f"memory_mode: {self.memory_mode} moves weights between the CPU and a GPU, but the device is "
                 f"{device!r}. Use memory_mode none on the CPU."

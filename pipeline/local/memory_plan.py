@@ -102,7 +102,8 @@ def mode_needs_bytes(mode: str, width: int = 1024, height: int = 1024, sizes: di
     raise ValueError(f"memory mode {mode!r} has no fixed need (auto is chosen from these)")
 
 
-# The one place the user-facing figures come from (CLI --help, the loader's tooltip; the README quotes them):
+# The one place the user-facing figures come from (choices.py's help lines for --help and the loader's tooltip; the
+# README quotes them):
 # SDXL + the full ControlNet in 16 bits at 1024x1024 with the fp32-upcast VAE decode, rounded to whole GiB.
 NEEDS_AT_1024 = {mode: f"~{mode_needs_bytes(mode) / GIB:.0f} GiB"
                  for mode in ("none", "model_cpu_offload", "sequential_cpu_offload")}

@@ -1,5 +1,5 @@
-"""Where a loaded pipeline's weights go: the memory mode (``auto`` resolved from the free memory and the models'
-sizes), VAE tiling, the attention backend and torch.compile."""
+"""Where a loaded pipeline's weights go: the memory mode (a row of choices.MEMORY_MODES_TABLE; ``auto`` resolved from
+the free memory and the models' sizes), VAE tiling, the attention backend and torch.compile."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import weakref
 
 from ..errors import ModelLoadError
+from .choices import MEMORY_MODES_TABLE, memory_mode_row
 from .devices import free_memory_bytes
 from .memory_plan import choose_memory_mode, component_bytes
 
@@ -15,7 +16,7 @@ log = logging.getLogger("sdxl_controlnet_img2img")
 
 _MEMORY_MODE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipe -> the memory mode it was placed in
 _DEVICE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipe -> the device its offload hooks run on
-OFFLOAD_MODES = ("model_cpu_offload", "sequential_cpu_offload")
+OFFLOAD_MODES = tuple(m.name for m in MEMORY_MODES_TABLE if m.offload)
 
 
 def memory_mode_of(pipe) -> str | None:
@@ -39,17 +40,17 @@ def resolve_memory_mode(pipe, device: str, free_bytes: int | None = None) -> str
 
 
 def apply_memory_mode(pipe, mode: str, device: str) -> None:
-    """Put ``pipe``'s weights where ``mode`` wants them (diffusers' own offload hooks for the offload modes).
+    """Put ``pipe``'s weights where ``mode`` wants them (diffusers' own offload hooks for the offload modes: the
+    row's ``offload`` method).
 
     The offload modes also take the CPU as the execution device (what the tests run them with: accelerate's real
     hooks, weights moved between the CPU and ``meta``)."""
-    if mode == "model_cpu_offload":
-        pipe.enable_model_cpu_offload(device=device)
-    elif mode == "sequential_cpu_offload":
-        pipe.enable_sequential_cpu_offload(device=device)
+    row = memory_mode_row(mode)
+    if row is not None and row.offload:
+        getattr(pipe, row.offload)(device=device)
     else:
         pipe.to(device)
-    if mode == "sequential_cpu_offload" and str(device).split(":")[0] == "cpu":
+    if row is not None and row.per_layer and str(device).split(":")[0] == "cpu":
         _plain_cpu_execution(pipe)
     _MEMORY_MODE[pipe] = mode
     _DEVICE[pipe] = device
@@ -91,7 +92,7 @@ def offload_suspended(pipe):
     import torch
 
     models = [getattr(m, "_orig_mod", m) for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    if mode == "model_cpu_offload":
+    if not memory_mode_row(mode).per_layer:
         hidden = {m: m.__dict__.pop("_hf_hook") for m in models if "_hf_hook" in m.__dict__}
         try:
             yield pipe
@@ -116,10 +117,10 @@ def compile_conflict(mode: str, auto_reason: str | None = None) -> str | None:
     to the device and back to ``meta``, outside anything a compiled graph can hold (the traced graph breaks at every
     layer), and a fused LoRA set would have to be merged into weights that are not there. Model offload moves whole
     models between calls and works with compile (``tests/test_memory_modes.py``)."""
-    if mode != "sequential_cpu_offload":
+    row = memory_mode_row(mode)
+    if row is None or not row.per_layer:
         return None
-    chosen = (f"memory_mode auto chose sequential_cpu_offload ({auto_reason})" if auto_reason is not None
-              else "memory_mode sequential_cpu_offload")
+    chosen = f"memory_mode auto chose {mode} ({auto_reason})" if auto_reason is not None else f"memory_mode {mode}"
     return (f"compile: cannot be used with {chosen}: that mode moves every layer's weights onto the device and off "
             "again during each call, which a compiled graph cannot hold. Turn compile off, or choose memory_mode "
             "model_cpu_offload or none (they need more free GPU memory).")
