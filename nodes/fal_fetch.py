@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..pipeline import request_log
 from ..pipeline.fal.errors import FalBatchIncomplete, FalCancelled, FalError, FalResultNotSaved, FalValidationError
+from ..pipeline.fal.settings import current_target
 from .comfy_hooks import folder_paths, log
 
 
@@ -82,7 +83,7 @@ def fetch_ids(ids: list[str], reporter, common: dict):
     if failures:
         kept = (f"The fetched results were saved to the output folder: {', '.join(saved)}." if saved else
                 "No result was fetched.")
-        raise FalError(f"{len(failures)} of {len(ids)} fal request ids could not be fetched ("
+        raise FalError(f"{len(failures)} of {len(ids)} request ids could not be fetched from {current_target()} ("
                        + "; ".join(f"{rid}: {exc}" for rid, exc in failures)
                        + f"). {kept} The failed ids stay in the pending list: fetch them again later.")
     return results, saved, out
@@ -155,6 +156,8 @@ def keep_completed(exc: FalBatchIncomplete, log_dir) -> FalError:
     kept = [f"The completed images were saved to the output folder: {', '.join(saved)}."] if saved else []
     kept += ["The completed results are in the error's .results."] if out is None else []
     kept += [f"{text}." for text in unsaved]
-    return FalError(f"{len(failed)} of {len(exc.errors)} fal requests failed ({'; '.join(failed)}). "
+    who = current_target()
+    requests = "fal requests" if who == "fal" else f"requests to {who}"
+    return FalError(f"{len(failed)} of {len(exc.errors)} {requests} failed ({'; '.join(failed)}). "
                     + " ".join(kept + ["Fetch a failed request that has an id later with the node's request_id "
                                        "input."]))

@@ -1,9 +1,9 @@
 """``SDXLCNFalImg2Img``: the same request as the local sampler, run on fal's hosted endpoint.
 
 The fal key is never a widget: it comes from ``FAL_KEY`` (or ``FAL_KEY_ID`` + ``FAL_KEY_SECRET``)
-or from ``<ComfyUI user dir>/sdxl_controlnet_img2img/fal_key.txt``. Every submitted request id is
-recorded in ``<ComfyUI user dir>/sdxl_controlnet_img2img/fal_requests.jsonl`` before waiting; put an
-id into ``request_id`` to fetch that finished result instead of paying again.
+or from ``fal_key.txt`` in the pack's folder of ComfyUI's user directory. Every submitted request id is
+recorded in ``fal_requests.jsonl`` beside it before waiting; put an id into ``request_id`` to fetch that
+finished result instead of paying again.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import threading
 from pathlib import Path
 
 from ..pipeline import request_log
+from ..pipeline.endpoint import ENDPOINT
 from ..pipeline.fal.errors import FalBatchIncomplete, FalCancelled, FalValidationError
-from ..pipeline.fal.key import KEY_FILE_DIRNAME, KEY_FILE_NAME
+from ..pipeline.fal.key import KEY_FILE_NAME
+from ..pipeline.fal.settings import DEFAULT_TIMEOUT_S, current_target
+from ..pipeline.folders import USER_FOLDER
 from ..pipeline.request import GenerationRequest
 from .comfy_hooks import CATEGORY, Progress, folder_paths, log, processing_interrupted, send_status, throw_if_interrupted
 from .convert import pil_to_image
@@ -61,7 +64,7 @@ def user_dir() -> Path | None:
     if fp is None:
         return None
     try:
-        return Path(fp.get_user_directory()) / KEY_FILE_DIRNAME
+        return Path(fp.get_user_directory()) / USER_FOLDER
     except Exception:  # noqa: BLE001
         return None
 
@@ -116,9 +119,9 @@ class _Reporter:
 
 
 class SDXLCNFalImg2Img:
-    DESCRIPTION = ("SDXL ControlNet (Canny) image-to-image on fal (fal-ai/fast-sdxl-controlnet-canny/image-to-image): "
+    DESCRIPTION = (f"SDXL ControlNet (Canny) image-to-image on fal ({ENDPOINT}): "
                    "the same inputs and outputs as the local sampler, without a local GPU. fal bills each request. "
-                   "Key: FAL_KEY environment variable or <ComfyUI user dir>/sdxl_controlnet_img2img/fal_key.txt.")
+                   f"Key: FAL_KEY environment variable or <ComfyUI user dir>/{USER_FOLDER}/{KEY_FILE_NAME}.")
     CATEGORY = f"{CATEGORY}/sampling"
     RETURN_TYPES = SAMPLER_RETURN_TYPES
     RETURN_NAMES = SAMPLER_RETURN_NAMES
@@ -153,14 +156,14 @@ class SDXLCNFalImg2Img:
                     "default": 4, "min": 1, "max": 16,
                     "tooltip": "An input batch of B images is B fal requests; at most this many run at once."}),
                 "timeout_s": ("INT", {
-                    "default": 600, "min": 10, "max": 3600,
+                    "default": int(DEFAULT_TIMEOUT_S), "min": 10, "max": 3600,
                     "tooltip": "Seconds to wait for fal. The request id stays recorded: fetch it later by id."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def generate(self, image, control_image, loras="", sync_mode=False, request_id="", max_concurrency=4,
-                 timeout_s=600, unique_id=None, **widgets):
+                 timeout_s=DEFAULT_TIMEOUT_S, unique_id=None, **widgets):
         common = _fal_options(timeout_s)
         ids = [i.strip() for i in (request_id or "").replace(",", "\n").splitlines() if i.strip()]
         try:
@@ -226,19 +229,23 @@ def _mention_pending(log_dir) -> None:
         return
     if pending:
         ids = ", ".join(r["request_id"] for r in pending[-5:])
-        log.warning("SDXLCNFalImg2Img: %d earlier fal request(s) were never fetched (paid): %s%s. Put an id into "
-                    "request_id to fetch its result without paying again, or run `%s fal-pending` from ComfyUI's "
-                    "folder", len(pending), ids, " (the latest 5)" if len(pending) > 5 else "",
-                    request_log.cli_command())
+        who = current_target()
+        what, how = ("fal request(s) were never fetched (paid)", "without paying again") if who == "fal" else \
+            ("request(s) were never fetched", f"from {who} without running it again")
+        log.warning("SDXLCNFalImg2Img: %d earlier %s: %s%s. Put an id into request_id to fetch its result %s, or run "
+                    "`%s fal-pending` from ComfyUI's folder", len(pending), what, ids,
+                    " (the latest 5)" if len(pending) > 5 else "", how, request_log.cli_command())
 
 
 def _warn_flags(flags) -> None:
     if any(flags):
-        log.warning("SDXLCNFalImg2Img: fal flagged %d of %d images (has_nsfw_concepts)", sum(flags), len(flags))
+        log.warning("SDXLCNFalImg2Img: %s flagged %d of %d images (has_nsfw_concepts)", current_target(), sum(flags),
+                    len(flags))
 
 
 def refuse_edge_maps(requests) -> None:
-    """fal runs Canny on the control image itself: an edge map sent to it gives edges of edges."""
+    """fal (and a server of its endpoint) runs Canny on the control image itself: an edge map sent to it gives edges of
+    edges."""
     import numpy as np
 
     from ..pipeline.canny import looks_like_edge_map
@@ -246,8 +253,9 @@ def refuse_edge_maps(requests) -> None:
     for i, r in enumerate(requests):
         if not r.apply_canny or looks_like_edge_map(np.asarray(r.control_image_url.convert("RGB"))):
             raise FalValidationError(
-                "control_image", f"(request {i + 1}) is an edge map (e.g. from the Canny Edges node), but fal runs "
-                "Canny on the control image itself and would find the edges of the edges. Connect the source "
+                "control_image", f"(request {i + 1}) is an edge map (e.g. from the Canny Edges node), but "
+                f"{current_target()} runs Canny on the control image itself and would find the edges of the edges. "
+                "Connect the source "
                 "picture (the Canny node's input) to control_image; to run on an edge map, use the local sampler "
                 "with apply_canny off")
 
@@ -262,7 +270,7 @@ def _fal_widgets() -> dict:
     return widgets
 
 
-def run_requests_on_fal(requests, unique_id=None, max_concurrency: int = 4, timeout_s: float = 600.0):
+def run_requests_on_fal(requests, unique_id=None, max_concurrency: int = 4, timeout_s: float = DEFAULT_TIMEOUT_S):
     """Run already-validated requests on fal with this node's progress, status and cancel handling
     (the local sampler's ``fallback``). Returns the results in request order."""
     reporter = _Reporter(len(requests), unique_id)

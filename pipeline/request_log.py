@@ -99,7 +99,7 @@ def record(log_dir, event: str, request_id: str, **fields) -> bool:
         else:
             then = "the log may still list it as it was before"
         logging.getLogger("sdxl_controlnet_img2img.fal").warning(
-            "fal: could not record request %s (%s) in %s (%s): %s", request_id, event, log_path(log_dir),
+            "could not record request %s (%s) in %s (%s): %s", request_id, event, log_path(log_dir),
             write_error_text(exc, log_dir), then)
         return False
 

@@ -10,20 +10,23 @@ import threading
 from pathlib import Path
 
 from ..errors import SDXLCNError
-from ..folders import check_output_folder
+from ..folders import USER_FOLDER, check_output_folder
+from .settings import DEFAULT_TIMEOUT_S, ENDPOINT_URL_ENV, FalSettings
 
 
 def add_remote_arguments(g) -> None:
     """Options of ``generate`` for running on fal."""
     g.add_argument("--remote", choices=["fal"], default=None,
                    help="run on fal's hosted endpoint instead of locally (needs FAL_KEY; fal bills per request; "
-                        "--checkpoint/--controlnet are not needed)")
+                        f"--checkpoint/--controlnet are not needed), or on your own server when {ENDPOINT_URL_ENV} "
+                        "names one")
     _add_common(g)
 
 
 def _add_common(p) -> None:
-    p.add_argument("--fal-timeout", type=float, default=600.0,
-                   help="seconds to wait for fal before giving up (the request id stays recorded; default 600)")
+    p.add_argument("--fal-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help=f"seconds to wait for fal before giving up (the request id stays recorded; default "
+                        f"{DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--fal-key-file", default=None,
                    help="a file whose first line is the fal key (used when FAL_KEY / FAL_KEY_ID+FAL_KEY_SECRET are unset)")
     p.add_argument("--request-log-dir", default=None,
@@ -45,12 +48,13 @@ def add_fal_fetch_parser(sub) -> None:
                                            "recoverable), and optionally fetch them")
     p.add_argument("--request-log-dir", default=None,
                    help="folder of fal_requests.jsonl: the --out folder of 'generate --remote fal', or ComfyUI's "
-                        "user/sdxl_controlnet_img2img (the default when this pack is run from ComfyUI's "
+                        f"user/{USER_FOLDER} (the default when this pack is run from ComfyUI's "
                         "custom_nodes folder)")
     p.add_argument("--fetch", metavar="OUT", default=None,
                    help="fetch each pending result into OUT/<request id>/ (nothing is submitted or billed again)")
     p.add_argument("--fal-key-file", default=None, help="a file whose first line is the fal key (for --fetch)")
-    p.add_argument("--fal-timeout", type=float, default=600.0, help="seconds to wait for each result (default 600)")
+    p.add_argument("--fal-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help=f"seconds to wait for each result (default {DEFAULT_TIMEOUT_S:g})")
     p.set_defaults(func=cmd_fal_pending)
 
 
@@ -153,19 +157,18 @@ def save_then_complete(result, out: Path, log_dir, request_id: str, endpoint: st
 
 
 def pending_log_dir(given) -> Path:
-    """The request log folder ``fal-pending`` reads: ``given``, else ComfyUI's ``user/sdxl_controlnet_img2img`` when
+    """The request log folder ``fal-pending`` reads: ``given``, else the pack's folder in ComfyUI's ``user/`` when
     this pack sits in ComfyUI's ``custom_nodes``. A folder or log that does not exist is an error, never "nothing
     pending" (a typo must not look like nothing to recover)."""
     from .. import request_log
-    from .key import KEY_FILE_DIRNAME
 
-    where = ("the --out folder of 'generate --remote fal', or ComfyUI's user/sdxl_controlnet_img2img "
+    where = (f"the --out folder of 'generate --remote fal', or ComfyUI's user/{USER_FOLDER} "
              "(user/ beside ComfyUI's main.py unless ComfyUI runs with --user-directory)")
     if given is None:
         pack = Path(__file__).resolve().parents[2]
         if pack.parent.name != "custom_nodes":
             raise SDXLCNError(f"--request-log-dir is required here: {where}")
-        given = pack.parent.parent / "user" / KEY_FILE_DIRNAME
+        given = pack.parent.parent / "user" / USER_FOLDER
         print(f"request log folder: {given} (ComfyUI's; another one with --request-log-dir)", file=sys.stderr)
     log_dir = Path(given).expanduser()
     if log_dir.exists() and not log_dir.is_dir():
@@ -197,8 +200,9 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _printer():
+def _printer(settings):
     last = {}
+    who = settings.target
 
     def on_status(st):
         stream = sys.stderr
@@ -207,14 +211,14 @@ def _printer():
                 print(line, file=stream)
             return
         if st.state == "SUBMITTED":
-            print(f"submitted fal request {st.request_id}", file=stream)
+            print(f"submitted request {st.request_id} to {who}", file=stream)
         elif st.state == "IN_QUEUE" and last.get("pos") != st.queue_position:
-            print(f"in fal's queue, position {st.queue_position}  ({st.elapsed:.1f}s)", file=stream)
+            print(f"in {settings.queue}, position {st.queue_position}  ({st.elapsed:.1f}s)", file=stream)
             last["pos"] = st.queue_position
         elif st.state != last.get("state") and st.state != "IN_QUEUE":
             print(f"{st.state.lower().replace('_', ' ')}  ({st.elapsed:.1f}s)", file=stream)
         for line in st.logs:
-            print(f"  fal: {line}", file=stream)
+            print(f"  {who}: {line}", file=stream)
         last["state"] = st.state
 
     return on_status
@@ -241,19 +245,19 @@ def _write(result, args, out: Path, request_id, endpoint, log_dir) -> int:
 
 def cmd_generate_remote(args, request) -> int:
     from .client import ENDPOINT, run_remote
+    from .files import check_request
     from .key import resolve_key
 
-    from .files import check_request
-
-    check_request(request)  # every refusal comes before the billing line: nothing is sent when one is refused
-    key = resolve_key(None, args.fal_key_file)
+    settings = FalSettings()  # SDXLCN_FAL_URL: a self-hosted server instead of fal
+    check_request(request, settings.target)  # every refusal comes before the billing line: nothing is sent then
+    key = resolve_key(None, args.fal_key_file, settings.server)
     out, log_dir = _folders(args)
-    on_status = _printer()
-    print(f"running on fal ({ENDPOINT}); fal bills this request. Its id will be recorded in "
-          f"{log_dir / 'fal_requests.jsonl'}", file=sys.stderr)
+    on_status = _printer(settings)
+    print(f"running on {settings.target} ({ENDPOINT}){settings.billing('; fal bills this request')}. Its id will be "
+          f"recorded in {log_dir / 'fal_requests.jsonl'}", file=sys.stderr)
     with _Interrupt() as cancelled:
-        result = run_remote(request, key=key, on_status=on_status, cancel_check=cancelled,
-                            timeout_s=args.fal_timeout, request_log_dir=log_dir, record_completed=False)
+        result = run_remote(request, key=key, on_status=on_status, cancel_check=cancelled, timeout_s=args.fal_timeout,
+                            request_log_dir=log_dir, settings=settings, record_completed=False)
     return _write(result, args, out, result.request_id, ENDPOINT, log_dir)
 
 
@@ -266,11 +270,11 @@ def cmd_fal_fetch(args) -> int:
     if endpoint is None:
         rec = request_log.find(log_dir, args.request_id)
         endpoint = (rec or {}).get("endpoint") or ENDPOINT
-    on_status = _printer()
+    settings = FalSettings()  # SDXLCN_FAL_URL: a self-hosted server instead of fal
     with _Interrupt() as cancelled:
         result = fetch_remote_result(args.request_id, key_file=args.fal_key_file, endpoint=endpoint,
-                                     on_status=on_status, cancel_check=cancelled, timeout_s=args.fal_timeout,
-                                     request_log_dir=log_dir, record_completed=False)
+                                     on_status=_printer(settings), cancel_check=cancelled, timeout_s=args.fal_timeout,
+                                     request_log_dir=log_dir, settings=settings, record_completed=False)
     return _write(result, args, out, result.request_id, endpoint, log_dir)
 
 

@@ -69,6 +69,7 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
     import fal_client
 
     recover = _recovery(request_id, request_log_dir, recorded)
+    who = settings.target
     handle = handle_factory()
     seen_logs = 0
     last_state = last_pos = None
@@ -88,16 +89,17 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
                 state, pos = "COMPLETED", None
             # the log: one line per status change and fal's new lines once each (those a finished request's answer
             # brings came before it finished)
-            said = [_said(state, pos, time.monotonic() - started)] if (state, pos) != (last_state, last_pos) else []
+            changed = (state, pos) != (last_state, last_pos)
+            said = [_said(state, pos, time.monotonic() - started, settings)] if changed else []
             for line in (new + said) if state == "COMPLETED" else (said + new):
-                log.info("fal %s: %s", request_id, line)
+                log.info("%s %s: %s", who, request_id, line)
             if on_status is not None and (new or state != last_state or state == "IN_QUEUE"):
                 notify(on_status, FalStatus(request_id, state, pos, new, time.monotonic() - started))
             last_state, last_pos = state, pos
             if isinstance(status, fal_client.Completed):
                 if status.error:
                     raise FalRequestFailed(
-                        f"fal reported an error for request {request_id}: {redact(status.error)}"
+                        f"{who} reported an error for request {request_id}: {redact(status.error)}"
                         + (f" ({status.error_type})" if status.error_type else ""), request_id)
                 break
             waiter.sleep(settings.poll_interval_s)
@@ -109,27 +111,27 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
         result = _decoded(data, request, request_id, settings, timings, recover)
     except Cancelled:
         if not cancel_on_stop:  # the user stopped waiting for a result: the request stays theirs, and pending
-            raise FalCancelled(f"stopped waiting for fal request {request_id}; it was not cancelled on fal. {recover}",
+            raise FalCancelled(f"stopped waiting for request {request_id}; it was not cancelled on {who}. {recover}",
                                request_id) from None
-        log.warning("fal: cancelling request %s", request_id)
+        log.warning("%s: cancelling request %s", who, request_id)
         event, said = _cancel(handle, settings, recover)
         # only a request fal reports as cancelled is done with; otherwise fal may still run (and bill) it
         request_log.record(request_log_dir, event, request_id, endpoint=endpoint)
-        raise FalCancelled(f"cancelled while waiting for fal request {request_id}; {said}.", request_id) from None
+        raise FalCancelled(f"cancelled while waiting for request {request_id} on {who}; {said}.", request_id) from None
     except Deadline:
         allowed = f"the {waiter.deadline - started:g} s" if waiter.deadline is not None else "the time"
         raise FalTimeout(
-            f"fal request {request_id} did not finish within {allowed} allowed ({_TIME_LIMIT}). It may still finish "
-            f"(and is billed). {recover}", request_id) from None
+            f"request {request_id} on {who} did not finish within {allowed} allowed ({_TIME_LIMIT}). It may still "
+            f"finish{settings.billing(' (and is billed)')}. {recover}", request_id) from None
     if record_completed:
         request_log.record(request_log_dir, "completed", request_id, endpoint=endpoint)
     return result
 
 
-def _said(state: str, position, elapsed: float) -> str:
+def _said(state: str, position, elapsed: float, settings: FalSettings) -> str:
     """A status change as the log says it."""
     if state == "IN_QUEUE":
-        return f"in fal's queue, position {position}" if position is not None else "in fal's queue"
+        return f"in {settings.queue}, position {position}" if position is not None else f"in {settings.queue}"
     if state == "IN_PROGRESS":
         return "running"
     return f"done (waited {elapsed:.1f} s)"
@@ -158,8 +160,8 @@ def _decoded(data, request, request_id: str, settings: FalSettings, timings: dic
     except SDXLCNError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise FalUnexpectedAnswer(f"fal's result for request {request_id} could not be read ({type(exc).__name__}: "
-                                  f"{redact(exc)[:200]}). {recover}", None, request_id) from None
+        raise FalUnexpectedAnswer(f"the result of request {request_id} from {settings.target} could not be read "
+                                  f"({type(exc).__name__}: {redact(exc)[:200]}). {recover}", None, request_id) from None
 
 
 def _cancel(handle, settings: FalSettings, recover: str) -> tuple[str, str]:
@@ -172,16 +174,18 @@ def _cancel(handle, settings: FalSettings, recover: str) -> tuple[str, str]:
     try:
         Waiter(None, deadline).call(handle.cancel)
     except Exception as exc:  # noqa: BLE001 - fal refuses with 400 (ALREADY_COMPLETED); the status below tells
-        log.info("fal: cancel answered %s", redact(type(exc).__name__))
+        log.info("%s: cancel answered %s", settings.target, redact(type(exc).__name__))
     try:  # one quick look: a slow answer is not worth keeping a user who pressed Cancel waiting
         status = Waiter(None, min(deadline, time.monotonic() + 1.0)).call(lambda: handle.status(with_logs=False))
     except Exception:  # noqa: BLE001
         status = None
     if isinstance(status, fal_client.Completed) and "cancel" in f"{status.error} {status.error_type}".lower():
-        return "cancelled", "fal cancelled it (nothing is billed for a request cancelled in the queue)"
+        return "cancelled", (f"{settings.target} cancelled it"
+                             + settings.billing(" (nothing is billed for a request cancelled in the queue)"))
     return "cancel_requested", (
-        f"fal was asked to cancel it, but it was already {'done' if isinstance(status, fal_client.Completed) else 'running'}"
-        f": it may still finish and be billed. {recover[:-1]}")
+        f"{settings.target} was asked to cancel it, but it was already "
+        f"{'done' if isinstance(status, fal_client.Completed) else 'running'}: it may still finish"
+        f"{settings.billing(' and be billed')}. {recover[:-1]}")
 
 
 class _Submit:
@@ -221,7 +225,8 @@ class _Submit:
             self._cancel_late(handle)
 
     def _cancel_late(self, handle) -> None:
-        log.warning("fal: the submission was answered late as request %s (recorded); cancelling it", handle.request_id)
+        log.warning("%s: the submission was answered late as request %s (recorded); cancelling it",
+                    self.settings.target, handle.request_id)
         try:
             event, _said = _cancel(handle, self.settings, _recovery(handle.request_id, self.request_log_dir,
                                                                     self.recorded))
@@ -233,12 +238,13 @@ class _Submit:
 def _say_waiting(stop: BaseException, settings: FalSettings, on_status: StatusCallback | None) -> None:
     """A stop came while the submit was being sent: say that we wait for fal's answer (fal may already hold it)."""
     what = {Deadline: "the time limit passed", KeyboardInterrupt: "interrupted"}.get(type(stop), "cancelled")
-    text = (f"{what} while the request was being sent to fal: waiting up to {settings.submit_answer_s:.0f} s for fal "
-            "to answer the submission, so that its id is recorded and the request cancelled instead of lost")
+    who = settings.target
+    text = (f"{what} while the request was being sent to {who}: waiting up to {settings.submit_answer_s:.0f} s for "
+            f"{who} to answer the submission, so that its id is recorded and the request cancelled instead of lost")
     if on_status is None:
-        log.warning("fal: %s", text)
+        log.warning("%s: %s", who, text)
         return
-    log.info("fal: %s", text)
+    log.info("%s: %s", who, text)
     try:
         on_status(FalStatus("", "STOPPING", None, [text], 0.0))
     except Exception:  # noqa: BLE001 - already stopping
@@ -255,26 +261,27 @@ def _stop_after_submit(handle, stop: BaseException, endpoint: str, settings: Fal
             on_status(FalStatus(request_id, "SUBMITTED", None, [], time.monotonic() - started))
         except Exception:  # noqa: BLE001 - already stopping
             pass
-    log.warning("fal: cancelling request %s (accepted while we were stopping)", request_id)
+    log.warning("%s: cancelling request %s (accepted while we were stopping)", settings.target, request_id)
     event, said = _cancel(handle, settings, _recovery(request_id, request_log_dir, recorded))
     request_log.record(request_log_dir, event, request_id, endpoint=endpoint)
     where = f"recorded in {request_log.log_path(request_log_dir)}" if recorded else "NOT recorded: note this id"
-    text = f"fal had accepted the request as {request_id} ({where}); {said}."
+    text = f"{settings.target} had accepted the request as {request_id} ({where}); {said}."
     if isinstance(stop, Deadline):
         raise FalTimeout(f"the time limit ({_TIME_LIMIT}) passed while the request was being submitted: {text}",
                          request_id)
     if isinstance(stop, KeyboardInterrupt):
-        log.warning("fal: interrupted while submitting: %s", text)
+        log.warning("%s: interrupted while submitting: %s", settings.target, text)
         raise stop
     raise FalCancelled(f"cancelled while the request was being submitted: {text}", request_id)
 
 
-def _unanswered(exc: SubmitUnanswered, request_log_dir) -> FalError:
+def _unanswered(exc: SubmitUnanswered, request_log_dir, settings: FalSettings) -> FalError:
+    who = settings.target
     where = (f"`{request_log.cli_command()} fal-pending --request-log-dir {request_log_dir}`"
-             if request_log_dir is not None else "https://fal.ai/dashboard/requests")
-    text = (f"fal did not answer the submission within {exc.waited_s:.0f} s of the stop. It may have reached fal "
-            f"and be billed: if this process keeps running, its id is recorded and the request cancelled when the "
-            f"answer comes; otherwise check {where}")
+             if request_log_dir is not None else settings.billing("https://fal.ai/dashboard/requests", who))
+    text = (f"{who} did not answer the submission within {exc.waited_s:.0f} s of the stop. It may have reached {who}"
+            f"{settings.billing(' and be billed')}: if this process keeps running, its id is recorded and the request "
+            f"cancelled when the answer comes; otherwise check {where}")
     if isinstance(exc.stop, Deadline):
         return FalTimeout(f"the time limit ({_TIME_LIMIT}) passed while the request was being submitted; {text}")
     return FalCancelled(f"cancelled while the request was being submitted; {text}")
@@ -306,7 +313,7 @@ def run_remote(
     """
     settings = settings or FalSettings()
     request = request.with_seed()
-    key = resolve_key(key, key_file)
+    key = resolve_key(key, key_file, settings.server)
     started = time.monotonic()
     waiter = Waiter(cancel_check, started + timeout_s if timeout_s else None)
     timings: dict[str, float] = {}
@@ -314,7 +321,7 @@ def run_remote(
     sender = _Submit(client, endpoint, request, settings, request_log_dir)
     try:
         try:
-            args = fal_arguments(request)
+            args = fal_arguments(request, settings.target)
             t = time.perf_counter()
             for name in ("image_url", "control_image_url"):
                 args[name] = prepare_image(args[name], name, client, waiter, settings)
@@ -334,14 +341,15 @@ def run_remote(
             raise
         except SubmitUnanswered as exc:
             sender.abandon()  # its answer, if it ever comes, is recorded and cancelled by the sending thread
-            raise _unanswered(exc, request_log_dir) from None
+            raise _unanswered(exc, request_log_dir, settings) from None
         except Cancelled:  # before the submit was sent, or a send that never reached fal
-            raise FalCancelled("cancelled before the request was submitted to fal (nothing was billed)") from None
+            raise FalCancelled(f"cancelled before the request was submitted to {settings.target}"
+                               f"{settings.billing(' (nothing was billed)')}") from None
         except Deadline:
-            raise FalTimeout(f"the time limit ({_TIME_LIMIT}) passed before the request was submitted to fal "
-                             "(nothing was billed)") from None
+            raise FalTimeout(f"the time limit ({_TIME_LIMIT}) passed before the request was submitted to "
+                             f"{settings.target}{settings.billing(' (nothing was billed)')}") from None
         request_id = handle.request_id
-        log.info("fal: submitted request %s to %s", request_id, endpoint)
+        log.info("%s: submitted request %s to %s", settings.target, request_id, endpoint)
         if waiter.stopped is not None:  # a stop came while the submit was in flight: fal accepted it, cancel it
             return _stop_after_submit(handle, waiter.stopped, endpoint, settings, on_status, started, request_log_dir,
                                       sender.recorded)
@@ -384,7 +392,7 @@ def fetch_remote_result(
     if endpoint is None:
         endpoint = rec.get("endpoint") if rec else None
     endpoint = endpoint or ENDPOINT
-    key = resolve_key(key, key_file)
+    key = resolve_key(key, key_file, settings.server)
     started = time.monotonic()
     waiter = Waiter(cancel_check, started + timeout_s if timeout_s else None)
     client = make_client(key, settings)

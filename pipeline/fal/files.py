@@ -38,7 +38,8 @@ def _image_bytes(value, field_name: str) -> tuple[bytes, str, str] | None:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str):
-        raise ImageInputError(field_name, f"cannot be sent to fal: got {type(value).__name__}")
+        raise ImageInputError(field_name, f"cannot be sent: got {type(value).__name__}; give a path, an http(s) URL, "
+                                          "a data URI or a PIL image")
     s = value.strip()
     low = s[:16].lower()
     if low.startswith(("http://", "https://", "data:")):
@@ -86,17 +87,18 @@ def _as_written(value) -> str:
         return repr(value)
 
 
-def check_request(request: GenerationRequest) -> dict:
+def check_request(request: GenerationRequest, target: str = "fal") -> dict:
     """Everything that can be checked before anything is sent (or announced as billed): the fields fal takes and
     each local image input (found, readable). Returns :func:`fal_arguments`."""
-    args = fal_arguments(request)
+    args = fal_arguments(request, target)
     for name in ("image_url", "control_image_url"):
         _image_bytes(args[name], name)
     return args
 
 
-def fal_arguments(request: GenerationRequest) -> dict:
-    """``request.to_fal_arguments()``, checked for what only works locally."""
+def fal_arguments(request: GenerationRequest, target: str = "fal") -> dict:
+    """``request.to_fal_arguments()``, checked for what only works locally; ``target`` runs it (as messages name it:
+    :attr:`.settings.FalSettings.target`)."""
     args = request.to_fal_arguments()
     for i, lora in enumerate(request.loras):
         if not str(lora.path).lower().startswith(("http://", "https://")):
@@ -107,30 +109,32 @@ def fal_arguments(request: GenerationRequest) -> dict:
     local = request.local_only_changes()
     if local:
         name = next(iter(local))
-        why = _LOCAL_ONLY_WHY.get(name, "fal has no such field")
+        why = _LOCAL_ONLY_WHY.get(name, "fal has no such field") if target == "fal" else \
+            f"fal's endpoint, which {target} serves, has no such field"
         raise FalValidationError(name, f"{_as_written(local[name])} is a local-only setting ({why}): leave it at its "
-                                       "default to run on fal, or run locally")
+                                       f"default to run on {target}, or run locally")
     return args
 
 
 def decode_result(data, request: GenerationRequest | None, request_id: str, settings: FalSettings,
                    timings: dict) -> GenerationResult:
+    result = f"the result of request {request_id} from {settings.target}"
     if not isinstance(data, dict):
-        raise FalNoImages(f"fal's result for request {request_id} is not an object; no images came back", request_id)
+        raise FalNoImages(f"{result} is not an object; no images came back", request_id)
     entries = data.get("images") or []
     if not isinstance(entries, list):  # an answer fal does not give: read again by id, never paid for again
         raise ValueError(f"its images field is a {type(entries).__name__}, not a list")
     if not entries:
         raise FalNoImages(
-            f"fal's result for request {request_id} holds no images (keys: {sorted(data)}); nothing to return. "
-            "Try again (a new request is billed again).", request_id)
+            f"{result} holds no images (keys: {sorted(data)}); nothing to return. Try again"
+            f"{settings.billing(' (a new request is billed again)')}.", request_id)
     images = []
     t = time.perf_counter()
     for i, entry in enumerate(entries):
         url = entry.get("url") if isinstance(entry, dict) else entry
         where = f"images[{i}]"
         if not isinstance(url, str) or not url:
-            raise FalImageDownloadError(f"fal's result for request {request_id}: {where} has no url", request_id)
+            raise FalImageDownloadError(f"{result}: {where} has no url", request_id)
         try:
             if url[:5].lower() == "data:":
                 img = load_image(url, where)
@@ -141,8 +145,8 @@ def decode_result(data, request: GenerationRequest | None, request_id: str, sett
                 raise ImageInputError(where, "is neither an http(s) URL nor a data URI")
         except ImageInputError as exc:
             raise FalImageDownloadError(
-                f"request {request_id}: result image {redact(exc)}. The result is kept by fal for a while: "
-                f"fetch it again by id {request_id}.", request_id) from None
+                f"request {request_id}: result image {redact(exc)}. The result is kept by {settings.target} for a "
+                f"while: fetch it again by id {request_id}.", request_id) from None
         images.append(img)
     timings["download"] = time.perf_counter() - t
     flags = data.get("has_nsfw_concepts")

@@ -6,7 +6,7 @@ Lookup order (first found wins):
 2. ``FAL_KEY``;
 3. ``FAL_KEY_ID`` + ``FAL_KEY_SECRET`` (joined as ``id:secret``, the shape fal's key has);
 4. a key file: one line holding the key. The ComfyUI node looks in
-   ``<ComfyUI user dir>/sdxl_controlnet_img2img/fal_key.txt``: the user directory's root, *not* a
+   ``fal_key.txt`` in the pack's folder of ComfyUI's user directory (:data:`..folders.USER_FOLDER`): its root, *not* a
    per-user folder such as ``user/default``, because ComfyUI serves per-user folders over its
    ``/userdata`` HTTP API.
 
@@ -21,10 +21,14 @@ import os
 import threading
 from pathlib import Path
 
+from ..folders import USER_FOLDER
 from .errors import FalKeyMissing
 
-KEY_FILE_DIRNAME = "sdxl_controlnet_img2img"
 KEY_FILE_NAME = "fal_key.txt"
+# the key a self-hosted server (SDXLCN_FAL_URL) takes, as messages say it; FAL_KEY holds it (any text for a server
+# without a key: fal's clients send one whatever the server)
+SERVER_KEY = ("the key that server was started with (its SDXLCN_SERVE_KEY, serve's --key-file or ComfyUI's "
+              f"user/{USER_FOLDER}/serve_key.txt)")
 REDACTED = "[fal key redacted]"
 
 _secrets: set[str] = set()
@@ -67,8 +71,12 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def resolve_key(key: str | None = None, key_file=None) -> str:
-    """The fal key, or :class:`FalKeyMissing` saying how to set one."""
+def resolve_key(key: str | None = None, key_file=None, server: str | None = None) -> str:
+    """The fal key, or :class:`FalKeyMissing` saying how to set one. ``server``: the self-hosted server the key is for
+    (as messages name it, :attr:`.settings.FalSettings.target`); None for fal."""
+    what = "fal key" if server is None else f"key for {server}"
+    get = ("Get a key at https://fal.ai/dashboard/keys." if server is None else
+           f"It must be {SERVER_KEY}; any text (e.g. none) when that server has no key.")
     found = None
     if key:
         found = key.strip()
@@ -80,14 +88,13 @@ def resolve_key(key: str | None = None, key_file=None) -> str:
         path = Path(key_file)
         if not path.exists():
             raise FalKeyMissing(
-                f"no fal key found: the key file {path} does not exist and FAL_KEY is not set. Create the file with "
-                "the key on its first line, or set FAL_KEY (or FAL_KEY_ID and FAL_KEY_SECRET). "
-                "Get a key at https://fal.ai/dashboard/keys.")
+                f"no {what} found: the key file {path} does not exist and FAL_KEY is not set. Create the file with "
+                f"the key on its first line, or set FAL_KEY (or FAL_KEY_ID and FAL_KEY_SECRET). {get}")
         try:
             # utf-8-sig: a key file saved by Windows Notepad starts with a byte-order mark
             lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
         except (OSError, UnicodeDecodeError) as exc:
-            raise FalKeyMissing(f"the fal key file {path} cannot be read ({exc.__class__.__name__}); it must be "
+            raise FalKeyMissing(f"the key file {path} cannot be read ({exc.__class__.__name__}); it must be "
                                 "a text file with the key on its first line") from None
         lines = [ln for ln in lines if ln and not ln.startswith("#")]
         if lines:
@@ -95,11 +102,10 @@ def resolve_key(key: str | None = None, key_file=None) -> str:
     if not found:
         where = (f", or put it on the first line of {Path(key_file)}" if key_file is not None else
                  ", or put it on the first line of a key file (ComfyUI: <ComfyUI user dir>/"
-                 f"{KEY_FILE_DIRNAME}/{KEY_FILE_NAME}; command line: --fal-key-file FILE)")
+                 f"{USER_FOLDER}/{KEY_FILE_NAME}; command line: --fal-key-file FILE)")
         raise FalKeyMissing(
-            "no fal key found: set the FAL_KEY environment variable (or FAL_KEY_ID and FAL_KEY_SECRET) in the "
-            f"environment ComfyUI or the command line runs in{where}. Get a key at https://fal.ai/dashboard/keys. "
-            "Never put the key in a widget or a workflow."
-        )
+            f"no {what} found: set the FAL_KEY environment variable (or FAL_KEY_ID and FAL_KEY_SECRET) in the "
+            f"environment ComfyUI or the command line runs in{where}. {get} Never put the key in a widget or a "
+            "workflow.")
     register_secret(found)
     return found

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..endpoint import ENDPOINT  # noqa: F401 - the client's default endpoint
 from .errors import FalValidationError
 from .key import RedactingFilter
 
-ENDPOINT = "fal-ai/fast-sdxl-controlnet-canny/image-to-image"
 UPLOAD_THRESHOLD_BYTES = 2 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -85,6 +85,26 @@ class FalSettings:
             if self.upload_threshold_bytes == UPLOAD_THRESHOLD_BYTES:
                 object.__setattr__(self, "upload_threshold_bytes", 1 << 62)
 
+    @property
+    def target(self) -> str:
+        """Who runs the requests, as messages name it (:func:`target_name`)."""
+        return target_name(self.endpoint_url)
+
+    @property
+    def server(self) -> str | None:
+        """A self-hosted server as messages name it; None when the requests go to fal."""
+        return None if self.endpoint_url is None else self.target
+
+    @property
+    def queue(self) -> str:
+        """The queue a request waits in, as messages name it."""
+        return "fal's queue" if self.endpoint_url is None else f"the queue of {self.target}"
+
+    def billing(self, words: str, otherwise: str = "") -> str:
+        """``words`` (about fal's billing) when the requests go to fal; ``otherwise`` on a self-hosted server, which
+        bills nothing."""
+        return words if self.endpoint_url is None else otherwise
+
     def redirect(self, url: str) -> str | None:
         """``url`` moved to :attr:`endpoint_url` when it is one of fal's queue/run URLs that fal_client built;
         None when it stays as it is."""
@@ -140,6 +160,23 @@ def check_followed_url(url: str) -> None:
 def endpoint_url_from_env() -> str | None:
     value = os.environ.get(ENDPOINT_URL_ENV, "").strip()
     return check_endpoint_url(value) if value else None
+
+
+def target_name(endpoint_url: str | None) -> str:
+    """Who runs the requests, as messages name it: "fal", or "your server at <host:port>" for a self-hosted endpoint
+    (its host and port only; :func:`check_endpoint_url` refuses a URL that holds a user name or password)."""
+    if endpoint_url is None:
+        return "fal"
+    return f"your server at {urllib.parse.urlsplit(endpoint_url).netloc}"
+
+
+def current_target() -> str:
+    """:func:`target_name` for the endpoint ``SDXLCN_FAL_URL`` names now (a value that is no base URL is refused by the
+    run itself, with its own error: "fal" here)."""
+    try:
+        return target_name(endpoint_url_from_env())
+    except FalValidationError:
+        return "fal"
 
 
 @dataclass

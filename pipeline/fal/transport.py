@@ -32,9 +32,9 @@ from .errors import (
     FalUnexpectedAnswer,
     FalValidationError,
 )
-from .key import redact
-from .settings import (ENDPOINT_URL_ENV, CancelCheck, FalSettings, FalStatus, StatusCallback, check_followed_url, log,
-                       own_http_calls)
+from .key import SERVER_KEY, redact
+from .settings import (ENDPOINT_URL_ENV, CancelCheck, FalSettings, FalStatus, StatusCallback,
+                       check_followed_url, log, own_http_calls)
 
 
 def received_by_fal(response) -> str | None:
@@ -135,7 +135,7 @@ def check_submit_answer(response) -> None:
     ctype = response.headers.get("content-type", "no content type")
     shown = response.content[:120].decode("utf-8", "replace")
     rid = rid or (body.get("request_id") if isinstance(body, dict) else None)
-    raise Transient("answer", f"fal's answer (HTTP {code}, {ctype}) {problem}: {shown!r}",
+    raise Transient("answer", f"the answer (HTTP {code}, {ctype}) {problem}: {shown!r}",
                     status_code=code, sent=True, request_id=rid if isinstance(rid, str) else None)
 
 
@@ -360,20 +360,21 @@ def notify(on_status: StatusCallback, status: FalStatus) -> None:
     try:
         on_status(status)
     except Exception as exc:  # noqa: BLE001
-        log.warning("fal: status callback raised %s; cancelling request %s", type(exc).__name__, status.request_id)
+        log.warning("status callback raised %s; cancelling request %s", type(exc).__name__, status.request_id)
         raise Cancelled() from exc
 
 
-def http_error(exc, what: str, request_id: str | None) -> FalError:
-    """A ``fal_client.FalClientHTTPError`` as one of our errors (redacted)."""
+def http_error(exc, what: str, request_id: str | None, settings: FalSettings) -> FalError:
+    """A ``fal_client.FalClientHTTPError`` as one of our errors (redacted), naming who answered it."""
     code = exc.status_code
     detail = exc.message
     rid = f" (request {request_id})" if request_id else ""
+    who = settings.target
     if code in (401, 403):
         text = redact(detail_text(detail))
         return FalAuthError(
-            f"fal refused the key (HTTP {code}) while {what}{rid}: {text}. "
-            "Check FAL_KEY (or the key file) and your fal balance at https://fal.ai/dashboard.",
+            f"{who} refused the key (HTTP {code}) while {what}{rid}: {text}. Check FAL_KEY (or the key file)"
+            + settings.billing(" and your fal balance at https://fal.ai/dashboard.", f": it must be {SERVER_KEY}."),
             code, text, request_id)
     if code == 422:
         items = detail if isinstance(detail, list) else []
@@ -383,13 +384,15 @@ def http_error(exc, what: str, request_id: str | None) -> FalError:
             fld = ".".join(loc) or "request"
             msg = redact(first.get("msg", "is invalid"))
             more = f" (and {len(items) - 1} more problem(s): {redact(detail_text(items[1:]))})" if len(items) > 1 else ""
-            return FalValidationError(fld, f"fal rejected this value: {msg}{more}{rid}", request_id)
-        return FalValidationError("request", f"fal rejected the request: {redact(detail_text(detail))}{rid}", request_id)
+            return FalValidationError(fld, f"{who} rejected this value: {msg}{more}{rid}", request_id)
+        return FalValidationError("request", f"{who} rejected the request: {redact(detail_text(detail))}{rid}",
+                                  request_id)
     if code == 404 and request_id:
         return FalRequestFailed(
-            f"fal does not know request {request_id} (HTTP 404) while {what}: {redact(detail_text(detail))}. "
-            "Check the id and the endpoint; fal keeps results for a limited time.", request_id)
-    return FalServerError(f"fal answered HTTP {code} while {what}{rid}: {redact(detail_text(detail))}", code, request_id)
+            f"{who} does not know request {request_id} (HTTP 404) while {what}: {redact(detail_text(detail))}. "
+            f"Check the id and the endpoint; {who} keeps results for a limited time.", request_id)
+    return FalServerError(f"{who} answered HTTP {code} while {what}{rid}: {redact(detail_text(detail))}", code,
+                          request_id)
 
 
 def call_with_retries(waiter: Waiter, fn, what: str, settings: FalSettings, request_id: str | None,
@@ -412,7 +415,7 @@ def call_with_retries(waiter: Waiter, fn, what: str, settings: FalSettings, requ
             except httpx.HTTPError as exc:  # a submit's the transport did not make a Transient: may have reached fal
                 raise Transient("answer", f"{type(exc).__name__}: {exc}", sent=True) from None
         except fal_client.FalClientHTTPError as exc:
-            raise http_error(exc, what, request_id) from None
+            raise http_error(exc, what, request_id, settings) from None
         except Transient as exc:
             retryable = exc.retry and not (submit and exc.sent)
             if retryable and waiter.stopped is not None:
@@ -420,15 +423,16 @@ def call_with_retries(waiter: Waiter, fn, what: str, settings: FalSettings, requ
             if retryable and attempt < settings.max_retries:
                 delay = min(settings.backoff_s * (2 ** attempt), settings.backoff_max_s)
                 attempt += 1
-                log.info("fal: %s failed (%s); retry %d/%d in %.1f s", what, redact(exc), attempt,
+                log.info("%s: %s failed (%s); retry %d/%d in %.1f s", settings.target, what, redact(exc), attempt,
                          settings.max_retries, delay)
                 waiter.sleep(delay)
                 continue
-            raise transient_error(exc, what, attempt, request_id, submit, recovery) from None
+            raise transient_error(exc, what, attempt, request_id, submit, recovery, settings) from None
 
 
 def transient_error(exc: Transient, what: str, retries: int, request_id: str | None, submit: bool,
-                    recovery=None) -> FalError:
+                    recovery, settings: FalSettings) -> FalError:
+    who, twice = settings.target, settings.billing("be billed twice", "run it twice")
     tried = f" after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else ""
     request_id = request_id or (exc.request_id if submit else None)
     rid = f" (request {request_id})" if request_id else ""
@@ -438,19 +442,18 @@ def transient_error(exc: Transient, what: str, retries: int, request_id: str | N
     recover = f" The request may still finish. {how}" if request_id else ""
     if submit and exc.sent:  # fal may hold (and bill) it: never sent again
         if request_id:
-            note = (f" fal accepted it as request {request_id}: it was not sent again (that would be billed twice). "
-                    f"{how}")
+            note = f" {who} accepted it as request {request_id}: it was not sent again (that would {twice}). {how}"
         else:
-            note = (" It may have reached fal (check https://fal.ai/dashboard/requests): it was not sent again (that "
-                    "would be billed twice).")
+            note = (f" It may have reached {who}{settings.billing(' (check https://fal.ai/dashboard/requests)')}: it "
+                    f"was not sent again (that would {twice}).")
         cls = {"timeout": FalTimeout, "connection": FalConnectionError, "answer": FalUnexpectedAnswer,
                "redirect": FalUnexpectedAnswer}.get(exc.kind)
-        head = {"http": f"fal received the submission but answered HTTP {exc.status_code}{tried}{rid}: {text}.",
-                "answer": f"fal's answer to the submission{rid} could not be read: {text}.",
-                "redirect": f"fal answered the submission{rid} with a redirect ({text}), which fal's queue never "
-                            "sends for a submission: it was not followed.",
-                "timeout": f"fal did not answer the submission in time{rid}: {text}."}.get(
-            exc.kind, f"the connection to fal broke during the submission{rid}: {text}.")
+        head = {"http": f"{who} received the submission but answered HTTP {exc.status_code}{tried}{rid}: {text}.",
+                "answer": f"the answer of {who} to the submission{rid} could not be read: {text}.",
+                "redirect": f"{who} answered the submission{rid} with a redirect ({text}), which {settings.queue} "
+                            "never sends for a submission: it was not followed.",
+                "timeout": f"{who} did not answer the submission in time{rid}: {text}."}.get(
+            exc.kind, f"the connection to {who} broke during the submission{rid}: {text}.")
         if cls is None:
             return FalServerError(head + note, exc.status_code, request_id)
         if issubclass(cls, FalServerError):
@@ -458,23 +461,23 @@ def transient_error(exc: Transient, what: str, retries: int, request_id: str | N
         return cls(head + note, request_id)
     if exc.kind == "redirect":  # a submit's, without fal's id: fal did not answer it
         return FalUnexpectedAnswer(
-            f"the submission was answered with a redirect ({text}) that carries no fal request id: fal's queue never "
-            f"redirects a submission, so something between this machine and fal answered it (a proxy, a captive "
-            f"portal, or a wrong {ENDPOINT_URL_ENV}). It was not followed (that would send the request, and your "
-            f"key, elsewhere) and not sent again; nothing reached fal. Check the network and {ENDPOINT_URL_ENV}.",
-            exc.status_code)
+            f"the submission was answered with a redirect ({text}) that carries no request id (x-fal-request-id): "
+            f"{settings.queue} never redirects a submission, so something between this machine and {who} answered "
+            f"it (a proxy, a captive portal, or a wrong {ENDPOINT_URL_ENV}). It was not followed (that would send the "
+            f"request, and your key, elsewhere) and not sent again; nothing reached {who}. Check the network and "
+            f"{ENDPOINT_URL_ENV}.", exc.status_code)
     if exc.kind == "answer":
-        return FalUnexpectedAnswer(f"fal's answer could not be read{tried} while {what}{rid}: {text}."
+        return FalUnexpectedAnswer(f"the answer of {who} could not be read{tried} while {what}{rid}: {text}."
                                    f"{recover or ' Try again later.'}", exc.status_code, request_id)
     if exc.kind == "http" and exc.status_code == 429:
-        return FalRateLimited(f"fal is rate-limiting this key (HTTP 429){tried} while {what}{rid}: {text}. "
+        return FalRateLimited(f"{who} is rate-limiting this key (HTTP 429){tried} while {what}{rid}: {text}. "
                               f"Lower the concurrency or try again later.{recover}", request_id)
     if exc.kind == "http":
-        return FalServerError(f"fal had a server error (HTTP {exc.status_code}){tried} while {what}{rid}: {text}. "
+        return FalServerError(f"{who} had a server error (HTTP {exc.status_code}){tried} while {what}{rid}: {text}. "
                               f"Try again later.{recover}", exc.status_code, request_id)
     if exc.kind == "timeout":
-        return FalTimeout(f"fal did not answer{tried} while {what}{rid}: {text}.{recover}", request_id)
-    return FalConnectionError(f"the connection to fal failed{tried} while {what}{rid}: {text}. "
+        return FalTimeout(f"{who} did not answer{tried} while {what}{rid}: {text}.{recover}", request_id)
+    return FalConnectionError(f"the connection to {who} failed{tried} while {what}{rid}: {text}. "
                               f"Check the network.{recover}", request_id)
 
 
