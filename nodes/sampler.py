@@ -101,10 +101,11 @@ class SDXLCNImg2Img:
         said = set()
         for k, req in enumerate(requests):
             offset = k * per_request
-            prepared = prepare_inputs(req)
-            for warning in set(prepared.warnings) - said:  # once per run, not once per image of a batch
-                log.warning("SDXLCNImg2Img: %s", warning)
-            said.update(prepared.warnings)
+            prepared = prepare_inputs(req, names=("image", "control_image"))  # the node's inputs
+            for warning in prepared.warnings:  # once per run, not once per image of a batch; in input order
+                if warning not in said:
+                    log.warning("SDXLCNImg2Img: %s", warning)
+                    said.add(warning)
             results.append(generate(
                 pipe, req,
                 on_step=lambda step, _total, latents, o=offset: progress.update(o + step, latents),

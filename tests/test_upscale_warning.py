@@ -53,13 +53,17 @@ def test_the_sampler_node_logs_it_once_for_a_batch(tiny_pipe, caplog):
             for name, (_typ, *opts) in spec[section].items() if opts and "default" in opts[0]}
     rng = np.random.default_rng(0)
     tiny = torch.from_numpy(rng.random((2, 2, 2, 3), dtype=np.float32))  # two 2x2 init images
-    control = torch.from_numpy(rng.random((1, 64, 64, 3), dtype=np.float32))
+    control = torch.from_numpy(rng.random((1, 4, 4, 3), dtype=np.float32))  # one 4x4 control image
     args.update(pipeline=PipelineHandle(tiny_pipe), image=tiny, control_image=control, prompt="a cat",
                 num_inference_steps=1, strength=1.0, image_size="custom", width=64, height=64)
     with caplog.at_level(logging.WARNING, logger="sdxl_controlnet_img2img"):
         images = node().sample(**args)[0]
     assert tuple(images.shape) == (2, 64, 64, 3)
     said = [r.getMessage() for r in caplog.records if "scaled up" in r.getMessage()]
-    assert said == ["SDXLCNImg2Img: image_url is 2x2 and is scaled up 32 times to cover 64x64, so the result will be "
+    # named as the node's inputs (image, control_image), not as fal's fields (image_url, control_image_url)
+    assert said == ["SDXLCNImg2Img: image is 2x2 and is scaled up 32 times to cover 64x64, so the result will be "
                     "blurry or blocky; use an image of at least 16x16 (at most 4 times smaller than the output) or a "
-                    "smaller image_size"], said
+                    "smaller image_size",
+                    "SDXLCNImg2Img: control_image is 4x4 and is scaled up 16 times to cover 64x64, so the result will "
+                    "be blurry or blocky; use an image of at least 16x16 (at most 4 times smaller than the output) or "
+                    "a smaller image_size"], said

@@ -55,13 +55,16 @@ class PreparedInputs:
     warnings: tuple[str, ...] = ()  # one line each, for the caller to show (an input scaled up a lot)
 
 
-def prepare_inputs(request: GenerationRequest) -> PreparedInputs:
-    """Load both images, bring them to the target size (cover + centre-crop), run Canny on the control image."""
-    control = load_image(request.control_image_url, "control_image_url")
-    init = load_image(request.image_url, "image_url")
+def prepare_inputs(request: GenerationRequest,
+                   names: tuple[str, str] = ("image_url", "control_image_url")) -> PreparedInputs:
+    """Load both images, bring them to the target size (cover + centre-crop), run Canny on the control image.
+    ``names``: the init and control image as the caller's user knows them (fal's fields; a node's inputs)."""
+    init_name, control_name = names
+    control = load_image(request.control_image_url, control_name)
+    init = load_image(request.image_url, init_name)
     width, height = target_size(parse_image_size(request.image_size), control.size)
-    warnings = tuple(w for w in (upscale_warning("image_url", init.size, (width, height)),
-                                 upscale_warning("control_image_url", control.size, (width, height))) if w)
+    warnings = tuple(w for w in (upscale_warning(init_name, init.size, (width, height)),
+                                 upscale_warning(control_name, control.size, (width, height))) if w)
     control = cover_resize(control, (width, height))
     init = cover_resize(init, (width, height))
     if request.apply_canny:
