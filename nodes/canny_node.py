@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..pipeline.canny import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, canny_edges, check_thresholds
-from .comfy_hooks import CATEGORY
+from ..pipeline.canny import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, canny_edges, ordered_thresholds
+from .comfy_hooks import CATEGORY, log
 from .convert import image_to_uint8, uint8_to_image
 
 
@@ -36,10 +36,13 @@ class SDXLCNCanny:
 
     # No VALIDATE_INPUTS: ComfyUI pins its answer to every argument it takes, and comparing the thresholds takes
     # two, so one mistake would be reported twice. Each threshold's range (and resolution's) is ComfyUI's own min/max
-    # check at /prompt, once, on that input; low above high is refused here, once, before any edge is computed.
+    # check at /prompt, once, on that input; low above high is used as OpenCV uses it (the smaller threshold first),
+    # said in one warning line per run, not once per image of the batch.
     def detect(self, image, low_threshold=DEFAULT_LOW_THRESHOLD, high_threshold=DEFAULT_HIGH_THRESHOLD,
                l2_gradient=False, resolution=0):
-        check_thresholds(int(low_threshold), int(high_threshold))
+        low_threshold, high_threshold, warning = ordered_thresholds(int(low_threshold), int(high_threshold))
+        if warning:
+            log.warning("SDXLCNCanny: %s", warning)
         edges = []
         for i in range(int(image.shape[0])):
             rgb = image_to_uint8(image, i)

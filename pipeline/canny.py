@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger("sdxl_controlnet_img2img")
 
 DEFAULT_LOW_THRESHOLD = 100
 DEFAULT_HIGH_THRESHOLD = 200
 
 
-def check_thresholds(low: int, high: int) -> None:
+def ordered_thresholds(low: int, high: int) -> tuple[int, int, str | None]:
+    """``(low, high, warning)``: the thresholds checked against 0..255, the smaller first, and one warning line when
+    they came the other way round. OpenCV's Canny takes them either way round (the smaller one links edges, the
+    larger one starts them: cv2.Canny's documentation), so low above high is used as OpenCV uses it, with a word."""
     for name, v in (("low_threshold", low), ("high_threshold", high)):
         if not 0 <= v <= 255:
             raise ValueError(f"{name}: must be between 0 and 255, got {v}")
-    if low > high:
-        raise ValueError(
-            f"low_threshold ({low}) is above high_threshold ({high}): set low_threshold to at most high_threshold"
-        )
+    if low <= high:
+        return low, high, None
+    return high, low, (f"low_threshold {low} is above high_threshold {high}: using {high}/{low}, as OpenCV does "
+                       "(the smaller threshold links edges, the larger one starts them)")
 
 
 def canny_edges(
@@ -24,10 +31,13 @@ def canny_edges(
     high_threshold: int = DEFAULT_HIGH_THRESHOLD,
     l2_gradient: bool = False,
 ) -> np.ndarray:
-    """``cv2.Canny`` on an 8-bit RGB image ``[H, W, 3]``; returns the edge map as ``[H, W, 3]`` uint8 (0 or 255)."""
+    """``cv2.Canny`` on an 8-bit RGB image ``[H, W, 3]``; returns the edge map as ``[H, W, 3]`` uint8 (0 or 255).
+    Thresholds the wrong way round are used as OpenCV uses them, with a warning line (:func:`ordered_thresholds`)."""
     import cv2
 
-    check_thresholds(low_threshold, high_threshold)
+    low_threshold, high_threshold, warning = ordered_thresholds(low_threshold, high_threshold)
+    if warning:
+        log.warning("canny: %s", warning)
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"canny_edges wants an 8-bit RGB array [H, W, 3], got {rgb.dtype} {rgb.shape}")
     edges = cv2.Canny(np.ascontiguousarray(rgb), low_threshold, high_threshold, L2gradient=l2_gradient)

@@ -109,14 +109,47 @@ def _run_error(server, wf) -> list[dict]:
     return [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
 
 
-def test_thresholds_the_wrong_way_round_are_one_error(server):
-    """Comparing two inputs cannot be one error at /prompt (VALIDATE_INPUTS would need both as arguments and would be
-    pinned to both): the node refuses it when it runs, once."""
+def _outputs(server, entry, node_id) -> list:
+    """The pixels of the images a node of a finished run shows or saved, read back through ComfyUI's /view."""
+    import io
+    import urllib.parse
+    import urllib.request
+
+    import numpy as np
+    from PIL import Image
+
+    arrays = []
+    for img in entry["outputs"][node_id]["images"]:
+        query = urllib.parse.urlencode({k: img[k] for k in ("filename", "subfolder", "type")})
+        with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=10) as r:
+            arrays.append(np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB")))
+    return arrays
+
+
+def test_thresholds_the_wrong_way_round_run_as_opencv_runs_them_with_one_warning_line(server):
+    """OpenCV's Canny takes its thresholds either way round (the smaller one links edges, the larger one starts
+    them): 250/100 runs, says so in one warning line, with no error and no traceback, and gives the pixels of
+    100/250 (it was refused when the node ran, with a 20-line traceback in the log)."""
+    import numpy as np
+
     wf = workflow()
-    wf[CANNY]["inputs"].update(low_threshold=200, high_threshold=100)
-    runs = _run_error(server, wf)
-    assert len(runs) == 1 and runs[0]["node_id"] == CANNY, runs
-    assert "low_threshold (200) is above high_threshold (100)" in runs[0]["exception_message"]
+    wf["4"]["inputs"]["num_inference_steps"] = 2
+    wf[CANNY]["inputs"].update(low_threshold=250, high_threshold=100)
+    start = len(server.log())
+    swapped = server.wait_history(server.queue_prompt(wf))
+    log = server.log()[start:]
+    assert swapped["status"]["status_str"] == "success", swapped["status"]
+    assert "Exception during processing" not in log and "Traceback" not in log, log
+    said = [ln for ln in log.splitlines() if "low_threshold" in ln]
+    assert said == ["SDXLCNCanny: low_threshold 250 is above high_threshold 100: using 100/250, as OpenCV does (the "
+                    "smaller threshold links edges, the larger one starts them)"], log
+    wf[CANNY]["inputs"].update(low_threshold=100, high_threshold=250)
+    ordered = server.wait_history(server.queue_prompt(wf))
+    assert ordered["status"]["status_str"] == "success", ordered["status"]
+    for node_id in (CANNY, "5"):  # the edge map the Canny node shows, the picture the workflow saves
+        a, b = _outputs(server, swapped, node_id), _outputs(server, ordered, node_id)
+        assert len(a) == len(b) == 1 and np.array_equal(a[0], b[0]), node_id
+    assert _outputs(server, ordered, CANNY)[0].any()
 
 
 def test_a_file_of_the_wrong_kind_is_one_error(server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -111,13 +112,27 @@ def test_canny_node_equals_cv2_canny():
     assert np.array_equal((l2[0, :, :, 0].numpy() * 255).astype(np.uint8), cv2.Canny(np.asarray(pil), 50, 120, L2gradient=True))
 
 
-def test_canny_node_resolution_and_threshold_errors():
+def test_canny_node_resolution():
     cls = NODE_CLASS_MAPPINGS["SDXLCNCanny"]
     batch = _image_batch(make_test_image(96, 64, seed=5))
     (edges,) = _call(cls, image=batch, low_threshold=100, high_threshold=200, resolution=128)
     assert edges.shape == (1, 128, 192, 3)
-    with pytest.raises(ValueError, match=r"low_threshold \(200\) is above high_threshold \(100\)"):
-        _call(cls, image=batch, low_threshold=200, high_threshold=100)
+
+
+def test_canny_thresholds_the_wrong_way_round_are_used_as_opencv_uses_them(caplog):
+    """cv2.Canny takes its two thresholds either way round (the smaller links edges, the larger starts them): the
+    node gives what cv2.Canny gives for the same arguments, with one warning line for the batch (it raised)."""
+    import cv2
+
+    pil = make_test_image(96, 64, seed=5)
+    batch = _image_batch(pil, make_test_image(96, 64, seed=6))
+    with caplog.at_level(logging.WARNING, logger="sdxl_controlnet_img2img"):
+        (edges,) = _call(NODE_CLASS_MAPPINGS["SDXLCNCanny"], image=batch, low_threshold=200, high_threshold=100)
+    expected = cv2.Canny(np.asarray(pil), 200, 100)
+    assert expected.any() and np.array_equal((edges[0, :, :, 0].numpy() * 255).astype(np.uint8), expected)
+    assert [r.getMessage() for r in caplog.records] == [
+        "SDXLCNCanny: low_threshold 200 is above high_threshold 100: using 100/200, as OpenCV does (the smaller "
+        "threshold links edges, the larger one starts them)"]
 
 
 def _sampler_args(handle, image, control, **kw):
