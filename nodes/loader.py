@@ -57,8 +57,8 @@ class SDXLCNLoader:
             return True
         try:
             check_device(device)
-        except SDXLCNError as exc:
-            return str(exc)
+        except SDXLCNError as exc:  # ComfyUI names the input itself ("device - ..."): not said twice
+            return str(exc).removeprefix("device: ")
         return True
 
     def load(self, checkpoint, controlnet, dtype="auto", memory_mode="auto", vae_tiling=False,

@@ -176,7 +176,7 @@ def test_sampler_errors_name_the_input(tiny_pipe):
     ctl = _image_batch(make_test_image(64, 64, 2), make_test_image(64, 64, 5))
     with pytest.raises(ValueError, match="control_image: a batch of 2 does not match the 3 init images"):
         _call(NODE_CLASS_MAPPINGS["SDXLCNImg2Img"], **_sampler_args(handle, inits, ctl))
-    with pytest.raises(ValueError, match="^prompt: is required"):
+    with pytest.raises(ValueError, match=r"^prompt: is empty: write what to generate \(fal's prompt is required\)$"):
         _call(NODE_CLASS_MAPPINGS["SDXLCNImg2Img"], **_sampler_args(handle, inits[:1], ctl[:1], prompt=" "))
 
 
@@ -204,11 +204,12 @@ def test_loader_validates_the_device_and_refuses_wrong_files_before_anything_loa
 
     loader = NODE_CLASS_MAPPINGS["SDXLCNLoader"]
     assert loader.VALIDATE_INPUTS() is True and loader.VALIDATE_INPUTS(device="cpu") is True
+    # ComfyUI shows the answer after the input's name ("device - <answer>"): the answer does not name it again
     msg = loader.VALIDATE_INPUTS(device="banana")
-    assert isinstance(msg, str) and msg.startswith("device: 'banana' is not a device name")
+    assert isinstance(msg, str) and msg.startswith("'banana' is not a device name")
     if not torch.cuda.is_available():
         msg = loader.VALIDATE_INPUTS(device="cuda")
-        assert isinstance(msg, str) and msg.startswith("device: cuda was asked for")
+        assert isinstance(msg, str) and msg.startswith("cuda was asked for")
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were read before the bad file was refused")
