@@ -61,9 +61,10 @@ FIELD_WIDGETS = tuple(name for name in request_widgets() if name in FIELD)
 
 
 def check_prompt(prompt=None):
-    """The samplers' VALIDATE_INPUTS: an empty prompt (a fresh node's) is refused when the workflow is queued, on
-    the prompt input, before anything loads or is paid for. It takes only ``prompt``: ComfyUI 0.8.0 pins the answer to
-    every argument it takes. A prompt linked from another node is not known yet (None) and is checked when it runs."""
+    """The local sampler's VALIDATE_INPUTS: an empty prompt (a fresh node's) is refused when the workflow is queued,
+    on the prompt input, before anything loads or is paid for. It takes only ``prompt``: ComfyUI 0.8.0 pins the answer
+    to every argument it takes. A prompt linked from another node is not known yet (None), and the fal node's may be
+    empty when ``request_id`` fetches by id: :func:`build_requests` refuses those when the node runs, in these words."""
     if isinstance(prompt, str) and not prompt.strip():
         return "is empty: write what to generate (fal's prompt is required)"
     return True
@@ -122,8 +123,12 @@ def build_requests(widgets: dict, image, control_image, **extra) -> list:
     Init image ``k`` uses seed ``seed + k * num_images`` and image ``i`` of it ``+ i``, so every output
     has its own seed and can be redone alone. ``extra`` adds request fields (loras, apply_canny, ...).
     """
+    from ..pipeline.errors import RequestError
     from .convert import image_to_pil
 
+    empty = check_prompt(widgets.get("prompt"))  # one from another node, or the fal node's: the queue-time words
+    if empty is not True:
+        raise RequestError("prompt", empty)
     seed, num_images = int(widgets["seed"]), int(widgets["num_images"])
     requests = []
     for k, (bi, ci) in enumerate(pair_batches(image, control_image)):

@@ -90,7 +90,8 @@ def test_an_unusable_device_is_one_error_on_device(server):
     wf[LOADER]["inputs"]["device"] = "mps"  # never available on Linux; a saved workflow keeps any device it names
     shape, errors = refused(server, wf)
     assert shape == {LOADER: [("custom_validation_failed", "device")]}, errors
-    assert "device: mps was asked for" in details(errors, LOADER)
+    # ComfyUI puts the input's name first ("device - ..."): the answer does not name it again
+    assert details(errors, LOADER).startswith("device - mps was asked for, but it is not available"), errors
 
 
 @pytest.mark.parametrize("lora", ["missing.safetensors", "style_pickle.pt"])
@@ -186,4 +187,27 @@ def test_a_prompt_from_another_node_is_checked_when_it_runs(server):
     wf["20"]["inputs"].update(string_a="", string_b="")
     runs = _run_error(server, wf)
     assert len(runs) == 1 and runs[0]["node_id"] == SAMPLER, runs
-    assert runs[0]["exception_message"].startswith("prompt: is required"), runs
+    assert runs[0]["exception_message"].startswith("prompt: is empty: write what to generate"), runs
+
+
+def test_the_fal_nodes_empty_prompt_is_refused_when_it_runs_in_the_samplers_words(server):
+    """The fal node's prompt may be empty when request_id fetches by id, so it cannot be refused when queued; without
+    an id it is refused when the node runs, before anything is sent, in the words ComfyUI shows for the sampler's
+    empty prompt at /prompt (it said "prompt: is required")."""
+    wf = workflow()
+    wf[SAMPLER]["inputs"]["prompt"] = ""
+    _shape, errors = refused(server, wf)
+    queued = details(errors, SAMPLER)  # "prompt - <our words>", as ComfyUI writes a VALIDATE_INPUTS answer
+    assert queued.startswith("prompt - "), queued
+    fal = {k: v for k, v in wf[SAMPLER]["inputs"].items() if k in FAL_INPUTS}
+    wf[SAMPLER] = {"class_type": "SDXLCNFalImg2Img",
+                   "inputs": {**fal, "control_image": ["1", 0], "request_id": "", "loras": "", "sync_mode": False,
+                              "max_concurrency": 1, "timeout_s": 30}}
+    runs = _run_error(server, wf)
+    assert len(runs) == 1 and runs[0]["node_id"] == SAMPLER, runs
+    assert runs[0]["exception_message"].strip() == "prompt: " + queued.removeprefix("prompt - "), runs
+
+
+FAL_INPUTS = ("prompt", "negative_prompt", "controlnet_conditioning_scale", "image_size", "width", "height",
+              "num_inference_steps", "guidance_scale", "strength", "seed", "num_images", "enable_safety_checker",
+              "expand_prompt", "image")

@@ -77,7 +77,7 @@ def test_fallback_refuses_local_lora_files(unusable_gpu_pipe, fal, user_dir, tmp
 
 
 def test_bad_requests_never_fall_back(unusable_gpu_pipe, fal, user_dir):
-    with pytest.raises(ValueError, match="^prompt: is required"):
+    with pytest.raises(ValueError, match="^prompt: is empty"):
         SDXLCNImg2Img().sample(**_args(PipelineHandle(unusable_gpu_pipe), fallback="fal", prompt=""))
     assert fal.jobs == {}
 
