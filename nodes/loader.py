@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..pipeline.handle import PipelineHandle
-from ..pipeline.local.choices import DEFAULT, DTYPES, MEMORY_MODES, dtype_help, memory_mode_help
+from ..pipeline.local.choices import DEFAULT, DTYPES, DTYPES_TABLE, MEMORY_MODES, dtype_help, memory_mode_help
 from .comfy_hooks import CATEGORY, log
 from .model_folders import checkpoint_choices, controlnet_choices, resolve, vae_choices
 
@@ -88,9 +88,27 @@ class SDXLCNLoader:
         )
         # the kind of model in each file (from headers only), so a wrong or swapped file is refused before a long load
         check_sources(base_path, cn_path, options)
-        log.info("SDXLCNLoader: %s + %s (%s)", checkpoint, controlnet, options)
+        log.info("SDXLCNLoader: loading %s + %s %s", checkpoint, controlnet, in_words(options, vae))
         # the value passed on holds no weights: old values in ComfyUI's cache keep nothing alive
         ref = PipelineRef(base_path, cn_path, options, after_load=after_load)
         ref.get()  # load now, so errors and load time show on this node
         return (PipelineHandle(ref=ref, source={"checkpoint": checkpoint, "controlnet": controlnet,
                                                 "dtype": str(dtype), "memory_mode": memory_mode}),)
+
+
+def in_words(options, vae: str = "none") -> str:
+    """How the pipeline loads, for the log line, in the node's words: the device, the precision and the memory mode,
+    then only the inputs set away from their defaults (``vae`` by its name in the menu)."""
+    o = options.resolved()
+    dtype = str(o.dtype).removeprefix("torch.")
+    dtype = next((d.name for d in DTYPES_TABLE if d.torch_name == dtype), dtype)
+    words = [f"on {o.device}", dtype, f"memory mode {o.memory_mode}"]
+    if o.vae_tiling:
+        words.append("VAE tiling")
+    if vae not in (None, "", "none"):
+        words.append(f"VAE {vae}")
+    if o.compile:
+        words.append("torch.compile")
+    if o.attention != ATTENTION[0]:
+        words.append(f"{o.attention} attention")
+    return ", ".join(words)

@@ -119,3 +119,19 @@ def test_lora_switch_logs_one_line_per_lora_read_and_nothing_from_libraries(serv
     loras = [ln for ln in log.splitlines() if ln.startswith("LoRA ")]
     assert loras == [f"LoRA {LORAS[0]}: loaded",
                      f"LoRA {LORAS[1]}: loaded (kept beside 1 other LoRA: switching between them reads no file)"], log
+
+
+def test_the_loaders_line_says_what_it_loads_in_the_users_words(server):
+    """One line per load: the models, the device and precision ComfyUI runs on (--cpu: the CPU in fp32), the memory
+    mode, then only the inputs set away from their defaults. It dumped the whole LoadOptions(device='cpu',
+    dtype=torch.float32, ..., host_placement=True)."""
+    loads = []
+    for options in ({"vae_tiling": True, "attention": "classic"}, {"memory_mode": "none"}):
+        wf = lora_workflow(5, [])
+        wf["3"]["inputs"].update(options)  # options no other test loads with: this run loads the pipeline
+        start = len(server.log())
+        run(server, wf)
+        loads += [ln for ln in server.log()[start:].splitlines() if ln.startswith("SDXLCNLoader")]
+    assert loads == ["SDXLCNLoader: loading tiny-sdxl + tiny-controlnet-canny on cpu, fp32, memory mode auto, VAE "
+                     "tiling, classic attention",
+                     "SDXLCNLoader: loading tiny-sdxl + tiny-controlnet-canny on cpu, fp32, memory mode none"], loads
