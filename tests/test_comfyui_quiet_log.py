@@ -135,3 +135,21 @@ def test_the_loaders_line_says_what_it_loads_in_the_users_words(server):
     assert loads == ["SDXLCNLoader: loading tiny-sdxl + tiny-controlnet-canny on cpu, fp32, memory mode auto, VAE "
                      "tiling, classic attention",
                      "SDXLCNLoader: loading tiny-sdxl + tiny-controlnet-canny on cpu, fp32, memory mode none"], loads
+
+
+def test_fetching_a_finished_result_by_id_logs_one_line(server):
+    """A finished request fetched by id (the node's request_id): fal's status answer brings every line of that
+    earlier run (here the server's ten step lines), which were said when it ran; the fetch says one line (it
+    replayed every step line)."""
+    server.fal.reset(run_s=0.2, logs=[f"step {i}/10" for i in range(1, 11)])
+    wf = fal_workflow()
+    wf["4"]["inputs"]["seed"] = 11  # not the other test's request: ComfyUI would answer it from its cache
+    run(server, wf)
+    (rid,) = server.fal.jobs
+    wf["4"]["inputs"]["request_id"] = rid
+    start = len(server.log())
+    run(server, wf)
+    log = server.log()[start:]
+    assert_quiet(log)
+    assert [ln for ln in log.splitlines() if rid in ln] == [f"fal {rid}: already done: fetching its result"], log
+    assert len(server.fal.jobs) == 1  # fetched, not submitted again

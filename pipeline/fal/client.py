@@ -62,10 +62,13 @@ def _recovery(request_id: str, request_log_dir, recorded: bool) -> str:
 def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, waiter: Waiter, settings: FalSettings,
                     on_status: StatusCallback | None, started: float, timings: dict, request=None,
                     request_log_dir=None, record_completed: bool = True,
-                    cancel_on_stop: bool = True, recorded: bool = True) -> GenerationResult:
+                    cancel_on_stop: bool = True, recorded: bool = True,
+                    earlier_lines: bool = True) -> GenerationResult:
     """Poll ``request_id`` until it is done, then fetch and decode its result. A stop (cancel, Ctrl-C) asks fal to
     cancel when ``cancel_on_stop`` (our own submission); a fetch by id only stops waiting. ``recorded``: whether
-    the request log holds the id (the messages say how to fetch it later accordingly)."""
+    the request log holds the id (the messages say how to fetch it later accordingly). ``earlier_lines``: whether
+    fal's log lines of a request that had finished before the first look are said (our own submission: yes; a fetch
+    by id: no, that run's lines were said, or not wanted, when it ran: one line says it is done)."""
     import fal_client
 
     recover = _recovery(request_id, request_log_dir, recorded)
@@ -91,6 +94,8 @@ def _wait_and_fetch(client, handle_factory, request_id: str, endpoint: str, wait
             # brings came before it finished)
             changed = (state, pos) != (last_state, last_pos)
             said = [_said(state, pos, time.monotonic() - started, settings)] if changed else []
+            if state == "COMPLETED" and last_state is None and not earlier_lines:
+                said, new = ["already done: fetching its result"], []
             for line in (new + said) if state == "COMPLETED" else (said + new):
                 log.info("%s %s: %s", who, request_id, line)
             if on_status is not None and (new or state != last_state or state == "IN_QUEUE"):
@@ -400,7 +405,8 @@ def fetch_remote_result(
         return _wait_and_fetch(client, lambda: client.get_handle(endpoint, request_id), request_id, endpoint, waiter,
                                settings, on_status, started, {}, request=None, request_log_dir=request_log_dir,
                                record_completed=record_completed, cancel_on_stop=False,
-                               recorded=request_log.is_recorded(request_log_dir, request_id) if rec else False)
+                               recorded=request_log.is_recorded(request_log_dir, request_id) if rec else False,
+                               earlier_lines=False)
     finally:
         close_client(client)
 
