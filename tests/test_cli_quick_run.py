@@ -102,3 +102,17 @@ def test_make_tiny_models_into_comfyuis_model_folders(tmp_path, capsys, tiny_mod
 def test_make_tiny_models_outside_comfyui_needs_out(capsys):
     assert main(["make-tiny-models"]) == 2
     assert "--out DIR is required here" in capsys.readouterr().err
+
+
+def test_make_tiny_models_writes_every_file_readable_by_all(tmp_path, capsys):
+    """Every file it writes is mode 644, like the configs beside the weights (safetensors, so diffusers' and
+    transformers' save_pretrained, wrote the weight files 600: unreadable for a ComfyUI running as another user)."""
+    import stat
+
+    assert main(["make-tiny-models", "--out", str(tmp_path / "models")]) == 0
+    capsys.readouterr()
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode))
+             for p in (tmp_path / "models").rglob("*") if p.is_file()}
+    weights = [p for p in modes if p.endswith(".safetensors")]
+    assert len(weights) >= 6 and any(p.endswith(".json") for p in modes)  # unet, vae, 2 text encoders, ControlNet, LoRA
+    assert {p: m for p, m in modes.items() if m != "0o644"} == {}

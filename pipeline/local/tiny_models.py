@@ -207,8 +207,18 @@ def build_tiny_models(root: str | os.PathLike, seed: int = 0, scale: int = 1, co
                 controlnet.save_pretrained(partial)
             else:
                 write_tiny_lora(components["unet"], partial, seed=seed)
+            readable_by_all(partial)
             os.replace(partial, final)
     return paths
+
+
+def readable_by_all(path: Path) -> None:
+    """Mode 644 for ``path`` and every file under it, as the configs beside them get: safetensors (so diffusers' and
+    transformers' save_pretrained) writes weight files readable by their owner only, so another user running
+    ComfyUI on the same machine could not read them."""
+    for f in (path.rglob("*") if path.is_dir() else [path]):
+        if f.is_file():
+            os.chmod(f, 0o644)
 
 
 def _save_base(pipe, base_dir: Path) -> None:
@@ -249,7 +259,7 @@ def write_tiny_lora(unet, path: str | os.PathLike, seed: int = 0, rank: int = 4,
             state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=gen) * amplitude
     path = Path(path)
     save_file(state, str(path), metadata={"format": "pt"})
-    os.chmod(path, 0o644)  # safetensors writes its files readable by their owner only
+    readable_by_all(path)
     return path
 
 
