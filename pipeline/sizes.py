@@ -84,12 +84,16 @@ def target_size(image_size, control_size: tuple[int, int]) -> tuple[int, int]:
         w, h = IMAGE_SIZE_PRESETS[image_size]
     else:
         w, h = image_size["width"], image_size["height"]
+    given = (w, h)
     w, h = floor_to_multiple_of_8(w), floor_to_multiple_of_8(h)
     if w * h > MAX_PIXELS:
         source = "the control image's size (image_size none)" if image_size is None else f"image_size {image_size!r}"
+        # the size as the user knows it (the image's own), then the one it would run at
+        rounded = f" ({w}x{h} in multiples of 8: " if given != (w, h) else " ("
         raise RequestError(
             "image_size",
-            f"{source} is {w}x{h} = {w * h / 1e6:.1f} MP, over the {MAX_PIXELS / 1e6:.1f} MP this pack runs SDXL at "
+            f"{source} is {given[0]}x{given[1]}{rounded}{w * h / 1e6:.1f} MP), over the {MAX_PIXELS / 1e6:.1f} MP "
+            "this pack runs SDXL at "
             "(2048x2048; SDXL's own size is 1024x1024); pick a preset such as square_hd or landscape_4_3, or a "
             "custom width/height")
     return w, h

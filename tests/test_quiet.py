@@ -98,7 +98,7 @@ def test_an_image_over_pillows_warning_limit_gives_only_our_words(tiny_models, t
     code, err = _generate(tiny_models, tmp_path, big, image_size=None)
     assert code != 0
     assert err.strip().splitlines() == [err.strip()], err  # one line
-    assert err.startswith("error: image_size:") and "9496x9496" in err
+    assert err.startswith("error: image_size:") and "is 9500x9500 (9496x9496 in multiples of 8: 90.2 MP)" in err
     assert "DecompressionBomb" not in err and "site-packages" not in err
 
 

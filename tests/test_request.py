@@ -226,8 +226,25 @@ def test_undecodable_file(tmp_path):
 
 @pytest.mark.parametrize("image_size, control", [(None, (4032, 3024)), ({"width": 4096, "height": 2048}, (64, 64))])
 def test_sizes_over_the_maximum_are_refused(image_size, control):
-    with pytest.raises(RequestError, match=r"image_size: .*MP, over the 4.2 MP.*pick a preset"):
+    with pytest.raises(RequestError, match=r"image_size: .*MP\), over the 4.2 MP.*pick a preset"):
         target_size(image_size, control)
+
+
+def test_a_size_over_the_maximum_says_the_images_own_size_then_the_rounded_one(tmp_path):
+    """A control image of 2101x2099 (PIL's size of the file) with image_size none: the message says that size, then
+    the multiples of 8 it would run at (it said only 2096x2096, a size the user never saw)."""
+    from PIL import Image
+
+    from sdxl_controlnet_img2img.pipeline.local.generate import prepare_inputs
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (2101, 2099), (40, 90, 160)).save(path)
+    req = GenerationRequest.from_dict({"prompt": "a", "image_url": str(path), "control_image_url": str(path)})
+    with pytest.raises(RequestError) as info:
+        prepare_inputs(req)
+    assert Image.open(path).size == (2101, 2099)
+    assert str(info.value).startswith("image_size: the control image's size (image_size none) is 2101x2099 "
+                                      "(2096x2096 in multiples of 8: 4.4 MP), over the 4.2 MP"), str(info.value)
 
 
 def test_the_largest_allowed_sizes_pass():
