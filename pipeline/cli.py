@@ -139,10 +139,12 @@ def cmd_generate(args) -> int:
     try:
         request = read_request(Path(args.request), overrides)
     except RequestError as exc:
-        if exc.field not in overrides:
+        # the field at fault, or one the rule names (strength x steps), set on the command line: name the option
+        field = next((f for f in overrides if f == exc.field or f in exc.detail), None)
+        if field is None:
             raise
-        option = {"num_inference_steps": "--steps", "image_size": "--size"}[exc.field]
-        raise SDXLCNError(f"{option} {overrides[exc.field]}: {exc}") from None
+        option = {"num_inference_steps": "--steps", "image_size": "--size"}[field]
+        raise SDXLCNError(f"{option} {overrides[field]}: {exc}") from None
     if getattr(args, "remote", None) == "fal":
         from .fal.cli import cmd_generate_remote
 

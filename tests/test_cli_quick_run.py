@@ -62,6 +62,15 @@ def test_a_bad_steps_or_size_names_the_option(tiny_models, image_files, tmp_path
     assert words in err and "Traceback" not in err, err
 
 
+def test_steps_too_few_for_the_requests_strength_names_steps(tiny_models, image_files, tmp_path, capsys):
+    """--steps 1 with the request's strength 0.95 runs int(1 x 0.95) = 0 steps: the refusal names --steps, where the
+    1 came from (it named only the request's fields, strength and num_inference_steps)."""
+    req = _request(tmp_path, image_files, strength=0.95)
+    assert _generate(tiny_models, req, tmp_path / "out", "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --steps 1: strength: 0.95 with num_inference_steps 1 runs no denoising step"), err
+
+
 def test_size_takes_presets_and_none(tiny_models, image_files, tmp_path):
     from sdxl_controlnet_img2img.pipeline.cli import build_parser
 
