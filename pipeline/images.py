@@ -18,8 +18,9 @@ MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
-def decode_image(field: str, data: bytes, where: str):
+def decode_image(field: str, data: bytes, where: str, formats=None):
     """Decode image bytes to an RGB PIL image (EXIF applied, alpha on white); errors name ``field`` and ``where``.
+    ``formats``: Pillow's names of the only formats tried (None: all it knows).
 
     Pillow's decompression-bomb guard warns (``DecompressionBombWarning``, a line naming Pillow's own file) above
     89.5 MP and refuses above twice that with a bare exception: the warning is left out (the size rules say what
@@ -29,7 +30,7 @@ def decode_image(field: str, data: bytes, where: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=formats)
             img.load()
     except Image.DecompressionBombError:
         from .sizes import MAX_PIXELS

@@ -3,8 +3,9 @@
 Image fields take what fal takes from an API client: an ``http(s)`` URL (downloaded now through :mod:`.fetch`: no
 address inside the network, a size cap and one deadline for the whole download) or a ``data:`` URI. Local paths and
 ``file://`` URLs are refused: nothing from a request reaches a file path on the server. LoRAs are refused for the same
-reason (a request cannot make the server load files or code). An image's size is read from its header and refused
-before it is decoded.
+reason (a request cannot make the server load files or code). An image is one of a few formats (:data:`FORMATS`:
+none of them decodes when opened) and its size is read from its header and refused before it is decoded. A body is
+refused before it is parsed when its structure cannot be a request's (parsing 16 MiB of ``[{},{},...]`` takes 1 GB).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import binascii
 import io
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from ..errors import ImageInputError, RequestError
@@ -34,6 +36,17 @@ class Limits:
     outbound: fetch.Policy = field(default_factory=fetch.Policy.from_env)  # internal addresses image URLs may reach
     max_waiting: int = 100  # waiting requests; more is answered with 429
     sync_wait_s: float = 600.0  # how long a synchronous run waits for its result
+
+
+# Pillow's names of the formats an input image may have: each is opened from its header alone (Pillow's ICO and ICNS
+# decode their largest entry when opened, whatever size the header claims) and decodes to the size it declares
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+FORMATS_TEXT = "PNG, JPEG, WebP, GIF or BMP"
+# a request is one object of about 25 fields (a few LoRAs, a list of timesteps): far fewer containers and values
+MAX_JSON_CONTAINERS = 1000  # objects and arrays
+MAX_JSON_VALUES = 20_000  # separators (',' and ':'), about one per value
+# a JSON string, or the rest of the body after an opening quote: it never fails once started, so it runs in linear time
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.?[^"\\]*)*"?', re.S)
 
 
 def field_loc(name: str) -> list:
@@ -92,17 +105,21 @@ def _shown(url: str) -> str:
 
 
 def image_size(name: str, data: bytes, limits: Limits) -> tuple[int, int]:
-    """(width, height) from the image's header, nothing decoded; 422 when it is no image or has too many pixels
-    (a 147 KB PNG can declare 6144x6144: decoding it would take 750 MB)."""
+    """(width, height) from the image's header, nothing decoded; 422 when it is none of :data:`FORMATS` or has too
+    many pixels (a 147 KB PNG can declare 6144x6144: decoding it would take 750 MB). Pillow's own warning about large
+    images is not shown: this message says it."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            w, h = probe.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
+                w, h = probe.size
     except Image.DecompressionBombError:
         w = h = None
     except Exception:  # noqa: BLE001 - any failure to read is "not an image"
-        raise invalid(["body", name], "is not a readable image; give a PNG, JPEG or WebP") from None
+        raise invalid(["body", name], f"is not a readable image of a format this server takes; give a {FORMATS_TEXT}"
+                      ) from None
     if w is None or w * h > limits.max_input_pixels:
         size = "declares more pixels" if w is None else f"is {w}x{h} ({w * h / 1e6:.1f} MP), more pixels"
         raise invalid(["body", name], f"{size} than this server decodes ({limits.max_input_pixels / 1e6:.1f} MP, e.g. "
@@ -114,7 +131,7 @@ def check_image(name: str, data: bytes, limits: Limits):
     """The decoded image (RGB); 422 when it is no image or too large (checked from its header first)."""
     image_size(name, data, limits)
     try:
-        return decode_image(name, data, "the image")
+        return decode_image(name, data, "the image", formats=FORMATS)
     except ImageInputError as exc:
         raise invalid(["body", name], _message(exc)) from None
 
@@ -160,11 +177,31 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def refuse_unlike_a_request(body: bytes) -> None:
+    """422 naming the body, before it is parsed, when its structure cannot be a request's: not a UTF-8 JSON object,
+    or more containers or values than a request has. Counted outside strings (one pass of a regular expression and
+    byte counts, no Python objects made): parsing 16 MiB of ``[{},{},...]`` takes 1 GB."""
+    if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
+        raise invalid(["body"], "must be JSON in UTF-8", "value_error.jsondecode")
+    start = body.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+    if start and start != b"{":
+        raise invalid(["body"], "must be a JSON object: {\"prompt\": ..., \"image_url\": ..., \"control_image_url\": "
+                                "...}", "type_error.dict")
+    skeleton = _JSON_STRING.sub(b"", body)  # in UTF-8 the bytes of '"' and '\\' occur in no other character
+    containers = skeleton.count(b"{") + skeleton.count(b"[")
+    values = skeleton.count(b",") + skeleton.count(b":")
+    if containers > MAX_JSON_CONTAINERS or values > MAX_JSON_VALUES:
+        raise invalid(["body"], f"holds {containers} objects/arrays and {values} values; a request is one object of "
+                                f"a few dozen fields (at most {MAX_JSON_CONTAINERS} objects/arrays and "
+                                f"{MAX_JSON_VALUES} values are read)", "value_error.jsondecode")
+
+
 def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()) -> tuple[dict, dict]:
     """(the request's arguments to store, its input images as bytes): everything checked, images fetched.
 
     ``hooks``: the optional models this server has (``"enable_safety_checker"``, ``"expand_prompt"``).
     """
+    refuse_unlike_a_request(body or b"")
     try:
         data = json.loads(body or b"null")
     except RecursionError:
@@ -212,13 +249,9 @@ def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()
 
 def run_request(args: dict, images: dict) -> GenerationRequest:
     """The stored request again, with its input images decoded (what a worker runs)."""
-    from PIL import Image
-
     data = dict(args)
     for name in INPUT_NAMES:
-        img = Image.open(io.BytesIO(images[name]))
-        img.load()
-        data[name] = decode_image(name, images[name], "the stored input") if img.mode != "RGB" else img
+        data[name] = decode_image(name, images[name], "the stored input", formats=FORMATS)
     return GenerationRequest.from_dict(data)
 
 
