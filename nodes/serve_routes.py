@@ -99,6 +99,9 @@ class ComfyQueueBackend:
         self.instance = instance
         self.store = store
         self.wake = threading.Event()
+        from ..pipeline.serve.downloads import Prefetch
+
+        self.prefetch = Prefetch(store, on_done=self.wake.set)  # image URLs, downloaded before ComfyUI gets the prompt
         self.thread = threading.Thread(target=self._loop, name="sdxlcn-serve-comfy", daemon=True)
         original = instance.send_sync
 
@@ -157,7 +160,7 @@ class ComfyQueueBackend:
         if loop is None or not loop.is_running():
             return
         for job in self.store.jobs("IN_QUEUE"):
-            if job.external is None:
+            if job.external is None and self.prefetch.ready(job):
                 self._put(job, loop)
         queue = self.instance.prompt_queue
         running, _pending = queue.get_current_queue()

@@ -303,32 +303,77 @@ class SlowImages:
         self.httpd.server_close()
 
 
-def test_slow_submits_run_on_the_routes_own_threads_and_comfyuis_page_is_still_served(servers):
-    """8 submits whose image downloads hang: at most the route's 4 threads download at once, and ComfyUI's own page
-    (a static file, served on asyncio's default pool) is answered meanwhile (it waited for the hung downloads when
-    the route ran on that pool)."""
+def test_submits_never_wait_for_image_urls_and_comfyuis_page_is_still_served(servers):
+    """8 submits whose image downloads hang are answered at once (issue 33 item 6: each waited on its download, on
+    one of the route's threads); the downloads run on the backend's own few threads (ComfyUI's own page, a static
+    file, is answered meanwhile), and each request ends as fal ends one: COMPLETED, its result 422 naming
+    image_url. A URL that answers gives the picture its data URI gives."""
     import urllib.request
 
-    from sdxl_controlnet_img2img.nodes.serve_routes import THREADS
+    from sdxl_controlnet_img2img.pipeline.serve.downloads import THREADS
 
     slow = SlowImages()
-    codes = []
+    subs = []
     try:
-        calls = [threading.Thread(target=lambda: codes.append(call("POST", f"{servers.url}/{APP}",
-                                                                   fal_input(image_url=slow.url))[0]))
-                 for _ in range(8)]
-        for t in calls:
-            t.start()
-        wait_until(lambda: slow.active >= min(THREADS, 8), "the slow downloads starting", deadline_s=60)
+        for _ in range(8):
+            code, sub, _ = call("POST", f"{servers.url}/{APP}", fal_input(image_url=slow.url))
+            assert code == 200, sub
+            subs.append(sub)
+        wait_until(lambda: slow.active >= THREADS, "the slow downloads starting", deadline_s=60)
         with urllib.request.urlopen(f"http://127.0.0.1:{servers.port}/", timeout=20) as r:
             assert r.status == 200 and b"<html" in r.read(4096).lower()
-        assert slow.most <= THREADS, f"{slow.most} downloads at once: the route's calls ran beyond its own pool"
+        assert status(servers, subs[-1]["request_id"])["status"] == "IN_QUEUE"
+        assert slow.most <= THREADS, f"{slow.most} downloads at once: beyond the backend's own threads"
     finally:
         slow.release.set()  # the held downloads end cut off, the later ones at once
-        for t in calls:
-            t.join(120)
         slow.close()
-    assert codes == [422] * 8, codes  # each download cut off: the field named, nothing queued
+    for sub in subs:
+        done, _seen = wait_done(sub["status_url"], deadline_s=120)
+        assert done["error"].startswith("image_url: "), done
+        code, body, _ = call("GET", sub["response_url"])
+        assert code == 422 and body["detail"][0]["loc"] == ["body", "image_url"], body
+    with ImageHost(data_uri_bytes(fal_input()["image_url"])) as host:
+        pictures = []
+        for image_url in (host.url, fal_input()["image_url"]):
+            code, sub, _ = call("POST", f"{servers.url}/{APP}", fal_input(image_url=image_url, seed=21))
+            assert code == 200, sub
+            done, _seen = wait_done(sub["status_url"], deadline_s=240)
+            assert "error" not in done, done
+            pictures.append(servers.result_pixels(sub["request_id"]))
+    assert np.array_equal(*pictures)
+
+
+def data_uri_bytes(uri: str) -> bytes:
+    import base64
+
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
+class ImageHost:
+    """An HTTP server on 127.0.0.1 answering every GET with ``data`` (a PNG)."""
+
+    def __init__(self, data: bytes):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/image.png"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def test_a_keyless_route_answers_only_this_machines_programs(servers):

@@ -1,5 +1,8 @@
 """What the server fetches and posts for a request (issue 31 item 3): nothing inside the network, one deadline each.
 
+Image URLs are downloaded by the worker when the request runs (the submit answers at once, issue 33 item 6): a URL
+refused here ends its request COMPLETED, its result route answering 422 naming the field.
+
 Real servers on loopback addresses stand for both sides: with no operator setting every one of them is "inside the
 network" and must never be reached; with ``SDXLCN_SERVE_ALLOW_INTERNAL_URLS=127.0.0.1`` the server on 127.0.0.1 stands
 for a public host and 127.0.0.2 for the internal one behind it (a redirect there must be refused). Counters on the
@@ -19,7 +22,7 @@ import pytest
 
 from comfyui_harness import free_port, wait_until
 from pictures import make_test_image
-from test_serve import APP, Paused, call, fal_input, start
+from test_serve import APP, Paused, call, fal_input, start, wait_done
 
 ENV = "SDXLCN_SERVE_ALLOW_INTERNAL_URLS"
 
@@ -134,7 +137,13 @@ def no_internal(monkeypatch):
 
 
 def submit_image_url(server, url: str):
-    return call("POST", f"{server.url}/{APP}", fal_input(image_url=url))
+    """(HTTP status, body) of the result of a request whose image_url is ``url``, once it ended; the submit itself
+    is always accepted (nothing is fetched then)."""
+    code, sub, _ = call("POST", f"{server.url}/{APP}", fal_input(image_url=url))
+    assert code == 200, (url, sub)
+    wait_done(sub["status_url"])
+    code, body, _ = call("GET", sub["response_url"])
+    return code, body, sub
 
 
 def refusal(body) -> str:
@@ -144,13 +153,13 @@ def refusal(body) -> str:
     return item["msg"].split(" ", 1)[1]
 
 
-def test_image_urls_inside_the_network_are_never_fetched_and_errors_scan_no_ports(tmp_path, no_internal):
+def test_image_urls_inside_the_network_are_never_fetched_and_errors_scan_no_ports(tmp_path, no_internal, tiny_pipe):
     """The issue's forms of loopback (127.1, 2130706433, [::ffff:127.0.0.1], 0.0.0.0, localhost), a cloud's metadata
     address, private and unique-local ones: 422 naming image_url, and the server on this machine never sees a
     request. An open, a closed and a silent internal port get the very same message (no port scanner)."""
     site = Site("0.0.0.0")
     closed = free_port()
-    server = start(tmp_path, backend=Paused())
+    server = start(tmp_path, pipe=tiny_pipe)
     try:
         p = site.port
         forms = [f"http://127.0.0.1:{p}/img.png", f"http://127.1:{p}/img.png", f"http://2130706433:{p}/img.png",
@@ -172,12 +181,12 @@ def test_image_urls_inside_the_network_are_never_fetched_and_errors_scan_no_port
         site.close()
 
 
-def test_redirects_are_checked_again_and_only_http_is_followed(tmp_path, monkeypatch):
+def test_redirects_are_checked_again_and_only_http_is_followed(tmp_path, monkeypatch, tiny_pipe):
     """127.0.0.1 plays a public host (the operator allows it); a redirect from it to 127.0.0.2 (still inside), or to
     ftp://, is refused without the target ever being contacted; a redirect to an allowed address is followed."""
     monkeypatch.setenv(ENV, "127.0.0.1")
     public, inner, ftp = Site("127.0.0.1"), Site("127.0.0.2"), Listener()
-    server = start(tmp_path, backend=Paused())
+    server = start(tmp_path, pipe=tiny_pipe)
     try:
         for target in (f"{inner.url}/img.png", f"http://127.0.0.2:{public.port}/img.png",
                        f"ftp://127.0.0.1:{ftp.port}/img.png", f"file:///etc/hostname"):
@@ -193,7 +202,7 @@ def test_redirects_are_checked_again_and_only_http_is_followed(tmp_path, monkeyp
             s.close()
 
 
-def test_the_connection_goes_to_the_address_that_was_checked(tmp_path, monkeypatch):
+def test_the_connection_goes_to_the_address_that_was_checked(tmp_path, monkeypatch, tiny_pipe):
     """A name whose DNS answer changes between the check and the connection (rebinding): the allowed first answer
     is the one connected to; the second answer, inside the network, is never asked for nor reached."""
     monkeypatch.setenv(ENV, "127.0.0.1")
@@ -208,7 +217,7 @@ def test_the_connection_goes_to_the_address_that_was_checked(tmp_path, monkeypat
         return real("127.0.0.1" if len(asked) == 1 else "127.0.0.2", port, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    server = start(tmp_path, backend=Paused())
+    server = start(tmp_path, pipe=tiny_pipe)
     try:
         code, body, _ = submit_image_url(server, f"http://images.example:{public.port}/img.png")
         assert code == 200, body
@@ -220,15 +229,15 @@ def test_the_connection_goes_to_the_address_that_was_checked(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("where", ["body", "headers"])
-def test_a_download_has_one_deadline_however_slowly_bytes_come(tmp_path, monkeypatch, where):
+def test_a_download_has_one_deadline_however_slowly_bytes_come(tmp_path, monkeypatch, where, tiny_pipe):
     """A server sending a byte every 0.2 s never lets a per-read timeout fire (the issue saw 53 s for a 30 s cap):
-    with a 2 s cap the submit is answered (422 naming image_url) while the server is still sending, and the
+    with a 2 s cap the request ends (its result 422 naming image_url) while the server is still sending, and the
     connection is closed on it."""
     monkeypatch.setenv(ENV, "127.0.0.1")
     preamble = {"body": b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 200\r\n\r\n",
                 "headers": b"HTTP/1.1 200 OK\r\nX-Slow: "}[where]
     slow = Trickle(preamble, count=200, every_s=0.2)  # 40 s in all
-    server = start(tmp_path, backend=Paused(), download_timeout_s=2.0)
+    server = start(tmp_path, pipe=tiny_pipe, download_timeout_s=2.0)
     try:
         code, body, _ = submit_image_url(server, f"{slow.url}/img.png")
         assert not slow.finished.is_set(), "the download waited for the whole trickle"

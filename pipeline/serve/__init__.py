@@ -5,7 +5,8 @@ result, in fal's shapes, so fal's own clients (the JS ``@fal-ai/client`` through
 ``fal_client`` through its host variables) and this pack's fal node work against it unchanged.
 
 - :mod:`.protocol` the URL layout, ids, fal's error and status shapes (no I/O);
-- :mod:`.inputs` a submitted body checked and its images fetched, before anything is queued (HTTP 422 otherwise);
+- :mod:`.inputs` a submitted body checked before anything is queued, nothing fetched (HTTP 422 otherwise);
+  :mod:`.downloads` its image URLs, fetched by whoever runs it;
 - :mod:`.store` the queue and the results in SQLite and files next to it (a restart loses nothing accepted);
   :mod:`.disk` its files synced before their rows, and the free-space floor (HTTP 507);
 - :mod:`.app` the HTTP handling, independent of the web framework; :mod:`.access` who may call it from where (Host,

@@ -61,6 +61,9 @@ class Backend(Protocol):
     def hooks(self) -> frozenset:
         """The optional models it has: ``enable_safety_checker``, ``expand_prompt``."""
 
+    # optional: ``limits``, set to the server's :class:`~.inputs.Limits` (a request's image URLs are downloaded by
+    # whatever runs it, :mod:`.downloads`, under them)
+
 
 def check_key(header: str | None, key: str | None) -> None:
     """fal's ``Authorization: Key <key>``, compared in constant time. The key given is never echoed."""
@@ -104,6 +107,8 @@ class ServeApp:
         self.backend = backend
         self.key = key
         self.limits = limits or Limits()
+        if hasattr(backend, "limits"):  # a backend that downloads image URLs does it under the server's limits
+            backend.limits = self.limits
         self.public_url = public_url.rstrip("/") if public_url else None
         self.access = Access(key is not None, frozenset(cors_origins), frozenset(trusted_proxies), self.public_url)
 

@@ -175,6 +175,18 @@ class Deadline:
         self.close()
 
 
+def numeric_address(host: str | None) -> str | None:
+    """The address ``host`` is written as (``127.1``, ``2130706433``, ``::ffff:127.0.0.1`` included), found without
+    asking the network; None for a name."""
+    if not host:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError, ValueError):
+        return None
+    return infos[0][4][0] if infos else None
+
+
 def resolve(host: str, port: int, deadline: Deadline, policy: Policy) -> str:
     """The address to connect to: every address ``host`` has is checked; :class:`FetchError` when one is internal."""
     box: dict = {}

@@ -1,11 +1,13 @@
 """A submitted body, checked the way fal checks it, before anything is queued: HTTP 422 naming the field otherwise.
 
-Image fields take what fal takes from an API client: an ``http(s)`` URL (downloaded now through :mod:`.fetch`: no
-address inside the network, a size cap and one deadline for the whole download) or a ``data:`` URI. Local paths and
-``file://`` URLs are refused: nothing from a request reaches a file path on the server. LoRAs are refused for the same
-reason (a request cannot make the server load files or code). An image is one of a few formats (:data:`FORMATS`:
-none of them decodes when opened) and its size is read from its header and refused before it is decoded. A body is
-refused before it is parsed when its structure cannot be a request's (parsing 16 MiB of ``[{},{},...]`` takes 1 GB).
+Nothing here waits on the network: a submit is answered at once. Image fields take what fal takes from an API
+client: an ``http(s)`` URL (its form checked now; downloaded by whoever runs the request, :mod:`.downloads`, under
+:mod:`.fetch`'s rules: no address inside the network, a size cap and one deadline for the whole download) or a
+``data:`` URI (checked now). Local paths and ``file://`` URLs are refused: nothing from a request reaches a file path
+on the server. LoRAs are refused for the same reason (a request cannot make the server load files or code). An
+image is one of a few formats (:data:`FORMATS`: none of them decodes when opened) and its size is read from its
+header and refused before it is decoded. A body is refused before it is parsed when its structure cannot be a
+request's (parsing 16 MiB of ``[{},{},...]`` takes 1 GB).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from ..errors import ImageInputError, RequestError
 from ..images import decode_image, redact_url
 from ..request import GenerationRequest
-from ..sizes import target_size
+from ..sizes import parse_image_size, target_size
 from . import fetch
 from .protocol import HttpError, invalid
 from .store import INPUT_NAMES
@@ -42,6 +44,7 @@ class Limits:
 # decode their largest entry when opened, whatever size the header claims) and decodes to the size it declares
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 FORMATS_TEXT = "PNG, JPEG, WebP, GIF or BMP"
+MAX_URL_CHARS = 8192
 # a request is one object of about 25 fields (a few LoRAs, a list of timesteps): far fewer containers and values
 MAX_JSON_CONTAINERS = 1000  # objects and arrays
 MAX_JSON_VALUES = 20_000  # separators (',' and ':'), about one per value
@@ -67,22 +70,31 @@ def _message(exc: Exception) -> str:
     return text[len(field) + 2:] if field and text.startswith(f"{field}: ") else text
 
 
-def _image_bytes(name: str, value: str, limits: Limits) -> bytes:
-    low = value[:16].lower()
-    if low.startswith("data:"):
-        header, sep, payload = value.partition(",")
-        if not sep or ";base64" not in header.lower():
-            raise invalid(["body", name], "is a data: URI without base64 data; give 'data:image/png;base64,...'")
-        if len(payload) * 3 // 4 > limits.max_image_bytes:
-            raise invalid(["body", name], f"is over the {limits.max_image_bytes}-byte limit of this server")
-        try:
-            return base64.b64decode(payload, validate=False)
-        except (binascii.Error, ValueError):
-            raise invalid(["body", name], "is a data: URI whose base64 data is invalid") from None
-    if low.startswith(("http://", "https://")):
-        return download(name, value, limits)
-    raise invalid(["body", name], "must be an http(s) URL or a data: URI (base64); this server opens no files, so "
-                                  "local paths and file:// URLs are refused")
+def _data_uri_bytes(name: str, value: str, limits: Limits) -> bytes:
+    header, sep, payload = value.partition(",")
+    if not sep or ";base64" not in header.lower():
+        raise invalid(["body", name], "is a data: URI without base64 data; give 'data:image/png;base64,...'")
+    if len(payload) * 3 // 4 > limits.max_image_bytes:
+        raise invalid(["body", name], f"is over the {limits.max_image_bytes}-byte limit of this server")
+    try:
+        return base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError):
+        raise invalid(["body", name], "is a data: URI whose base64 data is invalid") from None
+
+
+def is_url(value: str) -> bool:
+    return value[:8].lower().startswith(("http://", "https://"))
+
+
+def _check_url(name: str, url: str) -> str:
+    """An image URL's form (nothing fetched: :mod:`.downloads` fetches it when the request runs)."""
+    if len(url) > MAX_URL_CHARS:
+        raise invalid(["body", name], f"is a URL of {len(url)} characters; this server takes at most {MAX_URL_CHARS}")
+    try:
+        fetch.split(url)
+    except fetch.FetchError as exc:
+        raise invalid(["body", name], f"{_shown(url)} {exc}") from None
+    return url
 
 
 def download(name: str, url: str, limits: Limits) -> bytes:
@@ -127,30 +139,42 @@ def image_size(name: str, data: bytes, limits: Limits) -> tuple[int, int]:
     return w, h
 
 
-def check_image(name: str, data: bytes, limits: Limits):
-    """The decoded image (RGB); 422 when it is no image or too large (checked from its header first)."""
-    image_size(name, data, limits)
-    try:
-        return decode_image(name, data, "the image", formats=FORMATS)
-    except ImageInputError as exc:
-        raise invalid(["body", name], _message(exc)) from None
+def decode(name: str, data: bytes, where: str):
+    """The decoded image (RGB) of bytes :func:`image_size` passed (one of :data:`FORMATS` only)."""
+    return decode_image(name, data, where, formats=FORMATS)
+
+
+def check_images(images: dict, image_size_field, limits: Limits) -> None:
+    """Input images as bytes (some or all of :data:`INPUT_NAMES`): each one's size read from its header, the output
+    size the control image gives (when it is here), then each decoded once, to know it decodes; 422 naming the field
+    otherwise."""
+    sizes = {name: image_size(name, data, limits) for name, data in images.items()}
+    if "control_image_url" in sizes:  # from the header: EXIF rotation swaps the sides, which changes neither the
+        try:                          # pixels nor the shorter side
+            target_size(parse_image_size(image_size_field), sizes["control_image_url"])
+        except RequestError as exc:
+            raise invalid(field_loc(exc.field), _message(exc)) from None
+    for name, data in images.items():
+        try:
+            decode(name, data, "the image")
+        except ImageInputError as exc:
+            raise invalid(["body", name], _message(exc)) from None
 
 
 def check_webhook(url: str | None, policy: fetch.Policy | None = None) -> str | None:
-    """``fal_webhook``: an http(s) URL whose host is outside the network (checked again at each delivery)."""
+    """``fal_webhook``: an http(s) URL whose host is not an address inside the network. Only an address written in
+    the URL is checked here (nothing waits on the network); a name is resolved and checked at each delivery."""
     if url is None:
         return None
     loc = ["query", "fal_webhook"]
     if not url.lower().startswith(("http://", "https://")) or len(url) > 2048:
         raise invalid(loc, "must be an http(s) URL (at most 2048 characters)")
     try:
-        parts = fetch.split(url)
-        with fetch.Deadline(5.0) as deadline:
-            fetch.resolve(parts.hostname, parts.port or 443, deadline, policy or fetch.Policy.from_env())
+        address = fetch.numeric_address(fetch.split(url).hostname)
+        if address is not None and (policy or fetch.Policy.from_env()).refuses(address):
+            raise fetch.Refused(fetch.INTERNAL_MSG)
     except fetch.Refused as exc:
         raise invalid(loc, f"{_shown(url)} {exc}") from None
-    except fetch.FetchError:
-        pass  # a name that does not resolve now may resolve at delivery, which checks again
     return url
 
 
@@ -196,11 +220,8 @@ def refuse_unlike_a_request(body: bytes) -> None:
                                 f"{MAX_JSON_VALUES} values are read)", "value_error.jsondecode")
 
 
-def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()) -> tuple[dict, dict]:
-    """(the request's arguments to store, its input images as bytes): everything checked, images fetched.
-
-    ``hooks``: the optional models this server has (``"enable_safety_checker"``, ``"expand_prompt"``).
-    """
+def parse_body(body: bytes) -> dict:
+    """The body as a JSON object; 422 naming the body (or the field holding broken text) otherwise."""
     refuse_unlike_a_request(body or b"")
     try:
         data = json.loads(body or b"null")
@@ -213,6 +234,17 @@ def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()
     if not isinstance(data, dict):
         raise invalid(["body"], "must be a JSON object: {\"prompt\": ..., \"image_url\": ..., "
                                 "\"control_image_url\": ...}", "type_error.dict")
+    return data
+
+
+def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()) -> tuple[dict, dict]:
+    """(the request's arguments to store, its ``data:`` input images as bytes): everything checked that can be
+    without the network. An image given as a URL stays a URL in the arguments (its stored bytes come later, from
+    :mod:`.downloads`); one given as a data URI is stored beside the row (an empty text in the arguments).
+
+    ``hooks``: the optional models this server has (``"enable_safety_checker"``, ``"expand_prompt"``).
+    """
+    data = parse_body(body)
     try:
         request = GenerationRequest.from_dict(data)
     except RequestError as exc:
@@ -226,24 +258,25 @@ def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()
         if getattr(request, name) and name not in hooks:
             raise invalid(["body", name], f"this server runs without a model for {name} (the stand-alone serve "
                                           "loads none); set it to false or leave it out")
-    images, sizes = {}, {}
+    images, urls = {}, {}
     for name in INPUT_NAMES:
         value = getattr(request, name)
         if not isinstance(value, str):
             raise invalid(["body", name], "must be text: an http(s) URL or a data: URI")
-        images[name] = _image_bytes(name, value.strip(), limits)
-        sizes[name] = image_size(name, images[name], limits)
-    try:  # from the header: EXIF rotation swaps the sides, which changes neither the pixels nor the shorter side
-        target_size(request.image_size, sizes["control_image_url"])
-    except RequestError as exc:
-        raise invalid(field_loc(exc.field), _message(exc)) from None
-    for name in INPUT_NAMES:  # every check passed: now each is decoded once, to know it decodes
-        check_image(name, images[name], limits)
+        value = value.strip()
+        if value[:5].lower() == "data:":
+            images[name] = _data_uri_bytes(name, value, limits)
+        elif is_url(value):
+            urls[name] = _check_url(name, value)
+        else:
+            raise invalid(["body", name], "must be an http(s) URL or a data: URI (base64); this server opens no "
+                                          "files, so local paths and file:// URLs are refused")
+    check_images(images, request.image_size, limits)
     request = request.with_seed()
     args = request.to_fal_arguments()
     args.update(request.local_only_changes())
     for name in INPUT_NAMES:
-        args[name] = ""  # the bytes are stored beside the row
+        args[name] = urls.get(name, "")  # a data URI's bytes are stored beside the row
     return args, images
 
 
@@ -251,7 +284,7 @@ def run_request(args: dict, images: dict) -> GenerationRequest:
     """The stored request again, with its input images decoded (what a worker runs)."""
     data = dict(args)
     for name in INPUT_NAMES:
-        data[name] = decode_image(name, images[name], "the stored input", formats=FORMATS)
+        data[name] = decode(name, images[name], "the stored input")
     return GenerationRequest.from_dict(data)
 
 

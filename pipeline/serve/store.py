@@ -1,8 +1,8 @@
 """The queue and its results on disk: SQLite (``queue.sqlite3``) with one folder per request next to it.
 
-Every accepted request is written (input images synced to disk, then its row) before its id is answered, so a
-restart loses no accepted request and no finished result: requests that were running when the process stopped go
-back to the queue's front. A request's input images are deleted when it ends (completed, failed or cancelled); its
+Every accepted request is written (input images synced to disk, then its row; an image given as a URL is stored
+when it is downloaded, before the request runs) before its id is answered, so a restart loses no accepted request
+and no finished result: requests that were running when the process stopped go back to the queue's front. A request's input images are deleted when it ends (completed, failed or cancelled); its
 result (row and images) is deleted ``keep_results_s`` after it ended (7 days unless set; a webhook still due keeps it).
 Below a floor of free space no request is accepted (:class:`~.disk.LowDisk`). Folder and file names come only from
 ids this server made (UUIDs) and fixed names, never from a request.
@@ -234,6 +234,11 @@ class Store:
             raise ValueError(name)
         return (self.job_dir(request_id) / name).read_bytes()
 
+    def has_input(self, request_id: str, name: str) -> bool:
+        if name not in INPUT_NAMES:
+            raise ValueError(name)
+        return (self.job_dir(request_id) / name).is_file()
+
     def image_path(self, request_id: str, index: int) -> Path:
         return self.job_dir(request_id) / f"{int(index)}.png"
 
@@ -268,6 +273,23 @@ class Store:
         except (QueueFull, disk.LowDisk, StoreUnavailable):
             shutil.rmtree(folder, ignore_errors=True)
             raise
+
+    def put_input(self, request_id: str, name: str, data: bytes) -> bool:
+        """A downloaded input image, synced, for a request that has not ended; False (nothing kept) when it ended."""
+        if name not in INPUT_NAMES:
+            raise ValueError(name)
+        path = self.job_dir(request_id) / name
+
+        def write():  # under the store's lock, as a cancel's state change: an ended request's inputs stay deleted
+            job = self._get(request_id)
+            if job is None or job.state == "COMPLETED":
+                return False
+            path.parent.mkdir(parents=True, exist_ok=True)
+            disk.replace_synced(path, data)
+            disk.sync_dir(path.parent)
+            return True
+
+        return self._do("storing a downloaded input", write)
 
     def claim(self) -> Job | None:
         """The oldest waiting request, now IN_PROGRESS; None when the queue is empty."""

@@ -1,9 +1,11 @@
 """The stand-alone server's backend: one worker thread per device, each with its own loaded pipeline, taking the
 oldest waiting request from the store, running it with the local pipeline and storing its result.
 
-Progress goes to the request's logs (``step i/n``), which fal's clients read with ``logs=1``; a cancel is seen at
-the next denoising step. Errors are stored in fal's shapes: a request the pipeline refuses answers 422 naming the
-field, anything else 500 with the error's text.
+A request's image URLs are downloaded by its worker before it generates (:mod:`.downloads`, under the server's
+limits); a URL that cannot be used ends the request with a 422 naming the field. Progress goes to the request's logs
+(``step i/n``), which fal's clients read with ``logs=1``; a cancel is seen at the next denoising step. Errors are
+stored in fal's shapes: a request the pipeline refuses answers 422 naming the field, anything else 500 with the
+error's text.
 
 A worker outlives its store: every turn of its loop is guarded, the store retries a transient error (a lock held
 elsewhere, a full disk) with back-off, and a turn that fails anyway costs a pause, not the thread. While a worker's
@@ -20,7 +22,8 @@ import threading
 
 from ..errors import GenerationCancelled, ImageInputError, RequestError
 from ..images import encode_image
-from .inputs import field_loc, run_request
+from .downloads import fetch_inputs
+from .inputs import Limits, field_loc, run_request
 from .store import INPUT_NAMES, Job, Store, StoreUnavailable
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
@@ -62,6 +65,7 @@ class LocalWorkers:
         self.store = store
         self.pipes = pipes
         self.generate = generate
+        self.limits = Limits()  # the server's (ServeApp sets them): image URLs are downloaded under them
         self.stopping = threading.Event()
         self.trouble: dict[str, str | None] = {name: None for name in pipes}  # device -> why its last turn failed
         self._claiming = threading.Lock()  # claiming a request and marking it running are one step for the sweep
@@ -176,6 +180,8 @@ class LocalWorkers:
             if cancelled or self.stopping.is_set():
                 raise GenerationCancelled("cancelled")
 
+        if not fetch_inputs(store, job, self.limits):  # a store fault raises: the failed turn queues it again
+            return
         try:
             request = run_request(job.args, {n: store.input_bytes(job.id, n) for n in INPUT_NAMES})
             result = self.generate(pipe, request, on_step=on_step)
