@@ -246,7 +246,7 @@ def test_fast_workflow_runs_lightning_4step_on_its_grid(tiny_pipe, files, monkey
 def test_serve_under_comfyui_hands_the_timesteps_to_the_sampler():
     """A fal-protocol request to ComfyUI's serve route runs as the shipped workflow: its local_timesteps reach the
     sampler's timesteps input (and none leaves the input empty, the scheduler's own)."""
-    from sdxl_controlnet_img2img.nodes.serve_routes import workflow_for
+    from sdxl_controlnet_img2img.nodes.serve_workflow import workflow_for
 
     args = {"prompt": "x", "num_inference_steps": 4, "local_scheduler": "lcm", "local_timesteps": [999, 749, 499, 249]}
     sampler = workflow_for(args, "init.png", "control.png")["4"]["inputs"]
