@@ -22,6 +22,7 @@ def flops_per_image(width: int = 1024, height: int = 1024, steps_run: int = 23, 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sdxl_controlnet_img2img.pipeline.local.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG as B
+    from sdxl_controlnet_img2img.pipeline.request import DEFAULTS
 
     meta = torch.device("meta")
     with meta:
@@ -42,8 +43,8 @@ def flops_per_image(width: int = 1024, height: int = 1024, steps_run: int = 23, 
         return counter.get_total_flops()
 
     def step():
-        down, mid = controlnet(latents, t, encoder_hidden_states=text, added_cond_kwargs=added, conditioning_scale=0.5,
-                               controlnet_cond=torch.empty(b, 3, height, width, device=meta), return_dict=False)
+        down, mid = controlnet(latents, t, encoder_hidden_states=text, added_cond_kwargs=added,
+                               conditioning_scale=DEFAULTS["controlnet_conditioning_scale"], controlnet_cond=torch.empty(b, 3, height, width, device=meta), return_dict=False)
         unet(latents, t, encoder_hidden_states=text, added_cond_kwargs=added, down_block_additional_residuals=down,
              mid_block_additional_residual=mid)
 
@@ -83,9 +84,13 @@ def main(argv=None) -> int:
                     help="compare fal's defaults (23 steps run, CFG) with the _fast workflow (3 run, CFG 1)")
     args = ap.parse_args(argv)
     if args.fast:
-        base = flops_per_image(args.size, args.size, 23, cfg=True)
+        from sdxl_controlnet_img2img.pipeline.request import DEFAULTS as D
+
+        run = int(D["num_inference_steps"] * D["strength"])
+        base = flops_per_image(args.size, args.size, run, cfg=True)
         fast = flops_per_image(args.size, args.size, 3, cfg=False)
-        print(f"{args.size}x{args.size}: fal's defaults (25 x 0.95 = 23 steps, CFG 7.5) {base['total'] / 1e12:.1f} "
+        print(f"{args.size}x{args.size}: fal's defaults ({D['num_inference_steps']} x {D['strength']} = {run} steps, "
+              f"CFG {D['guidance_scale']}) {base['total'] / 1e12:.1f} "
               f"TFLOP; _fast (4 x 0.95 = 3 steps, CFG 1) {fast['total'] / 1e12:.1f} TFLOP; "
               f"ratio {base['total'] / fast['total']:.1f}x")
         return 0

@@ -49,12 +49,14 @@ from pathlib import Path
 
 import _common as C
 
+from sdxl_controlnet_img2img.pipeline.request import DEFAULTS
+
 BASE = "sdxl_fullsize_random.safetensors"
 CONTROLNET = "controlnet_fullsize_random.safetensors"
 BASE_FOLDER = "sdxl_fullsize_random_diffusers"  # --base-layout folder: the same base as a diffusers folder
 LORA = "lora_fullsize_random_rank64.safetensors"  # --fast: a few-step LoRA's shape, random values
 BENCH = str(Path(__file__).resolve().parent)  # the children import _common from here
-SIZE, STEPS, STRENGTH = 512, 3, 0.95  # 3 scheduled x 0.95 -> 2 steps run (ours); ComfyUI: steps 2 at denoise 0.95
+SIZE, STEPS, STRENGTH = 512, 3, DEFAULTS["strength"]  # 3 scheduled x 0.95 -> 2 run (ours); ComfyUI: 2 at denoise 0.95
 
 
 def write_models(scratch: Path) -> None:
@@ -163,7 +165,7 @@ print("RESULT " + json.dumps(out))
 
 COMFY = r"""
 import json, sys, time
-bench, comfy_dir, scratch, base, cn, size, generate_too = sys.argv[1:8]
+bench, comfy_dir, scratch, base, cn, size, generate_too, cn_scale, cfg, denoise = sys.argv[1:11]
 sys.path.insert(0, bench)
 from _common import own_peak_rss
 sys.argv = [comfy_dir + "/main.py", "--cpu", "--bf16-unet"]
@@ -195,9 +197,10 @@ if generate_too == "1":
     t = time.perf_counter()
     pos = nodes.CLIPTextEncode().encode(clip, "a castle")[0]
     neg = nodes.CLIPTextEncode().encode(clip, "")[0]
-    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, ctl, pixels, 0.5, 0.0, 1.0, vae=vae)[:2]
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, ctl, pixels, float(cn_scale), 0.0, 1.0, vae=vae)[:2]
     latent = nodes.VAEEncode().encode(vae, pixels)[0]
-    samples = nodes.KSampler().sample(model, 1, 2, 7.5, "euler", "normal", pos, neg, latent, denoise=0.95)[0]
+    samples = nodes.KSampler().sample(model, 1, 2, float(cfg), "euler", "normal", pos, neg, latent,
+                                     denoise=float(denoise))[0]
     nodes.VAEDecode().decode(vae, samples)
     out["generate_s"] = time.perf_counter() - t
 print("RESULT " + json.dumps(out))
@@ -361,7 +364,8 @@ def main(argv=None) -> int:
                              gen], env)
         else:
             out = run_child([python, "-c", COMFY, BENCH, comfy_dir, str(args.scratch), base, CONTROLNET, str(SIZE),
-                             gen], dict(env, PYTHONPATH=comfy_dir))
+                             gen, str(DEFAULTS["controlnet_conditioning_scale"]), str(DEFAULTS["guidance_scale"]),
+                             str(STRENGTH)], dict(env, PYTHONPATH=comfy_dir))
         out["cached_at_start"] = cached
         return out
 

@@ -13,6 +13,14 @@ from .errors import SDXLCNError
 USER_FOLDER = "sdxl_controlnet_img2img"
 
 
+def cache_root() -> Path:
+    """The pack's cache folder: ``SDXLCN_CACHE_DIR``, else ``$XDG_CACHE_HOME`` or ``~/.cache``, then the pack's name."""
+    env = os.environ.get("SDXLCN_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / USER_FOLDER
+
+
 def folder_problem(path) -> str | None:
     """What keeps ``path`` from being (or becoming) a folder that can be written, in words; None when nothing does.
     A missing folder is no problem (it is made when the first file is written)."""

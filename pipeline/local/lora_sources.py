@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import FieldError
+from ..folders import cache_root
 from ..images import download, redact_url
 from ..request import LoraSpec
 from .hub import hub_offline, looks_like_repo_id
@@ -42,8 +43,7 @@ def default_cache_dir() -> Path:
     env = os.environ.get("SDXLCN_LORA_CACHE")
     if env:
         return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sdxl_controlnet_img2img" / "loras"
+    return cache_root() / "loras"
 
 
 def find_in_dirs(name: str, lora_dirs) -> Path | None:

@@ -13,7 +13,7 @@ first of these that exists:
    OpenAI's CLIP tokenizer does in memory).
 
 The assembled folder is written once under ``$SDXLCN_CACHE_DIR`` (default
-``~/.cache/sdxl_controlnet_img2img``) and reused.
+:func:`..folders.cache_root`) and reused.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..folders import cache_root
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SDXL_BASE_CONFIG = CONFIGS / "sdxl_base"
@@ -39,10 +40,6 @@ TOKENIZER_HELP = (
     "folder holding vocab.json and merges.txt, or `pip install open_clip_torch`, or pass a config folder "
     "(config_dir / --config-dir) that has tokenizer/ and tokenizer_2/."
 )
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SDXLCN_CACHE_DIR") or Path.home() / ".cache" / "sdxl_controlnet_img2img")
 
 
 def bytes_to_unicode() -> dict[int, str]:
