@@ -61,6 +61,8 @@ class Backend(Protocol):
     def hooks(self) -> frozenset:
         """The optional models it has: ``enable_safety_checker``, ``expand_prompt``."""
 
+    # optional: ``refuse(args)``, raising :class:`~.protocol.HttpError` for checked arguments it cannot run (a model
+    # a field needs is absent), before the request gets an id
     # optional: ``limits``, set to the server's :class:`~.inputs.Limits` (a request's image URLs are downloaded by
     # whatever runs it, :mod:`.downloads`, under them)
 
@@ -227,6 +229,9 @@ class ServeApp:
         if why:
             raise HttpError(503, f"this server cannot take requests now: {why}", {"Retry-After": "10"})
         args, images = check_submission(req.body, self.limits, self.backend.hooks())
+        refuse = getattr(self.backend, "refuse", None)  # the backend's own refusal (a model a field needs, absent)
+        if refuse is not None:
+            refuse(args)
         webhook = check_webhook((route.query or {}).get("fal_webhook"), self.limits.outbound)
         hook = json.dumps({"url": webhook, "base": self.files_base(req)}) if webhook else None
         try:
