@@ -57,7 +57,7 @@ def request_widgets() -> dict:
 
 CASTS = {"text": lambda text: text, "number": float, "whole": int, "switch": bool}
 # the widgets that are request fields as they are (image_size, width and height make one field)
-FIELD_WIDGETS = tuple(name for name in request_widgets() if name in FIELD)
+FIELD_WIDGETS = tuple(name for name in request_widgets() if name in FIELD and FIELD[name].kind != "size")
 
 
 def check_prompt(prompt=None):

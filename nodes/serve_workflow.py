@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import workflow_ids as ID
+from .sampler_inputs import FIELD_WIDGETS
+
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "api" / "sdxl_controlnet_img2img.json"
 # the shipped workflow's nodes the served request reads back: the sampler, the SaveImage after it, and two of ComfyUI's
 # own Preview as Text nodes added for the request, showing the sampler's seed and has_nsfw_concepts outputs in history
-LOADER_NODE, SAMPLER_NODE, SAVE_NODE, CONTROL_NODE, SEED_NODE, FLAGS_NODE = "3", "4", "5", "6", "7", "8"
+IMAGE_NODE, CANNY_NODE, LOADER_NODE, SAMPLER_NODE, SAVE_NODE = (str(i) for i in (ID.IMAGE, ID.CANNY, ID.LOADER,
+                                                                                ID.SAMPLER, ID.SAVE))
+CONTROL_NODE, SEED_NODE, FLAGS_NODE = "6", "7", "8"  # added to the shipped workflow for a served request
 LORA_NODES = 20  # the first LoRA node's id; one per loras[] entry, chained between the loader and the sampler
-SAMPLER_FIELDS = ("prompt", "negative_prompt", "controlnet_conditioning_scale", "num_inference_steps",
-                  "guidance_scale", "strength", "seed", "num_images", "enable_safety_checker", "expand_prompt")
 
 
 def shipped_loader() -> dict:
@@ -29,14 +32,14 @@ def workflow_for(args: dict, image_name: str, control_name: str, checkpoint: str
     """The shipped API workflow for a stored request (``image_name``/``control_name``: its files in ComfyUI's input
     folder; ``checkpoint``, ``controlnet``, ``vae``: names in ComfyUI's model folders, None: the shipped ones)."""
     wf = json.loads(WORKFLOW.read_text(encoding="utf-8"))
-    wf["1"]["inputs"]["image"] = image_name
+    wf[IMAGE_NODE]["inputs"]["image"] = image_name
     wf[CONTROL_NODE] = {"class_type": "LoadImage", "inputs": {"image": control_name}}
-    wf["2"]["inputs"]["image"] = [CONTROL_NODE, 0]
+    wf[CANNY_NODE]["inputs"]["image"] = [CONTROL_NODE, 0]
     for name, value in (("checkpoint", checkpoint), ("controlnet", controlnet), ("vae", vae)):
         if value:
             wf[LOADER_NODE]["inputs"][name] = value
     s = wf[SAMPLER_NODE]["inputs"]
-    for name in SAMPLER_FIELDS:
+    for name in FIELD_WIDGETS:  # the sampler's widgets that are request fields as they are
         if name in args:
             s[name] = args[name]
     size = args.get("image_size")
@@ -50,7 +53,7 @@ def workflow_for(args: dict, image_name: str, control_name: str, checkpoint: str
     s["timesteps"] = ", ".join(str(t) for t in args.get("local_timesteps") or ())
     if args.get("apply_canny", True) is False:
         s["control_image"] = [CONTROL_NODE, 0]
-    s["image"] = ["1", 0]
+    s["image"] = [IMAGE_NODE, 0]
     pipeline = [LOADER_NODE, 0]
     for i, lora in enumerate(args.get("loras") or ()):
         node = str(LORA_NODES + i)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 from sdxl_controlnet_img2img import NODE_CLASS_MAPPINGS  # noqa: E402
+from sdxl_controlnet_img2img.nodes import workflow_ids as ID  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.local.tiny_models import TINY_NAMES  # noqa: E402
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -148,17 +149,19 @@ def build(nodes, with_models=True):
 
 def local_graph(checkpoint, controlnet, sampler_values=None, lora=None):
     nodes = [
-        (1, "LoadImage", {}, {}),
-        (2, "SDXLCNCanny", {}, {"image": (1, 0)}),
-        (3, "SDXLCNLoader", {"checkpoint": checkpoint, "controlnet": controlnet}, {}),
+        (ID.IMAGE, "LoadImage", {}, {}),
+        (ID.CANNY, "SDXLCNCanny", {}, {"image": (ID.IMAGE, 0)}),
+        (ID.LOADER, "SDXLCNLoader", {"checkpoint": checkpoint, "controlnet": controlnet}, {}),
     ]
-    pipe_src = (3, 0)
+    pipe_src = (ID.LOADER, 0)
     if lora:
-        nodes.append((6, "SDXLCNLoraLoader", {"lora_name": lora, "strength": 1.0}, {"pipeline": (3, 0)}))
-        pipe_src = (6, 0)
+        nodes.append((ID.LORA, "SDXLCNLoraLoader", {"lora_name": lora, "strength": 1.0},
+                      {"pipeline": (ID.LOADER, 0)}))
+        pipe_src = (ID.LORA, 0)
     values = {**DEFAULT_REQUEST, "apply_canny": False, **(sampler_values or {})}
-    nodes.append((4, "SDXLCNImg2Img", values, {"pipeline": pipe_src, "image": (1, 0), "control_image": (2, 0)}))
-    nodes.append((5, "SaveImage", {}, {"images": (4, 0)}))
+    nodes.append((ID.SAMPLER, "SDXLCNImg2Img", values,
+                  {"pipeline": pipe_src, "image": (ID.IMAGE, 0), "control_image": (ID.CANNY, 0)}))
+    nodes.append((ID.SAVE, "SaveImage", {}, {"images": (ID.SAMPLER, 0)}))
     return nodes
 
 
@@ -166,22 +169,27 @@ def comfy_models_graph(checkpoint, controlnet_file, lora):
     """ComfyUI's own loaders (and LoRA stack) feeding our sampler: one copy of SDXL in memory."""
     values = {**DEFAULT_REQUEST, "apply_canny": False}
     return [
-        (1, "LoadImage", {}, {}),
-        (2, "SDXLCNCanny", {}, {"image": (1, 0)}),
-        (7, "CheckpointLoaderSimple", {"ckpt_name": checkpoint}, {}),
-        (8, "LoraLoader", {"lora_name": lora}, {"model": (7, 0), "clip": (7, 1)}),
-        (9, "ControlNetLoader", {"control_net_name": controlnet_file}, {}),
-        (3, "SDXLCNFromComfyModels", {}, {"model": (8, 0), "clip": (8, 1), "vae": (7, 2), "control_net": (9, 0)}),
-        (4, "SDXLCNImg2Img", values, {"pipeline": (3, 0), "image": (1, 0), "control_image": (2, 0)}),
-        (5, "SaveImage", {}, {"images": (4, 0)}),
+        (ID.IMAGE, "LoadImage", {}, {}),
+        (ID.CANNY, "SDXLCNCanny", {}, {"image": (ID.IMAGE, 0)}),
+        (ID.CHECKPOINT_LOADER, "CheckpointLoaderSimple", {"ckpt_name": checkpoint}, {}),
+        (ID.COMFY_LORA_LOADER, "LoraLoader", {"lora_name": lora},
+         {"model": (ID.CHECKPOINT_LOADER, 0), "clip": (ID.CHECKPOINT_LOADER, 1)}),
+        (ID.CONTROLNET_LOADER, "ControlNetLoader", {"control_net_name": controlnet_file}, {}),
+        (ID.LOADER, "SDXLCNFromComfyModels", {}, {"model": (ID.COMFY_LORA_LOADER, 0), "clip": (ID.COMFY_LORA_LOADER, 1),
+                                                  "vae": (ID.CHECKPOINT_LOADER, 2),
+                                                  "control_net": (ID.CONTROLNET_LOADER, 0)}),
+        (ID.SAMPLER, "SDXLCNImg2Img", values,
+         {"pipeline": (ID.LOADER, 0), "image": (ID.IMAGE, 0), "control_image": (ID.CANNY, 0)}),
+        (ID.SAVE, "SaveImage", {}, {"images": (ID.SAMPLER, 0)}),
     ]
 
 
 def fal_graph():
     return [
-        (1, "LoadImage", {}, {}),
-        (4, "SDXLCNFalImg2Img", dict(DEFAULT_REQUEST), {"image": (1, 0), "control_image": (1, 0)}),
-        (5, "SaveImage", {}, {"images": (4, 0)}),
+        (ID.IMAGE, "LoadImage", {}, {}),
+        (ID.SAMPLER, "SDXLCNFalImg2Img", dict(DEFAULT_REQUEST),
+         {"image": (ID.IMAGE, 0), "control_image": (ID.IMAGE, 0)}),
+        (ID.SAVE, "SaveImage", {}, {"images": (ID.SAMPLER, 0)}),
     ]
 
 
