@@ -133,6 +133,7 @@ def test_fal_client_against_serve_over_https_and_a_restart(tiny_models, tmp_path
     assert out["first_status"][0] == "Completed" and "step 1/2" in out["first_status"][1]
     assert out["wrong_key"] == [401, False]
     assert KEY not in Path(log).read_text()
+    assert f"serve: request {first_id} completed in " in Path(log).read_text()  # one line per state change
 
     proc, log = start_serve(tiny_models, tmp_path, port, cert, key, key_file)  # same data folder
     try:

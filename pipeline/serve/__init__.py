@@ -11,7 +11,12 @@ result, in fal's shapes, so fal's own clients (the JS ``@fal-ai/client`` through
   :mod:`.disk` its files synced before their rows, and the free-space floor (HTTP 507);
 - :mod:`.app` the HTTP handling, independent of the web framework; :mod:`.access` who may call it from where (Host,
   Origin, CORS, proxies) and the base URL its answers name; :mod:`.web` the aiohttp adapter both servers run;
-- :mod:`.worker` one worker per device running the local pipeline; :mod:`.webhook` fal's webhook delivery;
+- :mod:`.worker` one worker per device running the local pipeline; :mod:`.webhook` fal's webhook delivery, signed
+  as fal signs (:mod:`.signing`);
+- :mod:`.fal_headers` fal's request headers (timeout, priority) and :mod:`.queue_rules` the queue order and
+  deadlines they set; :mod:`.ops` ``/health``, ``/ready`` and the other operator calls, :mod:`.metrics`
+  (Prometheus), :mod:`.openapi` (the schema from the request's field table), :mod:`.events` a log line per request
+  state change;
 - :mod:`.fetch` what the server itself fetches and posts (image URLs, webhooks): nothing inside the network;
 - :mod:`.server` the stand-alone server (bounded connections, deadlines, TLS); :mod:`.httpd` ``serve`` on the command
   line; :mod:`.datalock` one server per data folder.

@@ -19,10 +19,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from . import ops
 from .access import Access
 from .inputs import Limits, check_submission, check_webhook, refuse_body_size
-from .protocol import (APP, STORAGE_REFUSED, TARGET_HEADER, HttpError, Route, request_urls, route_path, route_target,
-                       status_body)
+from .events import RequestEvents
+from .fal_headers import queue_options, result_headers
+from .metrics import Metrics
+from .protocol import (OPERATOR_PATHS, PUBLIC_ROUTES, STORAGE_REFUSED, TARGET_HEADER, HttpError, Route, request_urls,
+                       route_path, route_target, status_body)
+from .signing import Signer
 from .disk import LowDisk
 from .store import Job, QueueFull, Store, StoreUnavailable
 
@@ -113,6 +118,9 @@ class ServeApp:
             backend.limits = self.limits
         self.public_url = public_url.rstrip("/") if public_url else None
         self.access = Access(key is not None, frozenset(cors_origins), frozenset(trusted_proxies), self.public_url)
+        self.signer = Signer.for_folder(store.folder)  # the webhooks' key: its public half at /.well-known/jwks.json
+        self.metrics = Metrics(store)
+        store.listeners.append(RequestEvents(store, self.metrics))  # a log line and the metrics per state change
 
     # ---- entry ----------------------------------------------------------------------------------
     def precheck(self, req: HttpRequest) -> HttpResponse | None:
@@ -157,7 +165,7 @@ class ServeApp:
             return None
         target = req.headers.get(TARGET_HEADER)
         route = route_target(req.method, target) if target else route_path(req.method, req.path, req.query)
-        if route.kind not in ("file", "ready"):
+        if route.kind not in PUBLIC_ROUTES:
             check_key(req.headers.get("authorization"), self.key)
         declared = req.headers.get("content-length")
         if declared is not None and declared.strip().isdigit():
@@ -178,10 +186,8 @@ class ServeApp:
             return HttpResponse(204)
         if route.kind == "file":
             return self._file(route)
-        if route.kind == "ready":
-            why = self.unready()
-            return self.json(503, {"ready": False, "detail": why}, {"Retry-After": "10"}) if why else \
-                self.json(200, {"ready": True})
+        if route.kind in OPERATOR_PATHS.values():
+            return HttpResponse(*ops.answer(self, req, route.kind))
         if route.kind == "storage":
             raise HttpError(400, STORAGE_REFUSED)
         if route.kind in ("submit", "run"):
@@ -193,6 +199,7 @@ class ServeApp:
             if job.webhook:
                 body["gateway_request_id"] = job.id
             return self.json(200, body, {"x-fal-request-id": job.id})
+        self.store.expire_waiting()  # a request past its x-fal-request-timeout ends before it is shown
         job = self.store.get(route.request_id)
         if job is None:
             raise HttpError(404, f"Request {route.request_id} not found")
@@ -235,14 +242,13 @@ class ServeApp:
         webhook = check_webhook((route.query or {}).get("fal_webhook"), self.limits.outbound)
         hook = json.dumps({"url": webhook, "base": self.files_base(req)}) if webhook else None
         try:
-            job = self.store.add(args, images, hook, self.limits.max_waiting)
+            job = self.store.add(args, images, hook, self.limits.max_waiting, **vars(queue_options(req.headers)))
         except QueueFull as exc:
             raise HttpError(429, str(exc), {"Retry-After": "5"}) from None
         except LowDisk as exc:
             raise HttpError(507, str(exc)) from None
         except StoreUnavailable as exc:
             raise HttpError(503, str(exc), {"Retry-After": "10"}) from None
-        log.info("serve: queued request %s (%s, %d waiting)", job.id, APP, self.store.waiting())
         self.backend.queued(job)
         return job
 
@@ -251,7 +257,8 @@ class ServeApp:
         if job.state != "COMPLETED":
             return self.json(400, {"detail": "Request is still in progress"}, ids)
         if job.error:
-            return self.json(job.error_status or 500, {"detail": job.error_detail or job.error}, ids)
+            return self.json(job.error_status or 500, {"detail": job.error_detail or job.error},
+                             {**ids, **result_headers(job)})
         return self.json(200, output(job, self.store, self.files_base(req)), ids)
 
     def _run(self, req: HttpRequest, job: Job) -> HttpResponse:
@@ -262,6 +269,7 @@ class ServeApp:
         """A synchronous run's answer once its request finished, 504 past its deadline, else a response that still
         waits (same ``wait``)."""
         request_id, deadline = wait
+        self.store.expire_waiting()
         job = self.store.get(request_id)
         if job is not None and job.state == "COMPLETED":
             resp = self._result(req, job)

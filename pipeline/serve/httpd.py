@@ -228,10 +228,16 @@ def cmd_serve(args) -> int:
 
 def serve_loaded(args, key, store, server) -> int:
     from ..local.loading import LoadOptions, build_pipeline, check_sources
+    from .events import log_to_stderr
+    from .ops import Loading
     from .webhook import Webhooks
     from .worker import LocalWorkers
 
+    log_to_stderr()  # one line per request state change (events.py)
     try:
+        loading = Loading()  # /health answers and /ready (and a submit) says 503 while the models load
+        server.app = build_app(store, loading, args, key)
+        server.start()
         devices = args.device or [None]
         opts = [LoadOptions(device=d, dtype=args.dtype, memory_mode=args.memory_mode).resolved() for d in devices]
         check_sources(args.checkpoint, args.controlnet, opts[0])
@@ -244,10 +250,9 @@ def serve_loaded(args, key, store, server) -> int:
         store.close()
         raise
     workers = LocalWorkers(store, pipes)
-    server.app = build_app(store, workers, args, key)
-    hooks = Webhooks(store, server.app.payload_for, server.app.limits.outbound).start()
+    loading.become(workers)
+    hooks = Webhooks(store, server.app.payload_for, server.app.limits.outbound, signer=server.app.signer).start()
     workers.start()
-    server.start()
     if key is None:
         print(f"no key set ({KEY_ENV} or --key-file): listening on {args.host} only; any program on this machine "
               "may use it", file=sys.stderr)

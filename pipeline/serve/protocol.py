@@ -7,7 +7,10 @@ Paths, relative to the server's base (``https://host:port`` stand-alone, ``http:
   ``PUT .../requests/<id>/cancel`` cancel (fal's clients leave the ``/image-to-image`` sub-path out of these);
 - ``POST run/<app>`` fal's synchronous run (``fal.run``): waits and answers the result;
 - ``GET files/<token>/<n>.png`` a result image (no key: the token is random, as fal's CDN URLs are);
-- ``GET ready`` 200 while requests are taken and run, 503 saying why not (no key: for load balancers' checks).
+- ``GET ready`` 200 while requests are taken and run, 503 saying why not (no key: for load balancers' checks);
+  ``GET health`` 200 while the process answers (no key); ``GET metrics`` Prometheus's text format (the key, when the
+  server has one); ``GET openapi.json`` the endpoint's schema and ``GET .well-known/jwks.json`` the public key its
+  webhooks are signed with (no key: both are public, as fal's are). :mod:`.ops` answers these.
 
 A call through a proxy (``x-fal-target-url``, what the JS client sends with ``proxyUrl``) is routed by its target:
 ``queue.fal.run`` is the queue, ``fal.run`` the synchronous run, ``rest.fal.ai`` fal's storage (not hosted here:
@@ -32,11 +35,16 @@ TOKEN_RE = re.compile(r"^[0-9a-f]{32}$")
 CORS_HEADERS = {  # for an origin the operator listed (see access.py); never "*"
     "Access-Control-Allow-Methods": "GET, POST, PUT, OPTIONS",
     "Access-Control-Allow-Headers": "authorization, content-type, accept, x-fal-target-url, x-fal-queue-priority, "
-                                    "x-fal-request-timeout, x-fal-runner-hint, x-fal-object-lifecycle, "
-                                    "x-fal-app-context, x-fal-store-io",
-    "Access-Control-Expose-Headers": "x-fal-request-id",
+                                    "x-fal-request-timeout, x-fal-no-retry, x-fal-runner-hint, "
+                                    "x-fal-object-lifecycle, x-fal-app-context, x-fal-store-io",
+    "Access-Control-Expose-Headers": "x-fal-request-id, x-fal-request-timeout-type, x-fal-error-type",
     "Access-Control-Max-Age": "600",
 }
+LOG_LEVELS = ("STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG")  # fal's log levels (@fal-ai/client's types)
+# the operator's calls (path: kind); all GET, never through a proxy. PUBLIC_ROUTES need no key.
+OPERATOR_PATHS = {"ready": "ready", "health": "health", "metrics": "metrics", "openapi.json": "openapi",
+                  ".well-known/jwks.json": "jwks"}
+PUBLIC_ROUTES = ("file", "ready", "health", "openapi", "jwks")
 NOT_HERE = (f"this server serves only {APP} and forwards nothing to fal; point other endpoints at fal itself")
 STORAGE_REFUSED = ("this server does not host fal storage uploads: pass the image as a data URI (fal.js: "
                    "a 'data:image/png;base64,...' string; fal_client.encode_image) or as an http(s) URL")
@@ -62,7 +70,7 @@ def invalid(loc: list, msg: str, kind: str = "value_error") -> HttpError:
 
 @dataclass(frozen=True)
 class Route:
-    kind: str  # submit, run, status, result, cancel, file, storage, ready
+    kind: str  # submit, run, status, result, cancel, file, storage, or one of OPERATOR_PATHS' kinds
     request_id: str | None = None
     token: str | None = None
     index: int | None = None
@@ -85,10 +93,11 @@ def route_path(method: str, path: str, query: str = "", via_proxy: bool = False)
         return Route("file", token=parts[1], index=int(parts[2].split(".")[0]))
     if parts[:1] == ["storage"]:
         return Route("storage")
-    if parts == ["ready"] and not via_proxy:
+    operator = OPERATOR_PATHS.get("/".join(parts))
+    if operator is not None and not via_proxy:
         if method != "GET":
-            raise HttpError(405, f"{method} is not allowed on ready; use GET")
-        return Route("ready")
+            raise HttpError(405, f"{method} is not allowed on {'/'.join(parts)}; use GET")
+        return Route(operator)
     run = parts[:1] == ["run"]
     if run:
         parts = parts[1:]
@@ -145,7 +154,7 @@ def request_urls(base: str, request_id: str) -> dict:
 def status_body(job, base: str, position: int | None, with_logs: bool) -> dict:
     """fal's status object for a job (``IN_QUEUE`` with ``queue_position``, ``IN_PROGRESS``, ``COMPLETED``)."""
     body = {"status": job.state, "request_id": job.id, **request_urls(base, job.id)}
-    body["logs"] = [dict(entry) for entry in job.logs] if with_logs else None
+    body["logs"] = [log_item(entry) for entry in job.logs] if with_logs else None
     if job.state == "IN_QUEUE":
         body["queue_position"] = position if position is not None else 0
     if job.state == "COMPLETED":
@@ -155,6 +164,15 @@ def status_body(job, base: str, position: int | None, with_logs: bool) -> dict:
             body["error"] = job.error
             body["error_type"] = job.error_type
     return body
+
+
+def log_item(entry: dict) -> dict:
+    """A stored log line as fal's clients type it: ``{message, level, source: "USER", timestamp}``, the level one of
+    fal's (``STDERR``, ``STDOUT``, ``ERROR``, ``INFO``, ``WARN``, ``DEBUG``; Python's ``WARNING`` is ``WARN``)."""
+    level = str(entry.get("level") or "INFO").upper()
+    level = {"WARNING": "WARN", "CRITICAL": "ERROR"}.get(level, level)
+    return {"message": str(entry.get("message", "")), "level": level if level in LOG_LEVELS else "INFO",
+            "source": "USER", "timestamp": entry.get("timestamp")}
 
 
 def webhook_body(job, payload) -> dict:

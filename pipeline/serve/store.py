@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import disk
+from .queue_rules import RUN_ORDER, QueueRules
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
 INPUT_NAMES = ("image_url", "control_image_url")
@@ -88,9 +89,11 @@ class Job:
     webhook: str | None
     webhook_done: bool
     external: str | None  # the id of the host's own work item (ComfyUI's prompt id)
+    priority: int = 0  # x-fal-queue-priority: higher runs first (:mod:`.queue_rules`)
+    deadline: float | None = None  # x-fal-request-timeout: still waiting after this time, it ends
 
 
-class Store:
+class Store(QueueRules):
     """``retry_s``: how long a write keeps retrying a transient error before :class:`StoreUnavailable`; ``busy_s``:
     how long one attempt waits for SQLite's lock (the store's own lock is held only that long, so readers go on);
     ``keep_results_s`` and ``min_free_bytes``: see the module (defaults: ``SDXLCN_SERVE_KEEP_RESULTS_HOURS``, 168,
@@ -112,6 +115,7 @@ class Store:
         self._probed = 0.0
         self._lock = threading.RLock()
         self.changed = threading.Condition(self._lock)  # notified on every state change
+        self.listeners: list = []  # fn(event, request_id) after each state change (:mod:`.queue_rules`)
         self._db = sqlite3.connect(str(self.folder / "queue.sqlite3"), timeout=busy_s, check_same_thread=False,
                                    isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -119,6 +123,7 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._add_rule_columns()
 
     def close(self) -> None:
         with self._lock:
@@ -199,7 +204,7 @@ class Store:
                    row["started"], row["finished"], json.loads(row["logs"]),
                    json.loads(row["result"]) if row["result"] else None, row["error"], row["error_type"],
                    row["error_status"], json.loads(detail) if detail else None, bool(row["cancel"]), row["webhook"],
-                   bool(row["webhook_done"]), row["external"])
+                   bool(row["webhook_done"]), row["external"], row["priority"], row["deadline"])
 
     def _get(self, request_id: str) -> Job | None:
         return self._job(self._db.execute("SELECT * FROM jobs WHERE id=?", (request_id,)).fetchone())
@@ -212,8 +217,7 @@ class Store:
 
     def position(self, job: Job) -> int:
         """Requests waiting ahead of ``job`` (0: next)."""
-        return self._read(lambda: self._db.execute("SELECT COUNT(*) FROM jobs WHERE state='IN_QUEUE' AND seq<?",
-                                                   (job.seq,)).fetchone()[0])
+        return self._read(lambda: self._ahead(job))
 
     def _waiting(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state='IN_QUEUE'").fetchone()[0]
@@ -243,7 +247,8 @@ class Store:
         return self.job_dir(request_id) / f"{int(index)}.png"
 
     # ---- changing -------------------------------------------------------------------------------
-    def add(self, args: dict, images: dict, webhook: str | None = None, max_waiting: int | None = None) -> Job:
+    def add(self, args: dict, images: dict, webhook: str | None = None, max_waiting: int | None = None,
+            priority: int = 0, deadline: float | None = None) -> Job:
         """Queue a request: its input images written and synced first, then its row. :class:`QueueFull` past
         ``max_waiting``, :class:`~.disk.LowDisk` below the free-space floor, :class:`StoreUnavailable` when it cannot
         be written (nothing is left behind then)."""
@@ -263,16 +268,19 @@ class Store:
                 disk.write_synced(folder / name, data)
             disk.sync_dir(folder)
             disk.sync_dir(folder.parent)
-            self._db.execute("INSERT INTO jobs (id, token, state, args, created, webhook) VALUES (?,?,?,?,?,?)",
-                             (rid, token, "IN_QUEUE", json.dumps(args), time.time(), webhook))
+            self._db.execute("INSERT INTO jobs (id, token, state, args, created, webhook, priority, deadline) "
+                             "VALUES (?,?,?,?,?,?,?,?)",
+                             (rid, token, "IN_QUEUE", json.dumps(args), time.time(), webhook, priority, deadline))
             self.changed.notify_all()
             return self._get(rid)
 
         try:
-            return self._do("queueing a request", write)
+            job = self._do("queueing a request", write)
         except (QueueFull, disk.LowDisk, StoreUnavailable):
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        self._tell("queued", rid)
+        return job
 
     def put_input(self, request_id: str, name: str, data: bytes) -> bool:
         """A downloaded input image, synced, for a request that has not ended; False (nothing kept) when it ended."""
@@ -292,9 +300,10 @@ class Store:
         return self._do("storing a downloaded input", write)
 
     def claim(self) -> Job | None:
-        """The oldest waiting request, now IN_PROGRESS; None when the queue is empty."""
+        """The next waiting request (:data:`~.queue_rules.RUN_ORDER`), now IN_PROGRESS; None when none waits."""
         def take():
-            row = self._db.execute("SELECT id FROM jobs WHERE state='IN_QUEUE' ORDER BY seq LIMIT 1").fetchone()
+            row = self._db.execute(f"SELECT id FROM jobs WHERE state='IN_QUEUE' ORDER BY {RUN_ORDER} "
+                                   "LIMIT 1").fetchone()
             if row is None:
                 return None
             self._db.execute("UPDATE jobs SET state='IN_PROGRESS', started=? WHERE id=?", (time.time(), row["id"]))
@@ -302,15 +311,21 @@ class Store:
 
         if not self._read(self._waiting):  # an idle poll takes no write lock
             return None
-        return self._do("taking the next request", lambda: self._tx(take))
+        self.expire_waiting()
+        job = self._do("taking the next request", lambda: self._tx(take))
+        if job is not None:
+            self._tell("started", job.id)
+        return job
 
     def start(self, request_id: str, external: str | None = None) -> None:
         def write():
-            self._db.execute("UPDATE jobs SET state='IN_PROGRESS', started=?, external=COALESCE(?, external) "
-                             "WHERE id=? AND state='IN_QUEUE'", (time.time(), external, request_id))
+            cur = self._db.execute("UPDATE jobs SET state='IN_PROGRESS', started=?, external=COALESCE(?, external) "
+                                   "WHERE id=? AND state='IN_QUEUE'", (time.time(), external, request_id))
             self.changed.notify_all()
+            return cur.rowcount
 
-        self._do("starting a request", write)
+        if self._do("starting a request", write):
+            self._tell("started", request_id)
 
     def set_external(self, request_id: str, external: str) -> None:
         self._do("recording a request's work item",
@@ -349,18 +364,22 @@ class Store:
 
         self._do("storing a result", write)
         self._drop_inputs(request_id)
+        self._tell("completed", request_id)
 
-    def _fail(self, request_id: str, error: str, error_type: str, status: int = 500, detail=None) -> None:
-        self._db.execute("UPDATE jobs SET state='COMPLETED', finished=?, error=?, error_type=?, error_status=?, "
-                         "error_detail=? WHERE id=? AND state!='COMPLETED'",
-                         (time.time(), error, error_type, status,
-                          json.dumps(detail if detail is not None else error), request_id))
+    def _fail(self, request_id: str, error: str, error_type: str, status: int = 500, detail=None) -> int:
+        cur = self._db.execute("UPDATE jobs SET state='COMPLETED', finished=?, error=?, error_type=?, error_status=?, "
+                               "error_detail=? WHERE id=? AND state!='COMPLETED'",
+                               (time.time(), error, error_type, status,
+                                json.dumps(detail if detail is not None else error), request_id))
         self.changed.notify_all()
+        return cur.rowcount
 
     def fail(self, request_id: str, error: str, error_type: str, status: int = 500, detail=None) -> None:
         """The request ends with an error (unless it had ended); its input images go."""
-        self._do("storing a failure", lambda: self._fail(request_id, error, error_type, status, detail))
+        ended = self._do("storing a failure", lambda: self._fail(request_id, error, error_type, status, detail))
         self._drop_inputs(request_id)
+        if ended:
+            self._tell("failed", request_id)
 
     def cancel(self, request_id: str) -> str:
         """"cancelled" (it was waiting: it never runs), "requested" (running: stopped at its next step), "done"."""
@@ -377,6 +396,7 @@ class Store:
         outcome = self._do("cancelling a request", lambda: self._tx(write))
         if outcome == "cancelled":
             self._drop_inputs(request_id)
+            self._tell("failed", request_id)
         return outcome
 
     def _drop_inputs(self, request_id: str) -> None:
@@ -424,7 +444,10 @@ class Store:
                 self._log(request_id, why)
             return bool(cur.rowcount)
 
-        return self._do("requeueing a request", lambda: self._tx(write))
+        again = self._do("requeueing a request", lambda: self._tx(write))
+        if again:
+            self._tell("requeued", request_id)
+        return again
 
     def requeue_interrupted(self) -> list[str]:
         """Requests that were running when the process stopped go back to the queue (at their place: the front).
@@ -438,12 +461,16 @@ class Store:
             self._db.execute("UPDATE jobs SET external=NULL WHERE state='IN_QUEUE' AND external IS NOT NULL")
             return ids
 
-        return self._do("requeueing interrupted requests", lambda: self._tx(write))
+        ids = self._do("requeueing interrupted requests", lambda: self._tx(write))
+        for rid in ids:
+            self._tell("requeued", rid)
+        return ids
 
     def webhooks_due(self) -> list[Job]:
         """Finished requests whose webhook was not delivered (read by the webhook thread's every turn, which also
-        deletes expired results, at most once a minute)."""
+        deletes expired results, at most once a minute, and ends waiting requests past their timeout)."""
         self.purge_expired()
+        self.expire_waiting()
         rows = self._read(lambda: self._db.execute("SELECT * FROM jobs WHERE state='COMPLETED' AND webhook IS NOT "
                                                    "NULL AND webhook_done=0 ORDER BY seq").fetchall())
         return [self._job(r) for r in rows]

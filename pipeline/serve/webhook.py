@@ -3,9 +3,11 @@
 The body is fal's: ``{request_id, gateway_request_id, status: "OK"|"ERROR", payload, error}``, the payload being the
 result (or ``{"detail": ...}``). Deliveries run on a few threads of their own, each with one deadline of 15 s for the
 whole call (fal's timeout), so a slow receiver holds only its own delivery; each is tried up to 10 times with growing
-pauses, as fal does. The URL goes through :mod:`.fetch`: no address inside the network (unless the operator allows
-it), redirects not followed. A delivery still due when the process stops is made after a restart (the store keeps
-it), so receivers must be idempotent per request id, as fal asks of them.
+pauses, as fal does. Each delivery carries fal's signature headers, made with the server's own key
+(:mod:`.signing`; its public key at ``/.well-known/jwks.json``). The URL goes through :mod:`.fetch`: no address
+inside the network (unless the operator allows it), redirects not followed. A delivery still due when the process
+stops is made after a restart (the store keeps it), so receivers must be idempotent per request id, as fal asks of
+them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import fetch
 from .protocol import webhook_body
+from .signing import Signer
 from .store import Store
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
@@ -28,11 +31,15 @@ SENDERS = 4  # deliveries at once
 ANSWER_BYTES = 64 * 1024  # what is read of a receiver's answer
 
 
-def deliver_once(url: str, body: dict, timeout_s: float = TIMEOUT_S, policy: fetch.Policy | None = None) -> bool:
-    """POST ``body`` to ``url`` within ``timeout_s`` in all; True on a 2xx answer."""
+def deliver_once(url: str, body: dict, timeout_s: float = TIMEOUT_S, policy: fetch.Policy | None = None,
+                 signer: Signer | None = None) -> bool:
+    """POST ``body`` to ``url`` within ``timeout_s`` in all, signed by ``signer`` as fal signs; True on a 2xx answer."""
     data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if signer is not None:
+        headers.update(signer.headers(body["request_id"], data))
     try:
-        status, _answer = fetch.request(url, method="POST", body=data, headers={"Content-Type": "application/json"},
+        status, _answer = fetch.request(url, method="POST", body=data, headers=headers,
                                         max_bytes=ANSWER_BYTES, timeout_s=timeout_s, policy=policy,
                                         follow_redirects=False)
     except fetch.FetchError as exc:
@@ -46,13 +53,15 @@ def deliver_once(url: str, body: dict, timeout_s: float = TIMEOUT_S, policy: fet
 class Webhooks:
     """Delivers the webhooks of finished requests (``payload_for(job, base)`` builds the payload).
 
-    ``policy``: the internal addresses webhooks may reach (default: from ``SDXLCN_SERVE_ALLOW_INTERNAL_URLS``)."""
+    ``policy``: the internal addresses webhooks may reach (default: from ``SDXLCN_SERVE_ALLOW_INTERNAL_URLS``);
+    ``signer``: the key they are signed with (default: the store folder's, :mod:`.signing`)."""
 
     def __init__(self, store: Store, payload_for, policy: fetch.Policy | None = None, timeout_s: float = TIMEOUT_S,
-                 senders: int = SENDERS):
+                 senders: int = SENDERS, signer: Signer | None = None):
         self.store = store
         self.payload_for = payload_for
         self.policy = policy if policy is not None else fetch.Policy.from_env()
+        self.signer = signer if signer is not None else Signer.for_folder(store.folder)
         self.timeout_s = timeout_s
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -110,7 +119,7 @@ class Webhooks:
         try:
             hook = json.loads(job.webhook)
             payload = self.payload_for(job, hook["base"])
-            ok = deliver_once(hook["url"], webhook_body(job, payload), self.timeout_s, self.policy)
+            ok = deliver_once(hook["url"], webhook_body(job, payload), self.timeout_s, self.policy, self.signer)
         except Exception:  # noqa: BLE001 - a bad payload must not stop the other deliveries
             log.exception("serve: building the webhook of %s failed", job.id)
         try:

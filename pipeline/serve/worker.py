@@ -204,5 +204,4 @@ class LocalWorkers:
         except StoreUnavailable as exc:  # never left IN_PROGRESS: stored or failed at a later turn
             self._unstored[job.id] = (str(exc), doc, images)
             raise
-        store.log(job.id, f"done: {len(images)} image(s), seed {doc['seed']}")
-        log.info("serve: request %s done on %s", job.id, device)
+        store.log(job.id, f"done: {len(images)} image(s), seed {doc['seed']}")  # the server's log line: events.py
