@@ -164,3 +164,24 @@ def test_a_page_on_another_loopback_origin_cannot_use_a_keyless_server(tmp_path)
             assert srv.store.waiting() == 0, "a page on another origin queued a request"
     finally:
         site.shutdown()
+
+
+PROXY_HEADERS = {"Via": "1.1 proxy.example (nginx)", "X-Forwarded-Server": "proxy.example",
+                 "X-Client-IP": "203.0.113.9", "True-Client-IP": "203.0.113.9", "CF-Connecting-IP": "203.0.113.9",
+                 "X-Real-IP": "203.0.113.9", "Forwarded": "for=203.0.113.9;proto=https",
+                 "X-Forwarded-Ssl": "on", "X-Original-Forwarded-For": "203.0.113.9"}
+
+
+@pytest.mark.parametrize("header", list(PROXY_HEADERS))
+def test_any_header_a_proxy_adds_is_refused_by_a_keyless_server(tmp_path, header):
+    """The headers proxies, load balancers and CDNs add (RFC 9110 Via, RFC 7239 Forwarded, nginx's X-Real-IP,
+    Apache's X-Forwarded-Server, Akamai's True-Client-IP, Cloudflare's CF-Connecting-IP, ...): each means others
+    reach the key-less server through a proxy, so it answers 403 naming the header and the key (only X-Forwarded-For,
+    -Host, -Proto, -Port, -Prefix, X-Real-IP and Forwarded were refused); a keyed server takes the same request."""
+    extra = {header: PROXY_HEADERS[header]}
+    with Running(tmp_path / "nokey") as srv:
+        code, body, got = call("POST", f"{srv.url}/{APP}", fal_input(), key=None, headers=extra)
+        assert code == 403 and header.lower() in body["detail"] and "key" in body["detail"], (code, body)
+        assert srv.store.waiting() == 0
+    with Running(tmp_path / "keyed", key=KEY) as srv:
+        assert call("POST", f"{srv.url}/{APP}", fal_input(), headers=extra)[0] == 200

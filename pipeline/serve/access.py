@@ -4,7 +4,9 @@ that status, result and image URLs are built on.
 - **No key** (only this machine's programs may call): no CORS headers at all; a request is refused (403) when its
   ``Host`` is not a loopback name (DNS rebinding: a web page whose name resolves to 127.0.0.1), when it carries an
   ``Origin`` other than the server's own or ``Sec-Fetch-Site`` other than ``same-origin``/``none`` (a web page, even
-  one on another loopback port), or ``X-Forwarded-*``/``Forwarded`` (a proxy in front: others reach it through it).
+  one on another loopback port), or any header a proxy adds (:data:`PROXY_HEADERS`: ``Forwarded``, ``Via``,
+  ``X-Forwarded-*``, ``X-Real-IP``, ...; a proxy in front: others reach it through it). A proxy that adds none
+  (nginx's plain ``proxy_pass``) cannot be seen: only a key makes a server safe behind a proxy.
 - **A key**: CORS headers only for the origins the operator lists (``--cors-origin``); other pages get none, so a
   browser keeps them from reading any answer.
 - **Base URL**: ``--public-url`` when given, else the scheme the client used (the connection's; a listed proxy's
@@ -21,8 +23,11 @@ from dataclasses import dataclass
 
 from .protocol import CORS_HEADERS, HttpError
 
-FORWARDED_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
-                     "x-forwarded-prefix", "x-real-ip")
+# headers that proxies, load balancers and CDNs add (RFC 7239 Forwarded, RFC 9110 Via, the de-facto client-address
+# headers of nginx, Apache, Akamai, Cloudflare, Fastly); any X-Forwarded-* too
+PROXY_HEADERS = ("forwarded", "via", "x-real-ip", "x-client-ip", "true-client-ip", "cf-connecting-ip",
+                 "fastly-client-ip", "x-cluster-client-ip", "x-original-forwarded-for")
+PROXY_PREFIX = "x-forwarded-"
 HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9.])?|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 ORIGIN_RE = re.compile(r"^https?://(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\])(?::\d{1,5})?$")
 
@@ -95,7 +100,7 @@ class Access:
             return HttpError(400, "the Host header is not a host[:port]")
         if self.keyed:
             return None
-        fwd = [h for h in FORWARDED_HEADERS if h in headers]
+        fwd = sorted(h for h in headers if h in PROXY_HEADERS or h.startswith(PROXY_PREFIX))
         if fwd:
             return HttpError(403, f"this server has no key and answers only programs on this machine; the request "
                                   f"came through a proxy ({fwd[0]}): set a key (SDXLCN_SERVE_KEY) to serve through one")
