@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import urllib.parse
 import urllib.request
 from dataclasses import replace
@@ -100,25 +101,65 @@ def resolve_source(
 
 def _download_cached(url: str, cache_dir, max_bytes: int, timeout: float) -> Path:
     """Download ``url`` into the cache once; later calls reuse the file."""
+    return cached_download(url, cache_dir, max_bytes=max_bytes, timeout=timeout)
+
+
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _url_download(url: str, max_bytes: int, timeout: float) -> bytes:
     from ..errors import ImageInputError
 
-    safe = redact_url(url)
+    try:
+        return download(url, "lora", max_bytes=max_bytes, timeout=timeout)
+    except ImageInputError as exc:
+        raise LoraError(redact_url(url), str(exc).removeprefix("lora: ")) from None
+
+
+def cached_download(url: str, cache_dir=None, *, max_bytes: int = MAX_LORA_DOWNLOAD_BYTES,
+                    timeout: float = LORA_DOWNLOAD_TIMEOUT_S, fetch=None, cache_bytes: int | None = None) -> Path:
+    """The cached file of ``url``, downloaded on the first call (one download at a time per URL in this process; a
+    file only appears complete). ``fetch(url, max_bytes, timeout) -> bytes`` downloads (default: a plain GET; a
+    server passes its own outbound rules) and raises :class:`LoraError`. ``cache_bytes`` caps the whole cache: the
+    least recently used files go to make room, and a file larger than the cap is refused."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     base = Path(urllib.parse.urlsplit(url).path).name or "lora.safetensors"
     base = re.sub(r"[^\w.-]", "_", base)[-80:]
     target = cache / f"{hashlib.sha256(url.encode('utf-8')).hexdigest()[:16]}-{base}"
-    if target.is_file():
+    with _locks_guard:
+        lock = _locks.setdefault(str(target), threading.Lock())
+    with lock:
+        if target.is_file():
+            os.utime(target)  # recently used: the last to go when the cache is full
+            return target
+        if cache_bytes is not None:
+            max_bytes = min(max_bytes, cache_bytes)
+        data = (fetch or _url_download)(url, max_bytes, timeout)
+        if len(data) > max_bytes:
+            raise LoraError(redact_url(url), f"is {len(data)} bytes, over the {max_bytes}-byte limit of the LoRA cache")
+        cache.mkdir(parents=True, exist_ok=True)
+        if cache_bytes is not None:
+            make_room(cache, cache_bytes - len(data))
+        tmp = target.with_name(target.name + f".part{os.getpid()}-{threading.get_ident()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
         return target
-    try:
-        data = download(url, "lora", max_bytes=max_bytes, timeout=timeout)
-    except ImageInputError as exc:
-        msg = str(exc).removeprefix("lora: ")
-        raise LoraError(safe, msg) from None
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".part{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
-    return target
+
+
+def make_room(cache: Path, keep_bytes: int) -> None:
+    """Delete the least recently used complete files of ``cache`` until at most ``keep_bytes`` remain."""
+    files = []
+    for f in cache.iterdir():
+        if f.is_file() and ".part" not in f.name:
+            st = f.stat()
+            files.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _t, size, _f in files)
+    for _mtime, size, f in sorted(files, key=lambda item: item[0]):
+        if total <= keep_bytes:
+            break
+        f.unlink(missing_ok=True)
+        total -= size
 
 
 def _hub_file(repo_spec: str) -> Path:
