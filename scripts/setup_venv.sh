@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create ./.venv with torch and this pack (editable) installed. Idempotent; says what it does (pip's own progress shows).
 #
-#   bash scripts/setup_venv.sh        # for the tests (scripts/test.sh, CI): the pack with its test and browser extras
+#   bash scripts/setup_venv.sh        # for the tests (scripts/test.sh, CI): the pack with its test, browser and redis extras
 #   bash scripts/setup_venv.sh run    # for running only (scripts/run_example.sh): the pack, without pytest/playwright
 #
 # TORCH_SPEC picks the torch build: on this project's CPU machines torch==2.13.0 comes from the local disk;
@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 case "${1:-test}" in
-  test) target=".[test,browser]"; check="import sdxl_controlnet_img2img, pytest"; stamp=.venv/.installed
-        what="this pack, its dependencies (diffusers, transformers, peft, opencv, fal-client) and the test tools (pytest, playwright)" ;;
+  test) target=".[test,browser,redis]"; check="import sdxl_controlnet_img2img, pytest, rq"; stamp=.venv/.installed
+        what="this pack, its dependencies (diffusers, transformers, peft, opencv, fal-client), the test tools (pytest, playwright) and the shared queue's (rq, redis)" ;;
   run)  target="."; check="import sdxl_controlnet_img2img"; stamp=.venv/.installed-run
         what="this pack and its dependencies (diffusers, transformers, peft, opencv, fal-client)" ;;
   *) echo "usage: bash scripts/setup_venv.sh [test|run]" >&2; exit 2 ;;

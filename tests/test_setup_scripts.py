@@ -71,11 +71,11 @@ def test_run_example_installs_only_what_running_needs(repo):
 
 
 def test_the_test_setup_installs_the_test_tools(repo):
-    assert _installs(_run(repo, "scripts/setup_venv.sh")) == ["pip install --progress-bar on -e .[test,browser]"]
+    assert _installs(_run(repo, "scripts/setup_venv.sh")) == ["pip install --progress-bar on -e .[test,browser,redis]"]
     assert _installs(_run(repo, "scripts/setup_venv.sh")) == []
     assert _installs(_run(repo, "scripts/setup_venv.sh", "run")) == []  # a test setup can run too
 
 
 def test_a_run_setup_then_a_test_setup_adds_the_test_tools(repo):
     assert _installs(_run(repo, "scripts/setup_venv.sh", "run")) == ["pip install --progress-bar on -e ."]
-    assert _installs(_run(repo, "scripts/setup_venv.sh")) == ["pip install --progress-bar on -e .[test,browser]"]
+    assert _installs(_run(repo, "scripts/setup_venv.sh")) == ["pip install --progress-bar on -e .[test,browser,redis]"]
