@@ -50,15 +50,15 @@ class SDXLCNLoader:
         only ``device``, and a missing checkpoint, ControlNet or VAE is refused by ComfyUI's own list check, once,
         on its own input, all of them in the same answer. What the files hold is checked in ``load`` before any
         weights are read."""
-        from ..pipeline.errors import SDXLCNError
+        from ..pipeline.errors import FieldError
         from ..pipeline.local.devices import check_device
 
         if device in (None, "", "auto"):
             return True
         try:
             check_device(device)
-        except SDXLCNError as exc:  # ComfyUI names the input itself ("device - ..."): not said twice
-            return str(exc).removeprefix("device: ")
+        except FieldError as exc:  # ComfyUI names the input itself ("device - ..."): not said twice
+            return exc.detail
         return True
 
     def load(self, checkpoint, controlnet, dtype="auto", memory_mode="auto", vae_tiling=False,

@@ -39,6 +39,11 @@ class ModelLoadError(SDXLCNError, RuntimeError):
     """A model file or folder cannot be loaded as what it was given as."""
 
 
+class ModelInputError(FieldError, ModelLoadError):
+    """A :class:`ModelLoadError` naming the input at fault (``field``: device, dtype, memory_mode, a model's label such
+    as checkpoint or LoRA), for callers that say the input themselves (ComfyUI's dialog, a LoRA's own error)."""
+
+
 class GenerationCancelled(SDXLCNError):
     """Raised from a step callback to stop a running generation."""
 

@@ -8,12 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_controlnet_img2img.pipeline.errors import FieldError, ImageInputError, RequestError
+from sdxl_controlnet_img2img.pipeline.errors import (
+    FieldError,
+    ImageInputError,
+    ModelInputError,
+    ModelLoadError,
+    RequestError,
+)
 from sdxl_controlnet_img2img.pipeline.fal.client import check_request_id
 from sdxl_controlnet_img2img.pipeline.fal.errors import FalError, FalValidationError
 from sdxl_controlnet_img2img.pipeline.images import decode_image
+from sdxl_controlnet_img2img.pipeline.local import pickles
+from sdxl_controlnet_img2img.pipeline.local.devices import check_device, parse_dtype
+from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions
+from sdxl_controlnet_img2img.pipeline.local.lora import check_lora_file
 from sdxl_controlnet_img2img.pipeline.local.lora_sources import LoraError, resolve_source
 from sdxl_controlnet_img2img.pipeline.local.model_hooks import MissingModelError, find_safety_checker
+from sdxl_controlnet_img2img.pipeline.local.model_checks import read_safetensors_index
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +64,44 @@ def test_fal_validation_keeps_the_request_id_and_its_kinds():
     assert (exc.field, exc.detail, str(exc)) == ("loras[0].path", "fal rejected this value: not a URL",
                                                  "loras[0].path: fal rejected this value: not a URL")
     assert FalValidationError("prompt", "is empty").request_id is None
+
+
+def test_model_options_and_files_name_their_input(tmp_path):
+    web_page = tmp_path / "model.safetensors"
+    web_page.write_bytes(b"<!doctype html><html><body>Sign in to download</body></html>")
+    cases = [
+        ("device", lambda: check_device("banana"), "'banana' is not a device name; use auto, cuda, cuda:N, xpu, mps "
+                                                    "or cpu"),
+        ("dtype", lambda: parse_dtype("fp8"), "'fp8' is not one of auto, fp16, bf16, fp32"),
+        ("memory_mode", lambda: LoadOptions(device="cpu", memory_mode="lots").resolved(),
+         "'lots' is not one of auto, none, model_cpu_offload, sequential_cpu_offload"),
+        ("memory_mode", lambda: LoadOptions(device="cpu", memory_mode="model_cpu_offload").resolved(),
+         "model_cpu_offload moves weights between the CPU and a GPU, but the device is 'cpu'. Use memory_mode none "
+         "on the CPU."),
+        ("checkpoint", lambda: read_safetensors_index(web_page, "checkpoint"), None),
+    ]
+    for field, call, detail in cases:
+        exc = _raised(call)
+        assert isinstance(exc, ModelInputError) and isinstance(exc, ModelLoadError) and exc.field == field
+        assert str(exc) == f"{field}: {exc.detail}" and (detail is None or exc.detail == detail), str(exc)
+    assert str(web_page) in _raised(lambda: read_safetensors_index(web_page, "checkpoint")).detail
+
+
+def test_a_lora_error_says_what_the_file_check_said_without_its_label(tmp_path, monkeypatch):
+    web_page = tmp_path / "style.safetensors"
+    web_page.write_bytes(b"<!doctype html><html><body>Sign in to download</body></html>")
+    inner = _raised(lambda: read_safetensors_index(web_page, "LoRA"))
+    exc = _raised(lambda: check_lora_file(web_page, "style"))
+    assert isinstance(exc, LoraError) and str(exc) == f"LoRA 'style': {inner.detail}"
+
+    pickle = tmp_path / "style.pt"
+    pickle.write_bytes(b"not read")
+    monkeypatch.setattr(pickles, "torch_version", lambda: (2, 5))  # a torch whose weights_only loader is unsafe
+    refusal = _raised(lambda: pickles.refuse_unsafe_torch("style"))
+    assert isinstance(refusal, ValueError) and refusal.field == "style"
+    assert refusal.detail.startswith("pickle files are refused on torch 2.5: its weights_only loader is not safe")
+    exc = _raised(lambda: check_lora_file(pickle, "style", allow_pickle=True))
+    assert str(exc) == f"LoRA 'style': {refusal.detail}"
 
 
 def test_no_other_class_copies_the_field_error_init():

@@ -6,7 +6,7 @@ are a table in choices.py.
 
 from __future__ import annotations
 
-from ..errors import ModelLoadError
+from ..errors import ModelInputError
 from .choices import DTYPES, DTYPES_TABLE
 
 
@@ -24,25 +24,28 @@ def default_device() -> str:
 
 
 def check_device(device: str) -> str:
-    """``device`` when torch can use it here; else a :class:`ModelLoadError` naming the input and the fix."""
+    """``device`` when torch can use it here; else a :class:`ModelInputError` naming the input and the fix."""
     import torch
 
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ModelLoadError(f"device: {device!r} is not a device name; use auto, cuda, cuda:N, xpu, mps or cpu") from None
+        raise ModelInputError("device", f"{device!r} is not a device name; use auto, cuda, cuda:N, xpu, mps or "
+                                        "cpu") from None
     if dev.type == "cpu":
         return device
     if dev.type == "cuda":
         if torch.version.cuda is None and torch.version.hip is None:
-            raise ModelLoadError(f"device: {device} was asked for, but this torch {torch.__version__} was built without "
-                                 "CUDA (a CPU build). Use device auto or cpu, or install a CUDA build of torch.")
+            raise ModelInputError("device", f"{device} was asked for, but this torch {torch.__version__} was built "
+                                            "without CUDA (a CPU build). Use device auto or cpu, or install a CUDA "
+                                            "build of torch.")
         if not torch.cuda.is_available():
-            raise ModelLoadError(f"device: {device} was asked for, but no CUDA GPU is usable (driver missing or "
-                                 "CUDA_VISIBLE_DEVICES hides it). Use device auto or cpu, or check the driver.")
+            raise ModelInputError("device", f"{device} was asked for, but no CUDA GPU is usable (driver missing or "
+                                            "CUDA_VISIBLE_DEVICES hides it). Use device auto or cpu, or check the "
+                                            "driver.")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ModelLoadError(f"device: {device} does not exist; this machine has {torch.cuda.device_count()} "
-                                 f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise ModelInputError("device", f"{device} does not exist; this machine has {torch.cuda.device_count()} "
+                                            f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
         return device
     available = {
         "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
@@ -51,8 +54,8 @@ def check_device(device: str) -> str:
     if dev.type not in available:
         return device  # a backend torch knows (e.g. DirectML's privateuseone, as ComfyUI picks it): torch decides
     if not available[dev.type]:
-        raise ModelLoadError(f"device: {device} was asked for, but it is not available on this machine; "
-                             "use device auto or cpu")
+        raise ModelInputError("device", f"{device} was asked for, but it is not available on this machine; "
+                                        "use device auto or cpu")
     return device
 
 
@@ -100,7 +103,7 @@ def parse_dtype(value):
     try:
         return names[str(value).lower()]
     except KeyError:
-        raise ModelLoadError(f"dtype: {value!r} is not one of {', '.join(DTYPES)}") from None
+        raise ModelInputError("dtype", f"{value!r} is not one of {', '.join(DTYPES)}") from None
 
 
 def free_memory_bytes(device: str) -> int | None:

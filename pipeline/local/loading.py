@@ -21,7 +21,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from ..errors import ModelInputError, ModelLoadError
 from .choices import DEFAULT, MEMORY_MODES, memory_mode_row
 from .devices import check_device, default_device, default_dtype, parse_dtype
 from .diffusers_folder import folder_model, folder_models, load_diffusers_file
@@ -67,14 +67,14 @@ class LoadOptions:
         device = check_device(self.device) if self.device else default_device()
         dtype = parse_dtype(self.dtype) or default_dtype(device)
         if self.memory_mode not in MEMORY_MODES:
-            raise ModelLoadError(f"memory_mode: {self.memory_mode!r} is not one of {', '.join(MEMORY_MODES)}")
+            raise ModelInputError("memory_mode", f"{self.memory_mode!r} is not one of {', '.join(MEMORY_MODES)}")
         if memory_mode_row(self.memory_mode).needs_gpu and not device.startswith(("cuda", "xpu", "mps")):
-            raise ModelLoadError(
-                f"memory_mode: {self.memory_mode} moves weights between the CPU and a GPU, but the device is "
-                f"{device!r}. Use memory_mode none on the CPU."
+            raise ModelInputError(
+                "memory_mode", f"{self.memory_mode} moves weights between the CPU and a GPU, but the device is "
+                               f"{device!r}. Use memory_mode none on the CPU."
             )
         if not isinstance(self.attention, str) or not self.attention:
-            raise ModelLoadError(f"attention: {self.attention!r} must be a name such as 'sdpa'")
+            raise ModelInputError("attention", f"{self.attention!r} must be a name such as 'sdpa'")
         return replace(self, device=device, dtype=dtype)
 
     def describe(self) -> dict:

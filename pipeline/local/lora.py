@@ -27,11 +27,11 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from ..errors import ModelInputError
 from ..request import LoraSpec
 from .lora_sources import LoraError, resolve_source
 from .load_lock import load_lock
-from .pickles import load_weights_only, refuse_unsafe_torch
+from .pickles import UnsafePickleTorch, load_weights_only, refuse_unsafe_torch
 from .quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ def read_lora_file(path: str | os.PathLike, name: str | None = None, allow_pickl
 
         try:  # the pack's header check: a damaged file, a web page or a cut-off download said in words
             keys = list(read_safetensors_index(path, "LoRA").shapes)
-        except ModelLoadError as exc:
-            raise LoraError(name, str(exc).removeprefix("LoRA: ")) from None
+        except ModelInputError as exc:
+            raise LoraError(name, exc.detail) from None
         _check_lora_keys(name, keys)
         if keys_only:
             return {}
@@ -106,8 +106,8 @@ def read_lora_file(path: str | os.PathLike, name: str | None = None, allow_pickl
 
     try:
         refuse_unsafe_torch(name)
-    except ValueError as exc:
-        raise LoraError(name, str(exc).removeprefix(f"{name}: ")) from None
+    except UnsafePickleTorch as exc:
+        raise LoraError(name, exc.detail) from None
     try:
         sd = load_weights_only(path, name)
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types

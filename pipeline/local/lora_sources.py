@@ -114,7 +114,7 @@ def _url_download(url: str, max_bytes: int, timeout: float) -> bytes:
     try:
         return download(url, "lora", max_bytes=max_bytes, timeout=timeout)
     except ImageInputError as exc:
-        raise LoraError(redact_url(url), str(exc).removeprefix("lora: ")) from None
+        raise LoraError(redact_url(url), exc.detail) from None
 
 
 def cached_download(url: str, cache_dir=None, *, max_bytes: int = MAX_LORA_DOWNLOAD_BYTES,

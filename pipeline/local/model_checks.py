@@ -15,9 +15,9 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from ..errors import ModelInputError, ModelLoadError
 from ..units import file_size
-from .pickles import load_weights_only, refuse_unsafe_torch
+from .pickles import UnsafePickleTorch, load_weights_only, refuse_unsafe_torch
 
 SAFETENSORS_EXT = {".safetensors", ".sft"}
 PICKLE_EXT = {".ckpt", ".pt", ".pth", ".bin"}
@@ -76,8 +76,8 @@ class TensorIndex:
 
 def unreadable(path, label: str, exc: OSError) -> ModelLoadError:
     """The pack's error for a file or folder the OS refuses to read (permissions, a folder where a file belongs)."""
-    return ModelLoadError(
-        f"{label}: {path} cannot be read ({exc.strerror or type(exc).__name__}). Check its permissions: the user "
+    return ModelInputError(
+        label, f"{path} cannot be read ({exc.strerror or type(exc).__name__}). Check its permissions: the user "
         f"running this needs read access to it (and to its folders), e.g. chmod a+r on the file."
     )
 
@@ -89,7 +89,7 @@ def read_json(path, label: str) -> dict:
     except OSError as exc:
         raise unreadable(path, label, exc) from None
     except ValueError as exc:
-        raise ModelLoadError(f"{label}: {path} is not valid JSON ({exc}).") from None
+        raise ModelInputError(label, f"{path} is not valid JSON ({exc}).") from None
 
 
 def file_identity(st: os.stat_result) -> tuple:
@@ -109,18 +109,18 @@ def _check_layout(path, label: str, start: int, size: int, locations: dict, fix:
     at = start
     for k, (_dtype, begin, stop) in sorted(locations.items(), key=lambda item: item[1][1:]):
         if begin != at:
-            raise ModelLoadError(
-                f"{label}: {path} has a corrupt safetensors header ({k!r} starts at data byte {begin - start}, but "
+            raise ModelInputError(
+                label, f"{path} has a corrupt safetensors header ({k!r} starts at data byte {begin - start}, but "
                 f"the tensors before it end at {at - start}: tensors must follow each other without gaps or "
                 f"overlaps). {fix}")
         at = stop
     if at > size:
-        raise ModelLoadError(
-            f"{label}: {path} is truncated: it is {file_size(size)} but its header says the tensors need "
+        raise ModelInputError(
+            label, f"{path} is truncated: it is {file_size(size)} but its header says the tensors need "
             f"{file_size(at)}. The download or copy did not finish. {fix}"
         )
     if at < size:
-        raise ModelLoadError(f"{label}: {path} has {size - at} bytes after its last tensor that its header does not "
+        raise ModelInputError(label, f"{path} has {size - at} bytes after its last tensor that its header does not "
                              f"describe: it is corrupt or not one safetensors file. {fix}")
 
 
@@ -153,11 +153,11 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
             size = identity[2]
             head = f.read(8)
             if len(head) < 8:
-                raise ModelLoadError(f"{label}: {path} is {file_size(size)}, too short to be a safetensors file. {fix}")
+                raise ModelInputError(label, f"{path} is {file_size(size)}, too short to be a safetensors file. {fix}")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER or 8 + n > size:
                 f.seek(0)
-                raise ModelLoadError(f"{label}: {path} is not a readable safetensors file: "
+                raise ModelInputError(label, f"{path} is not a readable safetensors file: "
                                      f"{_not_a_header(f.read(64), n, size)}. {fix}")
             raw = f.read(n)
     except OSError as exc:
@@ -167,14 +167,14 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError):
-        raise ModelLoadError(f"{label}: {path} is not a readable safetensors file: it has a corrupt safetensors "
+        raise ModelInputError(label, f"{path} is not a readable safetensors file: it has a corrupt safetensors "
                              "header (the list of its tensors at the start of the file is not readable text). "
                              f"{fix}") from None
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
     elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header (its __metadata__ is not a map of "
+        raise ModelInputError(label, f"{path} has a corrupt safetensors header (its __metadata__ is not a map of "
                              f"strings). {fix}")
     shapes, locations, k = {}, {}, None
     try:
@@ -185,17 +185,17 @@ def read_safetensors_index(path: str | os.PathLike, label: str) -> TensorIndex:
             shapes[k] = tuple(shape)
             locations[k] = (str(v["dtype"]), 8 + n + offsets[0], 8 + n + offsets[1])
     except (KeyError, TypeError, ValueError, IndexError):
-        raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header (bad entry for {k!r}). {fix}") from None
+        raise ModelInputError(label, f"{path} has a corrupt safetensors header (bad entry for {k!r}). {fix}") from None
     for k, (dtype, begin, stop) in locations.items():
         if dtype not in SAFETENSORS_DTYPES:
-            raise ModelLoadError(f"{label}: {path} stores {k!r} as {dtype!r}, a type safetensors' torch loader does "
+            raise ModelInputError(label, f"{path} stores {k!r} as {dtype!r}, a type safetensors' torch loader does "
                                  f"not read. Use a file saved with torch tensors of a standard type.")
         need = math.prod(shapes[k]) * SAFETENSORS_DTYPES[dtype][1]
         if stop - begin != need:
-            raise ModelLoadError(f"{label}: {path} has a corrupt safetensors header ({k!r} spans {stop - begin} "
+            raise ModelInputError(label, f"{path} has a corrupt safetensors header ({k!r} spans {stop - begin} "
                                  f"bytes, but a {dtype} tensor of shape {shapes[k]} needs {need}). {fix}")
     if not shapes:
-        raise ModelLoadError(f"{label}: {path} is a safetensors file with no tensors in it. {fix}")
+        raise ModelInputError(label, f"{path} is a safetensors file with no tensors in it. {fix}")
     _check_layout(path, label, 8 + n, size, locations, fix)
     return TensorIndex(path, shapes, metadata, locations=locations, label=label, identity=identity)
 
@@ -204,15 +204,15 @@ def refuse_pickle(path: Path, label: str, allow_pickle: bool) -> None:
     """Raise ModelLoadError for the pickle ``path`` unless the user opted in (``allow_pickle``) on a torch whose
     ``weights_only`` loader is safe."""
     if not allow_pickle:
-        raise ModelLoadError(
-            f"{label}: {path} is a pickle checkpoint ({path.suffix}); pickles can run code when loaded, so they are "
+        raise ModelInputError(
+            label, f"{path} is a pickle checkpoint ({path.suffix}); pickles can run code when loaded, so they are "
             f"refused by default. Use a .safetensors version of the model, or opt in with allow_pickle "
             f"(CLI: --allow-pickle; it is then read with torch.load(weights_only=True), which refuses code)."
         )
     try:
         refuse_unsafe_torch(label)
-    except ValueError as exc:
-        raise ModelLoadError(str(exc)) from None
+    except UnsafePickleTorch as exc:
+        raise ModelInputError(exc.field, exc.detail) from None
 
 
 def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -> TensorIndex:
@@ -229,17 +229,17 @@ def read_pickle_index(path: str | os.PathLike, label: str, allow_pickle: bool) -
     except OSError as exc:
         raise unreadable(path, label, exc) from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise ModelLoadError(
-            f"{label}: {path} could not be read as a weights-only pickle ({type(exc).__name__}: {str(exc)[:300]}). "
+        raise ModelInputError(
+            label, f"{path} could not be read as a weights-only pickle ({type(exc).__name__}: {str(exc)[:300]}). "
             f"It is corrupt, truncated, or contains objects other than tensors. Use a .safetensors version."
         ) from None
     while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
-        raise ModelLoadError(f"{label}: {path} holds a {type(sd).__name__}, not a dict of tensors.")
+        raise ModelInputError(label, f"{path} holds a {type(sd).__name__}, not a dict of tensors.")
     shapes = {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
     if not shapes:
-        raise ModelLoadError(f"{label}: {path} holds no tensors.")
+        raise ModelInputError(label, f"{path} holds no tensors.")
     return TensorIndex(path, shapes, state_dict=sd, label=label)
 
 
@@ -266,8 +266,8 @@ def read_index(path: str | os.PathLike, label: str, allow_pickle: bool = False) 
         return read_safetensors_index(path, label)
     if ext in PICKLE_EXT:
         return read_pickle_index(path, label, allow_pickle)
-    raise ModelLoadError(
-        f"{label}: {path} has an unknown extension {ext!r}; expected .safetensors (or .ckpt with allow_pickle), "
+    raise ModelInputError(
+        label, f"{path} has an unknown extension {ext!r}; expected .safetensors (or .ckpt with allow_pickle), "
         f"or a diffusers folder."
     )
 
@@ -314,11 +314,11 @@ def check_sdxl_base(idx: TensorIndex, label: str, expected_context: int | None =
     """Raise ModelLoadError unless ``idx`` is an SDXL base checkpoint in the original layout."""
     kind = describe_base(idx)
     if not kind.startswith("an SDXL base checkpoint"):
-        raise ModelLoadError(f"{label}: {idx.path} is {kind}. {HINT_BASE}")
+        raise ModelInputError(label, f"{idx.path} is {kind}. {HINT_BASE}")
     ctx = _context_dim(idx, UNET_PREFIX)
     if expected_context is not None and ctx != expected_context:
-        raise ModelLoadError(
-            f"{label}: {idx.path} has UNet context dimension {ctx} but the SDXL config in use expects "
+        raise ModelInputError(
+            label, f"{idx.path} has UNet context dimension {ctx} but the SDXL config in use expects "
             f"{expected_context}. It is not a standard SDXL base; pass a matching config folder (config_dir / "
             f"--config-dir) or use a standard SDXL checkpoint."
         )
@@ -354,15 +354,15 @@ def describe_controlnet(idx: TensorIndex) -> tuple[str, str]:
 def check_controlnet_file(idx: TensorIndex, label: str) -> str:
     fmt, what = describe_controlnet(idx)
     if fmt == "unsupported":
-        raise ModelLoadError(f"{label}: {idx.path} is {what}; expected an SDXL ControlNet. {HINT_CONTROLNET}")
+        raise ModelInputError(label, f"{idx.path} is {what}; expected an SDXL ControlNet. {HINT_CONTROLNET}")
     return fmt
 
 
 def check_controlnet_config(config: dict, path, label: str) -> None:
     if config.get("addition_embed_type") != "text_time":
         ctx = config.get("cross_attention_dim")
-        raise ModelLoadError(
-            f"{label}: {path} is a ControlNet for Stable Diffusion 1.x/2.x (cross_attention_dim {ctx}, no SDXL "
+        raise ModelInputError(
+            label, f"{path} is a ControlNet for Stable Diffusion 1.x/2.x (cross_attention_dim {ctx}, no SDXL "
             f"text-time embedding); expected an SDXL ControlNet. {HINT_CONTROLNET}"
         )
 

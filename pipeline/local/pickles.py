@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import os
 
+from ..errors import FieldError
+
 SAFE_WEIGHTS_ONLY = (2, 6)
+
+
+class UnsafePickleTorch(FieldError, ValueError):
+    """This torch cannot read a pickle safely; ``field`` is the label of the file's input."""
 
 
 def torch_version() -> tuple[int, int]:
@@ -16,12 +22,14 @@ def torch_version() -> tuple[int, int]:
 
 
 def refuse_unsafe_torch(label: str, version: tuple[int, int] | None = None) -> None:
-    """Raise ``ValueError`` naming ``label`` when this torch cannot read a pickle safely."""
+    """Raise :class:`UnsafePickleTorch` (a ``ValueError``) naming ``label`` when this torch cannot read a pickle
+    safely."""
     version = version or torch_version()
     if version < SAFE_WEIGHTS_ONLY:
-        raise ValueError(
-            f"{label}: pickle files are refused on torch {version[0]}.{version[1]}: its weights_only loader is not "
-            f"safe before torch 2.6 (CVE-2025-32434). Use a .safetensors version, or upgrade torch to 2.6 or newer")
+        raise UnsafePickleTorch(
+            label, f"pickle files are refused on torch {version[0]}.{version[1]}: its weights_only loader is not "
+                   "safe before torch 2.6 (CVE-2025-32434). Use a .safetensors version, or upgrade torch to 2.6 or "
+                   "newer")
 
 
 def load_weights_only(path: str | os.PathLike, label: str, mmap: bool = False):
