@@ -167,8 +167,9 @@ def test_a_trickling_body_gets_408_at_its_deadline(tmp_path):
 
 
 def test_trickling_connections_are_bounded_per_address_and_cut_at_the_header_deadline(tmp_path):
-    """40 connections from 127.0.0.2 that send their headers a byte at a time: past 8 from that address they are
-    closed at once, the 8 others at the 3 s header deadline; meanwhile a keyed client on 127.0.0.1 is answered."""
+    """40 connections from 127.0.0.2 that send their headers a byte at a time: past 8 from that address each new one
+    takes the place of the oldest (idle, and none sent the key), so 32 are closed at once and the newest 8 at the 3 s
+    header deadline; meanwhile a keyed client on 127.0.0.1 is answered."""
     with Running(tmp_path, max_client_connections=8, header_s=3.0) as srv:
         socks = []
         try:
@@ -181,14 +182,14 @@ def test_trickling_connections_are_bounded_per_address_and_cut_at_the_header_dea
                 socks.append(s)
             code, body, _ = call("GET", f"{srv.url}/{APP}/requests/00000000-0000-0000-0000-000000000000/status")
             assert code == 404, body
-            closed = [closed_by_server(s, 2.0) for s in socks[8:]]
+            closed = [closed_by_server(s, 2.0) for s in socks[:32]]
             assert all(closed), f"{closed.count(False)} of the 32 connections over the per-address limit stayed open"
-            for s in socks[:8]:
+            for s in socks[32:]:
                 try:
                     s.sendall(b"a")
                 except OSError:
                     pass
-            assert all(closed_by_server(s, 15.0) for s in socks[:8]), "headers trickled past their deadline"
+            assert all(closed_by_server(s, 15.0) for s in socks[32:]), "headers trickled past their deadline"
         finally:
             for s in socks:
                 s.close()
@@ -284,3 +285,4 @@ def test_an_ipv6_url_without_a_port_goes_to_port_80_with_its_host_bracketed(tmp_
         server.shutdown()
         server.server_close()
     assert (status, data) == (200, b"ok") and seen == [("/x?y=1", "[::1]")], (status, data, seen)
+

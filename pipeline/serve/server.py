@@ -3,16 +3,21 @@ own thread, optionally over TLS.
 
 Its socket is bound (and the TLS files read) when it is made, so a port in use or a missing certificate is one line
 before the models load; it starts answering with :meth:`StandaloneServer.start`. No client can hold it: connections
-are bounded in all and per client address (more are closed at once), a request's headers must arrive whole within
-``header_s`` of the connection's start or of the previous answer (which also closes idle keep-alive connections),
-its body within ``body_s``, a TLS handshake within ``tls_handshake_s``; the calls run on a few threads of its own;
-:meth:`StandaloneServer.stop` closes every connection without waiting for any.
+are bounded in all and per client (an IPv4 address, an IPv6 /64: :func:`client_group`); at either bound a new
+connection takes the slot of the oldest idle one that never sent the key, else it is closed at once. A request's
+headers must arrive whole within ``header_s`` of the connection's start or of the previous answer (which also
+closes idle keep-alive connections), and a connection that has sent no request with the key is closed ``header_s``
+after its start (at once if idle, else after its answer), however many key-less calls (``/ready``, ``/files/...``)
+it makes; a body must come within ``body_s`` at ``body_rate`` or faster, a TLS handshake within
+``tls_handshake_s``; the calls run on a few threads of its own; :meth:`StandaloneServer.stop` closes every
+connection without waiting for any.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 import ssl
@@ -23,16 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .app import ServeApp, log
-from .web import BODY_S, Adapter
+from .web import BODY_GRACE_S, BODY_RATE, BODY_S, Adapter
 
 
 @dataclass(frozen=True)
 class ConnLimits:
     backlog: int = 1024  # the listen queue (the kernel caps it at net.core.somaxconn)
-    max_connections: int = 1024  # open connections in all; more are closed as soon as accepted
-    max_client_connections: int = 256  # open connections from one address
+    max_connections: int = 1024  # open connections in all (then an idle one without the key makes room)
+    max_client_connections: int = 256  # open connections from one client (client_group; the same rule)
     header_s: float = 30.0  # a request's headers, whole, from the connection's start or the previous answer
     body_s: float = BODY_S  # a request's body, whole
+    body_rate: float = BODY_RATE  # bytes/s a body must average after its first body_grace_s
+    body_grace_s: float = BODY_GRACE_S
     tls_handshake_s: float = 15.0
     threads: int = 8  # the calls (store, checks, image downloads) run on these
 
@@ -49,6 +56,33 @@ class _QuietParseErrors(logging.Filter):
 
 HTTP_LOG = logging.getLogger("sdxl_controlnet_img2img.serve.http")
 HTTP_LOG.addFilter(_QuietParseErrors())
+
+
+def client_group(peer: str) -> str:
+    """What the per-client bound counts: an IPv4 address, or an IPv6 address's /64, the smallest network a site is
+    given (RFC 6177; one host may use any address in it, RFC 8981); an IPv4-mapped IPv6 address as its IPv4."""
+    try:
+        ip = ipaddress.ip_address(peer.split("%")[0])
+    except ValueError:
+        return peer
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class Slot:
+    """One open connection: its client group, when it opened, whether a request of it carried the key (see
+    :class:`~.web.Adapter`'s ``on_keyed``), how many of its requests are being answered, and how to close it."""
+
+    def __init__(self, group: str, opened: float):
+        self.group, self.opened = group, opened
+        self.keyed, self.busy, self.released = False, 0, False
+        self.close = lambda: None
+
+    def idle_unkeyed(self) -> bool:
+        return not self.keyed and not self.busy
 
 
 def tls_context(cert, key) -> ssl.SSLContext | None:
@@ -115,9 +149,10 @@ class StandaloneServer:
         self.thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._open: Counter = Counter()  # open connections per client address
+        self._open: Counter = Counter()  # open connections per client group
+        self._slots: set = set()
         self._tasks: set = set()
-        self._refused = 0
+        self._refused = self._evicted = 0
 
     @property
     def url(self) -> str:
@@ -159,19 +194,39 @@ class StandaloneServer:
         from aiohttp import web
 
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        adapter = Adapter(self.app, executor, body_s=self.limits.body_s, send_continue=True)
+
+        def keyed(request):  # a request of this connection passed the headers' checks with the key
+            slot = getattr(request.protocol, "slot", None)
+            if slot is not None:
+                slot.keyed = True
+
+        adapter = Adapter(self.app, executor, body_s=self.limits.body_s, send_continue=True,
+                          body_rate=self.limits.body_rate, body_grace_s=self.limits.body_grace_s, on_keyed=keyed)
+        header_s = self.limits.header_s
+
+        async def handle(request):
+            """A connection is busy (never taken for another's room) until its answer is written; one without the
+            key, past its time, closes after it."""
+            slot = request.protocol.slot
+            slot.busy += 1
+            try:
+                resp = await adapter(request)
+                if not slot.keyed and asyncio.get_running_loop().time() >= slot.opened + header_s:
+                    resp.force_close()
+                try:
+                    await resp.prepare(request)
+                    await resp.write_eof()
+                except ConnectionError:  # the client left: aiohttp's own writing of it says so again
+                    pass
+                return resp
+            finally:
+                slot.busy -= 1
+
         # keepalive_timeout runs from a connection's start and from each answer until a request's headers are
         # whole: the header deadline (and the idle limit); lingering_time bounds the discarding of an unread body
-        # (older aiohttp starts that timer only after a first answer: Connection below covers the first request)
-        kwargs = dict(keepalive_timeout=self.limits.header_s, lingering_time=2.0, logger=HTTP_LOG, access_log=None)
-        self._web = web.Server(adapter, handler_cancellation=True, **kwargs)
-        made = self._web.request_factory
-
-        def request_factory(message, payload, protocol, writer, task):  # a request's headers are whole
-            protocol.requests = getattr(protocol, "requests", 0) + 1
-            return made(message, payload, protocol, writer, task)
-
-        self._web.request_factory = request_factory
+        # (older aiohttp starts that timer only after a first answer: Connection's own timer covers the first one)
+        kwargs = dict(keepalive_timeout=header_s, lingering_time=2.0, logger=HTTP_LOG, access_log=None)
+        self._web = web.Server(handle, handler_cancellation=True, **kwargs)
         self._kwargs = kwargs
         accept = asyncio.ensure_future(self._accept())
         ready.set()
@@ -187,6 +242,35 @@ class StandaloneServer:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _room(self, group: str) -> bool:
+        """Whether a new connection from ``group`` may open: under both bounds, or once the oldest idle connection
+        without the key (of that group, or of any at the overall bound) is closed to make room."""
+        for full, mine in ((self._open[group] >= self.limits.max_client_connections, True),
+                           (sum(self._open.values()) >= self.limits.max_connections, False)):
+            if not full:
+                continue
+            idle = [s for s in self._slots if s.idle_unkeyed() and (not mine or s.group == group)]
+            if not idle:
+                return False
+            victim = min(idle, key=lambda s: s.opened)
+            self._release(victim)
+            victim.close()
+            self._evicted += 1
+            if self._evicted in (1, 10, 100) or self._evicted % 1000 == 0:
+                log.warning("serve: %d idle connection(s) that never sent the key closed to make room (at %d open in "
+                            "all or %d from one client; last from %s)", self._evicted, self.limits.max_connections,
+                            self.limits.max_client_connections, victim.group)
+        return True
+
+    def _release(self, slot: Slot) -> None:
+        if slot.released:
+            return
+        slot.released = True
+        self._slots.discard(slot)
+        self._open[slot.group] -= 1
+        if self._open[slot.group] <= 0:
+            del self._open[slot.group]
+
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -198,62 +282,58 @@ class StandaloneServer:
                 log.warning("serve: accepting a connection failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            peer = addr[0]
-            if sum(self._open.values()) >= self.limits.max_connections or \
-                    self._open[peer] >= self.limits.max_client_connections:
+            group = client_group(addr[0])
+            if not self._room(group):
                 conn.close()
                 self._refused += 1
                 if self._refused in (1, 10, 100) or self._refused % 1000 == 0:
-                    log.warning("serve: %d connection(s) closed at once: over %d open in all or %d from one address "
-                                "(last from %s)", self._refused, self.limits.max_connections,
-                                self.limits.max_client_connections, peer)
+                    log.warning("serve: %d connection(s) closed at once: over %d open in all or %d from one client, "
+                                "none of them idle without the key (last from %s)", self._refused,
+                                self.limits.max_connections, self.limits.max_client_connections, group)
                 continue
-            self._open[peer] += 1
-            task = asyncio.ensure_future(self._connect(conn, peer))
+            slot = Slot(group, loop.time())
+            self._slots.add(slot)
+            self._open[group] += 1
+            task = asyncio.ensure_future(self._connect(conn, slot))
+            slot.close = task.cancel  # until the HTTP connection is made (a TLS handshake may be under way)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda t, conn=conn: conn.close() if t.cancelled() else None)  # even unstarted
 
-    async def _connect(self, conn: socket.socket, peer: str) -> None:
+    async def _connect(self, conn: socket.socket, slot: Slot) -> None:
         from aiohttp import web
 
-        released = []
-
-        def release():
-            if not released:
-                released.append(True)
-                self._open[peer] -= 1
-                if self._open[peer] <= 0:
-                    del self._open[peer]
-
+        release = self._release
         server, kwargs, header_s = self._web, self._kwargs, self.limits.header_s
 
         class Connection(web.RequestHandler):
-            requests = 0
-            first_due = None
+            due = None
 
             def connection_made(self, transport):
                 super().connection_made(transport)
-                self.first_due = asyncio.get_running_loop().call_later(header_s, self.first_headers_due)
+                self.slot = slot
+                slot.close = self.force_close
+                self.due = asyncio.get_running_loop().call_at(slot.opened + header_s, self.unkeyed_due)
 
-            def first_headers_due(self):
-                if not self.requests:
+            def unkeyed_due(self):  # no request with the key yet: idle, it goes now; busy, after its answer
+                if slot.idle_unkeyed():
                     self.force_close()
 
             def connection_lost(self, exc):
                 try:
-                    if self.first_due is not None:
-                        self.first_due.cancel()
+                    if self.due is not None:
+                        self.due.cancel()
                     super().connection_lost(exc)
                 finally:
-                    release()
+                    release(slot)
 
         loop = asyncio.get_running_loop()
         extra = {"ssl": self.ssl, "ssl_handshake_timeout": self.limits.tls_handshake_s} if self.ssl else {}
         try:
             await loop.connect_accepted_socket(lambda: Connection(server, loop=loop, **kwargs), sock=conn, **extra)
-        except BaseException as exc:  # a failed or timed-out handshake (or the stop)
-            log.debug("serve: connection from %s dropped before HTTP: %s", peer, exc)
-            release()
+        except BaseException as exc:  # a failed or timed-out handshake, room made for another, or the stop
+            log.debug("serve: connection from %s dropped before HTTP: %s", slot.group, exc)
+            release(slot)
             conn.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
