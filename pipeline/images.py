@@ -78,6 +78,8 @@ def redact_url(url: str) -> str:
     """Drop query strings and credentials from a URL before it goes into a message."""
     parts = urllib.parse.urlsplit(url)
     netloc = parts.hostname or ""
+    if ":" in netloc:  # an IPv6 address keeps its brackets (RFC 3986), or its last group reads as the port
+        netloc = f"[{netloc}]"
     if parts.port:
         netloc += f":{parts.port}"
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))

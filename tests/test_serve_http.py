@@ -286,3 +286,32 @@ def test_an_ipv6_url_without_a_port_goes_to_port_80_with_its_host_bracketed(tmp_
         server.server_close()
     assert (status, data) == (200, b"ok") and seen == [("/x?y=1", "[::1]")], (status, data, seen)
 
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="needs IPv6 loopback (::1)")
+def test_an_ipv6_url_keeps_its_brackets_in_messages():
+    """A download that fails names its URL as RFC 3986 writes an IPv6 host, in brackets, without query or
+    credentials: the message said 'http://::1:PORT/x.png', which urllib itself reads as host ':' and no port."""
+    import urllib.parse
+
+    from sdxl_controlnet_img2img.pipeline.images import ImageInputError, download, redact_url
+
+    with socket.socket(socket.AF_INET6) as s:  # a port nothing listens on
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ImageInputError) as err:
+        download(f"http://user:pw@[::1]:{port}/x.png?token=secret", "image_url", timeout=10)
+    message = str(err.value)
+    named = message[message.index("http://"):].split()[0]
+    parts = urllib.parse.urlsplit(named)
+    assert (parts.hostname, parts.port, parts.path) == ("::1", port, "/x.png"), message
+    assert "secret" not in message and "pw" not in message, message
+    assert redact_url("https://user:pw@[2001:db8::1]/a/b.png?x=1") == "https://[2001:db8::1]/a/b.png"
