@@ -55,6 +55,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 
 import _common as C
 
@@ -117,7 +118,8 @@ def fp16_fix_stand_in(vae, dtype):
         return AutoencoderKL.from_config(cfg).to(dtype)
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The command line, checked: (args, the rows asked for, in order)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="SDXL base (file or diffusers folder); default: random-init full-size SDXL")
     ap.add_argument("--controlnet", help="SDXL Canny ControlNet (file or folder); needed with --checkpoint")
@@ -138,12 +140,15 @@ def main(argv=None) -> int:
         ap.error(f"--rows: unknown {bad}; choose from {ROWS}")
     if bool(args.checkpoint) != bool(args.controlnet):
         ap.error("--checkpoint and --controlnet go together")
+    return args, rows
 
+
+def import_libraries(dry):
+    """torch and diffusers (quietened), or exit with what is missing; then the pack itself."""
     try:
         import torch
     except ImportError:
         C.die("no CUDA GPU found: torch is not installed")
-    dry = args.dry_run_cpu
     if not dry and not torch.cuda.is_available():
         C.die(f"no CUDA GPU found: torch.cuda.is_available() is False (torch {torch.__version__}, "
               f"CUDA build {torch.version.cuda or 'none'}); run this on a machine with an NVIDIA GPU (see the docstring)")
@@ -157,42 +162,37 @@ def main(argv=None) -> int:
         C.die(f"diffusers/transformers missing ({exc}); install them, e.g. from wheels (see the docstring)", 2)
 
     ensure_package_importable()
-    size = 64 if dry else SIZE
-    cuda = not dry
+    return torch, diffusers
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
 
-    def reset_peak():
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+@dataclass
+class Machine:
+    """Where the rows run: the GPU in half precision, or the CPU in fp32 for the dry run."""
 
-    def peak_gb():
-        return torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
+    dry: bool
+    device: str
+    dtype: object
+    gpu: str
+    total_gb: float
 
-    import numpy as np
-    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
-    from PIL import Image
+    @property
+    def cuda(self) -> bool:
+        return not self.dry
 
+    @classmethod
+    def detect(cls, dry, dtype_name):
+        import torch
+
+        if dry:
+            return cls(dry, "cpu", torch.float32, "CPU dry run", 0.0)
+        return cls(dry, "cuda", {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name],
+                   torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory / 2**30)
+
+
+def load_weights(args, device, dtype, dry):
+    """(a line naming the weights, the SDXL components, the ControlNet): tiny, real from paths, or random full-size."""
     from sdxl_controlnet_img2img.pipeline.local import loading
-    from sdxl_controlnet_img2img.pipeline.local.placement import place
-    from sdxl_controlnet_img2img.pipeline.local.generate import generate
-    from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
-    if dry:
-        device, dtype, gpu, total_gb = "cpu", torch.float32, "CPU dry run", 0.0
-        rows = [r for r in rows if r not in ("+compile", "model offload")]
-    else:
-        device, dtype = "cuda", {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        gpu = torch.cuda.get_device_name(0)
-        total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    print(f"GPU: {gpu} ({total_gb:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"diffusers {diffusers.__version__}")
-    steps_run = int(STEPS * STRENGTH)
-
-    t = time.perf_counter()
     if dry:
         from sdxl_controlnet_img2img.pipeline.local.tiny_models import tiny_components
 
@@ -210,119 +210,208 @@ def main(argv=None) -> int:
         comps, controlnet = random_components(device, dtype)
     comps = {k: v for k, v in comps.items() if k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
                                                      "tokenizer_2", "scheduler")}
-    print(f"weights: {weights} (ready in {time.perf_counter() - t:.0f}s)\n")
-    if args.vae:
-        fix_vae = loading.load_vae(args.vae, loading.LoadOptions(device=device, dtype=dtype).resolved()).to(device, dtype)
-    else:
-        fix_vae = None  # built when needed
+    return weights, comps, controlnet
 
-    init = Image.fromarray(C.synthetic_photo(size, size, seed=1, scene="photo"))
-    control = Image.fromarray(C.synthetic_photo(size, size, seed=2, scene="photo"))
-    request = GenerationRequest.from_dict({
-        "prompt": "ice fortress, aurora skies, polar wildlife", "image_url": init, "control_image_url": control,
-        "num_inference_steps": STEPS, "strength": STRENGTH, "guidance_scale": 7.5, "controlnet_conditioning_scale": 0.5,
-        "seed": 42, "enable_safety_checker": False})
 
-    def plain_call(pipe):
+def load_fix_vae(path, device, dtype):
+    """The fp16-fix VAE from ``--vae``, or None (then a stand-in is built when a row needs it)."""
+    if not path:
+        return None
+    from sdxl_controlnet_img2img.pipeline.local import loading
+
+    return loading.load_vae(path, loading.LoadOptions(device=device, dtype=dtype).resolved()).to(device, dtype)
+
+
+class Workload:
+    """The one request every row runs: fal's defaults on two synthetic photos, through ours or plain diffusers."""
+
+    def __init__(self, size):
+        from PIL import Image
+
+        from sdxl_controlnet_img2img.pipeline.local.generate import generate
+        from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
+
+        self.size, self._generate = size, generate
+        self.init = Image.fromarray(C.synthetic_photo(size, size, seed=1, scene="photo"))
+        self.control = Image.fromarray(C.synthetic_photo(size, size, seed=2, scene="photo"))
+        self.request = GenerationRequest.from_dict({
+            "prompt": "ice fortress, aurora skies, polar wildlife", "image_url": self.init,
+            "control_image_url": self.control, "num_inference_steps": STEPS, "strength": STRENGTH,
+            "guidance_scale": 7.5, "controlnet_conditioning_scale": 0.5, "seed": 42, "enable_safety_checker": False})
+
+    def ours(self, pipe):
+        return self._generate(pipe, self.request)
+
+    def plain(self, pipe):
         import cv2
+        import numpy as np
+        import torch
+        from PIL import Image
 
-        edges = cv2.Canny(np.asarray(control), 100, 200)
+        edges = cv2.Canny(np.asarray(self.control), 100, 200)
         ctl = Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
-        return pipe(prompt=request.prompt, negative_prompt="", image=init, control_image=ctl, height=size,
-                    width=size, strength=STRENGTH, num_inference_steps=STEPS, guidance_scale=7.5,
-                    controlnet_conditioning_scale=0.5, generator=torch.Generator("cpu").manual_seed(42)).images
+        return pipe(prompt=self.request.prompt, negative_prompt="", image=self.init, control_image=ctl,
+                    height=self.size, width=self.size, strength=STRENGTH, num_inference_steps=STEPS,
+                    guidance_scale=7.5, controlnet_conditioning_scale=0.5,
+                    generator=torch.Generator("cpu").manual_seed(42)).images
 
-    def measure(name, fn, note=""):
-        sync()
+
+class Meter:
+    """Times a row (untimed warm-up, then the median of ``repeat`` synchronised requests) and its peak GPU memory."""
+
+    def __init__(self, cuda, warmup, repeat, steps_run):
+        import torch
+
+        self.cuda = torch.cuda if cuda else None  # None: the CPU dry run (no syncing, no memory figure)
+        self.warmup, self.repeat, self.steps_run = warmup, repeat, steps_run
+
+    def sync(self):
+        if self.cuda:
+            self.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.cuda:
+            self.cuda.empty_cache()
+            self.cuda.reset_peak_memory_stats()
+
+    def peak_gb(self):
+        return self.cuda.max_memory_allocated() / 1e9 if self.cuda else float("nan")
+
+    def measure(self, name, fn, note=""):
+        """The row's result dict; prints its table line."""
+        self.sync()
         t = time.perf_counter()
-        for _ in range(args.warmup):
+        for _ in range(self.warmup):
             fn()
-        sync()
+        self.sync()
         warm_s = time.perf_counter() - t
-        reset_peak()
+        self.reset_peak()
         times = []
-        for _ in range(args.repeat):
-            sync()
+        for _ in range(self.repeat):
+            self.sync()
             t = time.perf_counter()
             fn()
-            sync()
+            self.sync()
             times.append(time.perf_counter() - t)
         s = C.median(times)
-        row = {"row": name, "s_per_request": s, "steps_per_s": steps_run / s,
-               "peak_gb": peak_gb(), "all_s": times, "warmup_s": warm_s, "note": note}
+        row = {"row": name, "s_per_request": s, "steps_per_s": self.steps_run / s,
+               "peak_gb": self.peak_gb(), "all_s": times, "warmup_s": warm_s, "note": note}
         print(f"{name:<16}{s:>9.3f} s{row['steps_per_s']:>9.2f}{row['peak_gb']:>10.2f} GB   {note}", flush=True)
         return row
 
-    raw_unet, raw_cn = comps["unet"], controlnet
-    results = []
-    print(f"{'row':<16}{'s/request':>11}{'steps/s':>9}{'peak mem':>13}")
 
-    def ours(opts_kw, vae=None, channels_last=False):
-        c = dict(comps, unet=raw_unet)
+class RowPipelines:
+    """Builds each row's pipeline from one shared set of weights, and puts the weights back after a row moves them."""
+
+    def __init__(self, comps, controlnet, fix_vae, machine, vae_given):
+        self.comps, self.raw_unet, self.raw_cn = comps, comps["unet"], controlnet
+        self.fix_vae, self.machine, self.vae_given = fix_vae, machine, vae_given
+
+    def ours(self, opts_kw, vae=None, channels_last=False):
+        """The pack's placement (``place``) of a fresh pipeline on the shared modules."""
+        import torch
+        from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+        from sdxl_controlnet_img2img.pipeline.local import loading
+        from sdxl_controlnet_img2img.pipeline.local.placement import place
+
+        c = dict(self.comps, unet=self.raw_unet)
         if vae is not None:
             c["vae"] = vae
-        pipe = StableDiffusionXLControlNetImg2ImgPipeline(**c, controlnet=raw_cn)
+        pipe = StableDiffusionXLControlNetImg2ImgPipeline(**c, controlnet=self.raw_cn)
         if channels_last:
             for m in (pipe.unet, pipe.controlnet, pipe.vae):
                 m.to(memory_format=torch.channels_last)
-        place(pipe, loading.LoadOptions(device=device, dtype=dtype, **{"memory_mode": "none", **opts_kw}).resolved())
+        mach = self.machine
+        place(pipe, loading.LoadOptions(device=mach.device, dtype=mach.dtype,
+                                        **{"memory_mode": "none", **opts_kw}).resolved())
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def contiguous():
-        for m in (raw_unet, raw_cn, comps["vae"], fix_vae):
+    def contiguous(self):
+        import torch
+
+        for m in (self.raw_unet, self.raw_cn, self.comps["vae"], self.fix_vae):
             if m is not None:
                 m.to(memory_format=torch.contiguous_format)
 
+    def pipeline_for_row(self, name):
+        """(pipeline, which call it takes: "plain" or "ours", the row's note)."""
+        if name == "diffusers":
+            from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+            self.contiguous()
+            pipe = StableDiffusionXLControlNetImg2ImgPipeline(**self.comps, controlnet=self.raw_cn).to(
+                self.machine.device)
+            pipe.set_progress_bar_config(disable=True)
+            return pipe, "plain", "plain pipeline, fp16, diffusers defaults"
+        if name == "fp16+sdpa":
+            self.contiguous()
+            return self.ours({"attention": "sdpa"}), "ours", "generate(), loader placement"
+        if name == "+channels-last":
+            return self.ours({"attention": "sdpa"}, channels_last=True), "ours", "channels-last UNet/ControlNet/VAE"
+        # "+fp16-fix VAE", "+compile", "model offload"
+        if self.fix_vae is None:
+            self.fix_vae = fp16_fix_stand_in(self.comps["vae"], self.machine.dtype)
+        if name == "+fp16-fix VAE":
+            pipe = self.ours({"attention": "sdpa"}, vae=self.fix_vae, channels_last=True)
+            note = "VAE decodes in fp16 (no upcast)" + ("" if self.vae_given else "; random-init stand-in")
+        elif name == "+compile":
+            pipe = self.ours({"attention": "sdpa", "compile": True}, vae=self.fix_vae, channels_last=True)
+            note = "torch.compile UNet + ControlNet; warm-up includes compiling"
+        else:
+            self.contiguous()
+            pipe = self.ours({"attention": "sdpa", "memory_mode": "model_cpu_offload"}, vae=self.fix_vae)
+            note = "model CPU offload, fp16-fix VAE"
+        return pipe, "ours", note
+
+    def after_row(self, name, pipe):
+        """After model offload: put the shared modules back on the GPU for any later row."""
+        if name == "model offload":
+            pipe.remove_all_hooks()
+            c = self.comps
+            for m in (self.raw_unet, self.raw_cn, self.fix_vae,
+                      *(c[k] for k in ("vae", "text_encoder", "text_encoder_2"))):
+                m.to(self.machine.device)
+
+
+def run_rows(rows, pipelines, workload, meter):
+    """Each row measured in turn; the previous row's pipeline is let go before the next is built."""
+    results = []
+    print(f"{'row':<16}{'s/request':>11}{'steps/s':>9}{'peak mem':>13}")
     pipe = None
     for name in rows:
         pipe = None
-        reset_peak()
-        if name == "diffusers":
-            contiguous()
-            pipe = StableDiffusionXLControlNetImg2ImgPipeline(**comps, controlnet=raw_cn).to(device)
-            pipe.set_progress_bar_config(disable=True)
-            results.append(measure(name, lambda: plain_call(pipe), "plain pipeline, fp16, diffusers defaults"))
-        elif name == "fp16+sdpa":
-            contiguous()
-            pipe = ours({"attention": "sdpa"})
-            results.append(measure(name, lambda: generate(pipe, request), "generate(), loader placement"))
-        elif name == "+channels-last":
-            pipe = ours({"attention": "sdpa"}, channels_last=True)
-            results.append(measure(name, lambda: generate(pipe, request), "channels-last UNet/ControlNet/VAE"))
-        elif name in ("+fp16-fix VAE", "+compile", "model offload"):
-            if fix_vae is None:
-                fix_vae = fp16_fix_stand_in(comps["vae"], dtype)
-            if name == "+fp16-fix VAE":
-                pipe = ours({"attention": "sdpa"}, vae=fix_vae, channels_last=True)
-                note = "VAE decodes in fp16 (no upcast)" + ("" if args.vae else "; random-init stand-in")
-            elif name == "+compile":
-                pipe = ours({"attention": "sdpa", "compile": True}, vae=fix_vae, channels_last=True)
-                note = "torch.compile UNet + ControlNet; warm-up includes compiling"
-            else:
-                contiguous()
-                pipe = ours({"attention": "sdpa", "memory_mode": "model_cpu_offload"}, vae=fix_vae)
-                note = "model CPU offload, fp16-fix VAE"
-            results.append(measure(name, lambda: generate(pipe, request), note))
-            if name == "model offload":  # put the shared modules back on the GPU for any later row
-                pipe.remove_all_hooks()
-                for m in (raw_unet, raw_cn, fix_vae, *(comps[k] for k in ("vae", "text_encoder", "text_encoder_2"))):
-                    m.to(device)
+        meter.reset_peak()
+        pipe, call, note = pipelines.pipeline_for_row(name)
+        run = workload.plain if call == "plain" else workload.ours
+        results.append(meter.measure(name, lambda: run(pipe), note))
+        pipelines.after_row(name, pipe)
     pipe = None
+    return results
 
-    # model FLOP utilisation: the FLOPs of one image (counted on meta tensors, bench/flops.py) / time / the card's peak
+
+def add_mfu(results, machine, size, steps_run, peak_arg):
+    """Model FLOP utilisation: the FLOPs of one image (counted on meta tensors, bench/flops.py) / time / the card's
+    peak. Prints the lines, adds tflops_per_s and mfu to each GPU row; returns (FLOPs of one image, peak TFLOP/s)."""
     from flops import flops_per_image, peak_tflops
 
+    gpu, cuda = machine.gpu, machine.cuda
     image_flops = flops_per_image(size, size, steps_run)["total"]  # full-size SDXL (the dry run's tiny models: n/a)
-    peak = args.peak_tflops or (peak_tflops(gpu) if cuda else None)
+    peak = peak_arg or (peak_tflops(gpu) if cuda else None)
     print(f"\none image = {image_flops / 1e12:.1f} TFLOP; peak {peak or '?'} TFLOP/s ({gpu})")
     for r in results if cuda else ():
         r["tflops_per_s"] = image_flops / r["s_per_request"] / 1e12
         r["mfu"] = r["tflops_per_s"] / peak if peak else None
         mfu = f"{r['mfu'] * 100:5.1f} %" if r["mfu"] is not None else "   ?"
         print(f"{r['row']:<16}{r['tflops_per_s']:>9.1f} TFLOP/s   MFU {mfu}")
+    return image_flops, peak
+
+
+def targets(results, machine, size, image_flops, peak):
+    """[(verdict, text)]: against plain diffusers, issue 9's H100 times and MFU, and the peak-memory limits."""
+    gpu, cuda = machine.gpu, machine.cuda
     by = {r["row"]: r for r in results}
-    print()
     checks = []
     if "diffusers" in by:
         base = by["diffusers"]["s_per_request"]
@@ -346,16 +435,53 @@ def main(argv=None) -> int:
         limit = 8.0 if r["row"] == "model offload" else 12.0
         if r["row"] != "diffusers" and cuda:
             checks.append((r["peak_gb"] < limit, f"{r['row']}: peak {r['peak_gb']:.2f} GB (target < {limit:.0f} GB)"))
+    return checks
+
+
+def report(results, machine, size, steps_run, peak_arg):
+    """The MFU lines and the verdict lines; returns the checks for the JSON."""
+    image_flops, peak = add_mfu(results, machine, size, steps_run, peak_arg)
+    print()
+    checks = targets(results, machine, size, image_flops, peak)
     for ok, text in checks:
         print(C.check(ok, text))
+    return checks
+
+
+def write_results(header, rows, checks, dry):
+    """bench/results/gpu-[dry-run-]<time>.json: ``header``'s keys, then the rows and the checks; prints the path."""
     C.RESULTS.mkdir(parents=True, exist_ok=True)
     out = C.RESULTS / f"gpu-{'dry-run-' if dry else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
-                               "diffusers": diffusers.__version__, "weights": weights, "dtype": args.dtype,
-                               "size": size, "steps": STEPS, "strength": STRENGTH, "steps_run": steps_run,
-                               "repeat": args.repeat, "rows": results,
+    out.write_text(json.dumps({**header, "rows": rows,
                                "checks": [{"ok": getattr(ok, "ok", ok), "text": t} for ok, t in checks]}, indent=2))
     print(f"\nwritten: {out}")
+
+
+def main(argv=None) -> int:
+    args, rows = parse_args(argv)
+    torch, diffusers = import_libraries(args.dry_run_cpu)
+    machine = Machine.detect(args.dry_run_cpu, args.dtype)
+    size = 64 if machine.dry else SIZE
+    if machine.dry:
+        rows = [r for r in rows if r not in ("+compile", "model offload")]
+    print(f"GPU: {machine.gpu} ({machine.total_gb:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"diffusers {diffusers.__version__}")
+    steps_run = int(STEPS * STRENGTH)
+
+    t = time.perf_counter()
+    weights, comps, controlnet = load_weights(args, machine.device, machine.dtype, machine.dry)
+    print(f"weights: {weights} (ready in {time.perf_counter() - t:.0f}s)\n")
+    fix_vae = load_fix_vae(args.vae, machine.device, machine.dtype)
+
+    workload = Workload(size)
+    pipelines = RowPipelines(comps, controlnet, fix_vae, machine, vae_given=bool(args.vae))
+    results = run_rows(rows, pipelines, workload, Meter(machine.cuda, args.warmup, args.repeat, steps_run))
+
+    checks = report(results, machine, size, steps_run, args.peak_tflops)
+    write_results({"gpu": machine.gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+                   "diffusers": diffusers.__version__, "weights": weights, "dtype": args.dtype, "size": size,
+                   "steps": STEPS, "strength": STRENGTH, "steps_run": steps_run, "repeat": args.repeat},
+                  results, checks, machine.dry)
     return 0
 
 
