@@ -60,9 +60,10 @@ def pair_files(tmp_path_factory):
     return d
 
 
-# With SDXLCN_REQUIRE_COMFYUI=1 (set by .ci/run, which installs ComfyUI and Chromium), a real-ComfyUI or browser test
-# that skips is a failure: a missing COMFYUI_DIR, playwright or Chromium must never pass for green. The full-size
-# tests (SDXLCN_FULLSIZE_DIR, ~10 GB of fixtures) and the GPU tests stay opt-in.
+# With SDXLCN_REQUIRE_COMFYUI=1 (set by .ci/run, which installs ComfyUI, Chromium and redis-server), a real-ComfyUI,
+# browser or shared-queue (Redis) test that skips is a failure: a missing COMFYUI_DIR, playwright, Chromium or
+# redis-server must never pass for green. The full-size tests (SDXLCN_FULLSIZE_DIR, ~10 GB of fixtures) and the GPU
+# tests stay opt-in.
 REQUIRE_COMFYUI = os.environ.get("SDXLCN_REQUIRE_COMFYUI") == "1"
 OPT_IN_FILES = ("test_comfyui_fullsize.py", "test_gpu.py")
 
@@ -72,7 +73,7 @@ def must_not_skip(path: str, reason: str) -> bool:
     name = Path(path).name
     if name in OPT_IN_FILES:
         return False
-    return name.startswith(("test_comfy", "test_browser")) or "COMFYUI_DIR" in reason
+    return name.startswith(("test_comfy", "test_browser", "test_serve_redis")) or "COMFYUI_DIR" in reason
 
 
 @pytest.hookimpl(hookwrapper=True)
