@@ -44,11 +44,14 @@ def decode_image(field: str, data: bytes, where: str, formats=None):
         raise ImageInputError(field, f"{where} is not a readable image ({exc.__class__.__name__}); give a PNG, JPEG or WebP") from None
     img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        # composite on white so transparent areas do not turn black
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, rgba)
-    return img.convert("RGB")
+        # composite on white so transparent areas do not turn black: pasted through its own alpha (the pixels of
+        # alpha_composite on white, without its three full-size RGBA copies)
+        rgba = img if img.mode in ("RGBA", "LA") else img.convert("RGBA")
+        del img
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, (0, 0), rgba)
+        return out
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def download(url: str, field: str, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:

@@ -19,6 +19,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ImageInputError, RequestError
 from ..images import decode_image, redact_url
@@ -47,9 +48,16 @@ FORMATS_TEXT = "PNG, JPEG, WebP, GIF or BMP"
 MAX_URL_CHARS = 8192
 # a request is one object of about 25 fields (a few LoRAs, a list of timesteps): far fewer containers and values
 MAX_JSON_CONTAINERS = 1000  # objects and arrays
+DECODES = 2  # images decoded at once (submits' checks and workers' runs together)
+_DECODER = ThreadPoolExecutor(DECODES, thread_name_prefix="sdxlcn-serve-decode")
 MAX_JSON_VALUES = 20_000  # separators (',' and ':'), about one per value
-# a JSON string, or the rest of the body after an opening quote: it never fails once started, so it runs in linear time
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.?[^"\\]*)*"?', re.S)
+# every string is a key or a value, preceded by a separator or opening its container: a body with more holds more
+# containers or values than are read
+MAX_JSON_STRINGS = MAX_JSON_VALUES + MAX_JSON_CONTAINERS + 1
+# a JSON string once its escapes are gone, or the rest of the body after an opening quote: one character class
+# repeated, which Python's regular expressions match in constant memory (a repeated group keeps a mark per turn:
+# 166 bytes per escape, 5 GB for a 57 MiB body of "\n")
+_JSON_STRING = re.compile(rb'"[^"]*"?')
 
 
 def field_loc(name: str) -> list:
@@ -140,8 +148,10 @@ def image_size(name: str, data: bytes, limits: Limits) -> tuple[int, int]:
 
 
 def decode(name: str, data: bytes, where: str):
-    """The decoded image (RGB) of bytes :func:`image_size` passed (one of :data:`FORMATS` only)."""
-    return decode_image(name, data, where, formats=FORMATS)
+    """The decoded image (RGB) of bytes :func:`image_size` passed (one of :data:`FORMATS` only), decoded on one of
+    :data:`DECODES` threads: a 65 KB PNG may decode to 64 MB (eight submits at once took 2 GB), and the memory a
+    decode frees stays with the threads that made it, not with every thread that calls."""
+    return _DECODER.submit(decode_image, name, data, where, formats=FORMATS).result()
 
 
 def check_images(images: dict, image_size_field, limits: Limits) -> None:
@@ -203,15 +213,24 @@ def _printable(text: str) -> str:
 
 def refuse_unlike_a_request(body: bytes) -> None:
     """422 naming the body, before it is parsed, when its structure cannot be a request's: not a UTF-8 JSON object,
-    or more containers or values than a request has. Counted outside strings (one pass of a regular expression and
-    byte counts, no Python objects made): parsing 16 MiB of ``[{},{},...]`` takes 1 GB."""
+    or more strings, containers or values than a request has. Counted outside strings with byte counts and one
+    regular expression, in memory a few times the body's (no Python object per value: parsing 16 MiB of
+    ``[{},{},...]`` takes 1 GB)."""
     if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
         raise invalid(["body"], "must be JSON in UTF-8", "value_error.jsondecode")
     start = body.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
     if start and start != b"{":
         raise invalid(["body"], "must be a JSON object: {\"prompt\": ..., \"image_url\": ..., \"control_image_url\": "
                                 "...}", "type_error.dict")
-    skeleton = _JSON_STRING.sub(b"", body)  # in UTF-8 the bytes of '"' and '\\' occur in no other character
+    # in UTF-8 the bytes of '"' and '\\' occur in no other character; escapes go first, left to right as a parser
+    # reads them (each escaped backslash, then each escaped quote), so that every '"' left opens or closes a string
+    text = body.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in body else body
+    strings = text.count(b'"') // 2
+    if strings > MAX_JSON_STRINGS:  # counted before the strings are cut out: each cut costs memory
+        raise invalid(["body"], f"holds {strings} strings; a request is one object of a few dozen fields (at most "
+                                f"{MAX_JSON_STRINGS} strings are read)", "value_error.jsondecode")
+    skeleton = _JSON_STRING.sub(b"", text)
+    del text
     containers = skeleton.count(b"{") + skeleton.count(b"[")
     values = skeleton.count(b",") + skeleton.count(b":")
     if containers > MAX_JSON_CONTAINERS or values > MAX_JSON_VALUES:
