@@ -61,8 +61,7 @@ def register_serve_routes() -> None:
     from ..pipeline.serve.access import is_loopback, parse_origins, parse_proxies
     from ..pipeline.serve.app import ServeApp
     from ..pipeline.serve.datalock import lock_folder
-    from ..pipeline.serve.httpd import read_key
-    from ..pipeline.serve.store import Store
+    from ..pipeline.serve.httpd import open_store, read_key
     from ..pipeline.serve.web import Adapter
     from ..pipeline.serve.webhook import Webhooks
     from .serve_models import ServedModels
@@ -76,8 +75,7 @@ def register_serve_routes() -> None:
                        cors_origins=parse_origins([os.environ.get(CORS_ENV, "")], CORS_ENV),
                        trusted_proxies=parse_proxies([os.environ.get(PROXIES_ENV, "")], PROXIES_ENV))
         HELD.append(lock_folder(folder / "serve", "ComfyUI's serve folder"))  # one ComfyUI per user folder
-        store = Store(folder / "serve")
-        store.requeue_interrupted()
+        store = open_store(folder / "serve", what="ComfyUI's serve folder")  # locked or damaged: one line, soon
         models = ServedModels()
         backend = ComfyQueueBackend(instance, store, models).start()
         app = ServeApp(store, backend, key=key, **options)

@@ -1,5 +1,7 @@
-"""The store's files on disk: written and synced before the database row that names them commits, and a floor of
-free space below which no request is accepted (a full disk would otherwise fail requests already accepted)."""
+"""The store's files on disk: written and synced before the database row that names them commits, readable by this
+user only (folders 0700, files 0600: they hold prompts, input images and results), and a floor of free space below
+which no request is accepted and no downloaded image stored (a full disk would otherwise fail requests already
+accepted)."""
 
 from __future__ import annotations
 
@@ -26,9 +28,21 @@ def setting(env: str, default: float) -> float:
     return value if value >= 0 else default
 
 
+def private_dir(path: Path) -> None:
+    """``path`` (and missing parents) made if missing; the folder itself readable by this user only, as are files
+    written here (:func:`write_synced`)."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError:  # another user's folder: left as it is
+            pass
+
+
 def write_synced(path: Path, data: bytes) -> None:
-    """``data`` in ``path``, on the disk (fsync) when this returns."""
-    with open(path, "wb") as f:
+    """``data`` in ``path`` (mode 0600), on the disk (fsync) when this returns."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -166,14 +166,14 @@ def raise_open_files_limit(want: int = 8192) -> None:
         pass
 
 
-def open_store(folder, wait_s: float = 3.0):
-    """The data folder's store (after its lock); a database that cannot be read, or whose write lock another program
-    holds for more than ``wait_s`` seconds (an ``sqlite3`` shell in a transaction: no ``serve``, so the folder's lock
-    file does not tell), is one line naming it."""
+def open_store(folder, wait_s: float = 3.0, what: str = "--data-dir"):
+    """The data folder's store (after its lock); a database that cannot be read (damaged: never retried), or whose
+    write lock another program holds for more than ``wait_s`` seconds (an ``sqlite3`` shell in a transaction: no
+    ``serve``, so the folder's lock file does not tell), is one line naming ``what`` and the file."""
     import sqlite3
 
     from ..errors import SDXLCNError
-    from .store import Store
+    from .store import Store, StoreDamaged, StoreUnavailable
 
     try:
         probe = sqlite3.connect(str(Path(folder) / "queue.sqlite3"), timeout=wait_s, isolation_level=None)
@@ -183,16 +183,26 @@ def open_store(folder, wait_s: float = 3.0):
         finally:
             probe.close()
         store = Store(folder)
-        again = store.requeue_interrupted()
-    except sqlite3.DatabaseError as exc:
-        if getattr(exc, "sqlite_errorcode", None) in (5, 6) or "locked" in str(exc):  # SQLITE_BUSY, SQLITE_LOCKED
-            raise SDXLCNError(f"--data-dir {folder}: its queue database (queue.sqlite3) is locked by another program "
-                              "(an sqlite3 shell or a backup holding a write transaction?); close it and start again, "
-                              "or give serve another --data-dir") from None
-        raise SDXLCNError(f"--data-dir {folder}: its queue database cannot be read ({exc}); move queue.sqlite3 "
-                          "away to start with an empty queue") from None
+        store.retry_s, full = wait_s, store.retry_s  # at start, a store that fails is said at once
+        try:
+            again = store.requeue_interrupted()
+        except BaseException:
+            store.close()
+            raise
+        store.retry_s = full
+    except (sqlite3.DatabaseError, StoreUnavailable) as exc:
+        cause = exc.__cause__ if isinstance(exc, StoreUnavailable) and exc.__cause__ is not None else exc
+        db = Path(folder) / "queue.sqlite3"
+        if not isinstance(exc, StoreDamaged) and (getattr(cause, "sqlite_errorcode", None) in (5, 6) or
+                                                  "locked" in str(cause)):  # SQLITE_BUSY, SQLITE_LOCKED
+            raise SDXLCNError(f"{what} {folder}: its queue database (queue.sqlite3) is locked by another program "
+                              "(an sqlite3 shell or a backup holding a write transaction?); close it and start again"
+                              f"{', or give serve another --data-dir' if what == '--data-dir' else ''}") from None
+        raise SDXLCNError(f"{what} {folder}: its queue database {db} cannot be read ({cause}); stop anything using "
+                          "it, then move queue.sqlite3 away to start with an empty queue (or put a backup in its "
+                          "place)") from None
     except OSError as exc:  # e.g. a file where the store makes its requests folder
-        raise SDXLCNError(f"--data-dir {folder}: {exc.filename or folder} cannot be used ({exc.strerror or exc}); "
+        raise SDXLCNError(f"{what} {folder}: {exc.filename or folder} cannot be used ({exc.strerror or exc}); "
                           "give a folder this user may write, holding only this server's files") from None
     if again:
         print(f"{len(again)} request(s) that were running at the last stop are queued again", file=sys.stderr)

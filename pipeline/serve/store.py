@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import shutil
-import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import disk
+from .database import TRANSIENT, Database, StoreDamaged, StoreUnavailable  # noqa: F401 - callers import them here
 from .queue_rules import RUN_ORDER, QueueRules
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
 INPUT_NAMES = ("image_url", "control_image_url")
 MAX_LOG_LINES = 500
+CALL_RETRY_S = 2.0  # how long a client's write (a submit, a cancel) retries before it is answered 503
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -60,15 +59,6 @@ class QueueFull(Exception):
         super().__init__(f"the queue is full ({waiting} requests waiting); try again later")
 
 
-class StoreUnavailable(Exception):
-    """The store could not be read or written for its whole retry window (a lock held elsewhere, a full disk, a
-    broken file): the caller answers 503, the worker says it is not ready. The message names the cause."""
-
-
-# what a store call retries with back-off: SQLite's busy/locked/full/I-O errors, and the file system's (ENOSPC, EIO)
-TRANSIENT = (sqlite3.DatabaseError, OSError)
-
-
 @dataclass
 class Job:
     seq: int
@@ -93,17 +83,18 @@ class Job:
     deadline: float | None = None  # x-fal-request-timeout: still waiting after this time, it ends
 
 
-class Store(QueueRules):
-    """``retry_s``: how long a write keeps retrying a transient error before :class:`StoreUnavailable`; ``busy_s``:
-    how long one attempt waits for SQLite's lock (the store's own lock is held only that long, so readers go on);
+class Store(Database, QueueRules):
+    """``retry_s``: how long a write keeps retrying a transient error before :class:`StoreUnavailable` (a submit's
+    and a cancel's: :data:`CALL_RETRY_S` at most); ``busy_s``: how long one attempt waits for SQLite's lock (reads
+    never wait for it: :mod:`.database`);
     ``keep_results_s`` and ``min_free_bytes``: see the module (defaults: ``SDXLCN_SERVE_KEEP_RESULTS_HOURS``, 168,
     and ``SDXLCN_SERVE_MIN_FREE_MB``, 256)."""
 
     def __init__(self, folder, *, retry_s: float = 30.0, busy_s: float = 1.0, keep_results_s: float | None = None,
                  min_free_bytes: int | None = None):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "requests").mkdir(exist_ok=True)
+        disk.private_dir(self.folder)
+        disk.private_dir(self.folder / "requests")
         self.retry_s = retry_s
         if keep_results_s is None:
             keep_results_s = disk.setting(disk.KEEP_ENV, disk.KEEP_HOURS) * 3600
@@ -111,88 +102,13 @@ class Store(QueueRules):
             min_free_bytes = int(disk.setting(disk.MIN_FREE_ENV, disk.MIN_FREE_MB) * 2**20)
         self.keep_results_s, self.min_free_bytes = keep_results_s, min_free_bytes
         self._purged = 0.0  # when expired results were last looked for
-        self._problem: str | None = None  # the last write that failed for good, until one succeeds
-        self._probed = 0.0
-        self._lock = threading.RLock()
-        self.changed = threading.Condition(self._lock)  # notified on every state change
         self.listeners: list = []  # fn(event, request_id) after each state change (:mod:`.queue_rules`)
-        self._db = sqlite3.connect(str(self.folder / "queue.sqlite3"), timeout=busy_s, check_same_thread=False,
-                                   isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+        self._open(self.folder / "queue.sqlite3", busy_s)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._add_rule_columns()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    # ---- resilience -----------------------------------------------------------------------------
-    def _do(self, what: str, fn, retry_s: float | None = None):
-        """``fn()`` under the store's lock, retried with growing pauses (taken outside the lock) while it fails with
-        a transient error; :class:`StoreUnavailable` after ``retry_s``. A write's lasting failure is remembered for
-        :meth:`health` until a later write succeeds."""
-        end = time.monotonic() + (self.retry_s if retry_s is None else retry_s)
-        pause, warned = 0.05, False
-        while True:
-            try:
-                with self._lock:
-                    out = fn()
-                if self._problem is not None and what != "read":
-                    log.warning("serve: the store works again (%s)", what)
-                    self._problem = None
-                return out
-            except TRANSIENT as exc:
-                cause = f"{type(exc).__name__}: {exc}"
-                if time.monotonic() + pause > end:
-                    if what != "read" and what != "log":
-                        self._problem = f"the queue store cannot be written ({cause})"
-                    raise StoreUnavailable(f"the queue store cannot be {'read' if what == 'read' else 'written'} "
-                                           f"({cause}); try again later") from exc
-                if not warned:
-                    log.warning("serve: %s failed (%s); retrying for up to %g s", what, cause, end - time.monotonic())
-                    warned = True
-                time.sleep(pause)
-                pause = min(pause * 2, 2.0)
-
-    def _tx(self, fn):
-        """``fn()`` as one transaction: all of it or nothing (BEGIN IMMEDIATE takes the write lock first)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            out = fn()
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        self.changed.notify_all()
-        return out
-
-    def _read(self, fn):
-        return self._do("read", fn, min(self.retry_s, 5.0))
-
-    def health(self) -> str | None:
-        """None while the store works; else why it does not (a write failed for its whole retry window and no write
-        succeeded since; probed again at most once a second: a file written and synced, SQLite's write lock taken)."""
-        if self._problem is not None and time.monotonic() - self._probed > 1.0:
-            self._probed = time.monotonic()
-            probe = self.folder / ".probe"
-            try:
-                with self._lock:
-                    disk.write_synced(probe, b"ok")
-                    probe.unlink()
-                    self._db.execute("BEGIN IMMEDIATE")
-                    self._db.execute("ROLLBACK")
-                log.warning("serve: the store works again")
-                self._problem = None
-            except TRANSIENT:
-                pass
-        return self._problem
-
-    def ready(self) -> bool:
-        return self._problem is None
 
     # ---- reading --------------------------------------------------------------------------------
     @staticmethod
@@ -263,7 +179,7 @@ class Store(QueueRules):
             if max_waiting is not None and waiting >= max_waiting:
                 raise QueueFull(waiting)
             disk.check_free(self.folder, sum(len(d) for d in images.values()), self.min_free_bytes)
-            folder.mkdir(parents=True, exist_ok=True)
+            disk.private_dir(folder)
             for name, data in images.items():
                 disk.write_synced(folder / name, data)
             disk.sync_dir(folder)
@@ -275,7 +191,7 @@ class Store(QueueRules):
             return self._get(rid)
 
         try:
-            job = self._do("queueing a request", write)
+            job = self._do("queueing a request", write, min(self.retry_s, CALL_RETRY_S))
         except (QueueFull, disk.LowDisk, StoreUnavailable):
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -393,7 +309,7 @@ class Store(QueueRules):
                 return "cancelled"
             return "requested"
 
-        outcome = self._do("cancelling a request", lambda: self._tx(write))
+        outcome = self._do("cancelling a request", lambda: self._tx(write), min(self.retry_s, CALL_RETRY_S))
         if outcome == "cancelled":
             self._drop_inputs(request_id)
             self._tell("failed", request_id)
@@ -420,8 +336,9 @@ class Store(QueueRules):
                 "SELECT id FROM jobs WHERE state='COMPLETED' AND finished<? AND (webhook IS NULL OR webhook_done=1)",
                 (cutoff,)).fetchall())]
             for rid in ids:  # the row first: a folder without its row is never served, a row without files would be
-                self._do("deleting an expired result",
-                         lambda rid=rid: self._db.execute("DELETE FROM jobs WHERE id=?", (rid,)))
+                self._do("deleting an expired result",  # best effort, and a submit may be waiting on it
+                         lambda rid=rid: self._db.execute("DELETE FROM jobs WHERE id=?", (rid,)),
+                         min(self.retry_s, CALL_RETRY_S))
                 shutil.rmtree(self.job_dir(rid), ignore_errors=True)
         except StoreUnavailable as exc:
             log.warning("serve: expired results stay for now (%s)", exc)
