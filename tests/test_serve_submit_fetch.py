@@ -95,12 +95,12 @@ def test_submits_answer_before_their_image_urls_do_and_status_answers_meanwhile(
             assert not host.sent.is_set(), "the image host answered before the submit did"
             assert code == 200, sub
             subs.append(sub)
-        wait_until(lambda: host.hits, "the worker's download starting", deadline_s=30)
-        code, first, _ = call("GET", subs[0]["status_url"] + "?logs=1")
-        assert code == 200 and first["status"] == "IN_PROGRESS", first
+        wait_until(lambda: host.hits, "the download starting", deadline_s=30)
+        code, first, _ = call("GET", subs[0]["status_url"] + "?logs=1")  # downloaded before it runs, not by a worker
+        assert code == 200 and first["status"] == "IN_QUEUE", first
         assert "downloading image_url" in [entry["message"] for entry in first["logs"]], first
         code, second, _ = call("GET", subs[1]["status_url"])
-        assert code == 200 and second["status"] == "IN_QUEUE" and second["queue_position"] == 0, second
+        assert code == 200 and second["status"] == "IN_QUEUE" and second["queue_position"] == 1, second
         assert call("GET", f"{server.url}/ready", key=None)[:2] == (200, {"ready": True})
         code, fourth, _ = call("POST", f"{server.url}/{APP}", fal_input(seed=4))  # data URIs: stored at once
         assert code == 200, fourth

@@ -6,9 +6,10 @@ result, in fal's shapes, so fal's own clients (the JS ``@fal-ai/client`` through
 
 - :mod:`.protocol` the URL layout, ids, fal's error and status shapes (no I/O);
 - :mod:`.inputs` a submitted body checked before anything is queued, nothing fetched (HTTP 422 otherwise);
-  :mod:`.downloads` its image URLs, fetched by whoever runs it;
+  :mod:`.downloads` its image URLs, fetched ahead of its run on threads of their own;
 - :mod:`.store` the queue and the results in SQLite and files next to it (a restart loses nothing accepted);
-  :mod:`.disk` its files synced before their rows, and the free-space floor (HTTP 507);
+  :mod:`.database` its connections (reads never wait for a write) and its retries; :mod:`.disk` its files synced
+  before their rows, readable by this user only, and the free-space floor (HTTP 507);
 - :mod:`.app` the HTTP handling, independent of the web framework; :mod:`.access` who may call it from where (Host,
   Origin, CORS, proxies) and the base URL its answers name; :mod:`.web` the aiohttp adapter both servers run;
 - :mod:`.worker` one worker per device running the local pipeline; :mod:`.webhook` fal's webhook delivery, signed

@@ -17,9 +17,10 @@ import binascii
 import io
 import json
 import re
+import time
 import warnings
-from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from ..errors import ImageInputError, RequestError
 from ..images import decode_image, redact_url
@@ -35,7 +36,7 @@ class Limits:
     max_body_bytes: int = 64 * 1024 * 1024  # a request body (data URIs included)
     max_image_bytes: int = 32 * 1024 * 1024  # one input image, decoded or downloaded
     max_input_pixels: int = 4096 * 4096  # one input image's pixels, read from its header before it is decoded
-    download_timeout_s: float = 30.0  # one image's whole download, redirects included
+    download_timeout_s: float = 30.0  # all of a request's image downloads, redirects included
     outbound: fetch.Policy = field(default_factory=fetch.Policy.from_env)  # internal addresses image URLs may reach
     max_waiting: int = 100  # waiting requests; more is answered with 429
     sync_wait_s: float = 600.0  # how long a synchronous run waits for its result
@@ -46,10 +47,10 @@ class Limits:
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 FORMATS_TEXT = "PNG, JPEG, WebP, GIF or BMP"
 MAX_URL_CHARS = 8192
-# a request is one object of about 25 fields (a few LoRAs, a list of timesteps): far fewer containers and values
-MAX_JSON_CONTAINERS = 1000  # objects and arrays
 DECODES = 2  # images decoded at once (submits' checks and workers' runs together)
 _DECODER = ThreadPoolExecutor(DECODES, thread_name_prefix="sdxlcn-serve-decode")
+# a request is one object of about 25 fields (a few LoRAs, a list of timesteps): far fewer containers and values
+MAX_JSON_CONTAINERS = 1000  # objects and arrays
 MAX_JSON_VALUES = 20_000  # separators (',' and ':'), about one per value
 # every string is a key or a value, preceded by a separator or opening its container: a body with more holds more
 # containers or values than are read
@@ -105,13 +106,20 @@ def _check_url(name: str, url: str) -> str:
     return url
 
 
-def download(name: str, url: str, limits: Limits) -> bytes:
-    """An image URL's bytes (:mod:`.fetch`'s rules); 422 naming the field otherwise."""
+def download(name: str, url: str, limits: Limits, deadline: float | None = None) -> bytes:
+    """An image URL's bytes (:mod:`.fetch`'s rules), before ``deadline`` (``time.monotonic()``; default:
+    ``download_timeout_s`` from now), which the request's other downloads share; 422 naming the field otherwise."""
+    if deadline is None:
+        deadline = time.monotonic() + limits.download_timeout_s
+    late = (f"{_shown(url)} did not answer in full within {limits.download_timeout_s:g} s, the time this server "
+            "gives all of a request's image URLs; give a faster host, or send the image as a data URI")
+    if deadline - time.monotonic() <= 0:
+        raise invalid(["body", name], late)
     try:
-        status, data = fetch.request(url, max_bytes=limits.max_image_bytes, timeout_s=limits.download_timeout_s,
+        status, data = fetch.request(url, max_bytes=limits.max_image_bytes, timeout_s=deadline - time.monotonic(),
                                      policy=limits.outbound)
     except fetch.FetchError as exc:
-        raise invalid(["body", name], f"{_shown(url)} {exc}") from None
+        raise invalid(["body", name], late if time.monotonic() >= deadline else f"{_shown(url)} {exc}") from None
     if status != 200:
         raise invalid(["body", name], f"downloading {_shown(url)} failed with HTTP {status}; check the URL")
     return data

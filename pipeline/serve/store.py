@@ -53,6 +53,12 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished);
 """
 
 
+def pending_inputs(store, job: Job) -> list[str]:
+    """The inputs of ``job`` given as URLs whose bytes ``store`` (any store: its ``has_input``) does not hold yet; a
+    data URI's are stored with the request."""
+    return [name for name in INPUT_NAMES if job.args.get(name) and not store.has_input(job.id, name)]
+
+
 class QueueFull(Exception):
     def __init__(self, waiting: int):
         self.waiting = waiting
@@ -199,7 +205,8 @@ class Store(Database, QueueRules):
         return job
 
     def put_input(self, request_id: str, name: str, data: bytes) -> bool:
-        """A downloaded input image, synced, for a request that has not ended; False (nothing kept) when it ended."""
+        """A downloaded input image, synced, for a request that has not ended; False (nothing kept) when it ended;
+        :class:`~.disk.LowDisk` (nothing kept) when it would leave less than the free-space floor."""
         if name not in INPUT_NAMES:
             raise ValueError(name)
         path = self.job_dir(request_id) / name
@@ -208,30 +215,42 @@ class Store(Database, QueueRules):
             job = self._get(request_id)
             if job is None or job.state == "COMPLETED":
                 return False
-            path.parent.mkdir(parents=True, exist_ok=True)
+            disk.check_free(self.folder, len(data), self.min_free_bytes)
+            disk.private_dir(path.parent)
             disk.replace_synced(path, data)
             disk.sync_dir(path.parent)
+            self.changed.notify_all()  # it may run now (:meth:`claim`)
             return True
 
         return self._do("storing a downloaded input", write)
 
+
     def claim(self) -> Job | None:
-        """The next waiting request (:data:`~.queue_rules.RUN_ORDER`), now IN_PROGRESS; None when none waits."""
-        def take():
-            row = self._db.execute(f"SELECT id FROM jobs WHERE state='IN_QUEUE' ORDER BY {RUN_ORDER} "
-                                   "LIMIT 1").fetchone()
-            if row is None:
-                return None
-            self._db.execute("UPDATE jobs SET state='IN_PROGRESS', started=? WHERE id=?", (time.time(), row["id"]))
-            return self._get(row["id"])
+        """The next waiting request (:data:`~.queue_rules.RUN_ORDER`) whose inputs are all stored (a request whose
+        image URLs are still downloading waits: those after it run meanwhile), now IN_PROGRESS; None when none
+        can run."""
+        def first():
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE state='IN_QUEUE' ORDER BY {RUN_ORDER}").fetchall()
+            return next((job for job in map(self._job, rows) if not pending_inputs(self, job)), None)
+
+        def take(rid):
+            cur = self._db.execute("UPDATE jobs SET state='IN_PROGRESS', started=? WHERE id=? AND state='IN_QUEUE'",
+                                   (time.time(), rid))
+            self.changed.notify_all()
+            return self._get(rid) if cur.rowcount else None
 
         if not self._read(self._waiting):  # an idle poll takes no write lock
             return None
         self.expire_waiting()
-        job = self._do("taking the next request", lambda: self._tx(take))
-        if job is not None:
-            self._tell("started", job.id)
-        return job
+        for _ in range(3):  # the one found may end meanwhile (cancelled): look again
+            found = self._read(first)
+            if found is None:
+                return None  # nothing that can run: no write lock taken
+            job = self._do("taking the next request", lambda: take(found.id))
+            if job is not None:
+                self._tell("started", job.id)
+                return job
+        return None
 
     def start(self, request_id: str, external: str | None = None) -> None:
         def write():

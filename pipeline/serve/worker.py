@@ -1,11 +1,12 @@
 """The stand-alone server's backend: one worker thread per device, each with its own loaded pipeline, taking the
-oldest waiting request from the store, running it with the local pipeline and storing its result.
+next waiting request from the store, running it with the local pipeline and storing its result.
 
-A request's image URLs are downloaded by its worker before it generates (:mod:`.downloads`, under the server's
-limits); a URL that cannot be used ends the request with a 422 naming the field. Progress goes to the request's logs
-(``step i/n``), which fal's clients read with ``logs=1``; a cancel is seen at the next denoising step. Errors are
-stored in fal's shapes: a request the pipeline refuses answers 422 naming the field, anything else 500 with the
-error's text.
+A request's image URLs are downloaded ahead of its run by the backend's own download threads (:mod:`.downloads`,
+under the server's limits), never by a worker: a worker takes only a request whose inputs are stored, so a slow URL
+delays its own request only; a URL that cannot be used ends the request with a 422 naming the field. Progress goes
+to the request's logs (``step i/n``), which fal's clients read with ``logs=1``; a cancel is seen at the next
+denoising step. Errors are stored in fal's shapes: a request the pipeline refuses answers 422 naming the field,
+anything else 500 with the error's text.
 
 A worker outlives its store: every turn of its loop is guarded, the store retries a transient error (a lock held
 elsewhere, a full disk) with back-off, and a turn that fails anyway costs a pause, not the thread. While a worker's
@@ -22,7 +23,7 @@ import threading
 
 from ..errors import GenerationCancelled, ImageInputError, RequestError
 from ..images import encode_image
-from .downloads import fetch_inputs
+from .downloads import Prefetch, fetch_inputs
 from .inputs import Limits, field_loc, run_request
 from .store import INPUT_NAMES, Job, Store, StoreUnavailable
 
@@ -65,7 +66,7 @@ class LocalWorkers:
         self.store = store
         self.pipes = pipes
         self.generate = generate
-        self.limits = Limits()  # the server's (ServeApp sets them): image URLs are downloaded under them
+        self.prefetch = Prefetch(store, Limits())
         self.stopping = threading.Event()
         self.trouble: dict[str, str | None] = {name: None for name in pipes}  # device -> why its last turn failed
         self._claiming = threading.Lock()  # claiming a request and marking it running are one step for the sweep
@@ -74,6 +75,16 @@ class LocalWorkers:
         self._sweep = False  # a turn failed: look for requests left IN_PROGRESS
         self.threads = [threading.Thread(target=self._loop, args=(name, pipe), name=f"sdxlcn-serve-{name}",
                                          daemon=True) for name, pipe in pipes.items()]
+        self._watcher = threading.Thread(target=self.prefetch.watch, args=(self.stopping,),
+                                         name="sdxlcn-serve-prefetch", daemon=True)
+
+    @property
+    def limits(self) -> Limits:
+        return self.prefetch.limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:  # the server's (ServeApp sets them): image URLs are downloaded under them
+        self.prefetch.limits = limits
 
     # Backend
     def queued(self, job: Job) -> None:
@@ -103,6 +114,7 @@ class LocalWorkers:
         return self.health() is None
 
     def start(self) -> "LocalWorkers":
+        self._watcher.start()
         for t in self.threads:
             t.start()
         return self
@@ -111,6 +123,7 @@ class LocalWorkers:
         self.stopping.set()
         with self.store.changed:
             self.store.changed.notify_all()
+        self.prefetch.stop()
         for t in self.threads:
             t.join(timeout)
 
@@ -120,13 +133,14 @@ class LocalWorkers:
             try:  # a turn that fails (the store unreachable past its retries) costs a pause, never the thread
                 if self._sweep or self._unstored:
                     self._settle()
+                seen = self.store.changed.count
                 with self._claiming:
                     job = self.store.claim()
                     if job is not None:
                         self._running.add(job.id)
                 if job is None:
                     self.trouble[device] = None
-                    self.store.wait(lambda: self.stopping.is_set() or self.store.waiting() > 0, 5.0)
+                    self.store.wait(lambda: self.stopping.is_set() or self.store.changed.count != seen, 5.0)
                     continue
                 try:
                     self.run_one(device, pipe, job)
@@ -180,6 +194,8 @@ class LocalWorkers:
             if cancelled or self.stopping.is_set():
                 raise GenerationCancelled("cancelled")
 
+        # this box's workers take only requests whose inputs are stored (:meth:`Store.claim`); a runner without a
+        # Prefetch of its own (the shared queue's, redis_worker.py) downloads them here
         if not fetch_inputs(store, job, self.limits):  # a store fault raises: the failed turn queues it again
             return
         try:
