@@ -13,9 +13,10 @@ Server-side settings (environment, never a workflow): ``SDXLCN_SERVE_KEY`` or ``
 ``SDXLCN_SERVE_CONTROLNET`` and ``SDXLCN_SERVE_VAE`` (names in ComfyUI's model folders; default: the shipped
 workflow's; checked at every submit, as is any model a field needs: ``serve_models.py``),
 ``SDXLCN_SERVE_CORS_ORIGINS``, ``SDXLCN_SERVE_PUBLIC_URL``, ``SDXLCN_SERVE_TRUSTED_PROXIES`` (as ``serve``'s
-``--cors-origin``, ``--public-url``, ``--trusted-proxy``). Without a key the API refuses every call while ComfyUI
-listens beyond loopback. The calls run through the same adapter as ``serve`` (``pipeline/serve/web.py``), on a few
-threads of their own.
+``--cors-origin``, ``--public-url``, ``--trusted-proxy``), ``SDXLCN_SERVE_KEEP_UPLOADS_HOURS`` (hours files
+uploaded through fal's storage calls are kept, 24 unless set: ``pipeline/serve/uploads.py``). Without a key the API
+refuses every call while ComfyUI listens beyond loopback. The calls run through the same adapter as ``serve``
+(``pipeline/serve/web.py``), on a few threads of their own.
 """
 
 from __future__ import annotations

@@ -182,9 +182,13 @@ def test_refusals_in_fals_shapes(tmp_path):
                                                                  "-canny/image-to-image"):
             code, body, _ = call("POST", f"{server.url}/proxy", fal_input(), headers={"x-fal-target-url": target})
             assert code == 404 and "forwards nothing" in body["detail"]
+        # fal's storage through the proxy: answered here (tests/test_serve_uploads.py), any other call on its host 404
         code, body, _ = call("POST", f"{server.url}/proxy", {"file_name": "a.png"},
                              headers={"x-fal-target-url": "https://rest.fal.ai/storage/upload/initiate"})
-        assert code == 400 and "data URI" in body["detail"]
+        assert code == 200 and body["upload_url"].startswith(f"{server.url}/storage/upload/"), body
+        code, body, _ = call("POST", f"{server.url}/proxy", fal_input(),
+                             headers={"x-fal-target-url": f"https://rest.fal.ai/{APP}"})
+        assert code == 404 and "forwards nothing" in body["detail"]
         # a page on an origin the operator did not list gets no CORS headers (tests/test_serve_access.py: listed)
         code, _b, headers = call("OPTIONS", f"{server.url}/proxy", key=None, headers={"Origin": "https://page.example"})
         assert code == 403 and not [h for h in headers if h.lower().startswith("access-control-")], headers

@@ -18,6 +18,8 @@ result, in fal's shapes, so fal's own clients (the JS ``@fal-ai/client`` through
   deadlines they set; :mod:`.ops` ``/health``, ``/ready`` and the other operator calls, :mod:`.metrics`
   (Prometheus), :mod:`.openapi` (the schema from the request's field table), :mod:`.events` a log line per request
   state change;
+- :mod:`.uploads` fal's storage calls (``fal.storage.upload``, the JS client's auto-upload): files kept and served
+  by the server itself, read from disk when a request names one;
 - :mod:`.fetch` what the server itself fetches and posts (image URLs, webhooks): nothing inside the network;
 - :mod:`.server` the stand-alone server (bounded connections, deadlines, TLS); :mod:`.httpd` ``serve`` on the command
   line; :mod:`.datalock` one server per data folder.

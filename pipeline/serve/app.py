@@ -25,11 +25,12 @@ from .inputs import Limits, check_submission, check_webhook, refuse_body_size
 from .events import RequestEvents
 from .fal_headers import queue_options, result_headers
 from .metrics import Metrics
-from .protocol import (OPERATOR_PATHS, PUBLIC_ROUTES, STORAGE_REFUSED, TARGET_HEADER, HttpError, Route, request_urls,
+from .protocol import (OPERATOR_PATHS, PUBLIC_ROUTES, STORAGE_ROUTES, TARGET_HEADER, HttpError, Route, request_urls,
                        route_path, route_target, status_body)
 from .signing import Signer
 from .disk import LowDisk
 from .store import Job, QueueFull, Store, StoreUnavailable
+from .uploads import Uploads
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
 FAL_QUEUE_BASE = "https://queue.fal.run"  # the URLs a proxied client expects (it sends them through the proxy)
@@ -120,6 +121,7 @@ class ServeApp:
         self.access = Access(key is not None, frozenset(cors_origins), frozenset(trusted_proxies), self.public_url)
         self.signer = Signer.for_folder(store.folder)  # the webhooks' key: its public half at /.well-known/jwks.json
         self.metrics = Metrics(store)
+        self.uploads = Uploads(store)  # fal's storage calls; a submit's own file URLs read from disk
         store.listeners.append(RequestEvents(store, self.metrics))  # a log line and the metrics per state change
 
     # ---- entry ----------------------------------------------------------------------------------
@@ -188,8 +190,8 @@ class ServeApp:
             return self._file(route)
         if route.kind in OPERATOR_PATHS.values():
             return HttpResponse(*ops.answer(self, req, route.kind))
-        if route.kind == "storage":
-            raise HttpError(400, STORAGE_REFUSED)
+        if route.kind in STORAGE_ROUTES:
+            return HttpResponse(*self.uploads.answer(route, req.body, self.files_base(req), self.limits))
         if route.kind in ("submit", "run"):
             job = self._submit(req, route)
             if route.kind == "run":
@@ -236,6 +238,7 @@ class ServeApp:
         if why:
             raise HttpError(503, f"this server cannot take requests now: {why}", {"Retry-After": "10"})
         args, images = check_submission(req.body, self.limits, self.backend.hooks())
+        self.uploads.take_own(args, images, self.files_base(req), self.limits)  # own file URLs: their stored bytes
         refuse = getattr(self.backend, "refuse", None)  # the backend's own refusal (a model a field needs, absent)
         if refuse is not None:
             refuse(args)

@@ -12,10 +12,13 @@ Paths, relative to the server's base (``https://host:port`` stand-alone, ``http:
   server has one); ``GET openapi.json`` the endpoint's schema and ``GET .well-known/jwks.json`` the public key its
   webhooks are signed with (no key: both are public, as fal's are). :mod:`.ops` answers these.
 
+- ``POST storage/upload/initiate``, ``PUT storage/upload/<token>``, ``GET storage/files/<token>`` fal's storage
+  (``fal.storage.upload``, the JS client's auto-upload): :mod:`.uploads` answers them (the PUT and the file need no
+  key: their tokens are random).
+
 A call through a proxy (``x-fal-target-url``, what the JS client sends with ``proxyUrl``) is routed by its target:
-``queue.fal.run`` is the queue, ``fal.run`` the synchronous run, ``rest.fal.ai`` fal's storage (not hosted here:
-refused with a message saying to pass a data URI or a URL). Every other target is refused with 404: nothing is ever
-forwarded to fal.
+``queue.fal.run`` is the queue, ``fal.run`` the synchronous run, ``rest.fal.ai`` fal's storage (answered here).
+Every other target is refused with 404: nothing is ever forwarded to fal.
 """
 
 from __future__ import annotations
@@ -44,10 +47,9 @@ LOG_LEVELS = ("STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG")  # fal's log
 # the operator's calls (path: kind); all GET, never through a proxy. PUBLIC_ROUTES need no key.
 OPERATOR_PATHS = {"ready": "ready", "health": "health", "metrics": "metrics", "openapi.json": "openapi",
                   ".well-known/jwks.json": "jwks"}
-PUBLIC_ROUTES = ("file", "ready", "health", "openapi", "jwks")
+PUBLIC_ROUTES = ("file", "ready", "health", "openapi", "jwks", "upload", "upload_file")
+STORAGE_ROUTES = ("storage", "storage_multipart", "upload", "upload_file")  # :mod:`.uploads` answers these
 NOT_HERE = (f"this server serves only {APP} and forwards nothing to fal; point other endpoints at fal itself")
-STORAGE_REFUSED = ("this server does not host fal storage uploads: pass the image as a data URI (fal.js: "
-                   "a 'data:image/png;base64,...' string; fal_client.encode_image) or as an http(s) URL")
 
 
 class HttpError(Exception):
@@ -70,7 +72,7 @@ def invalid(loc: list, msg: str, kind: str = "value_error") -> HttpError:
 
 @dataclass(frozen=True)
 class Route:
-    kind: str  # submit, run, status, result, cancel, file, storage, or one of OPERATOR_PATHS' kinds
+    kind: str  # submit, run, status, result, cancel, file, one of STORAGE_ROUTES or of OPERATOR_PATHS' kinds
     request_id: str | None = None
     token: str | None = None
     index: int | None = None
@@ -92,7 +94,7 @@ def route_path(method: str, path: str, query: str = "", via_proxy: bool = False)
             raise HttpError(404, "no such result file")
         return Route("file", token=parts[1], index=int(parts[2].split(".")[0]))
     if parts[:1] == ["storage"]:
-        return Route("storage")
+        return storage_route(method, parts[1:], via_proxy)
     operator = OPERATOR_PATHS.get("/".join(parts))
     if operator is not None and not via_proxy:
         if method != "GET":
@@ -124,6 +126,22 @@ def route_path(method: str, path: str, query: str = "", via_proxy: bool = False)
     raise HttpError(404, NOT_HERE)
 
 
+def storage_route(method: str, rest: list, via_proxy: bool = False) -> Route:
+    """fal's storage calls (``storage/<rest>``): the initiate calls of ``@fal-ai/client``'s storage.js, an upload's
+    PUT, an uploaded file."""
+    call = "/".join(rest)
+    if call in ("upload/initiate", "upload/initiate-multipart"):
+        if method != "POST":
+            raise HttpError(405, f"{method} is not allowed on storage/{call}; use POST")
+        return Route("storage" if call == "upload/initiate" else "storage_multipart", via_proxy=via_proxy)
+    want = {"upload": "PUT", "files": "GET"}.get(rest[0] if rest else "")
+    if want is None or len(rest) != 2 or not TOKEN_RE.match(rest[1]):
+        raise HttpError(404, "no such storage call or file")
+    if method != want:
+        raise HttpError(405, f"{method} is not allowed here; use {want}")
+    return Route("upload" if want == "PUT" else "upload_file", token=rest[1], via_proxy=via_proxy)
+
+
 def route_target(method: str, target: str) -> Route:
     """The call a proxied request makes, from its ``x-fal-target-url``."""
     try:  # urllib raises ValueError for some malformed URLs (an unclosed '[', a bad port): not a URL either
@@ -134,7 +152,10 @@ def route_target(method: str, target: str) -> Route:
     if parts is None or parts.scheme not in ("https", "http") or not host:
         raise HttpError(404, f"{TARGET_HEADER} is not a URL; {NOT_HERE}")
     if host in STORAGE_HOSTS:
-        return Route("storage", via_proxy=True)
+        route = route_path(method, parts.path, parts.query, via_proxy=True)
+        if route.kind not in STORAGE_ROUTES:
+            raise HttpError(404, NOT_HERE)
+        return route
     if host in QUEUE_HOSTS:
         return route_path(method, parts.path, parts.query, via_proxy=True)
     if host in RUN_HOSTS:

@@ -4,7 +4,7 @@ routes, ``nodes/serve_routes.py``).
 aiohttp frames the requests (chunked bodies; 400 on a conflicting, duplicated or malformed ``Content-Length`` or a
 line that is not HTTP). Here, per request: the headers are judged first (:meth:`ServeApp.precheck`: Host, Origin,
 the key, a declared length over the limit), and only then the body is read, and only for a POST
-(:data:`BODY_METHODS`): any other call declaring one is 413. A refused request's answer is sent
+(:data:`BODY_METHODS`) or an upload's PUT: any other call declaring one is 413. A refused request's answer is sent
 with the connection's end, its body unread. A body is read under a size cap, one total deadline and a minimum rate
 (408 past either); the call itself runs on the server's own small thread pool (never asyncio's default one, which
 ComfyUI's static files use); a synchronous run waits here without holding a thread.
@@ -21,7 +21,7 @@ from .protocol import HttpError
 BODY_S = 300.0  # a whole request body (64 MiB at 2 Mbit/s needs ~270 s)
 BODY_RATE = 64 * 1024  # bytes/s a body must average after its first BODY_GRACE_S (a 1 MB body: 10 s + 16 s)
 BODY_GRACE_S = 10.0
-# the calls that take a body are POSTs (submit, run; fal's storage upload, refused after):
+# the calls that take a body are POSTs (submit, run, fal's storage initiate) and an upload's PUT (Uploads.takes_body):
 # of the calls ServeApp.precheck lets through, every other one (status, result, cancel, files, the operator's GETs,
 # OPTIONS) takes none, so a body there is never read
 BODY_METHODS = ("POST",)
@@ -87,7 +87,7 @@ class Adapter:
         if early is not None:  # the body (if any) is never read
             return await self.closing(request, self.response(web, early, True)) if request.body_exists \
                 else self.response(web, early)
-        if request.body_exists and req.method not in BODY_METHODS:
+        if request.body_exists and req.method not in BODY_METHODS and not self.app.uploads.takes_body(req):
             return await self.refuse(request, req, 413, f"{req.method} {req.path[:80]} takes no request body: send "
                                                         "it without one (no Content-Length above 0, no "
                                                         "Transfer-Encoding)")
