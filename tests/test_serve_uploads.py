@@ -141,3 +141,27 @@ def test_a_submit_reads_the_servers_own_files_without_fetching_them(tmp_path, ti
     finally:
         server.stop_all()
 
+
+def test_keep_uploads_hours_from_the_option_and_the_environment(tmp_path, monkeypatch):
+    import argparse
+
+    from sdxl_controlnet_img2img.pipeline.serve.httpd import StandaloneServer, add_serve_parser, build_app
+    from sdxl_controlnet_img2img.pipeline.serve.store import Store
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_serve_parser(sub)
+    monkeypatch.setenv("SDXLCN_SERVE_KEEP_UPLOADS_HOURS", "5")
+    for argv, kept in ((["--keep-uploads-hours", "2"], 2), ([], 5)):
+        args = sub.choices["serve"].parse_args(["--checkpoint", "c", "--controlnet", "n", *argv])
+        store = Store(tmp_path / f"data-{kept}")
+        server = StandaloneServer(build_app(store, Paused(), args, KEY)).start()
+        try:
+            code, _body, file_url = upload(server, png())
+            assert code == 200
+            age(tmp_path / f"data-{kept}", file_url, kept - 0.5)
+            assert call("GET", file_url, key=None, raw=True)[0] == 200
+            age(tmp_path / f"data-{kept}", file_url, kept + 0.5)
+            assert call("GET", file_url, key=None)[0] == 404
+        finally:
+            server.stop()
+            store.close()

@@ -87,6 +87,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--keep-results-hours", type=float, default=None,
                    help="hours a finished request's result stays fetchable before it is deleted (default 168, 7 days, "
                         "or SDXLCN_SERVE_KEEP_RESULTS_HOURS)")
+    p.add_argument("--keep-uploads-hours", type=float, default=None,
+                   help="hours a file uploaded with fal's storage calls (fal.storage.upload, the JS client's "
+                        "auto-upload) stays fetchable and usable in requests (default 24, or "
+                        "SDXLCN_SERVE_KEEP_UPLOADS_HOURS)")
     p.add_argument("--min-free-mb", type=float, default=None,
                    help="free disk space in MiB below which submits get HTTP 507 (default 256, or "
                         "SDXLCN_SERVE_MIN_FREE_MB)")
@@ -109,9 +113,12 @@ def build_app(store, backend, args, key) -> ServeApp:
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                     max_image_bytes=int(args.max_image_mb * 1024 * 1024), max_waiting=args.max_queue,
                     outbound=outbound_policy(args))
-    return ServeApp(store, backend, key=key, limits=limits, public_url=args.public_url,
-                    cors_origins=parse_origins(args.cors_origin, "--cors-origin"),
-                    trusted_proxies=parse_proxies(args.trusted_proxy, "--trusted-proxy"))
+    app = ServeApp(store, backend, key=key, limits=limits, public_url=args.public_url,
+                   cors_origins=parse_origins(args.cors_origin, "--cors-origin"),
+                   trusted_proxies=parse_proxies(args.trusted_proxy, "--trusted-proxy"))
+    if getattr(args, "keep_uploads_hours", None) is not None:
+        app.uploads.keep_s = args.keep_uploads_hours * 3600
+    return app
 
 
 def check_options(args, key) -> None:
@@ -131,6 +138,8 @@ def check_options(args, key) -> None:
     if args.cors_origin and key is None:
         raise SDXLCNError("--cors-origin needs a key: without one no web page may call this server; set "
                           f"{KEY_ENV} or --key-file")
+    if getattr(args, "keep_uploads_hours", None) is not None and not args.keep_uploads_hours > 0:
+        raise SDXLCNError(f"--keep-uploads-hours {args.keep_uploads_hours:g}: give a number of hours above 0")
     parse_origins(args.cors_origin, "--cors-origin")
     parse_proxies(args.trusted_proxy, "--trusted-proxy")
     outbound_policy(args)
