@@ -62,3 +62,15 @@ def test_a_keyless_server_refuses_them_the_same(tmp_path):
             answers = list(pool.map(lambda case: answer_to_unfinished_body(srv.port, *case), cases))
         for case, (status, detail, closed) in zip(cases, answers):
             assert (status, closed) == (413, True), (case, status, detail)
+
+
+def test_an_upload_put_to_a_token_never_handed_out_is_refused_unread(tmp_path):
+    """fal's storage PUT carries no key (@fal-ai/client's storage.js): only a token this server handed out within the
+    hour opens a body; a guessed one is 404 with the body unread, so no one can make the server read 64 MiB."""
+    with Running(tmp_path, key=KEY) as srv:
+        cases = [("PUT", "/storage/upload/" + "0" * 32, None, body) for body in BODIES]
+        with ThreadPoolExecutor(len(cases)) as pool:
+            answers = list(pool.map(lambda case: answer_to_unfinished_body(srv.port, *case), cases))
+        for case, (status, detail, closed) in zip(cases, answers):
+            assert (status, closed) == (404, True), (case, status, detail)
+            assert "upload URL" in detail, detail

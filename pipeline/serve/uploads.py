@@ -90,15 +90,23 @@ class Uploads:
         self.purge(force=True)
 
     # ---- the storage calls ----------------------------------------------------------------------
-    @staticmethod
-    def takes_body(req) -> bool:
-        """Whether a call is an upload's PUT (read with its body, as a POST is; :mod:`.web`)."""
+    def upload_put(self, req) -> str | None:
+        """For a PUT to an upload URL: "live" (handed out here within the hour and not used yet: its body is read, as a
+        POST's is; :mod:`.web`) or "dead" (refused unread: nobody may make this server read a body by guessing a
+        token); None for any other call."""
         if req.method != "PUT" or "x-fal-target-url" in req.headers:
-            return False
+            return None
         try:
-            return route_path(req.method, req.path, req.query).kind == "upload"
+            route = route_path(req.method, req.path, req.query)
         except HttpError:
-            return False
+            return None
+        if route.kind != "upload":
+            return None
+        try:
+            fresh = time.time() - (self.pending / f"{route.token}.json").stat().st_mtime < UPLOAD_WINDOW_S
+        except OSError:
+            fresh = False
+        return "live" if fresh else "dead"
 
     def answer(self, route, body: bytes, base: str, limits: Limits) -> tuple:
         """A storage call's answer: (status, body, content type, headers), an :class:`~.app.HttpResponse`'s fields."""

@@ -21,7 +21,7 @@ from .protocol import HttpError
 BODY_S = 300.0  # a whole request body (64 MiB at 2 Mbit/s needs ~270 s)
 BODY_RATE = 64 * 1024  # bytes/s a body must average after its first BODY_GRACE_S (a 1 MB body: 10 s + 16 s)
 BODY_GRACE_S = 10.0
-# the calls that take a body are POSTs (submit, run, fal's storage initiate) and an upload's PUT (Uploads.takes_body):
+# the calls that take a body are POSTs (submit, run, fal's storage initiate) and a live upload's PUT (Uploads.upload_put):
 # of the calls ServeApp.precheck lets through, every other one (status, result, cancel, files, the operator's GETs,
 # OPTIONS) takes none, so a body there is never read
 BODY_METHODS = ("POST",)
@@ -87,7 +87,11 @@ class Adapter:
         if early is not None:  # the body (if any) is never read
             return await self.closing(request, self.response(web, early, True)) if request.body_exists \
                 else self.response(web, early)
-        if request.body_exists and req.method not in BODY_METHODS and not self.app.uploads.takes_body(req):
+        upload = self.app.uploads.upload_put(req)
+        if upload == "dead":
+            return await self.refuse(request, req, 404, "this upload URL is unknown, used or past its hour: ask for "
+                                                        "a new one (fal.storage.upload does)")
+        if request.body_exists and req.method not in BODY_METHODS and upload != "live":
             return await self.refuse(request, req, 413, f"{req.method} {req.path[:80]} takes no request body: send "
                                                         "it without one (no Content-Length above 0, no "
                                                         "Transfer-Encoding)")
