@@ -61,7 +61,5 @@ def test_the_data_folder_and_its_files_are_this_users_only(tmp_path, tiny_pipe):
     rid = sub["request_id"]
     for name in ("queue.sqlite3", "serve.lock", f"requests/{rid}/image_url", f"requests/{rid}/0.png"):
         assert name in seen, sorted(seen)
-    theirs = ("uploads",)  # fal's storage calls' files: uploads.py's own business
-    loose = {name: oct(mode) for name, (mode, private) in seen.items()
-             if mode != private and not name.startswith(theirs)}
+    loose = {name: oct(mode) for name, (mode, private) in seen.items() if mode != private}
     assert not loose, f"readable by other users: {loose}"

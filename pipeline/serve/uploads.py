@@ -83,8 +83,8 @@ class Uploads:
         self.store = store  # its min_free_bytes is the floor; its results are the other own files
         self.folder = Path(store.folder) / "uploads"
         self.pending, self.files = self.folder / "pending", self.folder / "files"
-        for d in (self.pending, self.files):
-            d.mkdir(parents=True, exist_ok=True)
+        for d in (self.folder, self.pending, self.files):  # this user's only, as the rest of the data folder
+            disk.private_dir(d)
         self.keep_s = disk.setting(KEEP_UPLOADS_ENV, KEEP_UPLOADS_HOURS) * 3600 if keep_s is None else keep_s
         self._purged = 0.0
         self.purge(force=True)
@@ -163,7 +163,7 @@ class Uploads:
         try:
             path = self.files / f"{meta['file']}.{fmt.lower()}"
             disk.replace_synced(path, data)
-            os.chmod(path, 0o644)  # never executable, whatever the umask
+            os.chmod(path, 0o600)  # this user's only and never executable, whatever the umask
             disk.sync_dir(self.files)
         finally:
             taken.unlink(missing_ok=True)
