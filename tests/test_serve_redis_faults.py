@@ -67,7 +67,9 @@ def test_redis_killed_and_restarted_from_its_append_only_file_loses_nothing(redi
         assert f"shared queue at redis://127.0.0.1:{redis.port}/0 cannot be reached" in body["detail"], body
         code, ready, _ = call("GET", f"{api.url}/ready", key=None)
         assert code == 503 and "cannot be reached" in ready["detail"], ready
-        assert PASSWORD not in str(body) + str(ready)
+        code, status, headers = call("GET", waiting["status_url"])  # a read too: 503 (fal's clients retry it)
+        assert code == 503 and "cannot be reached" in status["detail"] and headers.get("Retry-After"), status
+        assert PASSWORD not in str(body) + str(ready) + str(status)
 
         assert generated.wait(120)  # the first request's result is made while Redis is down: its worker keeps it
         redis.start()  # the same folder: its append-only file

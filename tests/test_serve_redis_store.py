@@ -137,3 +137,32 @@ def test_the_queue_holds_json_and_never_runs_a_pickle(redis_server, tmp_path, ti
         assert not marker.exists()
     finally:
         server.stop_all()
+
+
+def test_a_stopped_worker_queues_its_running_request_again_at_the_front(redis_server, tmp_path, tiny_pipe):  # noqa: F811
+    """Ctrl-C or SIGTERM on a worker node: its running request stops at its next step and waits again, ahead of the
+    others, saying why; another worker runs it to its end."""
+    store, workers, server = node(redis_server, tmp_path / "w1", {"cpu": tiny_pipe})
+    try:
+        code, long, _ = call("POST", f"{server.url}/{APP}", fal_input(seed=51, num_inference_steps=30,
+                                                                          image_size={"width": 128, "height": 128}))
+        assert code == 200, long
+        code, behind, _ = call("POST", f"{server.url}/{APP}", fal_input(seed=52))
+        assert code == 200, behind
+        wait_until(lambda: any(x["message"].startswith("step ") for x in store.get(long["request_id"]).logs),
+                   "the long request running", deadline_s=120, every_s=0.02)
+        workers.stop()
+        again = store.get(long["request_id"])
+        assert again.state == "IN_QUEUE" and store.position(again) == 0, again.state
+        assert "the server running this request stopped; it is queued again" in [x["message"] for x in again.logs]
+    finally:
+        server.stop_all()
+    store2, _w2, server2 = node(redis_server, tmp_path / "w2", {"cpu": tiny_pipe})
+    try:
+        for sub in (long, behind):
+            done = wait_until(lambda sub=sub: (lambda j: j if j.state == "COMPLETED" else None)(
+                store2.get(sub["request_id"])), "the requests completing on the other worker", deadline_s=180)
+            assert done.error is None, done.error
+        assert store2.get(long["request_id"]).finished < store2.get(behind["request_id"]).finished  # front first
+    finally:
+        server2.stop_all()

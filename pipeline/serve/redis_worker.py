@@ -22,6 +22,7 @@ A request may lose :data:`~.redis_store.RETRIES` runs this way; then it ends wit
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import socket
@@ -41,8 +42,10 @@ from .store import StoreUnavailable
 from .worker import LocalWorkers
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
-WORKER_TTL = 20  # RQ's idle worker asks for a job every WORKER_TTL - 15 s: a stop waits at most that long
+WORKER_TTL = 60  # an RQ worker's own registration expires this long (plus 60 s) after its last heartbeat
+POLL_S = 2  # an idle worker's wait for a job, in turns this long: a stop waits at most that long
 _here = threading.local()  # the run function of this thread's worker (RQ calls it through RequestJob.func)
+_TAKES_EXECUTION = len(inspect.signature(SimpleWorker.maintain_heartbeats).parameters) > 2  # RQ 3: (job, execution)
 
 
 class Interrupted(Exception):
@@ -83,12 +86,27 @@ class ServeWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return int(self.lease_s)
 
-    def perform_job(self, job, queue, execution) -> bool:
-        self.on_job(self, job, execution)
+    def perform_job(self, job, queue, *execution) -> bool:  # RQ 3 passes the execution, RQ 2 keeps it on self
+        self.on_job(self, job, execution[0] if execution else getattr(self, "execution", None))
         try:
-            return super().perform_job(job, queue, execution)
+            return super().perform_job(job, queue, *execution)
         finally:
             self.on_job(self, None, None)
+
+    def beat(self, job, execution) -> None:
+        """RQ's heartbeat of a running job: the worker, the job and its started-job entry, renewed for ``lease_s``."""
+        if _TAKES_EXECUTION:
+            self.maintain_heartbeats(job, execution)
+        else:
+            self.maintain_heartbeats(job)
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        """RQ's wait for a job, in turns of :data:`POLL_S` seconds: a stop (no signal reaches a worker thread) ends
+        an idle worker within one turn."""
+        while True:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=POLL_S)
+            if result is not None or self._stop_requested:
+                return result
 
     def handle_exception(self, job, *exc_info):
         if exc_info and exc_info[0] is Interrupted:  # said once in the server's log already
@@ -263,8 +281,8 @@ class RedisWorkers:
 
     def _beat(self) -> None:
         for worker, job, execution, request_id, run_id in list(self._held.values()):
-            if job is not None and execution is not None:
-                worker.maintain_heartbeats(job, execution)
+            if job is not None:
+                worker.beat(job, execution)
             if request_id is not None and not self.store.renew(request_id, run_id):
                 log.warning("serve: request %s was taken over by another worker; this run stops", request_id)
                 self.store.lost.add(run_id)

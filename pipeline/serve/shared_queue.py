@@ -15,15 +15,16 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
+QUEUE_ENV = "SDXLCN_SERVE_QUEUE"
 LEASE_S = 60.0  # a killed worker's request runs again about this long (plus a quarter) after its last heartbeat
 
 
 def add_queue_options(p) -> None:
-    p.add_argument("--queue", default=None, metavar="REDIS_URL",
+    p.add_argument("--queue", default=os.environ.get(QUEUE_ENV) or None, metavar="REDIS_URL",
                    help="share the queue, results and images with other serve processes through Redis "
                         "(redis://[:password@]host:6379/0, rediss:// for TLS): any of them answers for any request. "
-                        "Needs pip install 'comfyui-sdxl-controlnet-img2img[redis]'. Default: this machine's own "
-                        "queue in --data-dir")
+                        f"Needs pip install 'comfyui-sdxl-controlnet-img2img[redis]'. Default: {QUEUE_ENV} (which "
+                        "keeps a password off the command line), else this machine's own queue in --data-dir")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="0: an API node of the --queue, loading no models (no --checkpoint/--controlnet); "
                         "default: one worker per --device")
