@@ -139,6 +139,8 @@ class ServeApp:
             resp = self._handle(req, self._admit(req))
         except HttpError as exc:
             return self.error(req, exc)
+        except StoreUnavailable as exc:  # the store (a shared queue's Redis) does not answer: fal's clients retry 503
+            resp = self.json(503, {"detail": str(exc)}, {"Retry-After": "10"})
         except Exception:  # noqa: BLE001 - a bug must not take the server down, nor leak a traceback to clients
             log.exception("serve: %s %s failed", req.method, req.path[:200])
             resp = self.json(500, {"detail": "internal server error (see the server log)"})
