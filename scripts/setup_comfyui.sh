@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up a real ComfyUI 0.8.0 for the real-ComfyUI tests, outside the tracked files (./.comfyui/, git-ignored):
 # the tarball from ../shared/comfyui/ (or COMFYUI_TARBALL) extracted, in a venv of its own with torch 2.14.1 +
-# torchvision 0.29.1 (from this machine's disk), ComfyUI's requirements without torch/torchvision/torchaudio, and
-# the pack's requirements. Idempotent (about 4 minutes the first time, seconds after). Prints two lines for the
-# caller to eval: COMFYUI_DIR=... and COMFYUI_PYTHON=...
+# torchvision 0.29.1 (from this machine's disk), ComfyUI's requirements without torch/torchvision/torchaudio, the
+# pack's requirements and its redis extra (rq, redis). Idempotent (about 4 minutes the first time, seconds after).
+# Prints two lines for the caller to eval: COMFYUI_DIR=... and COMFYUI_PYTHON=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARBALL=${COMFYUI_TARBALL:-../shared/comfyui/ComfyUI-0.8.0.tar.gz}
@@ -22,6 +22,11 @@ if [ ! -f "$DEST/venv/.installed" ] || [ requirements.txt -nt "$DEST/venv/.insta
   grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$DEST/ComfyUI/requirements.txt" > "$DEST/requirements-no-torch.txt"
   "$DEST/venv/bin/pip" install -q --progress-bar off -r "$DEST/requirements-no-torch.txt" -r requirements.txt >&2
   touch "$DEST/venv/.installed"
+fi
+# the shared-queue packages (the pack's redis extra): the real-ComfyUI test of ComfyUI as a worker on Redis needs them
+if ! "$DEST/venv/bin/python" -c "import rq, redis" 2>/dev/null; then
+  echo "setup_comfyui: installing rq and redis (the pack's redis extra) for the shared-queue test" >&2
+  "$DEST/venv/bin/pip" install -q --progress-bar off "rq>=2.12" "redis>=5" >&2
 fi
 echo "COMFYUI_DIR=$(cd "$DEST/ComfyUI" && pwd)"
 echo "COMFYUI_PYTHON=$(cd "$DEST/venv/bin" && pwd)/python"

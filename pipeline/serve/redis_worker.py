@@ -79,6 +79,7 @@ class ServeWorker(SimpleWorker):
     job_class = RequestJob
     lease_s = 60
     on_job = staticmethod(lambda worker, job, execution: None)  # the heartbeat thread's registration
+    ready_for_work = staticmethod(lambda: True)  # RedisWorkers.ready_for_work
 
     def _install_signal_handlers(self):  # the server's main thread handles Ctrl-C and SIGTERM
         pass
@@ -104,6 +105,12 @@ class ServeWorker(SimpleWorker):
         """RQ's wait for a job, in turns of :data:`POLL_S` seconds: a stop (no signal reaches a worker thread) ends
         an idle worker within one turn."""
         while True:
+            if not self.ready_for_work():  # busy with work of its own (ComfyUI's queue): no request is taken
+                if self._stop_requested:
+                    return None
+                self.heartbeat()
+                time.sleep(POLL_S / 4)
+                continue
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=POLL_S)
             if result is not None or self._stop_requested:
                 return result
@@ -208,7 +215,7 @@ class RedisWorkers:
                 name = f"{socket.gethostname()}.{os.getpid()}.{device}.{uuid.uuid4().hex[:8]}"
                 worker = ServeWorker(queues(conn), name=name, connection=conn, serializer=JSONSerializer,
                                      job_class=RequestJob, worker_ttl=WORKER_TTL)
-                worker.lease_s, worker.on_job = self.lease_s, self._on_job
+                worker.lease_s, worker.on_job, worker.ready_for_work = self.lease_s, self._on_job, self.ready_for_work
                 self._rq[device] = worker
                 if self.stopping.is_set():
                     break
@@ -243,12 +250,17 @@ class RedisWorkers:
         try:
             with self.store.acting(run_id):
                 try:
-                    self.local.run_one(device, pipe, job)
+                    self.execute(device, pipe, job)
                 except StoreUnavailable:
                     self.local._unstored.pop(request_id, None)  # its run is found abandoned and runs again
                     log.error("serve: the outcome of request %s could not be stored; it runs again once the shared "
                               "queue answers", request_id)
                     raise
+                except Exception as exc:  # noqa: BLE001 - a fault of this worker ends the request, said in its result
+                    log.exception("serve: request %s failed", request_id)
+                    self.store.fail(request_id, f"the worker failed: {type(exc).__name__}: {exc}", "runner_error",
+                                    500)
+                    return None
                 if self.store.held_by(request_id) == run_id:  # no outcome: this worker is stopping
                     left = (get_current_job() or rq_job).retries_left
                     if not left:
@@ -261,6 +273,15 @@ class RedisWorkers:
             self.store.lost.discard(run_id)
             self._held[ident] = (worker, rq_job, execution, None, None)
         return None
+
+    def execute(self, device: str, pipe, job) -> None:
+        """One request run to its outcome in the store (or left without one when stopping): the local pipeline's
+        run; ComfyUI's backend runs it as a prompt of its own queue instead (``nodes/serve_shared.py``)."""
+        self.local.run_one(device, pipe, job)
+
+    def ready_for_work(self) -> bool:
+        """Whether a worker may take a request now (ComfyUI's: only while its own queue is idle)."""
+        return True
 
     # ---- heartbeats and abandoned runs ------------------------------------------------------------
     def _side(self) -> None:
