@@ -28,15 +28,16 @@ CONNECT_TIMEOUT_S = 3.0
 SOCKET_TIMEOUT_S = 15.0
 
 
-def require_packages() -> None:
-    """One line naming what to install when ``rq`` or ``redis`` cannot be imported."""
+def require_packages(option: str = "--queue") -> None:
+    """One line naming what to install when ``rq`` or ``redis`` cannot be imported (``option``: what asked for
+    them)."""
     from ..errors import SDXLCNError
 
     try:
         import redis  # noqa: F401
         import rq  # noqa: F401
     except ImportError as exc:
-        raise SDXLCNError(f"--queue needs the Python packages rq and redis ({exc.name or exc} is missing): "
+        raise SDXLCNError(f"{option} needs the Python packages rq and redis ({exc.name or exc} is missing): "
                           f"{PACKAGES}") from None
 
 
