@@ -87,7 +87,8 @@ class ComfyQueueBackend:
         self.wake.set()
 
     def hooks(self) -> frozenset:
-        return frozenset({"enable_safety_checker", "expand_prompt"})  # run when ComfyUI's folders hold their models
+        return frozenset({"enable_safety_checker", "expand_prompt", "loras"})  # run when ComfyUI's folders hold
+        # their models (refuse() names what is missing)
 
     def health(self) -> str | None:
         """Why no request can run (the endpoint's own models absent), else None: submits get 503, ``/ready`` too."""

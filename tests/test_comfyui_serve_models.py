@@ -92,6 +92,37 @@ def test_a_field_whose_model_this_comfyui_lacks_is_refused_at_submit(serving):
     assert serving.stored_requests() == before  # nothing accepted
 
 
+def test_a_lora_by_name_in_models_loras_changes_the_picture_as_the_local_run_with_it(serving, tiny_pipe, tiny_models):
+    """loras[].path names a .safetensors file in ComfyUI's models/loras: the served picture is the local run's with
+    that LoRA (up to the float noise of ComfyUI's own torch build) and not the one without it; a name that is not
+    there is refused at submit naming loras[i].path."""
+    import io
+    import urllib.parse
+
+    import numpy as np
+    from PIL import Image
+
+    from sdxl_controlnet_img2img.pipeline.local.generate import generate
+    from sdxl_controlnet_img2img.pipeline.request import GenerationRequest, LoraSpec
+
+    served = {}
+    for tag, loras in (("plain", []), ("lora", [{"path": "tiny-sdxl-lora.safetensors", "scale": 0.8}])):
+        rid = serving.fal.submit(fal_input(seed=11, loras=loras))["request_id"]
+        wait_until(lambda: serving.fal.status(rid)["kind"] == "Completed", f"the {tag} request ending", 240)
+        result = serving.fal.result(rid)["result"]
+        url = urllib.parse.urlsplit(result["images"][0]["url"])  # the files are on ComfyUI itself, behind the proxy
+        png = call("GET", f"{serving.comfy.url}{url.path}", key=None, raw=True)[1]
+        served[tag] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+    req = GenerationRequest.from_dict({**fal_input(seed=11), "image_url": make_test_image(64, 64, 1),
+                                       "control_image_url": make_test_image(64, 64, 2),
+                                       "loras": [LoraSpec(str(tiny_models["lora"]), 0.8)]})
+    want = np.asarray(generate(tiny_pipe, req).images[0], dtype=np.float32)
+    assert np.abs(served["lora"] - want).mean() < 2.0, "the served picture is not the local run's with the LoRA"
+    assert np.abs(served["lora"] - served["plain"]).mean() > 2.0, "the LoRA changed nothing"
+    got = serving.fal.submit(fal_input(loras=[{"path": "tiny-sdxl-lora.safetensors"}, {"path": "absent.safetensors"}]))
+    assert got["http_error"] == 422 and got["message"][0]["loc"] == ["body", "loras", 1, "path"], got
+
+
 def test_without_the_endpoints_models_every_submit_is_503_and_an_accepted_request_ends_in_our_words(serving):
     # a request waits behind a long plain prompt in ComfyUI's queue when ComfyUI stops
     wf = json.loads((ROOT / "workflows" / "api" / "sdxl_controlnet_img2img_tiny.json").read_text())

@@ -158,7 +158,7 @@ def test_refusals_in_fals_shapes(tmp_path):
                          ({"image_url": "/etc/passwd"}, ["body", "image_url"]),
                          ({"control_image_url": "file:///etc/hosts"}, ["body", "control_image_url"]),
                          ({"image_url": "data:image/png;base64,bm90IGFuIGltYWdl"}, ["body", "image_url"]),
-                         ({"loras": [{"path": "/models/x.safetensors"}]}, ["body", "loras"]),
+                         ({"loras": [{"path": "/models/x.safetensors"}]}, ["body", "loras", 0, "path"]),
                          ({"num_images": 9}, ["body", "num_images"]), ({"bogus": 1}, ["body", "bogus"]),
                          ({"image_size": {"width": 4096, "height": 4096}}, ["body", "image_size"])):
             code, body, _ = call("POST", base, fal_input(**bad))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .access import is_loopback, parse_origins, parse_proxies
 from .app import ServeApp
+from .extras import add_arguments as add_extras_arguments, from_args as extras_from_args
 from .fetch import Policy
 from .inputs import Limits
 from .server import StandaloneServer
@@ -94,6 +95,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--min-free-mb", type=float, default=None,
                    help="free disk space in MiB below which submits get HTTP 507 (default 256, or "
                         "SDXLCN_SERVE_MIN_FREE_MB)")
+    add_extras_arguments(p)  # loras, enable_safety_checker, expand_prompt
     p.set_defaults(func=cmd_serve)
 
 
@@ -143,6 +145,7 @@ def check_options(args, key) -> None:
     parse_origins(args.cors_origin, "--cors-origin")
     parse_proxies(args.trusted_proxy, "--trusted-proxy")
     outbound_policy(args)
+    extras_from_args(args)
 
 
 def check_public_url(url: str) -> None:
@@ -268,13 +271,14 @@ def serve_loaded(args, key, store, server) -> int:
         server.stop()
         store.close()
         raise
-    workers = LocalWorkers(store, pipes)
+    workers = LocalWorkers(store, pipes, extras=extras_from_args(args))
     loading.become(workers)
     hooks = Webhooks(store, server.app.payload_for, server.app.limits.outbound, signer=server.app.signer).start()
     workers.start()
     if key is None:
         print(f"no key set ({KEY_ENV} or --key-file): listening on {args.host} only; any program on this machine "
               "may use it", file=sys.stderr)
+    print(f"optional fields: {workers.extras.summary()}", file=sys.stderr)
     print(f"serving {len(pipes)} worker(s) at {server.url} (fal's queue API for fal-ai/fast-sdxl-controlnet-canny/"
           f"image-to-image); data in {Path(args.data_dir).resolve()}", file=sys.stderr, flush=True)
     if threading.current_thread() is threading.main_thread():  # SIGTERM (systemd, docker stop) stops as Ctrl-C does

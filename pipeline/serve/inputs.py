@@ -27,6 +27,7 @@ from ..images import decode_image, redact_url
 from ..request import GenerationRequest
 from ..sizes import parse_image_size, target_size
 from . import fetch
+from .extras import refuse_unserved
 from .protocol import HttpError, invalid
 from .store import INPUT_NAMES
 
@@ -278,13 +279,7 @@ def check_submission(body: bytes, limits: Limits, hooks: frozenset = frozenset()
         missing = _message(exc).startswith("is required")
         raise invalid(field_loc(exc.field), "field required" if missing else _message(exc),
                       "value_error.missing" if missing else "value_error") from None
-    if request.loras:
-        raise invalid(["body", "loras"], "this server loads no LoRAs from requests (a request cannot make it load "
-                                         "files); send an empty list, or run the LoRA with the pack locally")
-    for name in ("enable_safety_checker", "expand_prompt"):
-        if getattr(request, name) and name not in hooks:
-            raise invalid(["body", name], f"this server runs without a model for {name} (the stand-alone serve "
-                                          "loads none); set it to false or leave it out")
+    refuse_unserved(request, hooks)  # a field whose model or option this server lacks
     images, urls = {}, {}
     for name in INPUT_NAMES:
         value = getattr(request, name)

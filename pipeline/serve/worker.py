@@ -24,6 +24,7 @@ import threading
 from ..errors import GenerationCancelled, ImageInputError, RequestError
 from ..images import encode_image
 from .downloads import Prefetch, fetch_inputs
+from .extras import Extras
 from .inputs import Limits, field_loc, run_request
 from .store import INPUT_NAMES, Job, Store, StoreUnavailable
 
@@ -60,10 +61,11 @@ def store_failure(store: Store, job_id: str, exc: BaseException) -> None:
 class LocalWorkers:
     """``pipes``: one loaded pipeline per device (``{device name: pipeline}``); one thread each."""
 
-    def __init__(self, store: Store, pipes: dict, generate=None):
+    def __init__(self, store: Store, pipes: dict, generate=None, extras: Extras | None = None):
         if generate is None:
             from ..local.generate import generate
         self.store = store
+        self.extras = extras or Extras()  # loras, safety checker, prompt expansion: what this server runs
         self.pipes = pipes
         self.generate = generate
         self.prefetch = Prefetch(store, Limits())
@@ -95,7 +97,10 @@ class LocalWorkers:
         log.info("serve: cancel asked for running request %s (stops at its next step)", job.id)
 
     def hooks(self) -> frozenset:
-        return frozenset()
+        return self.extras.hooks()
+
+    def refuse(self, args: dict) -> None:
+        self.extras.refuse(args, self.limits.outbound)
 
     def health(self) -> str | None:
         """None while requests can be taken and run; else why not (the store, or every worker failing)."""
@@ -200,7 +205,9 @@ class LocalWorkers:
             return
         try:
             request = run_request(job.args, {n: store.input_bytes(job.id, n) for n in INPUT_NAMES})
-            result = self.generate(pipe, request, on_step=on_step)
+            request, hooks = self.extras.prepare(request, device, pipe, self.limits.outbound,
+                                                 lambda line: store.log(job.id, line))
+            result = self.generate(pipe, request, on_step=on_step, **hooks)
             doc, images = result_doc(result)
         except BaseException as exc:  # noqa: BLE001 - stored for the client; a worker must outlive a bad request
             if self.stopping.is_set() and not store.cancel_requested(job.id):
