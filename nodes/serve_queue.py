@@ -10,6 +10,18 @@ there: running, finished (its history entry, copied into the store), or gone. A 
   ``delete``): its prompt is in neither the queue nor the history any more;
 - ComfyUI's Cancel interrupts it while it runs.
 
+fal's queue headers (:mod:`pipeline.serve.fal_headers`) hold in ComfyUI's queue too:
+
+- ``x-fal-request-timeout``: the watcher ends the requests past their timeout at each turn (the store's rule,
+  ``expire_waiting``), and its turns come at once when ComfyUI's queue changes (its ``status`` event), so a request
+  counts as started when the watcher saw ComfyUI take it before its time was up. One whose prompt still waits in
+  ComfyUI's queue leaves it as a cancelled one does (``_ended``; interrupted, should ComfyUI have taken it), and a
+  result read after its request ended (timed out or cancelled) is dropped: it never replaces that outcome.
+- ``x-fal-queue-priority``: requests are handed over in the store's run order (normal ones first), and a prompt's
+  number in ComfyUI's queue (which runs the lowest first: ``PromptQueue`` is a heap, and ``POST /prompt`` takes a
+  ``number`` as well) is ComfyUI's next one plus ``LOW_NUMBERS`` per priority level below normal, so a normal request
+  handed over later, or any prompt ComfyUI numbers itself, still runs before the low ones waiting there.
+
 ComfyUI's queue lives in memory: the prompts this process handed over are all it can hold of ours (``handed``).
 """
 
@@ -20,6 +32,8 @@ import time
 from pathlib import Path
 
 from ..pipeline.serve.downloads import Prefetch
+from ..pipeline.serve.fal_headers import PRIORITIES
+from ..pipeline.serve.queue_rules import run_key
 from ..pipeline.serve.store import StoreUnavailable
 from .comfy_hooks import log
 from .serve_models import Refusal, ServedModels, comfy_refusal_text, one_line
@@ -27,6 +41,8 @@ from .serve_workflow import served_outputs, workflow_for
 
 CLEARED = "removed from ComfyUI's queue there (Clear Queue or Delete); the request is cancelled"
 POLL_S = 0.25
+LOW_NUMBERS = 10**12  # added to a prompt's number per priority level below normal: after every prompt ComfyUI
+# numbers (its counter, one per prompt), in order among their own
 
 
 def interrupt() -> None:
@@ -51,7 +67,9 @@ class ComfyQueueBackend:
 
         def send_sync(event, data, sid=None):  # ComfyUI's events for our prompts (sent from its worker thread)
             try:
-                if isinstance(data, dict) and data.get("prompt_id") in self.handed:
+                if event == "status":  # its queue changed (a prompt taken, finished, put or deleted): look at once
+                    self.wake.set()
+                elif isinstance(data, dict) and data.get("prompt_id") in self.handed:
                     self._event(event, data)
             except Exception:  # noqa: BLE001 - never break ComfyUI's messages
                 pass
@@ -124,7 +142,9 @@ class ComfyQueueBackend:
         loop = getattr(self.instance, "loop", None)
         if loop is None or not loop.is_running():
             return
-        for job in self.store.jobs("IN_QUEUE"):
+        queue = self.instance.prompt_queue
+        self.store.expire_waiting()  # past their x-fal-request-timeout: ended, their prompts taken out below
+        for job in sorted(self.store.jobs("IN_QUEUE"), key=run_key):  # normal ones first: see the module
             if job.external is None and job.id not in self.handed and self.prefetch.ready(job):
                 try:
                     self._put(job, loop)
@@ -135,7 +155,6 @@ class ComfyQueueBackend:
                     self._cleanup(job.id)
                     self.store.fail(job.id, one_line(f"it could not be queued in ComfyUI: {type(exc).__name__}: "
                                                      f"{exc}"), "runner_error", 500)
-        queue = self.instance.prompt_queue
         # one snapshot of the queue, then the history: a prompt moves from the queue to running and from running to
         # the history under the queue's lock, so one in none of the three was taken out by ComfyUI's user
         running, pending = queue.get_current_queue_volatile()
@@ -145,8 +164,7 @@ class ComfyQueueBackend:
             if job is None or job.state == "COMPLETED":
                 self._ended(rid, queue, rid in running_ids, rid in pending_ids)
             elif rid in running_ids:
-                if job.state == "IN_QUEUE":
-                    self.store.start(rid, external=rid)
+                self._started(rid, job)
             elif rid not in pending_ids:
                 hist = queue.get_history(prompt_id=rid).get(rid)
                 if hist and hist.get("status", {}).get("completed") is not None:
@@ -154,11 +172,22 @@ class ComfyQueueBackend:
                 else:
                     self._vanished(job)
 
+    def _started(self, rid: str, job=None) -> bool:
+        """Marks a request whose prompt ComfyUI took as started, unless it ended first; True when it runs."""
+        job = job or self.store.get(rid)
+        if job is not None and job.state == "IN_QUEUE":
+            self.store.start(rid, external=rid)
+            job = self.store.get(rid)
+        return job is not None and job.state == "IN_PROGRESS"
+
     def _ended(self, rid: str, queue, running: bool, pending: bool) -> None:
-        """A request that ended in the store (cancelled while it waited) whose prompt ComfyUI may still hold."""
+        """A request that ended in the store while it waited (cancelled, or past its timeout) whose prompt ComfyUI may
+        still hold."""
         if pending:
             if queue.delete_queue_item(lambda item: item[1] == rid):
-                log.info("SDXL ControlNet serve: request %s was cancelled; its prompt is out of ComfyUI's queue", rid)
+                job = self.store.get(rid)
+                log.info("SDXL ControlNet serve: request %s ended (%s); its prompt is out of ComfyUI's queue", rid,
+                         job.error_type if job is not None else "gone")
                 self._cleanup(rid)
             return  # else ComfyUI took it meanwhile: interrupted at its first node, and at the next turn
         if running:
@@ -209,7 +238,7 @@ class ComfyQueueBackend:
             self.store.fail(job.id, comfy_refusal_text(valid[1], valid[3]), "runner_error", 500)
             log.warning("SDXL ControlNet serve: ComfyUI refused the workflow of request %s: %s", job.id, valid[1])
             return
-        number = self.instance.number
+        number = self.instance.number + (PRIORITIES["normal"] - job.priority) * LOW_NUMBERS  # see the module
         self.instance.number += 1
         extra = {"create_time": int(time.time() * 1000)}
         self.store.set_external(job.id, job.id)
@@ -233,6 +262,8 @@ class ComfyQueueBackend:
 
         status = hist.get("status", {})
         self._cleanup(job.id)
+        if not self._started(job.id, job):  # it ran between two turns, and its request ended meanwhile (timed out,
+            return  # cancelled): that outcome stays
         if status.get("status_str") != "success":
             kinds = {m[0]: m[1] for m in status.get("messages", []) if isinstance(m, (list, tuple)) and len(m) == 2}
             if "execution_interrupted" in kinds or self.store.cancel_requested(job.id):

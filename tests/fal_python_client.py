@@ -25,10 +25,11 @@ for line in sys.stdin:
     cmd = json.loads(line)
     try:
         if cmd["op"] == "submit":
-            out = {"request_id": fal_client.submit(APP, cmd["arguments"]).request_id}
+            out = {"request_id": fal_client.submit(APP, cmd["arguments"], **cmd.get("options", {})).request_id}
         elif cmd["op"] == "status":
             s = fal_client.status(APP, cmd["request_id"], with_logs=True)
-            out = {"kind": type(s).__name__, "error": getattr(s, "error", None),
+            out = {"kind": type(s).__name__, "position": getattr(s, "position", None),
+                   "error": getattr(s, "error", None),
                    "error_type": getattr(s, "error_type", None),
                    "logs": [entry["message"] for entry in (getattr(s, "logs", None) or [])]}
         elif cmd["op"] == "cancel":
@@ -63,8 +64,9 @@ class FalPythonClient:
             if line.startswith("OUT "):
                 return json.loads(line[4:])
 
-    def submit(self, arguments: dict) -> dict:
-        return self._call(op="submit", arguments=arguments)
+    def submit(self, arguments: dict, **options) -> dict:
+        """``options``: fal_client.submit's own keyword arguments (``priority``, ``start_timeout``, ``headers``)."""
+        return self._call(op="submit", arguments=arguments, options=options)
 
     def status(self, request_id: str) -> dict:
         return self._call(op="status", request_id=request_id)

@@ -24,6 +24,11 @@ RUN_ORDER = "priority DESC, seq"
 AHEAD = "state='IN_QUEUE' AND (priority>? OR (priority=? AND seq<?))"
 
 
+def run_key(job) -> tuple:
+    """:data:`RUN_ORDER` as a sort key, for requests in hand (ComfyUI's backend hands them over in this order)."""
+    return -job.priority, job.seq
+
+
 class QueueRules:
     """For :class:`~.store.Store` (its ``_db``, ``_do``, ``_tx``, ``_fail``, ``_drop_inputs``)."""
 
