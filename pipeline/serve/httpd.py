@@ -21,6 +21,7 @@ from .extras import add_arguments as add_extras_arguments, from_args as extras_f
 from .fetch import Policy
 from .inputs import Limits
 from .server import StandaloneServer
+from .shared_queue import add_queue_options, check_queue_options, open_queue_store, queue_workers
 
 KEY_ENV = "SDXLCN_SERVE_KEY"
 __all__ = ["StandaloneServer", "add_serve_parser", "build_app", "cmd_serve", "is_loopback", "read_key"]
@@ -50,8 +51,9 @@ def read_key(key_file) -> str | None:
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve fal's queue API for fal-ai/fast-sdxl-controlnet-canny/image-to-image on "
                                      "this machine's GPU(s) (fal's own clients work against it)")
-    p.add_argument("--checkpoint", required=True, help="SDXL base model: a .safetensors file or a diffusers folder")
-    p.add_argument("--controlnet", required=True, help="SDXL Canny ControlNet: a diffusers folder or its file")
+    p.add_argument("--checkpoint", help="SDXL base model: a .safetensors file or a diffusers folder (required, "
+                                        "except for an API node: --queue ... --workers 0)")
+    p.add_argument("--controlnet", help="SDXL Canny ControlNet: a diffusers folder or its file (required, likewise)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on, IPv4 or IPv6 (default 127.0.0.1; any but loopback needs a key: "
                         "SDXLCN_SERVE_KEY or --key-file, and TLS, or the key travels in clear text)")
@@ -96,6 +98,7 @@ def add_serve_parser(sub) -> None:
                    help="free disk space in MiB below which submits get HTTP 507 (default 256, or "
                         "SDXLCN_SERVE_MIN_FREE_MB)")
     add_extras_arguments(p)  # loras, enable_safety_checker, expand_prompt
+    add_queue_options(p)  # --queue, --workers, --worker-lease (shared_queue.py)
     p.set_defaults(func=cmd_serve)
 
 
@@ -146,6 +149,7 @@ def check_options(args, key) -> None:
     parse_proxies(args.trusted_proxy, "--trusted-proxy")
     outbound_policy(args)
     extras_from_args(args)
+    check_queue_options(args)
 
 
 def check_public_url(url: str) -> None:
@@ -227,7 +231,7 @@ def cmd_serve(args) -> int:
     from .datalock import lock_folder
 
     lock = lock_folder(args.data_dir)  # held until the process ends
-    store = open_store(args.data_dir)
+    store = open_queue_store(args) if args.queue else open_store(args.data_dir)
     if args.keep_results_hours is not None:
         store.keep_results_s = args.keep_results_hours * 3600
     if args.min_free_mb is not None:
@@ -260,9 +264,10 @@ def serve_loaded(args, key, store, server) -> int:
         loading = Loading()  # /health answers and /ready (and a submit) says 503 while the models load
         server.app = build_app(store, loading, args, key)
         server.start()
-        devices = args.device or [None]
+        devices = (args.device or [None]) if args.workers != 0 else []  # --workers 0: an API node loads nothing
         opts = [LoadOptions(device=d, dtype=args.dtype, memory_mode=args.memory_mode).resolved() for d in devices]
-        check_sources(args.checkpoint, args.controlnet, opts[0])
+        if opts:
+            check_sources(args.checkpoint, args.controlnet, opts[0])
         pipes = {}
         for o in opts:
             print(f"loading the models on {o.device} ...", file=sys.stderr, flush=True)
@@ -271,7 +276,8 @@ def serve_loaded(args, key, store, server) -> int:
         server.stop()
         store.close()
         raise
-    workers = LocalWorkers(store, pipes, extras=extras_from_args(args))
+    workers = (queue_workers(store, pipes, args, extras=extras_from_args(args)) if args.queue else
+               LocalWorkers(store, pipes, extras=extras_from_args(args)))
     loading.become(workers)
     hooks = Webhooks(store, server.app.payload_for, server.app.limits.outbound, signer=server.app.signer).start()
     workers.start()
