@@ -54,6 +54,8 @@ def interrupt() -> None:
 class ComfyQueueBackend:
     """Runs the store's requests through ComfyUI's prompt queue; a watcher thread follows them there."""
 
+    takes_waiting = True  # hand every waiting request to ComfyUI's queue (on a shared queue RQ hands them over)
+
     def __init__(self, instance, store, models: ServedModels | None = None):
         self.instance = instance
         self.store = store
@@ -143,8 +145,10 @@ class ComfyQueueBackend:
         if loop is None or not loop.is_running():
             return
         queue = self.instance.prompt_queue
-        self.store.expire_waiting()  # past their x-fal-request-timeout: ended, their prompts taken out below
-        for job in sorted(self.store.jobs("IN_QUEUE"), key=run_key):  # normal ones first: see the module
+        if self.takes_waiting:  # past their x-fal-request-timeout: ended, their prompts taken out below
+            self.store.expire_waiting()
+        waiting = sorted(self.store.jobs("IN_QUEUE"), key=run_key) if self.takes_waiting else ()  # normal first
+        for job in waiting:  # (a shared queue's come from RQ: serve_shared.py)
             if job.external is None and job.id not in self.handed and self.prefetch.ready(job):
                 try:
                     self._put(job, loop)

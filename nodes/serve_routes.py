@@ -12,6 +12,7 @@ Server-side settings (environment, never a workflow): ``SDXLCN_SERVE_KEY`` or ``
 (the key clients send; without one only this machine may call), ``SDXLCN_SERVE_CHECKPOINT``,
 ``SDXLCN_SERVE_CONTROLNET`` and ``SDXLCN_SERVE_VAE`` (names in ComfyUI's model folders; default: the shipped
 workflow's; checked at every submit, as is any model a field needs: ``serve_models.py``),
+``SDXLCN_SERVE_QUEUE`` (a Redis URL, as ``serve --queue``: this ComfyUI joins that shared queue, ``serve_shared.py``),
 ``SDXLCN_SERVE_CORS_ORIGINS``, ``SDXLCN_SERVE_PUBLIC_URL``, ``SDXLCN_SERVE_TRUSTED_PROXIES`` (as ``serve``'s
 ``--cors-origin``, ``--public-url``, ``--trusted-proxy``), ``SDXLCN_SERVE_KEEP_UPLOADS_HOURS`` (hours files
 uploaded through fal's storage calls are kept, 24 unless set: ``pipeline/serve/uploads.py``). Without a key the API
@@ -67,6 +68,7 @@ def register_serve_routes() -> None:
     from ..pipeline.serve.webhook import Webhooks
     from .serve_models import ServedModels
     from .serve_queue import ComfyQueueBackend
+    from .serve_shared import QUEUE_ENV, SharedComfyBackend, comfy_workers, open_shared
 
     folder = Path(folder_paths.get_user_directory()) / USER_FOLDER
     key_file = folder / "serve_key.txt"
@@ -76,9 +78,15 @@ def register_serve_routes() -> None:
                        cors_origins=parse_origins([os.environ.get(CORS_ENV, "")], CORS_ENV),
                        trusted_proxies=parse_proxies([os.environ.get(PROXIES_ENV, "")], PROXIES_ENV))
         HELD.append(lock_folder(folder / "serve", "ComfyUI's serve folder"))  # one ComfyUI per user folder
-        store = open_store(folder / "serve", what="ComfyUI's serve folder")  # locked or damaged: one line, soon
         models = ServedModels()
-        backend = ComfyQueueBackend(instance, store, models).start()
+        shared = os.environ.get(QUEUE_ENV, "").strip()
+        if shared:  # a node of a shared queue on Redis: serve_shared.py
+            store = open_shared(shared, folder / "serve")
+            backend = SharedComfyBackend(instance, store, models).start()
+            comfy_workers(backend).start()
+        else:
+            store = open_store(folder / "serve", what="ComfyUI's serve folder")  # locked or damaged: one line, soon
+            backend = ComfyQueueBackend(instance, store, models).start()
         app = ServeApp(store, backend, key=key, **options)
         Webhooks(store, app.payload_for).start()
     except Exception as exc:  # noqa: BLE001
