@@ -25,6 +25,8 @@ import threading
 import time
 import urllib.parse
 
+from ..images import redact_url
+
 ALLOW_INTERNAL_ENV = "SDXLCN_SERVE_ALLOW_INTERNAL_URLS"
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -306,3 +308,23 @@ def _exchange(conn, parts, method, body, headers, max_bytes, deadline) -> tuple[
     if deadline.passed:
         raise TimeoutError("deadline")
     return resp.status, b"".join(chunks), None
+
+
+def shown(url: str) -> str:
+    """``url`` as messages show it (:func:`~..images.redact_url`: no credentials or query), at most 200 characters."""
+    try:
+        return redact_url(url)[:200]
+    except ValueError:
+        return "the URL"
+
+
+def get_ok(url: str, *, max_bytes: int, timeout_s: float, policy: "Policy") -> bytes:
+    """``url``'s body when it answers 200 under these rules; :class:`FetchError` with the whole sentence (naming the
+    URL as :func:`shown` does) otherwise."""
+    try:
+        status, data = request(url, max_bytes=max_bytes, timeout_s=timeout_s, policy=policy)
+    except FetchError as exc:
+        raise FetchError(f"{shown(url)} {exc}") from None
+    if status != 200:
+        raise FetchError(f"downloading {shown(url)} failed with HTTP {status}; check the URL")
+    return data

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import ImageInputError, RequestError
-from ..images import decode_image, redact_url
+from ..images import decode_image
 from ..request import GenerationRequest
 from ..sizes import parse_image_size, target_size
 from . import fetch
@@ -103,7 +103,7 @@ def _check_url(name: str, url: str) -> str:
     try:
         fetch.split(url)
     except fetch.FetchError as exc:
-        raise invalid(["body", name], f"{_shown(url)} {exc}") from None
+        raise invalid(["body", name], f"{fetch.shown(url)} {exc}") from None
     return url
 
 
@@ -112,25 +112,15 @@ def download(name: str, url: str, limits: Limits, deadline: float | None = None)
     ``download_timeout_s`` from now), which the request's other downloads share; 422 naming the field otherwise."""
     if deadline is None:
         deadline = time.monotonic() + limits.download_timeout_s
-    late = (f"{_shown(url)} did not answer in full within {limits.download_timeout_s:g} s, the time this server "
+    late = (f"{fetch.shown(url)} did not answer in full within {limits.download_timeout_s:g} s, the time this server "
             "gives all of a request's image URLs; give a faster host, or send the image as a data URI")
     if deadline - time.monotonic() <= 0:
         raise invalid(["body", name], late)
     try:
-        status, data = fetch.request(url, max_bytes=limits.max_image_bytes, timeout_s=deadline - time.monotonic(),
-                                     policy=limits.outbound)
+        return fetch.get_ok(url, max_bytes=limits.max_image_bytes, timeout_s=deadline - time.monotonic(),
+                            policy=limits.outbound)
     except fetch.FetchError as exc:
-        raise invalid(["body", name], late if time.monotonic() >= deadline else f"{_shown(url)} {exc}") from None
-    if status != 200:
-        raise invalid(["body", name], f"downloading {_shown(url)} failed with HTTP {status}; check the URL")
-    return data
-
-
-def _shown(url: str) -> str:
-    try:
-        return redact_url(url)[:200]
-    except ValueError:
-        return "the URL"
+        raise invalid(["body", name], late if time.monotonic() >= deadline else str(exc)) from None
 
 
 def image_size(name: str, data: bytes, limits: Limits) -> tuple[int, int]:
@@ -193,7 +183,7 @@ def check_webhook(url: str | None, policy: fetch.Policy | None = None) -> str | 
         if address is not None and (policy or fetch.Policy.from_env()).refuses(address):
             raise fetch.Refused(fetch.INTERNAL_MSG)
     except fetch.Refused as exc:
-        raise invalid(loc, f"{_shown(url)} {exc}") from None
+        raise invalid(loc, f"{fetch.shown(url)} {exc}") from None
     return url
 
 

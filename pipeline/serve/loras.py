@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import RequestError
-from ..images import redact_url
 from ..local.lora_sources import LORA_DOWNLOAD_TIMEOUT_S, MAX_LORA_DOWNLOAD_BYTES, LoraError
 from . import fetch
 from .protocol import invalid
@@ -91,7 +90,7 @@ class LoraRules:
                 raise invalid(_loc(i), exc.detail) from None
 
     def _check_url(self, i: int, url: str, policy) -> None:
-        shown = _shown(url)
+        shown = fetch.shown(url)
         if not self.urls:
             also = "; or name a .safetensors file in its LoRA folder" if self.dirs else ""
             raise RequestError(_field(i), f"{shown} is a URL: this server downloads no LoRAs unless its operator "
@@ -156,7 +155,7 @@ class LoraRules:
                 raise RequestError(_field(i), exc.detail) from None
         try:
             if not is_safetensors(file):
-                raise LoraError(path, f"{_shown(path) if is_url(path) else repr(path)} is not a safetensors file; "
+                raise LoraError(path, f"{fetch.shown(path) if is_url(path) else repr(path)} is not a safetensors file; "
                                       "this server loads LoRAs in safetensors form only")
             check_lora_file(file, path, allow_pickle=False)
         except LoraError as exc:
@@ -169,24 +168,14 @@ class LoraRules:
 def _download(url: str, max_bytes: int, timeout: float, policy) -> bytes:
     """``url``'s body under :mod:`.fetch`'s rules; :class:`LoraError` saying why not."""
     try:
-        status, data = fetch.request(url, max_bytes=max_bytes, timeout_s=timeout, policy=policy)
+        return fetch.get_ok(url, max_bytes=max_bytes, timeout_s=timeout, policy=policy)
     except fetch.FetchError as exc:
-        raise LoraError(url, f"{_shown(url)} {exc}") from None
-    if status != 200:
-        raise LoraError(url, f"downloading {_shown(url)} failed with HTTP {status}; check the URL")
-    return data
-
-
-def _shown(url: str) -> str:
-    try:
-        return redact_url(url)[:200]
-    except ValueError:
-        return "the URL"
+        raise LoraError(url, str(exc)) from None
 
 
 def private(text: str, file: Path, given: str) -> str:
     """``text`` with the server's path of ``file`` replaced by the name or URL the request gave."""
-    shown = _shown(given) if is_url(given) else given
+    shown = fetch.shown(given) if is_url(given) else given
     for form in {str(file.resolve()), str(file.absolute()), str(file)}:
         text = text.replace(form, shown)
     return text
