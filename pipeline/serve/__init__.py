@@ -1,4 +1,4 @@
-"""A server of fal's queue protocol for ``fal-ai/fast-sdxl-controlnet-canny/image-to-image``, on your own GPU.
+"""A server of fal's queue protocol for the pack's endpoint (:data:`..endpoint.ENDPOINT`), on your own GPU.
 
 The third part beside ``local/`` (generation) and ``fal/`` (the client): it takes the same request and gives the same
 result, in fal's shapes, so fal's own clients (the JS ``@fal-ai/client`` through ``proxyUrl``, the Python

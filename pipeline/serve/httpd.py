@@ -1,7 +1,7 @@
 """``serve`` on the command line: the stand-alone server (:mod:`.server`: aiohttp, optional TLS) with local workers.
 
 ``python -m sdxl_controlnet_img2img serve --checkpoint ... --controlnet ... --port 8443 --tls-cert C --tls-key K``
-answers fal's queue protocol for ``fal-ai/fast-sdxl-controlnet-canny/image-to-image`` with one worker per
+answers fal's queue protocol for the pack's endpoint (:data:`..endpoint.ENDPOINT`) with one worker per
 ``--device``. The key comes from ``SDXLCN_SERVE_KEY`` or ``--key-file``; without one the server listens on loopback
 only (and says so). Start-up errors (the key file, the TLS files, the port, the data folder in use or unreadable)
 are one line each, before the models load.
@@ -15,6 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
+from ..endpoint import ENDPOINT
+from ..local.choices import DEFAULT, DTYPES, dtype_help, memory_mode_help
 from .access import is_loopback, parse_origins, parse_proxies
 from .app import ServeApp
 from .extras import add_arguments as add_extras_arguments, from_args as extras_from_args
@@ -49,7 +51,7 @@ def read_key(key_file) -> str | None:
 
 
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve fal's queue API for fal-ai/fast-sdxl-controlnet-canny/image-to-image on "
+    p = sub.add_parser("serve", help=f"serve fal's queue API for {ENDPOINT} on "
                                      "this machine's GPU(s) (fal's own clients work against it)")
     p.add_argument("--checkpoint", help="SDXL base model: a .safetensors file or a diffusers folder (required, "
                                         "except for an API node: --queue ... --workers 0)")
@@ -68,8 +70,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--device", action="append", default=[],
                    help="a device to run on (repeatable: one worker each, e.g. --device cuda:0 --device cuda:1; "
                         "default: the best available)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="weights precision")
-    p.add_argument("--memory-mode", default="auto", help="as for generate (auto, none, model_cpu_offload, ...)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT, help=dtype_help())
+    p.add_argument("--memory-mode", default=DEFAULT, help=memory_mode_help())
     p.add_argument("--max-queue", type=int, default=100, help="waiting requests before new ones get HTTP 429 (100)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (64)")
     p.add_argument("--max-image-mb", type=float, default=32.0, help="largest input image, decoded or downloaded (32)")
@@ -285,8 +287,8 @@ def serve_loaded(args, key, store, server) -> int:
         print(f"no key set ({KEY_ENV} or --key-file): listening on {args.host} only; any program on this machine "
               "may use it", file=sys.stderr)
     print(f"optional fields: {workers.extras.summary()}", file=sys.stderr)
-    print(f"serving {len(pipes)} worker(s) at {server.url} (fal's queue API for fal-ai/fast-sdxl-controlnet-canny/"
-          f"image-to-image); data in {Path(args.data_dir).resolve()}", file=sys.stderr, flush=True)
+    print(f"serving {len(pipes)} worker(s) at {server.url} (fal's queue API for {ENDPOINT}); data in "
+          f"{Path(args.data_dir).resolve()}", file=sys.stderr, flush=True)
     if threading.current_thread() is threading.main_thread():  # SIGTERM (systemd, docker stop) stops as Ctrl-C does
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

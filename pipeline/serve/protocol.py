@@ -27,8 +27,8 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
-APP = "fal-ai/fast-sdxl-controlnet-canny/image-to-image"
-APP_BASE = "fal-ai/fast-sdxl-controlnet-canny"  # what fal's clients use for status, result and cancel
+from ..endpoint import ENDPOINT as APP, ENDPOINT_BASE as APP_BASE  # APP_BASE: fal's clients' status, result, cancel
+
 TARGET_HEADER = "x-fal-target-url"
 QUEUE_HOSTS = ("queue.fal.run",)
 RUN_HOSTS = ("fal.run",)

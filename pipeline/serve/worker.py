@@ -50,10 +50,8 @@ def store_failure(store: Store, job_id: str, exc: BaseException) -> None:
     if isinstance(exc, GenerationCancelled):
         store.fail(job_id, "Request cancelled", "request_cancelled", 400, "Request cancelled")
     elif isinstance(exc, (RequestError, ImageInputError)):
-        text = str(exc)
-        msg = text[len(exc.field) + 2:] if text.startswith(f"{exc.field}: ") else text
-        store.fail(job_id, text, "validation_error", 422,
-                   [{"loc": field_loc(exc.field), "msg": msg, "type": "value_error"}])
+        store.fail(job_id, str(exc), "validation_error", 422,
+                   [{"loc": field_loc(exc.field), "msg": exc.detail, "type": "value_error"}])
     else:
         store.fail(job_id, f"generation failed: {type(exc).__name__}: {exc}", "runner_error", 500)
 
