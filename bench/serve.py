@@ -34,9 +34,10 @@ from pathlib import Path
 
 import _common as C
 
+from sdxl_controlnet_img2img.pipeline.endpoint import ENDPOINT as APP
+
 OVERHEAD_TARGET_S = 0.050
 GAP_TARGET_S = 0.020
-APP = "fal-ai/fast-sdxl-controlnet-canny/image-to-image"
 KEY = "bench-serve-key"
 
 
