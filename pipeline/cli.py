@@ -149,7 +149,6 @@ def cmd_generate(args) -> int:
         from .fal.cli import cmd_generate_remote
 
         return cmd_generate_remote(args, request)
-    from .fal.cli import check_local_arguments
 
     check_local_arguments(args)
     # everything that can be checked without the models, first: output folder, device, model files, images, LoRAs
@@ -210,6 +209,12 @@ def cmd_make_tiny_models(args) -> int:
     paths = build_tiny_models(out, comfyui=comfyui)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
+
+
+def check_local_arguments(args) -> None:
+    missing = [f"--{n}" for n in ("checkpoint", "controlnet") if not getattr(args, n, None)]
+    if missing:
+        raise SDXLCNError(f"{' and '.join(missing)} required for a local run (or pass --remote fal to run on fal)")
 
 
 def build_parser() -> argparse.ArgumentParser:

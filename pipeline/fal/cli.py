@@ -276,9 +276,3 @@ def cmd_fal_fetch(args) -> int:
                                      on_status=_printer(settings), cancel_check=cancelled, timeout_s=args.fal_timeout,
                                      request_log_dir=log_dir, settings=settings, record_completed=False)
     return _write(result, args, out, result.request_id, endpoint, log_dir)
-
-
-def check_local_arguments(args) -> None:
-    missing = [f"--{n}" for n in ("checkpoint", "controlnet") if not getattr(args, n, None)]
-    if missing:
-        raise SDXLCNError(f"{' and '.join(missing)} required for a local run (or pass --remote fal to run on fal)")

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 from ..folders import USER_FOLDER
+from ..key_policy import first_key_line
 from .errors import FalKeyMissing
 
 KEY_FILE_NAME = "fal_key.txt"
@@ -91,14 +92,10 @@ def resolve_key(key: str | None = None, key_file=None, server: str | None = None
                 f"no {what} found: the key file {path} does not exist and FAL_KEY is not set. Create the file with "
                 f"the key on its first line, or set FAL_KEY (or FAL_KEY_ID and FAL_KEY_SECRET). {get}")
         try:
-            # utf-8-sig: a key file saved by Windows Notepad starts with a byte-order mark
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+            found = first_key_line(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise FalKeyMissing(f"the key file {path} cannot be read ({exc.__class__.__name__}); it must be "
                                 "a text file with the key on its first line") from None
-        lines = [ln for ln in lines if ln and not ln.startswith("#")]
-        if lines:
-            found = lines[0]
     if not found:
         where = (f", or put it on the first line of {Path(key_file)}" if key_file is not None else
                  ", or put it on the first line of a key file (ComfyUI: <ComfyUI user dir>/"

@@ -10,7 +10,6 @@ says what matters in its own lines: one per status change, per line of fal's log
 from __future__ import annotations
 
 import contextvars
-import ipaddress
 import logging
 import os
 import urllib.parse
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..endpoint import ENDPOINT  # noqa: F401 - the client's default endpoint
+from ..key_policy import is_loopback_address
 from .errors import FalValidationError
 from .key import RedactingFilter
 
@@ -121,13 +121,6 @@ class FalSettings:
         return None
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_endpoint_url(raw: str) -> str:
     """A self-hosted endpoint's base URL (no trailing slash), or :class:`FalValidationError` naming the variable."""
     text = str(raw).strip()
@@ -137,7 +130,7 @@ def check_endpoint_url(raw: str) -> str:
         raise FalValidationError(ENDPOINT_URL_ENV, f"{text[:80]!r} is not a base URL such as https://gpu-box:8443 "
                                                    "(serve) or https://gpu-box:8188/sdxlcn/fal (ComfyUI); fix it, or "
                                                    "unset it to use fal itself")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_address(parts.hostname):
         raise FalValidationError(ENDPOINT_URL_ENV, f"{text[:80]!r} is plain http to another machine: the key would "
                                                    "travel in clear text. Use https:// (serve --tls-cert/--tls-key, "
                                                    "or ComfyUI's --tls-certfile/--tls-keyfile); http is accepted "
@@ -149,7 +142,7 @@ def check_followed_url(url: str) -> None:
     """Every URL the client sends the key to, a status, result or cancel URL a server answered and each redirect
     included: https, or http to this machine only; :class:`FalValidationError` before anything is sent otherwise."""
     parts = urllib.parse.urlsplit(str(url))
-    if parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(parts.hostname or "")):
+    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback_address(parts.hostname or "")):
         return
     shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"[:120]
     raise FalValidationError("url", f"the server sent the client on to {shown!r}, not https: the key would travel "

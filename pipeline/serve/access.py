@@ -21,6 +21,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
+from ..key_policy import is_loopback  # noqa: F401 - the server's loopback rule, used here and by its callers
 from .protocol import CORS_HEADERS, HttpError
 
 # headers that proxies, load balancers and CDNs add (RFC 7239 Forwarded, RFC 9110 Via, the de-facto client-address
@@ -30,20 +31,6 @@ PROXY_HEADERS = ("forwarded", "via", "x-real-ip", "x-client-ip", "true-client-ip
 PROXY_PREFIX = "x-forwarded-"
 HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9.])?|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 ORIGIN_RE = re.compile(r"^https?://(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\])(?::\d{1,5})?$")
-
-
-def is_loopback(host: str) -> bool:
-    """A loopback address or name: ``localhost`` (and ``*.localhost``, which browsers resolve to it), 127.0.0.0/8,
-    ``::1`` (brackets allowed)."""
-    host = (host or "").strip().lower().rstrip(".")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def host_name(host_header: str) -> str:

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from ..endpoint import ENDPOINT
+from ..key_policy import first_key_line
 from ..local.choices import DEFAULT, DTYPES, dtype_help, memory_mode_help
 from .access import is_loopback, parse_origins, parse_proxies
 from .app import ServeApp
@@ -38,14 +39,13 @@ def read_key(key_file) -> str | None:
         from ..errors import SDXLCNError
 
         try:
-            lines = [ln.strip() for ln in Path(key_file).read_text(encoding="utf-8-sig").splitlines()]
-        except OSError as exc:
+            key = first_key_line(key_file)
+        except (OSError, UnicodeDecodeError) as exc:
             raise SDXLCNError(f"--key-file: {key_file} cannot be read ({type(exc).__name__}); it must be a text file "
                               "with the key on its first line") from None
-        lines = [ln for ln in lines if ln and not ln.startswith("#")]
-        if not lines:
+        if not key:
             raise SDXLCNError(f"--key-file: {key_file} holds no key; put the key on its first line")
-        return lines[0]
+        return key
     return None
 
 
