@@ -60,6 +60,22 @@ def pair_files(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def serving(request, tmp_path_factory, tiny_models):
+    """A real ComfyUI serving the pack's fal API on the tiny models, called through fal's Python client over HTTPS
+    (``test_comfyui_serve_queue.Serving``), one per test module; when the module is done, ComfyUI's log holds no key.
+    (tests/test_comfyui_serve_models.py has a ComfyUI of its own under this name.)"""
+    import contextlib
+
+    from test_comfyui_serve_queue import Serving
+    from test_serve import KEY
+
+    with contextlib.ExitStack() as stack:
+        s = Serving(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]), tiny_models, stack)
+        yield s
+        assert KEY not in s.comfy.log()
+
+
 # With SDXLCN_REQUIRE_COMFYUI=1 (set by .ci/run, which installs ComfyUI, Chromium and redis-server), a real-ComfyUI,
 # browser or shared-queue (Redis) test that skips is a failure: a missing COMFYUI_DIR, playwright, Chromium or
 # redis-server must never pass for green. The full-size tests (SDXLCN_FULLSIZE_DIR, ~10 GB of fixtures) and the GPU

@@ -11,30 +11,21 @@ As in ``test_comfyui_serve_queue.py``, a long plain ComfyUI prompt runs first, s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 
 import pytest
 
 from comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, wait_until
-from test_comfyui_serve_queue import Serving
-from test_serve import KEY, fal_input
+from test_serve import fal_input
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
+# ``serving``, the real ComfyUI these tests call, is tests/conftest.py's fixture (one per module)
 
 TIMEOUT_S = 3  # a request's x-fal-request-timeout: long enough to see it wait in ComfyUI's queue first
 AFTER_S = 1.0  # how long after its timeout ComfyUI's worker is freed for it
 ROUNDS = 3  # freed while a request's end may still be due: a server that ends it late passes one round by chance
 SAMPLERS = 25  # the long prompt's samplers: 50 short steps each, so that ComfyUI's Cancel stops it within a step
-
-
-@pytest.fixture(scope="module")
-def serving(tmp_path_factory, tiny_models):
-    with contextlib.ExitStack() as stack:
-        s = Serving(tmp_path_factory.mktemp("comfyui-serve-headers"), tiny_models, stack)
-        yield s
-        assert KEY not in s.comfy.log()
 
 
 def block(serving, seed: int) -> str:

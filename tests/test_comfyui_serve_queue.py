@@ -19,6 +19,7 @@ from pictures import make_test_image
 from test_serve import KEY, fal_input
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON)
+# ``serving``, the real ComfyUI these tests call, is tests/conftest.py's fixture (one per module)
 
 MODELS = {"checkpoint": "tiny-sdxl", "controlnet": "tiny-controlnet-canny"}
 CANCELLED = {"kind": "Completed", "error": "Request cancelled", "error_type": "request_cancelled"}
@@ -77,14 +78,6 @@ class Serving:
         assert len(self.input_files(rid)) == 4, self.input_files(rid)
         assert self.fal.status(rid)["kind"] == "Queued"
         return rid
-
-
-@pytest.fixture(scope="module")
-def serving(tmp_path_factory, tiny_models):
-    with contextlib.ExitStack() as stack:
-        s = Serving(tmp_path_factory.mktemp("comfyui-serve-queue"), tiny_models, stack)
-        yield s
-        assert KEY not in s.comfy.log()
 
 
 def test_fal_cancel_takes_a_waiting_request_out_of_comfyuis_queue(serving):

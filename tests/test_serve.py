@@ -9,14 +9,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from loopback import WebhookReceiver
 from pictures import make_test_image
 
 APP = "fal-ai/fast-sdxl-controlnet-canny/image-to-image"
@@ -219,22 +218,8 @@ def test_an_optional_model_the_server_lacks_is_refused_with_a_hint_it_can_follow
 
 def test_cancel_restart_and_webhook(tmp_path, tiny_pipe, monkeypatch):
     monkeypatch.setenv("SDXLCN_SERVE_ALLOW_INTERNAL_URLS", "127.0.0.1")  # the receiver is on this machine
-    received, got = [], threading.Event()
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            got.set()
-
-        def log_message(self, *a):
-            pass
-
-    hook = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    hook_url = f"http://127.0.0.1:{hook.server_address[1]}/done?x=1"
+    hook = WebhookReceiver()
+    hook_url = f"{hook.url}/done?x=1"
     server = start(tmp_path, backend=Paused())
     try:  # queued while nothing runs: position, cancel, then a "crash" with one request still waiting
         code, first, _ = call("POST", f"{server.url}/{APP}?fal_webhook={urllib.request.quote(hook_url, safe='')}",
@@ -255,13 +240,13 @@ def test_cancel_restart_and_webhook(tmp_path, tiny_pipe, monkeypatch):
         base = server.url + "/fal-ai/fast-sdxl-controlnet-canny/requests/"
         done, _seen = wait_done(base + first["request_id"] + "/status")
         assert "error" not in done
-        assert got.wait(30), "the webhook never came"
-        body = received[0]
+        assert hook.got.wait(30), "the webhook never came"
+        body = json.loads(hook.received[0][1])
         assert body["request_id"] == first["request_id"] and body["status"] == "OK" and body["error"] is None
         assert body["payload"]["images"][0]["width"] == 64
     finally:
         server.stop_all()
-        hook.shutdown()
+        hook.close()
     server = start(tmp_path, backend=Paused())  # after another restart the finished result is still there
     try:
         code, result, _ = call("GET", server.url + "/fal-ai/fast-sdxl-controlnet-canny/requests/" + first["request_id"])

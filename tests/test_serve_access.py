@@ -13,33 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from test_serve import APP, KEY, Paused, call, fal_input
+from loopback import Loopback, Quiet
+from test_serve import APP, KEY, call, fal_input
+from test_serve_http import Running
 
 ZERO = "00000000-0000-0000-0000-000000000000"
-
-
-class Running:
-    def __init__(self, tmp_path, key=None, **app_kw):
-        from sdxl_controlnet_img2img.pipeline.serve.app import ServeApp
-        from sdxl_controlnet_img2img.pipeline.serve.server import StandaloneServer
-        from sdxl_controlnet_img2img.pipeline.serve.store import Store
-
-        self.store = Store(tmp_path / "data")
-        self.server = StandaloneServer(ServeApp(self.store, Paused(), key=key, **app_kw)).start()
-        self.url, self.port = self.server.url, self.server.port
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.server.stop()
-        self.store.close()
 
 
 def cors_headers(headers: dict) -> list:
@@ -47,7 +29,7 @@ def cors_headers(headers: dict) -> list:
 
 
 def test_without_a_key_only_this_machines_programs_are_answered(tmp_path):
-    with Running(tmp_path) as srv:
+    with Running(tmp_path, key=None) as srv:
         submit = f"{srv.url}/{APP}"
         code, body, headers = call("POST", submit, fal_input(), key=None)  # a program here: no Origin, loopback Host
         assert code == 200 and not cors_headers(headers), headers
@@ -76,7 +58,7 @@ def test_without_a_key_only_this_machines_programs_are_answered(tmp_path):
 
 def test_with_a_key_cors_only_for_the_listed_origins(tmp_path):
     page = "https://app.example:8080"
-    with Running(tmp_path, key=KEY, cors_origins={page}) as srv:
+    with Running(tmp_path, key=KEY, app={"cors_origins": {page}}) as srv:
         preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
                      "Access-Control-Request-Headers": "authorization,content-type,x-fal-target-url"}
         code, _b, headers = call("OPTIONS", f"{srv.url}/proxy", key=None, headers=preflight)
@@ -137,7 +119,7 @@ def test_a_page_on_another_loopback_origin_cannot_use_a_keyless_server(tmp_path)
 
     from test_browser import CHROMIUM, CHROMIUM_ARGS
 
-    class Page(BaseHTTPRequestHandler):
+    class Page(Quiet):
         def do_GET(self):
             data = PAGE.encode()
             self.send_response(200)
@@ -146,24 +128,20 @@ def test_a_page_on_another_loopback_origin_cannot_use_a_keyless_server(tmp_path)
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, *a):
-            pass
-
-    site = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=site.serve_forever, daemon=True).start()
+    site = Loopback(Page)
     try:
-        with Running(tmp_path) as srv, sync_playwright() as pw:
+        with Running(tmp_path, key=None) as srv, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page()
-                page.goto(f"http://127.0.0.1:{site.server_address[1]}/")
+                page.goto(f"{site.url}/")
                 out = page.evaluate("([u, b]) => window.attempt(u, b)", [f"{srv.url}/{APP}", json.dumps(fal_input())])
             finally:
                 browser.close()
             assert "read" not in out and "error" in out, out  # the browser kept the answer from the page
             assert srv.store.waiting() == 0, "a page on another origin queued a request"
     finally:
-        site.shutdown()
+        site.close()
 
 
 PROXY_HEADERS = {"Via": "1.1 proxy.example (nginx)", "X-Forwarded-Server": "proxy.example",
@@ -179,7 +157,7 @@ def test_any_header_a_proxy_adds_is_refused_by_a_keyless_server(tmp_path, header
     reach the key-less server through a proxy, so it answers 403 naming the header and the key (only X-Forwarded-For,
     -Host, -Proto, -Port, -Prefix, X-Real-IP and Forwarded were refused); a keyed server takes the same request."""
     extra = {header: PROXY_HEADERS[header]}
-    with Running(tmp_path / "nokey") as srv:
+    with Running(tmp_path / "nokey", key=None) as srv:
         code, body, got = call("POST", f"{srv.url}/{APP}", fal_input(), key=None, headers=extra)
         assert code == 403 and header.lower() in body["detail"] and "key" in body["detail"], (code, body)
         assert srv.store.waiting() == 0

@@ -16,11 +16,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
-import threading
 import time
 
 from test_serve import APP, KEY, fal_input
-from test_serve_http import Running, closed_by_server, post_head, read_response
+from test_serve_http import Running, closed_by_server, post_head, read_response, trickling
 
 STATUS = f"/fal-ai/fast-sdxl-controlnet-canny/requests/{'0' * 8}-0000-0000-0000-{'0' * 12}/status"
 SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
@@ -106,22 +105,10 @@ def test_a_keyed_body_must_keep_a_minimum_rate(tmp_path):
     """1000 bytes/s after a 2 s grace, 600 s in all: a body trickling 5 bytes/s gets 408 naming the rate (it held
     its connection for the whole body deadline before); one sent at a few KB/s is taken."""
     with Running(tmp_path, body_s=600.0, body_rate=1000, body_grace_s=2.0) as srv:
-        stop = threading.Event()
         with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
             s.sendall(post_head(f"/{APP}", {"Authorization": f"Key {KEY}", "Content-Length": "100000"}))
-
-            def trickle():
-                while not stop.wait(0.2):
-                    try:
-                        s.send(b" ")
-                    except OSError:
-                        return
-
-            threading.Thread(target=trickle, daemon=True).start()
-            try:
+            with trickling(s):
                 status, _h, answer = read_response(s)  # within the socket's 30 s
-            finally:
-                stop.set()
         assert status == 408 and "KiB/s" in json.loads(answer)["detail"], answer
         body = json.dumps(fal_input()).encode() + b" " * 17000  # ~20 KB: past the grace at ~8 KB/s
         with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:

@@ -12,6 +12,7 @@ Content-Length) and the kernel's own view of the listening socket (``ss``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -21,18 +22,23 @@ import time
 
 import pytest
 
+from loopback import Loopback, Quiet, ipv6_can_bind
 from test_serve import APP, KEY, Paused, call, fal_input
 
 
 class Running:
-    def __init__(self, tmp_path, key=KEY, max_waiting=100, **conn):
+    """The stand-alone server on 127.0.0.1 (a ``with`` block), its store in ``tmp_path``, its backend running nothing
+    (``Paused``): ``app`` holds more of ``ServeApp``'s options (``cors_origins``, ...), ``conn`` ``ConnLimits``'s."""
+
+    def __init__(self, tmp_path, key=KEY, max_waiting=100, app: dict | None = None, **conn):
         from sdxl_controlnet_img2img.pipeline.serve.app import ServeApp
         from sdxl_controlnet_img2img.pipeline.serve.inputs import Limits
         from sdxl_controlnet_img2img.pipeline.serve.server import ConnLimits, StandaloneServer
         from sdxl_controlnet_img2img.pipeline.serve.store import Store
 
         self.store = Store(tmp_path / "data")
-        app = ServeApp(self.store, Paused(), key=key, limits=Limits(max_waiting=max_waiting, max_body_bytes=1 << 20))
+        app = ServeApp(self.store, Paused(), key=key, limits=Limits(max_waiting=max_waiting, max_body_bytes=1 << 20),
+                       **(app or {}))
         self.server = StandaloneServer(app, limits=ConnLimits(**conn)).start()
         self.port, self.url = self.server.port, self.server.url
 
@@ -96,6 +102,26 @@ def closed_by_server(sock: socket.socket, deadline_s: float) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def trickling(sock: socket.socket, every_s: float = 0.2):
+    """Within the block, a thread sends one byte (a space) on ``sock`` every ``every_s`` seconds, until the block
+    ends or the socket is closed: a body that trickles."""
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(every_s):
+            try:
+                sock.send(b" ")
+            except OSError:
+                return
+
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 def test_chunked_bodies_are_bodies_and_bad_lengths_are_400(tmp_path):
     body = json.dumps(fal_input()).encode()
     with Running(tmp_path) as srv:
@@ -149,20 +175,8 @@ def test_a_trickling_body_gets_408_at_its_deadline(tmp_path):
     with Running(tmp_path, body_s=2.0) as srv:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as s:
             s.sendall(post_head(f"/{APP}", {"Authorization": f"Key {KEY}", "Content-Length": "1000"}))
-            stop = threading.Event()
-
-            def trickle():
-                while not stop.wait(0.2):
-                    try:
-                        s.send(b" ")
-                    except OSError:
-                        return
-
-            threading.Thread(target=trickle, daemon=True).start()
-            try:
+            with trickling(s):
                 status, _h, answer = read_response(s)
-            finally:
-                stop.set()
         assert status == 408 and "did not arrive" in json.loads(answer)["detail"]
 
 
@@ -242,27 +256,18 @@ def test_a_key_that_is_not_utf8_is_401(tmp_path):
             assert status == 401 and "missing or wrong key" in json.loads(answer)["detail"], (raw, status, answer)
 
 
-def ipv6_port_80_free() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 80))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not ipv6_port_80_free(), reason="needs [::1]:80 (IPv6 loopback, a free port 80 and the right "
+@pytest.mark.skipif(not ipv6_can_bind(80), reason="needs [::1]:80 (IPv6 loopback, a free port 80 and the right "
                                                      "to bind it)")
 def test_an_ipv6_url_without_a_port_goes_to_port_80_with_its_host_bracketed(tmp_path):
     """The server's outbound fetch of ``http://[::1]/x`` (an image URL, a webhook) reaches [::1]:80, the scheme's
     default port (RFC 3986), and says ``Host: [::1]`` (RFC 9110); it went to host ':' port 1."""
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from http.server import HTTPServer
 
     from sdxl_controlnet_img2img.pipeline.serve import fetch
 
     seen = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(Quiet):
         def do_GET(self):
             seen.append((self.path, self.headers["Host"]))
             self.send_response(200)
@@ -270,33 +275,13 @@ def test_an_ipv6_url_without_a_port_goes_to_port_80_with_its_host_bracketed(tmp_
             self.end_headers()
             self.wfile.write(b"ok")
 
-        def log_message(self, *args):
-            pass
-
-    class Server6(HTTPServer):
-        address_family = socket.AF_INET6
-
-    server = Server6(("::1", 80), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with Loopback(Handler, host="::1", port=80, server_class=HTTPServer):
         status, data = fetch.request("http://[::1]/x?y=1", max_bytes=100, timeout_s=10,
                                      policy=fetch.Policy(fetch.Policy.ALL))
-    finally:
-        server.shutdown()
-        server.server_close()
     assert (status, data) == (200, b"ok") and seen == [("/x?y=1", "[::1]")], (status, data, seen)
 
 
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not ipv6_loopback(), reason="needs IPv6 loopback (::1)")
+@pytest.mark.skipif(not ipv6_can_bind(), reason="needs IPv6 loopback (::1)")
 def test_an_ipv6_url_keeps_its_brackets_in_messages():
     """A download that fails names its URL as RFC 3986 writes an IPv6 host, in brackets, without query or
     credentials: the message said 'http://::1:PORT/x.png', which urllib itself reads as host ':' and no port."""

@@ -16,11 +16,11 @@ import socket
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from comfyui_harness import free_port, wait_until
+from loopback import Loopback, Quiet
 from pictures import make_test_image
 from test_serve import APP, Paused, call, fal_input, start, wait_done
 
@@ -33,14 +33,14 @@ def png_bytes() -> bytes:
     return buf.getvalue()
 
 
-class Site:
+class Site(Loopback):
     """An HTTP server on ``host`` counting its requests: ``/img.png`` a PNG, ``/to?u=URL`` a 302 to URL."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.hits = []
         site = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(Quiet):
             def do_GET(self):
                 site.hits.append(self.path)
                 q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
@@ -59,17 +59,7 @@ class Site:
 
             do_POST = do_GET
 
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler, host, port)
 
 
 class Listener:

@@ -19,15 +19,15 @@ import select
 import shutil
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from comfyui_harness import wait_until
+from loopback import Loopback, Quiet
 from pictures import make_test_image
 from test_serve import APP, call, fal_input, start, wait_done
 from test_serve_submit_fetch import ENV, png_of
 
 
-class Host:
+class Host(Loopback):
     """An image host on 127.0.0.1: paths starting with ``/held`` answer only once ``release`` is set, ``/late``
     after ``late_s`` seconds, ``/hang`` never (it notes when the client closed the connection, in ``closed``), others
     at once with the PNG. ``hits`` lists the paths asked for, in order, and ``at`` when (the host's own clock)."""
@@ -39,7 +39,7 @@ class Host:
         self.closed: dict[str, float] = {}
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(Quiet):
             def do_GET(self):
                 owner.hits.append(self.path)
                 owner.at[self.path] = time.monotonic()
@@ -58,18 +58,11 @@ class Host:
                 self.end_headers()
                 self.wfile.write(png)
 
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        super().__init__(Handler)
 
     def close(self):
         self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().close()
 
 
 def queued(store, url: str, **changes):

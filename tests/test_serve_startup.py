@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from loopback import ipv6_can_bind
 from test_serve import KEY
 from test_serve_cli import as_at_a_terminal
 
@@ -110,16 +111,7 @@ def test_bad_port_public_url_and_data_dir_are_one_line_naming_the_option(tiny_mo
     assert line.startswith(f"error: --data-dir {tmp_path / 'c'}:") and "requests" in line, line
 
 
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+@pytest.mark.skipif(not ipv6_can_bind(), reason="this machine has no IPv6 loopback (::1)")
 def test_serve_on_ipv6_loopback(tiny_models, tmp_path):
     from comfyui_harness import free_port
 

@@ -16,12 +16,12 @@ import os
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from PIL import Image
 
 from comfyui_harness import wait_until
+from loopback import Loopback, Quiet
 from pictures import make_test_image
 from test_serve import APP, KEY, call, fal_input, start, wait_done
 
@@ -34,7 +34,7 @@ def png_of(image) -> bytes:
     return buf.getvalue()
 
 
-class Images:
+class Images(Loopback):
     """An image host on 127.0.0.1: ``/held.png`` answers only once ``release`` is set (``sent`` is set when it has
     answered anything), ``/img.png`` and ``files``' paths at once, anything else 404. ``hits`` lists the paths
     asked for."""
@@ -45,7 +45,7 @@ class Images:
         served = {"/held.png": png, "/img.png": png, **(files or {})}
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(Quiet):
             def do_GET(self):
                 owner.hits.append(self.path)
                 if self.path == "/held.png":
@@ -58,18 +58,11 @@ class Images:
                 self.wfile.write(data or b"")
                 owner.sent.set()
 
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        super().__init__(Handler)
 
     def close(self):
         self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().close()
 
 
 def local_pixels(tiny_pipe, **changes) -> np.ndarray:

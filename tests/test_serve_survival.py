@@ -82,6 +82,12 @@ def submit(server, **changes) -> dict:
     return sub
 
 
+def completes(sub: dict, deadline_s: float) -> None:
+    """The submitted request ``sub`` completes within ``deadline_s`` without an error."""
+    done, _seen = wait_done(sub["status_url"], deadline_s=deadline_s)
+    assert "error" not in done, done
+
+
 def test_a_database_locked_for_12_s_delays_the_running_request_and_loses_nothing(tmp_path, tiny_pipe):
     """The issue's 12 s lock, taken while a request generates (past SQLite's 5 s busy timeout): the request still
     completes with its result, and the worker goes on to the next one."""
@@ -89,13 +95,10 @@ def test_a_database_locked_for_12_s_delays_the_running_request_and_loses_nothing
     server = serve(tmp_path, tiny_pipe, first_call(lambda _req: lock.hold(12.0)))
     try:
         first = submit(server)
-        done, _seen = wait_done(first["status_url"], deadline_s=90)
-        assert "error" not in done, done
+        completes(first, 90)
         code, result, _ = call("GET", first["response_url"])
         assert code == 200 and result["seed"] == 7, result
-        second = submit(server, seed=8)
-        done, _seen = wait_done(second["status_url"], deadline_s=60)
-        assert "error" not in done, done
+        completes(submit(server, seed=8), 60)
     finally:
         lock.release.set()
         server.stop_all()
@@ -117,14 +120,11 @@ def test_a_worker_that_cannot_store_says_so_and_stores_the_result_once_it_can(tm
         code, body, _ = call("GET", f"{server.url}/ready", key=None)  # what a load balancer asks, without the key
         assert code == 503 and body["ready"] is False and "locked" in body["detail"], body
         lock.release.set()
-        done, _seen = wait_done(first["status_url"], deadline_s=90)
-        assert "error" not in done, done
+        completes(first, 90)
         assert call("GET", first["response_url"])[0] == 200
         wait_until(lambda: server.workers.health() is None, "the worker ready again", deadline_s=60)
         assert call("GET", f"{server.url}/ready", key=None)[:2] == (200, {"ready": True})
-        second = submit(server, seed=8)
-        done, _seen = wait_done(second["status_url"], deadline_s=60)
-        assert "error" not in done, done
+        completes(submit(server, seed=8), 60)
     finally:
         lock.release.set()
         server.stop_all()
@@ -149,9 +149,7 @@ def test_a_result_that_cannot_be_written_fails_its_request_and_the_worker_goes_o
         assert done.get("error_type") == "runner_error" and "could not store" in done["error"], done
         code, body, _ = call("GET", first["response_url"])
         assert code == 500 and "NotADirectoryError" in str(body), body
-        second = submit(server, seed=8)
-        done, _seen = wait_done(second["status_url"], deadline_s=60)
-        assert "error" not in done, done
+        completes(submit(server, seed=8), 60)
         assert moved and server.workers.health() is None
     finally:
         server.stop_all()

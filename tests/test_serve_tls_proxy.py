@@ -17,10 +17,10 @@ import ssl
 import threading
 import urllib.request
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from loopback import Loopback, Quiet
 from test_serve import APP, KEY, Paused, call, fal_input
 from test_serve_cli import make_cert
 
@@ -192,7 +192,7 @@ def test_the_packs_client_sends_no_key_to_a_plain_http_url_a_server_answers(tmp_
     elsewhere = f"http://{address}:{listener.getsockname()[1]}"
     rid = str(uuid.uuid4())
 
-    class Endpoint(BaseHTTPRequestHandler):
+    class Endpoint(Quiet):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             root = f"{elsewhere}/fal-ai/fast-sdxl-controlnet-canny/requests/{rid}"
@@ -205,13 +205,9 @@ def test_the_packs_client_sends_no_key_to_a_plain_http_url_a_server_answers(tmp_
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, *a):
-            pass
-
-    endpoint = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
-    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    endpoint = Loopback(Endpoint)
     try:
-        monkeypatch.setenv("SDXLCN_FAL_URL", f"http://127.0.0.1:{endpoint.server_address[1]}")
+        monkeypatch.setenv("SDXLCN_FAL_URL", endpoint.url)
         monkeypatch.setenv("FAL_KEY", KEY)
         settings = FalSettings(http_timeout_s=3.0, max_retries=0, poll_interval_s=0.05)
         with pytest.raises(FalError) as caught:
@@ -220,6 +216,6 @@ def test_the_packs_client_sends_no_key_to_a_plain_http_url_a_server_answers(tmp_
         assert "clear text" in str(caught.value) and elsewhere in str(caught.value), caught.value
         assert KEY not in str(caught.value)
     finally:
-        endpoint.shutdown()
+        endpoint.close()
         listener.close()
     assert received == [], f"the client sent {received[0][:300]!r} in clear text"

@@ -17,11 +17,9 @@ import base64
 import hashlib
 import json
 import stat
-import threading
-import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from loopback import WebhookReceiver
 from test_serve import APP, Paused, call, fal_input, start
 
 
@@ -48,36 +46,21 @@ def fals_verification(jwks: dict, headers: dict, body: bytes, now: float) -> boo
 
 def test_a_webhook_verifies_with_the_servers_jwks_as_fal_documents(tmp_path, monkeypatch):
     monkeypatch.setenv("SDXLCN_SERVE_ALLOW_INTERNAL_URLS", "127.0.0.1")  # the receiver is on this machine
-    received, got = [], threading.Event()
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append(({k.lower(): v for k, v in self.headers.items()}, body, time.time()))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            got.set()
-
-        def log_message(self, *a):
-            pass
-
-    hook = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    hook_url = f"http://127.0.0.1:{hook.server_address[1]}/fal/webhook"
+    hook = WebhookReceiver()
+    hook_url = f"{hook.url}/fal/webhook"
     server = start(tmp_path, backend=Paused())
     try:
         code, sub, _ = call("POST", f"{server.url}/{APP}?fal_webhook={urllib.request.quote(hook_url, safe='')}",
                             fal_input())
         assert code == 200, sub
         assert call("PUT", sub["cancel_url"])[0] == 202  # it ends (cancelled while waiting): its webhook goes out
-        assert got.wait(30), "the webhook never came"
+        assert hook.got.wait(30), "the webhook never came"
         code, jwks, _ = call("GET", f"{server.url}/.well-known/jwks.json", key=None)  # as a receiver fetches it
         assert code == 200, jwks
     finally:
         server.stop_all()
-        hook.shutdown()
-    headers, body, when = received[0]
+        hook.close()
+    headers, body, when = hook.received[0]
     assert json.loads(body)["request_id"] == sub["request_id"] == headers["x-fal-webhook-request-id"]
     assert fals_verification(jwks, headers, body, when)
     assert not fals_verification(jwks, headers, body.replace(b"ERROR", b"OK"), when)  # a changed body fails
