@@ -21,7 +21,7 @@ def flops_per_image(width: int = 1024, height: int = 1024, steps_run: int = 23, 
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG as B
+    from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG as B
     from sdxl_controlnet_img2img.pipeline.request import DEFAULTS
 
     meta = torch.device("meta")

@@ -66,10 +66,10 @@ def write_models(scratch: Path) -> None:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    sys.path.insert(0, str(C.ROOT / "tests"))
+    sys.path[:0] = [str(C.ROOT / "tests"), str(C.ROOT / "tests" / "helpers")]
     from test_loading_single_file import pipeline_to_sgm  # the tests' SGM writer (diffusers -> original names)
 
-    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG as B
+    from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG as B
 
     from sdxl_controlnet_img2img.pipeline.local.quiet import drop_known_noise
 
@@ -113,7 +113,7 @@ def write_base_folder(scratch: Path) -> None:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline
 
     print("writing the full-size SDXL base as a diffusers folder...", file=sys.stderr)
     pipe = build_pipeline(scratch / BASE, scratch / CONTROLNET, LoadOptions(device="cpu", dtype="bf16"))
@@ -133,7 +133,7 @@ import json, sys, time
 bench, scratch, base, cn, size, steps, strength, generate_too = sys.argv[1:9]
 sys.path.insert(0, bench)
 from _common import own_peak_rss
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 from PIL import Image
@@ -213,7 +213,7 @@ scratch, base, cn, size, rounds, lora = sys.argv[1:7]
 size, rounds = int(size), int(rounds)
 from pathlib import Path
 from PIL import Image
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 pipe = build_pipeline(f"{scratch}/{base}", f"{scratch}/{cn}", LoadOptions(device="cpu", dtype="fp32"))
@@ -308,7 +308,7 @@ def run_fast(args, env) -> None:
           "CFG 7.5, default scheduler, no LoRA; _fast: 4 x 0.95 = 3 run, CFG 1.0, euler_trailing, a rank-64 "
           f"UNet LoRA (random, SDXL-Lightning's shape); {args.rounds} rounds, order alternating")
     times = run_child([sys.executable, "-c", FAST, str(args.scratch), BASE, CONTROLNET, str(args.fast_size),
-                       str(args.rounds), LORA, str(C.ROOT / "tests")], env)
+                       str(args.rounds), LORA, str(C.ROOT / "tests" / "helpers")], env)
     d, f = C.median(times["defaults"]), C.median(times["fast"])
     print("defaults  " + " ".join(f"{t:.1f}" for t in times["defaults"]) + f" s   median {d:.1f} s")
     print("_fast     " + " ".join(f"{t:.1f}" for t in times["fast"]) + f" s   median {f:.1f} s")

@@ -19,7 +19,7 @@ never slower than plain diffusers, peak < 12 GB without offload and < 8 GB with 
 
 Weights: ``--checkpoint`` and ``--controlnet`` (and optionally ``--vae``, e.g. sdxl-vae-fp16-fix) load real
 models by path with the pack's loader. Without them the full SDXL base and SDXL ControlNet architectures are
-built with random weights from the configs bundled in ``pipeline/local/configs/`` (no download anywhere).
+built with random weights from the configs bundled in ``pipeline/local/models/configs/`` (no download anywhere).
 
 Without a CUDA GPU it prints ``no CUDA GPU found: ...`` and exits 0.
 
@@ -87,7 +87,7 @@ def random_components(device, dtype):
     from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG
+    from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG
     from sdxl_controlnet_img2img.pipeline.local.tiny_models import write_clip_tokenizer
 
     base = SDXL_BASE_CONFIG
@@ -191,7 +191,7 @@ class Machine:
 
 def load_weights(args, device, dtype, dry):
     """(a line naming the weights, the SDXL components, the ControlNet): tiny, real from paths, or random full-size."""
-    from sdxl_controlnet_img2img.pipeline.local import loading
+    from sdxl_controlnet_img2img.pipeline.local.models import loading
 
     if dry:
         from sdxl_controlnet_img2img.pipeline.local.tiny_models import tiny_components
@@ -217,7 +217,7 @@ def load_fix_vae(path, device, dtype):
     """The fp16-fix VAE from ``--vae``, or None (then a stand-in is built when a row needs it)."""
     if not path:
         return None
-    from sdxl_controlnet_img2img.pipeline.local import loading
+    from sdxl_controlnet_img2img.pipeline.local.models import loading
 
     return loading.load_vae(path, loading.LoadOptions(device=device, dtype=dtype).resolved()).to(device, dtype)
 
@@ -312,8 +312,8 @@ class RowPipelines:
         import torch
         from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
 
-        from sdxl_controlnet_img2img.pipeline.local import loading
-        from sdxl_controlnet_img2img.pipeline.local.placement import place
+        from sdxl_controlnet_img2img.pipeline.local.models import loading
+        from sdxl_controlnet_img2img.pipeline.local.memory.placement import place
 
         c = dict(self.comps, unet=self.raw_unet)
         if vae is not None:

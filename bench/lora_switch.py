@@ -18,11 +18,11 @@ from pathlib import Path
 
 import _common as C
 
-sys.path.insert(0, str(C.ROOT / "tests"))
+sys.path.insert(0, str(C.ROOT / "tests" / "helpers"))
 
 
 def _load(checkpoint, controlnet, device, dtype):
-    from sdxl_controlnet_img2img.pipeline.local import loading
+    from sdxl_controlnet_img2img.pipeline.local.models import loading
 
     free = getattr(loading, "free_cached_pipeline", None)
     if free is not None:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sdxl_controlnet_img2img.pipeline.local import lora as L
+    from sdxl_controlnet_img2img.pipeline.local.lora import adapters as L
     from sdxl_controlnet_img2img.pipeline.request import LoraSpec
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]

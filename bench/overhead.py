@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     from sdxl_controlnet_img2img.nodes.loader import SDXLCNLoader
     from sdxl_controlnet_img2img.nodes.sampler import SDXLCNImg2Img
     from sdxl_controlnet_img2img.pipeline.handle import PipelineHandle
-    from sdxl_controlnet_img2img.pipeline.local.loading import free_cached_pipeline, load_pipeline
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import free_cached_pipeline, load_pipeline
     from sdxl_controlnet_img2img.pipeline.local.tiny_models import build_tiny_models
 
     import diffusers

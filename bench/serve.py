@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         C.die("redis-server is not installed: apt-get install redis-server")
     import torch
 
-    from sdxl_controlnet_img2img.pipeline.local.loading import load_pipeline
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import load_pipeline
     from sdxl_controlnet_img2img.pipeline.local.tiny_models import build_tiny_models
     from sdxl_controlnet_img2img.pipeline.serve.redis_conn import require_packages
 

@@ -47,7 +47,7 @@ class ComfyCodec:
     def before_denoise(self, width: int, height: int) -> None:
         import comfy.model_management as mm  # type: ignore
 
-        from ..pipeline.local.memory_plan import denoise_bytes
+        from ..pipeline.local.memory.plan import denoise_bytes
 
         mm.load_models_gpu(self.models.patchers(), memory_required=denoise_bytes(width, height))
 

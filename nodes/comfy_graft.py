@@ -1,6 +1,6 @@
 """Our diffusers pipeline on ComfyUI's own loaded models: diffusers skeletons with ComfyUI's modules grafted in.
 
-The UNet and ControlNet skeletons (``pipeline/local/skeleton.py``, on ``meta``) get ComfyUI's own leaf modules
+The UNet and ControlNet skeletons (``pipeline/local/models/skeleton.py``, on ``meta``) get ComfyUI's own leaf modules
 (its ``comfy.ops`` Linear / Conv2d / GroupNorm / LayerNorm objects) in place of theirs, found through ComfyUI's own
 LDM -> diffusers name map (``comfy.utils.unet_to_diffusers``). Nothing is copied, moved or cast: ComfyUI's LoRA
 patches, its low-VRAM mode (weights cast per layer inside ``comfy.ops``), fp8 storage and its model moves all act
@@ -162,7 +162,7 @@ def graft(skeleton_model, comfy_model, names: dict, what: str) -> int:
     Returns how many leaves were grafted; refuses a leaf that is missing, of another kind or another shape."""
     import torch
 
-    from ..pipeline.local.skeleton import graft_leaves, leaf_modules, still_empty
+    from ..pipeline.local.models.skeleton import graft_leaves, leaf_modules, still_empty
 
     leaves = {}
     for name, leaf in leaf_modules(skeleton_model).items():
@@ -215,7 +215,7 @@ def build_grafted_pipeline(model, clip, vae, control_net):
 
     import comfy.utils  # type: ignore
 
-    from ..pipeline.local.skeleton import (
+    from ..pipeline.local.models.skeleton import (
         SkeletonError,
         build_skeleton,
         controlnet_config_from_unet,

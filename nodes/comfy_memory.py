@@ -95,8 +95,8 @@ def _on_detach(patcher, unpatch_all):
         return
     if str(patcher.load_device) != str(patcher.offload_device):
         return  # the weights moved to the offload device; the next run loads them back
-    from ..pipeline.local.loading import forget_cached_pipeline
-    from ..pipeline.local.memory import trim_heap
+    from ..pipeline.local.models.loading import forget_cached_pipeline
+    from ..pipeline.local.memory.release import trim_heap
 
     pipe = patcher.model.pipe_ref()
     if pipe is None:
@@ -127,7 +127,7 @@ def choose_mode(pipe, mode: str, device: str) -> str:
     elif state == "LOW_VRAM":
         chosen, why = "model_cpu_offload", "ComfyUI was started with --lowvram"
     else:
-        from ..pipeline.local.memory_plan import choose_memory_mode, component_bytes
+        from ..pipeline.local.memory.plan import choose_memory_mode, component_bytes
 
         chosen, why = choose_memory_mode(int(mm.get_total_memory(mm.get_torch_device())), component_bytes(pipe))
     log.info("SDXL ControlNet: memory_mode auto -> %s (%s)", chosen, why)
@@ -140,8 +140,8 @@ def adopt(pipe, mode: str) -> None:
     if mm is None:
         return
     release_pending()
-    from ..pipeline.local.choices import memory_mode_row
-    from ..pipeline.local.placement import apply_memory_mode
+    from ..pipeline.local.memory.choices import memory_mode_row
+    from ..pipeline.local.memory.placement import apply_memory_mode
 
     device = mm.get_torch_device()
     mode = choose_mode(pipe, mode, str(device))
@@ -151,7 +151,7 @@ def adopt(pipe, mode: str) -> None:
     container_cls, patcher_cls = _container_and_patcher_classes()
     from comfy.patcher_extension import CallbacksMP  # type: ignore
 
-    from ..pipeline.local.memory_plan import component_bytes
+    from ..pipeline.local.memory.plan import component_bytes
 
     size = sum(component_bytes(pipe).values())
     patcher = patcher_cls(container_cls(pipe), load_device=device, offload_device=mm.unet_offload_device(), size=size)
@@ -172,7 +172,7 @@ def before_sampling(pipe, width: int, height: int) -> None:
     release_pending()
     if getattr(pipe, "codec", None) is not None:
         return  # on ComfyUI's own models: its codec has ComfyUI load them before each denoise
-    from ..pipeline.local.memory_plan import STAGES, component_bytes, working_bytes
+    from ..pipeline.local.memory.plan import STAGES, component_bytes, working_bytes
 
     work = working_bytes(width, height)
     patcher = _PATCHERS.get(pipe)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..pipeline.handle import PipelineHandle
-from ..pipeline.local.choices import DEFAULT, DTYPES, DTYPES_TABLE, MEMORY_MODES, dtype_help, memory_mode_help
+from ..pipeline.local.memory.choices import DEFAULT, DTYPES, DTYPES_TABLE, MEMORY_MODES, dtype_help, memory_mode_help
 from .comfy_hooks import CATEGORY, log
 from .model_folders import checkpoint_choices, controlnet_choices, resolve, vae_choices
 
@@ -51,7 +51,7 @@ class SDXLCNLoader:
         on its own input, all of them in the same answer. What the files hold is checked in ``load`` before any
         weights are read."""
         from ..pipeline.errors import FieldError
-        from ..pipeline.local.devices import check_device
+        from ..pipeline.local.memory.devices import check_device
 
         if device in (None, "", "auto"):
             return True
@@ -63,7 +63,7 @@ class SDXLCNLoader:
 
     def load(self, checkpoint, controlnet, dtype="auto", memory_mode="auto", vae_tiling=False,
              device="auto", vae="none", compile=False, attention="sdpa"):
-        from ..pipeline.local.loading import LoadOptions, PipelineRef, check_sources
+        from ..pipeline.local.models.loading import LoadOptions, PipelineRef, check_sources
         from . import comfy_memory
 
         base_path = resolve("checkpoint", checkpoint)

@@ -36,7 +36,7 @@ def server_allows_pickle() -> bool:
 def _allow_pickle(lora_name: str, path: str, widget: bool) -> bool:
     """Whether this LoRA may be read as a pickle: the node's ``allow_pickle`` and the server's opt-in together. A
     pickle asked for without the server's opt-in is refused here, with what to do."""
-    from ..pipeline.local.lora import LoraError, is_safetensors
+    from ..pipeline.local.lora.adapters import LoraError, is_safetensors
 
     if is_safetensors(path) or not widget:
         return False  # safetensors need no opt-in; without the widget the library refuses a pickle itself
@@ -55,7 +55,7 @@ def _full_path(lora_name: str) -> str:
             return path
     elif os.path.isfile(lora_name):  # outside ComfyUI (tests, scripts): a path; inside, only the loras folders
         return os.path.abspath(lora_name)
-    from ..pipeline.local.lora import LoraError
+    from ..pipeline.local.lora.adapters import LoraError
 
     raise LoraError(lora_name, "not found in ComfyUI's loras folder; put the file in models/loras and refresh")
 
@@ -92,7 +92,7 @@ class SDXLCNLoraLoader:
         takes only ``lora_name``, as ComfyUI pins what it returns to every argument it takes. A pickle is refused
         here unless the server opted in; with the opt-in it is read, or refused for this node's ``allow_pickle``, when
         the node runs."""
-        from ..pipeline.local.lora import LoraError, check_lora_file, is_safetensors
+        from ..pipeline.local.lora.adapters import LoraError, check_lora_file, is_safetensors
 
         try:
             path = _full_path(lora_name)
@@ -103,7 +103,7 @@ class SDXLCNLoraLoader:
         return True
 
     def add_lora(self, pipeline, lora_name, strength=1.0, allow_pickle=False):
-        from ..pipeline.local.lora_fused import preload
+        from ..pipeline.local.lora.fused import preload
 
         from .from_comfy_node import SOURCE
 

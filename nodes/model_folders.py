@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ..pipeline.local.model_hooks import PROMPT_EXPANSION_FOLDER, SAFETY_CHECKER_FOLDER, resolve_hooks
+from ..pipeline.local.request_models.locate import PROMPT_EXPANSION_FOLDER, SAFETY_CHECKER_FOLDER, resolve_hooks
 from .comfy_hooks import folder_paths
 
 WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")

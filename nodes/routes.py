@@ -30,7 +30,7 @@ _renotify: dict = {}  # the task setting the flag again while a request waits (o
 def free_now() -> bool:
     """Free the cached pipeline, safety checker and prompt expander (on the prompt worker's thread, between
     prompts). True if a pipeline was cached."""
-    from ..pipeline.local.loading import free_cached_pipeline
+    from ..pipeline.local.models.loading import free_cached_pipeline
 
     freed = free_cached_pipeline()
     log.info("SDXL ControlNet: freed cached models between prompts (pipeline was %s)",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..pipeline.local.model_hooks import (PROMPT_EXPANSION_FOLDER, PROMPT_EXPANSION_SOURCE, SAFETY_CHECKER_FOLDER,
+from ..pipeline.local.request_models.locate import (PROMPT_EXPANSION_FOLDER, PROMPT_EXPANSION_SOURCE, SAFETY_CHECKER_FOLDER,
                                           SAFETY_CHECKER_SOURCE)
 from .model_folders import checkpoint_choices, controlnet_choices, search_dirs, vae_choices
 from .serve_workflow import shipped_loader
@@ -64,7 +64,7 @@ def _lora_names() -> list[str]:
 
 
 def _has(folder: str, finder) -> bool:
-    from ..pipeline.local.model_hooks import MissingModelError
+    from ..pipeline.local.request_models.locate import MissingModelError
 
     try:
         finder(search_dirs(folder))
@@ -75,7 +75,7 @@ def _has(folder: str, finder) -> bool:
 
 def has_optional(field: str) -> bool:
     """Whether ComfyUI's model folders hold the model ``field`` (enable_safety_checker, expand_prompt) needs."""
-    from ..pipeline.local.model_hooks import find_prompt_expander, find_safety_checker
+    from ..pipeline.local.request_models.locate import find_prompt_expander, find_safety_checker
 
     if field == "enable_safety_checker":
         return _has(SAFETY_CHECKER_FOLDER, find_safety_checker)

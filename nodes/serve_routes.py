@@ -63,7 +63,7 @@ def register_serve_routes() -> None:
     from ..pipeline.serve.access import is_loopback, parse_origins, parse_proxies
     from ..pipeline.serve.app import ServeApp
     from ..pipeline.serve.datalock import lock_folder
-    from ..pipeline.serve.httpd import open_store, read_key
+    from ..pipeline.serve.cli import open_store, read_key
     from ..pipeline.serve.web import Adapter
     from ..pipeline.serve.webhook import Webhooks
     from .serve_models import ServedModels

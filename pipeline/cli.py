@@ -16,10 +16,10 @@ from pathlib import Path
 from .errors import RequestError, SDXLCNError
 from .fal.cli import add_fal_fetch_parser, add_remote_arguments
 from .folders import check_output_folder, comfyui_folder, write_error_text
-from .local.choices import DEFAULT, DTYPES, MEMORY_MODES, dtype_help, memory_mode_help
+from .local.memory.choices import DEFAULT, DTYPES, MEMORY_MODES, dtype_help, memory_mode_help
 from .request_fields import describe_fields
 from .request_log import cli_command
-from .serve.httpd import add_serve_parser
+from .serve.cli import add_serve_parser
 
 
 
@@ -101,7 +101,7 @@ def _model_hooks(args, request, options) -> dict:
     else from ./models/safety_checker and ./models/prompt_expansion. Missing models are an error."""
     if not (request.enable_safety_checker or request.expand_prompt):
         return {}
-    from .local.model_hooks import MissingModelError, default_search_dirs, resolve_hooks
+    from .local.request_models.locate import MissingModelError, default_search_dirs, resolve_hooks
 
     try:
         safety, expander = resolve_hooks(
@@ -119,8 +119,8 @@ def _model_hooks(args, request, options) -> dict:
 
 def _check_loras(request, lora_dirs, allow_pickle: bool):
     """``request`` with bare LoRA names resolved to files; every local LoRA file's header read (no model needed)."""
-    from .local.lora import check_lora_file
-    from .local.lora_sources import resolve_request_loras, resolve_source
+    from .local.lora.adapters import check_lora_file
+    from .local.lora.sources import resolve_request_loras, resolve_source
 
     request = resolve_request_loras(request, lora_dirs)
     for spec in request.loras:
@@ -131,8 +131,8 @@ def _check_loras(request, lora_dirs, allow_pickle: bool):
 
 def cmd_generate(args) -> int:
     from .local.generate import generate, prepare_inputs
-    from .local.loading import LoadOptions, check_sources, load_pipeline
-    from .local.lora_fused import preload
+    from .local.models.loading import LoadOptions, check_sources, load_pipeline
+    from .local.lora.fused import preload
     from .result import result_dir, write_result
 
     overrides = request_overrides(args)

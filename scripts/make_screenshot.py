@@ -6,7 +6,7 @@
   browser, which takes a custom node's thumbnails from a same-named .jpg (docs.comfy.org/custom-nodes/workflow_templates).
   The graph alone (the page in focus mode), 512x512.
 
-It starts ComfyUI with the pack as the tests do (``tests/comfyui_harness.py``: ``COMFYUI_DIR``, ``COMFYUI_PYTHON``, a
+It starts ComfyUI with the pack as the tests do (``tests/helpers/comfyui_harness.py``: ``COMFYUI_DIR``, ``COMFYUI_PYTHON``, a
 temporary base folder, no models: the workflows show the model names they ship with) and drives it with Playwright's
 Python package and Debian's Chromium (``/usr/bin/chromium`` or ``SDXLCN_CHROMIUM``; no downloaded browser)::
 
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("readme", "thumbnails"), help="make only these pictures")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "helpers"))
     from comfyui_harness import SKIP_REASON, comfyui_dir, running_comfyui
 
     if comfyui_dir() is None:

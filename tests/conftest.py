@@ -17,6 +17,7 @@ import pytest
 # a package: under pytest's importlib mode a package here would be imported as part of the pack's own folder, whose
 # name (a clone's directory) need not be a Python identifier.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))  # the harnesses, servers and probes the tests share
 
 from pictures import make_test_image  # noqa: E402
 
@@ -34,7 +35,7 @@ def tiny_pipe(tiny_models):
     """The tiny pipeline loaded through the library's loader, on the CPU in float32."""
     import torch
 
-    from sdxl_controlnet_img2img.pipeline.local.loading import load_pipeline
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import load_pipeline
 
     return load_pipeline(tiny_models["checkpoint"], tiny_models["controlnet"], device="cpu", dtype=torch.float32)
 

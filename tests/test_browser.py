@@ -25,6 +25,7 @@ import pytest
 from comfyui_harness import PACK_FOLDER, ROOT, SKIP_REASON, comfyui_dir, running_comfyui
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 import fal_server  # noqa: E402
 from fal_server import fal_test_server  # noqa: E402,F401  (one fal-protocol server per session, shared)
 

@@ -3,8 +3,8 @@ moves it with SDXLCN_CACHE_DIR, or with XDG's XDG_CACHE_HOME, finds both there."
 
 from pathlib import Path
 
-from sdxl_controlnet_img2img.pipeline.local.lora_sources import default_cache_dir
-from sdxl_controlnet_img2img.pipeline.local.sdxl_config import cache_root
+from sdxl_controlnet_img2img.pipeline.local.lora.sources import default_cache_dir
+from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import cache_root
 
 
 def test_sdxlcn_cache_dir_holds_configs_and_loras(monkeypatch, tmp_path):

@@ -15,9 +15,9 @@ from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
 from sdxl_controlnet_img2img.nodes.loader import SDXLCNLoader
 from sdxl_controlnet_img2img.pipeline.cli import build_parser
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-from sdxl_controlnet_img2img.pipeline.local import choices as C
-from sdxl_controlnet_img2img.pipeline.local.devices import parse_dtype
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions
+from sdxl_controlnet_img2img.pipeline.local.memory import choices as C
+from sdxl_controlnet_img2img.pipeline.local.memory.devices import parse_dtype
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 # the loader node's menus as users' saved workflows hold them (the public node contract)

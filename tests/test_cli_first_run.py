@@ -9,7 +9,7 @@ import json
 import pytest
 
 from sdxl_controlnet_img2img.pipeline.cli import main
-from sdxl_controlnet_img2img.pipeline.local import loading
+from sdxl_controlnet_img2img.pipeline.local.models import loading
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ def _fullsize_lora(path: Path) -> Path:
     from diffusers import UNet2DConditionModel
 
     import lora_factory
-    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import SDXL_BASE_CONFIG
+    from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import SDXL_BASE_CONFIG
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_BASE_CONFIG / "unet"))

@@ -1,5 +1,5 @@
 """A quiet ComfyUI log (issue 35 item 5): a real ComfyUI 0.8.0 server's log during a fal-node run (against the
-fal-protocol test server, tests/fal_server.py) and a LoRA switch holds one line per status change and per step, in
+fal-protocol test server, tests/helpers/fal_server.py) and a LoRA switch holds one line per status change and per step, in
 the pack's words, and no line from httpx, tqdm, PEFT or PIL, none twice (skipped without COMFYUI_DIR)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A real ComfyUI 0.8.0 as a worker of a shared queue (issue 34): ComfyUI started with ``SDXLCN_SERVE_QUEUE`` (a
-real ``redis-server``, tests/redis_server.py) takes the requests submitted to a plain ``serve --workers 0`` API node
+real ``redis-server``, tests/helpers/redis_server.py) takes the requests submitted to a plain ``serve --workers 0`` API node
 into its own prompt queue (its prompt id the request id), and the API node answers their status, result and image.
 ComfyUI's Cancel (``POST /interrupt``) stops a shared request there, which ends cancelled as fal's cancel ends it.
 """

@@ -1,4 +1,4 @@
-"""torch.compile that stays compiled (``pipeline/local/compile.py``, ``lora_fused.py``), counted with a counting
+"""torch.compile that stays compiled (``pipeline/local/memory/compile.py``, ``lora_fused.py``), counted with a counting
 backend on the CPU: after the first call has traced the UNet and the ControlNet once each, neither the six fal
 size presets nor LoRA switches, scale changes or removing every LoRA trace anything again; fused LoRAs give the
 images PEFT's adapters give, and removing them gives the base model's images exactly."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdxl_controlnet_img2img.pipeline.local.compile import compile_models, is_compiled
+from sdxl_controlnet_img2img.pipeline.local.memory.compile import compile_models, is_compiled
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
 from sdxl_controlnet_img2img.pipeline.local.tiny_models import tiny_components
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest

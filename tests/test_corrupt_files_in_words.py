@@ -13,7 +13,7 @@ import pytest
 import safetensors
 
 from sdxl_controlnet_img2img.pipeline.cli import main
-from sdxl_controlnet_img2img.pipeline.local.lora import LoraError, check_lora_file
+from sdxl_controlnet_img2img.pipeline.local.lora.adapters import LoraError, check_lora_file
 
 FILES = {
     # what a browser saves from a Hugging Face /blob/ page

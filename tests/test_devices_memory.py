@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdxl_controlnet_img2img.pipeline.local.devices import dtype_for
-from sdxl_controlnet_img2img.pipeline.local.memory_plan import (
+from sdxl_controlnet_img2img.pipeline.local.memory.devices import dtype_for
+from sdxl_controlnet_img2img.pipeline.local.memory.plan import (
     GIB,
     choose_memory_mode,
     component_bytes,
@@ -65,8 +65,8 @@ def test_component_sizes_are_measured_from_the_models(tiny_pipe):
 
 
 def test_auto_on_the_cpu_places_like_none(tiny_models):
-    from sdxl_controlnet_img2img.pipeline.local.loading import build_pipeline, LoadOptions
-    from sdxl_controlnet_img2img.pipeline.local.placement import memory_mode_of
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import build_pipeline, LoadOptions
+    from sdxl_controlnet_img2img.pipeline.local.memory.placement import memory_mode_of
 
     pipe = build_pipeline(tiny_models["checkpoint"], tiny_models["controlnet"], LoadOptions(device="cpu"))
     assert memory_mode_of(pipe) == "none"

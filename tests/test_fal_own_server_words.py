@@ -1,7 +1,7 @@
 """Our words, our server (issue 33 item 7): with ``SDXLCN_FAL_URL`` pointing at a self-hosted server, the command
 line and the fal node name that server in what they say, never fal's bill, fal's dashboard or "fal rejected".
 
-The server is the session's fal-protocol test server (``tests/fal_server.py``), reached through ``SDXLCN_FAL_URL``;
+The server is the session's fal-protocol test server (``tests/helpers/fal_server.py``), reached through ``SDXLCN_FAL_URL``;
 the address it listens on is the truth each message must name.
 """
 
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 import fal_server  # noqa: E402
 
 fal_server.configure_environment()

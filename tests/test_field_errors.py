@@ -18,13 +18,13 @@ from sdxl_controlnet_img2img.pipeline.errors import (
 from sdxl_controlnet_img2img.pipeline.fal.client import check_request_id
 from sdxl_controlnet_img2img.pipeline.fal.errors import FalError, FalValidationError
 from sdxl_controlnet_img2img.pipeline.images import decode_image
-from sdxl_controlnet_img2img.pipeline.local import pickles
-from sdxl_controlnet_img2img.pipeline.local.devices import check_device, parse_dtype
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions
-from sdxl_controlnet_img2img.pipeline.local.lora import check_lora_file
-from sdxl_controlnet_img2img.pipeline.local.lora_sources import LoraError, resolve_source
-from sdxl_controlnet_img2img.pipeline.local.model_hooks import MissingModelError, find_safety_checker
-from sdxl_controlnet_img2img.pipeline.local.model_checks import read_safetensors_index
+from sdxl_controlnet_img2img.pipeline.local.models import pickles
+from sdxl_controlnet_img2img.pipeline.local.memory.devices import check_device, parse_dtype
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions
+from sdxl_controlnet_img2img.pipeline.local.lora.adapters import check_lora_file
+from sdxl_controlnet_img2img.pipeline.local.lora.sources import LoraError, resolve_source
+from sdxl_controlnet_img2img.pipeline.local.request_models.locate import MissingModelError, find_safety_checker
+from sdxl_controlnet_img2img.pipeline.local.models.checks import read_safetensors_index
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,9 @@ def _full_size_pipeline(dtype):
                            StableDiffusionXLControlNetImg2ImgPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions
-    from sdxl_controlnet_img2img.pipeline.local.placement import place
-    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import CONTROLNET_SDXL_CONFIG, sdxl_config_dir
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions
+    from sdxl_controlnet_img2img.pipeline.local.memory.placement import place
+    from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import CONTROLNET_SDXL_CONFIG, sdxl_config_dir
 
     cfg = sdxl_config_dir()
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import gc
 import weakref
 
 from sdxl_controlnet_img2img import NODE_CLASS_MAPPINGS
-from sdxl_controlnet_img2img.pipeline.local.loading import cached_pipeline, free_cached_pipeline
+from sdxl_controlnet_img2img.pipeline.local.models.loading import cached_pipeline, free_cached_pipeline
 
 
 def _load(tiny_models, **options):

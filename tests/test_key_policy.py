@@ -9,7 +9,7 @@ from sdxl_controlnet_img2img.pipeline.errors import SDXLCNError
 from sdxl_controlnet_img2img.pipeline.fal.key import resolve_key
 from sdxl_controlnet_img2img.pipeline.fal.settings import check_endpoint_url, check_followed_url
 from sdxl_controlnet_img2img.pipeline.serve.access import is_loopback
-from sdxl_controlnet_img2img.pipeline.serve.httpd import read_key
+from sdxl_controlnet_img2img.pipeline.serve.cli import read_key
 
 NOTEPAD = "\ufeff# my key\n\n  sekrit-123  \nsecond\n"
 

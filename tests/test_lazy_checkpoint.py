@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdxl_controlnet_img2img.pipeline.local.lazy_checkpoint import LazyCheckpoint
-from sdxl_controlnet_img2img.pipeline.local.model_checks import read_safetensors_index
+from sdxl_controlnet_img2img.pipeline.local.models.lazy_checkpoint import LazyCheckpoint
+from sdxl_controlnet_img2img.pipeline.local.models.checks import read_safetensors_index
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_large_tensors_copied_in_steps_equal_torchs_cast(tmp_path, stored, dtype
     """Tensors longer than one step go through the stepped copy (one thread): the
     values are torch's own cast, bit for bit (infinities and the largest fp16 included; NaNs stay NaNs), and
     torch's thread count is what it was."""
-    from sdxl_controlnet_img2img.pipeline.local import lazy_checkpoint
+    from sdxl_controlnet_img2img.pipeline.local.models import lazy_checkpoint
 
     g = torch.Generator().manual_seed(1)
     n = 2 * lazy_checkpoint._CHUNK + 12340  # steps, and a short last one
@@ -93,7 +93,7 @@ def test_first_access_reads_every_tensor_on_torchs_threads(tmp_path):
     """The first access reads all kept tensors, split by tensor across torch's threads: every value is safetensors'
     own read cast by torch, each read-ahead tensor is given out once (a second access reads the file again into
     memory of its own), and torch's thread count is what it was."""
-    from sdxl_controlnet_img2img.pipeline.local import lazy_checkpoint
+    from sdxl_controlnet_img2img.pipeline.local.models import lazy_checkpoint
 
     g = torch.Generator().manual_seed(2)
     tensors = {f"t{i}": torch.randn(lazy_checkpoint._CHUNK // 3 + i, generator=g).half() for i in range(9)}
@@ -127,7 +127,7 @@ def test_unaligned_tensors_read_as_safetensors_reads_them(tmp_path, residue, dty
     and bf16 stored, long enough to be cast in steps, and the types that are never cast)."""
     from padded_safetensors import write_padded
 
-    from sdxl_controlnet_img2img.pipeline.local import lazy_checkpoint
+    from sdxl_controlnet_img2img.pipeline.local.models import lazy_checkpoint
 
     g = torch.Generator().manual_seed(3)
     n = lazy_checkpoint._CHUNK + 777

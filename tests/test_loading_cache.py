@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_controlnet_img2img.pipeline.local import loading
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, cached_pipeline, free_cached_pipeline, load_pipeline
+from sdxl_controlnet_img2img.pipeline.local.models import loading
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, cached_pipeline, free_cached_pipeline, load_pipeline
 
 CPU = LoadOptions(device="cpu", dtype="fp32")
 
@@ -119,7 +119,7 @@ def test_load_options_defaults_and_resolution():
     r = LoadOptions(device="cpu").resolved()
     assert r.device == "cpu" and r.dtype is torch.float32
     assert LoadOptions(device="cpu", dtype="bf16").resolved().dtype is torch.bfloat16
-    from sdxl_controlnet_img2img.pipeline.local.devices import default_dtype
+    from sdxl_controlnet_img2img.pipeline.local.memory.devices import default_dtype
 
     assert default_dtype("mps") is torch.float16
     if not torch.cuda.is_available():  # a device that cannot be used is refused before anything loads

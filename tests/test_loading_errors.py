@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline, load_pipeline
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline, load_pipeline
 
 CPU = LoadOptions(device="cpu", dtype="fp32")
 

@@ -1,5 +1,5 @@
 """A diffusers folder (SDXL base and ControlNet) is read as the single file is where a cast is needed: models built
-empty and filled from each one weights file (pipeline/local/diffusers_folder.py). The models are diffusers' and
+empty and filled from each one weights file (pipeline/local/models/diffusers_folder.py). The models are diffusers' and
 transformers' own ``from_pretrained`` models tensor for tensor; a folder laid out otherwise (sharded weights) still
 loads, through ``from_pretrained``; and a pipeline read on several threads gives its memory back when freed."""
 
@@ -29,8 +29,8 @@ def test_folder_models_are_from_pretrained_s(tiny_models, dtype):
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdxl_controlnet_img2img.pipeline.local.diffusers_folder import folder_models
-    from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, load_controlnet
+    from sdxl_controlnet_img2img.pipeline.local.models.diffusers_folder import folder_models
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, load_controlnet
 
     base = tiny_models["checkpoint"]
     got = folder_models(base, dtype, "checkpoint")
@@ -49,8 +49,8 @@ def test_folder_models_are_from_pretrained_s(tiny_models, dtype):
 def test_a_folder_with_sharded_weights_loads_through_from_pretrained(tiny_models, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from sdxl_controlnet_img2img.pipeline.local.diffusers_folder import folder_models
-    from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
+    from sdxl_controlnet_img2img.pipeline.local.models.diffusers_folder import folder_models
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline
 
     base = tmp_path / "base"
     shutil.copytree(tiny_models["checkpoint"], base)
@@ -73,7 +73,7 @@ def test_unaligned_folder_components_load(tiny_models, tmp_path, stored, dtype):
     from padded_safetensors import repad
     from transformers import CLIPTextModel
 
-    from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline
 
     base = tmp_path / "base"
     shutil.copytree(tiny_models["checkpoint"], base)
@@ -108,7 +108,7 @@ def test_pickle_weights_in_a_folder_need_the_opt_in(tiny_models, tmp_path, part,
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
     from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-    from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline, check_sources
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline, check_sources
 
     base, cn, vae = Path(tiny_models["checkpoint"]), Path(tiny_models["controlnet"]), None
     if part in ("unet", "vae"):
@@ -137,7 +137,7 @@ def test_pickle_weights_in_a_folder_need_the_opt_in(tiny_models, tmp_path, part,
 FREE_PROBE = r"""
 import json, sys
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, free_cached_pipeline, load_pipeline
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, free_cached_pipeline, load_pipeline
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline, UNet2DConditionModel

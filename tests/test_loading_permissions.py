@@ -19,7 +19,7 @@ import pytest
 CHILD = r"""
 import json, sys
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline, check_sources
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline, check_sources
 
 cases = json.loads(sys.argv[1])
 got = []

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline, load_pipeline
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline, load_pipeline
 
 # ---------------------------------------------------------------- diffusers -> SGM converter
 
@@ -276,7 +276,7 @@ def test_no_random_init_in_two_threads_at_once_leaves_initialisation_working():
     uninitialised). One thread holds it at a time: the second enters after the first has left."""
     import threading
 
-    from sdxl_controlnet_img2img.pipeline.local.load_lock import no_random_init
+    from sdxl_controlnet_img2img.pipeline.local.models.load_lock import no_random_init
 
     normal = torch.nn.init.normal_
     first_in, second_trying, second_in, first_out = (threading.Event() for _ in range(4))
@@ -371,7 +371,7 @@ def test_bundled_configs_describe_real_sdxl_base_and_controlnet():
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG as B
+    from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG as B
 
     def count(m):
         return sum(p.numel() for p in m.parameters())
@@ -388,7 +388,7 @@ def test_bundled_configs_describe_real_sdxl_base_and_controlnet():
 def test_sdxl_config_dir_assembles_tokenizers_offline(tmp_path, monkeypatch):
     from transformers import CLIPTokenizer
 
-    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import sdxl_config_dir
+    from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import sdxl_config_dir
     from sdxl_controlnet_img2img.pipeline.local.tiny_models import write_clip_tokenizer
 
     write_clip_tokenizer(tmp_path / "tok")
@@ -413,7 +413,7 @@ def _bpe_gz(path: Path, merges: list[str]) -> Path:
 def test_clip_vocab_derivation_from_open_clip_bpe_file(tmp_path):
     from transformers import CLIPTokenizer
 
-    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import clip_vocab_from_bpe_gz
+    from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import clip_vocab_from_bpe_gz
 
     merges = ["c a", "ca t</w>", "p h", "ph o", "pho t", "phot o</w>"]
     out = clip_vocab_from_bpe_gz(_bpe_gz(tmp_path / "bpe.txt.gz", merges), tmp_path / "tok")
@@ -427,7 +427,7 @@ def test_clip_vocab_derivation_from_open_clip_bpe_file(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR not set (a ComfyUI checkout to compare with)")
 def test_clip_vocab_derivation_equals_comfyui_vocab(tmp_path):
-    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import clip_vocab_from_bpe_gz
+    from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import clip_vocab_from_bpe_gz
 
     src = Path(os.environ["COMFYUI_DIR"]) / "comfy" / "sd1_tokenizer"
     merges = (src / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]

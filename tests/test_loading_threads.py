@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline, load_controlnet
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline, load_controlnet
 
 NORMAL, REGISTER = nn.init.normal_, nn.Module.register_parameter  # torch's own, before any load of this module
 

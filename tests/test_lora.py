@@ -13,12 +13,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 import lora_factory as F  # noqa: E402
-from sdxl_controlnet_img2img.pipeline.local import lora as L  # noqa: E402
-from sdxl_controlnet_img2img.pipeline.local import lora_sources as S  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.local.lora import adapters as L  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.local.lora import sources as S  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.local.generate import generate  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.handle import PipelineHandle  # noqa: E402
-from sdxl_controlnet_img2img.pipeline.local.lora import LoraError, activate, load_lora  # noqa: E402
+from sdxl_controlnet_img2img.pipeline.local.lora.adapters import LoraError, activate, load_lora  # noqa: E402
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest, LoraSpec  # noqa: E402
 
 
@@ -358,7 +359,7 @@ def test_a_lora_load_takes_its_turn_with_model_loads(pipe, lora_files, tmp_path)
     """peft builds a LoRA's layers under accelerate's init_empty_weights, a patch of torch for the whole process: a
     LoRA loaded while another thread builds a model would cross it (tests/test_loading_threads.py). So it waits for
     the load lock, as model loads do."""
-    from sdxl_controlnet_img2img.pipeline.local.load_lock import load_lock
+    from sdxl_controlnet_img2img.pipeline.local.models.load_lock import load_lock
 
     done = threading.Event()
     path = F.write(F.peft_state_dict(pipe, seed=7), tmp_path / "while_locked.safetensors")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sdxl_controlnet_img2img.nodes.loader import SDXLCNLoader
 from sdxl_controlnet_img2img.pipeline.cli import build_parser
-from sdxl_controlnet_img2img.pipeline.local import memory_plan as M
+from sdxl_controlnet_img2img.pipeline.local.memory import plan as M
 
 MODES = ("none", "model_cpu_offload", "sequential_cpu_offload")
 

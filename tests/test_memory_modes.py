@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-from sdxl_controlnet_img2img.pipeline.local.compile import compile_models
+from sdxl_controlnet_img2img.pipeline.local.memory.compile import compile_models
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
-from sdxl_controlnet_img2img.pipeline.local.placement import apply_memory_mode, compile_conflict, memory_mode_of
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline
+from sdxl_controlnet_img2img.pipeline.local.memory.placement import apply_memory_mode, compile_conflict, memory_mode_of
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
 import lora_factory

@@ -200,7 +200,7 @@ def test_loader_validates_the_device_and_refuses_wrong_files_before_anything_loa
     """VALIDATE_INPUTS takes the device alone (ComfyUI pins its answer to each argument it takes; the model lists are
     ComfyUI's own check); what a file holds is checked by the node before any weights are read."""
     from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-    from sdxl_controlnet_img2img.pipeline.local import loading
+    from sdxl_controlnet_img2img.pipeline.local.models import loading
 
     loader = NODE_CLASS_MAPPINGS["SDXLCNLoader"]
     assert loader.VALIDATE_INPUTS() is True and loader.VALIDATE_INPUTS(device="cpu") is True
@@ -223,7 +223,7 @@ def test_loader_validates_the_device_and_refuses_wrong_files_before_anything_loa
 
 def test_lora_node_validates_the_file_before_the_pipeline_loads(tmp_path, monkeypatch):
     from sdxl_controlnet_img2img.nodes.lora_node import _allow_pickle
-    from sdxl_controlnet_img2img.pipeline.local.lora import LoraError
+    from sdxl_controlnet_img2img.pipeline.local.lora.adapters import LoraError
 
     node = NODE_CLASS_MAPPINGS["SDXLCNLoraLoader"]
     junk = tmp_path / "junk.safetensors"
@@ -246,7 +246,7 @@ def test_lora_node_validates_the_file_before_the_pipeline_loads(tmp_path, monkey
 
 def test_error_types_read_short_in_comfyuis_dialog():
     from sdxl_controlnet_img2img.pipeline.fal.errors import FalKeyMissing
-    from sdxl_controlnet_img2img.pipeline.local.lora import LoraError
+    from sdxl_controlnet_img2img.pipeline.local.lora.adapters import LoraError
     from sdxl_controlnet_img2img.pipeline.errors import RequestError
 
     for cls in (FalKeyMissing, LoraError, RequestError):
@@ -314,7 +314,7 @@ def test_a_controlnet_folder_with_only_its_weights_file_is_listed_and_loads_as_t
 
 
 def test_pickles_are_refused_on_a_torch_whose_weights_only_is_unsafe():
-    from sdxl_controlnet_img2img.pipeline.local.pickles import refuse_unsafe_torch
+    from sdxl_controlnet_img2img.pipeline.local.models.pickles import refuse_unsafe_torch
 
     with pytest.raises(ValueError, match=r"lora: pickle files are refused on torch 2\.5.*2\.6 or newer"):
         refuse_unsafe_torch("lora", (2, 5))

@@ -13,8 +13,8 @@ import torch
 
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
-from sdxl_controlnet_img2img.pipeline.local.model_hooks import MissingModelError, find_prompt_expander, resolve_hooks
-from sdxl_controlnet_img2img.pipeline.local.prompt_expansion import (
+from sdxl_controlnet_img2img.pipeline.local.request_models.locate import MissingModelError, find_prompt_expander, resolve_hooks
+from sdxl_controlnet_img2img.pipeline.local.request_models.prompt_expansion import (
     cached_prompt_expander,
     free_prompt_expander,
     load_prompt_expander,

@@ -78,7 +78,7 @@ def test_bars_come_back_after_a_load_and_stay_off_while_any_load_runs():
     import diffusers.utils.logging as dl
     import transformers.utils.logging as tl
 
-    from sdxl_controlnet_img2img.pipeline.local.load_lock import load_lock
+    from sdxl_controlnet_img2img.pipeline.local.models.load_lock import load_lock
 
     assert dl.is_progress_bar_enabled() and tl.is_progress_bar_enabled()
     with load_lock():
@@ -125,7 +125,7 @@ def test_peft_second_adapter_warning_is_ours_once(tiny_pipe, tmp_path, caplog):
     LoRA after the first; the pack keeps several on purpose and says so in its own line."""
     import lora_factory
 
-    from sdxl_controlnet_img2img.pipeline.local.lora import load_lora, unload_all
+    from sdxl_controlnet_img2img.pipeline.local.lora.adapters import load_lora, unload_all
 
     unload_all(tiny_pipe)  # none kept by earlier tests
     paths = []
@@ -140,7 +140,7 @@ def test_peft_second_adapter_warning_is_ours_once(tiny_pipe, tmp_path, caplog):
     finally:
         unload_all(tiny_pipe)
     assert not [w for w in seen if "peft_config" in str(w.message)], [str(w.message) for w in seen]
-    said = [r.getMessage() for r in caplog.records if r.name.endswith("lora")]
+    said = [r.getMessage() for r in caplog.records if r.name.endswith("lora.adapters")]
     assert said == ["LoRA style_1.safetensors: loaded",
                     "LoRA style_2.safetensors: loaded (kept beside 1 other LoRA: switching between them reads no "
                     "file)"]

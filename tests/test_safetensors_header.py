@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-from sdxl_controlnet_img2img.pipeline.local.lazy_checkpoint import LazyCheckpoint
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, check_sources
-from sdxl_controlnet_img2img.pipeline.local.model_checks import read_safetensors_index
+from sdxl_controlnet_img2img.pipeline.local.models.lazy_checkpoint import LazyCheckpoint
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, check_sources
+from sdxl_controlnet_img2img.pipeline.local.models.checks import read_safetensors_index
 
 ONE, TWO, THREE = (struct.pack("<f", x) for x in (1.0, 2.0, 3.0))
 

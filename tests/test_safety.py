@@ -12,14 +12,14 @@ import torch
 
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError, RequestError
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
-from sdxl_controlnet_img2img.pipeline.local.model_hooks import (
+from sdxl_controlnet_img2img.pipeline.local.request_models.locate import (
     MissingModelError,
     find_safety_checker,
     resolve_hooks,
 )
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 from sdxl_controlnet_img2img.pipeline.result import write_result
-from sdxl_controlnet_img2img.pipeline.local.safety import (
+from sdxl_controlnet_img2img.pipeline.local.request_models.safety import (
     cached_safety_checker,
     free_safety_checker,
     load_safety_checker,

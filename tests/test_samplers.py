@@ -41,7 +41,7 @@ def acting_controlnet_pipe(tiny_models):
     """A tiny pipeline whose ControlNet acts: a fresh ControlNet's output convs are zero (a no-op by design)."""
     import torch
 
-    from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline
 
     pipe = build_pipeline(tiny_models["checkpoint"], tiny_models["controlnet"], LoadOptions(device="cpu"))
     g = torch.Generator().manual_seed(0)

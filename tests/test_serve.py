@@ -66,7 +66,7 @@ class Paused:
 
 def start(tmp_path, backend=None, pipe=None, key=KEY, **limits):
     from sdxl_controlnet_img2img.pipeline.serve.app import ServeApp
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import StandaloneServer
+    from sdxl_controlnet_img2img.pipeline.serve.cli import StandaloneServer
     from sdxl_controlnet_img2img.pipeline.serve.inputs import Limits
     from sdxl_controlnet_img2img.pipeline.serve.store import Store
     from sdxl_controlnet_img2img.pipeline.serve.webhook import Webhooks
@@ -200,7 +200,7 @@ def test_an_optional_model_the_server_lacks_is_refused_with_a_hint_it_can_follow
     import argparse
     import re
 
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import add_serve_parser
+    from sdxl_controlnet_img2img.pipeline.serve.cli import add_serve_parser
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_serve_parser(sub)
@@ -290,7 +290,7 @@ def test_public_url_is_the_base_of_every_url_the_server_answers(tmp_path, tiny_p
     import argparse
     import urllib.parse
 
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import StandaloneServer, add_serve_parser, build_app
+    from sdxl_controlnet_img2img.pipeline.serve.cli import StandaloneServer, add_serve_parser, build_app
     from sdxl_controlnet_img2img.pipeline.serve.store import Store
     from sdxl_controlnet_img2img.pipeline.serve.worker import LocalWorkers
 

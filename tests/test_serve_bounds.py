@@ -50,7 +50,7 @@ def reset_peak_rss() -> float:
 def paused_server(tmp_path, **limits):
     """The server with nothing running requests, its store reachable as ``server.store``."""
     from sdxl_controlnet_img2img.pipeline.serve.app import ServeApp
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import StandaloneServer
+    from sdxl_controlnet_img2img.pipeline.serve.cli import StandaloneServer
     from sdxl_controlnet_img2img.pipeline.serve.inputs import Limits
     from sdxl_controlnet_img2img.pipeline.serve.store import Store
 

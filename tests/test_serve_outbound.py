@@ -286,7 +286,7 @@ def test_the_operator_allows_internal_networks_with_serves_option(monkeypatch):
     import argparse
 
     from sdxl_controlnet_img2img.pipeline.errors import SDXLCNError
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import add_serve_parser, outbound_policy
+    from sdxl_controlnet_img2img.pipeline.serve.cli import add_serve_parser, outbound_policy
 
     monkeypatch.delenv(ENV, raising=False)
     parser = argparse.ArgumentParser()

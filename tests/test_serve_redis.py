@@ -1,4 +1,4 @@
-"""Several ``serve`` processes on one shared queue (issue 34): a real ``redis-server`` (tests/redis_server.py), two API
+"""Several ``serve`` processes on one shared queue (issue 34): a real ``redis-server`` (tests/helpers/redis_server.py), two API
 nodes (``--workers 0``, HTTPS) and two workers (the tiny models on the CPU), each its own process. fal's own clients
 submit through one node and read through the other (no affinity); a worker killed with SIGKILL mid-request loses
 nothing: its request runs to one result on the other worker. Also what a user sees without the packages, and an API

@@ -1,4 +1,4 @@
-"""The shared queue's store and workers in this process, on a real ``redis-server`` (tests/redis_server.py): what two
+"""The shared queue's store and workers in this process, on a real ``redis-server`` (tests/helpers/redis_server.py): what two
 nodes see of one queue (positions, cancel, timeouts), one result per request when a worker thought dead comes back,
 results that expire, and a queue that holds JSON only and never runs a pickle.
 """

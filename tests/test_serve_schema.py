@@ -74,7 +74,7 @@ class FileHost:
 
 
 def serve_args(*options):
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import add_serve_parser
+    from sdxl_controlnet_img2img.pipeline.serve.cli import add_serve_parser
 
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers())
@@ -85,7 +85,7 @@ def serve_args(*options):
 def serving(pipe, data, *options, tls=None, start_workers=True):
     """``serve`` with ``options`` in this process (the real options parsed by serve's own parser), on ``pipe``."""
     from sdxl_controlnet_img2img.pipeline.serve.extras import from_args
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import StandaloneServer, build_app
+    from sdxl_controlnet_img2img.pipeline.serve.cli import StandaloneServer, build_app
     from sdxl_controlnet_img2img.pipeline.serve.store import Store
     from sdxl_controlnet_img2img.pipeline.serve.worker import LocalWorkers
 
@@ -178,11 +178,11 @@ def local(served, loras=(), **changes):
                                        "loras": [LoraSpec(str(p), s) for p, s in loras]})
     hooks = {}
     if req.enable_safety_checker:
-        from sdxl_controlnet_img2img.pipeline.local.safety import load_safety_checker
+        from sdxl_controlnet_img2img.pipeline.local.request_models.safety import load_safety_checker
 
         hooks["safety_checker"] = load_safety_checker(served["checker"], device="cpu", dtype=served["pipe"].dtype)
     if req.expand_prompt:
-        from sdxl_controlnet_img2img.pipeline.local.prompt_expansion import load_prompt_expander
+        from sdxl_controlnet_img2img.pipeline.local.request_models.prompt_expansion import load_prompt_expander
 
         hooks["prompt_expander"] = load_prompt_expander(served["expander"], device="cpu", dtype=served["pipe"].dtype)
     result = generate(served["pipe"], req, **hooks)

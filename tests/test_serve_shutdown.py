@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def tls_server(tmp_path):
     from sdxl_controlnet_img2img.pipeline.serve.app import ServeApp
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import StandaloneServer
+    from sdxl_controlnet_img2img.pipeline.serve.cli import StandaloneServer
     from sdxl_controlnet_img2img.pipeline.serve.store import Store
 
     cert, key = make_cert(tmp_path)

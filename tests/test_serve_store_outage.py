@@ -62,7 +62,7 @@ def test_reads_do_not_wait_for_a_write_stuck_on_the_lock(tmp_path):
     """A write of this server waits for SQLite's lock (here for up to 10 minutes: ``busy_s``) while another program
     holds it: a status call, a result call and /ready answer meanwhile, and a submit is refused with 503."""
     from sdxl_controlnet_img2img.pipeline.serve.app import ServeApp
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import StandaloneServer
+    from sdxl_controlnet_img2img.pipeline.serve.cli import StandaloneServer
     from sdxl_controlnet_img2img.pipeline.serve.store import Store
     from test_serve import KEY, Paused
 

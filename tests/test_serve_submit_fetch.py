@@ -140,7 +140,7 @@ def test_an_image_url_that_fails_ends_the_request_as_fal_does_through_fal_client
     from test_serve_input_bounds import ico_holding
 
     from sdxl_controlnet_img2img.pipeline.serve.app import ServeApp
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import StandaloneServer
+    from sdxl_controlnet_img2img.pipeline.serve.cli import StandaloneServer
     from sdxl_controlnet_img2img.pipeline.serve.store import Store
     from sdxl_controlnet_img2img.pipeline.serve.worker import LocalWorkers
 

@@ -21,7 +21,7 @@ def serve(tmp_path, pipe, generate, retry_s: float | None = None):
     """The stand-alone server on the tiny pipeline, with ``generate`` wrapping the real one; ``retry_s``: how long
     the store retries a failing write (30 s by default)."""
     from sdxl_controlnet_img2img.pipeline.serve.app import ServeApp
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import StandaloneServer
+    from sdxl_controlnet_img2img.pipeline.serve.cli import StandaloneServer
     from sdxl_controlnet_img2img.pipeline.serve.store import Store
     from sdxl_controlnet_img2img.pipeline.serve.worker import LocalWorkers
 

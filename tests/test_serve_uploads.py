@@ -145,7 +145,7 @@ def test_a_submit_reads_the_servers_own_files_without_fetching_them(tmp_path, ti
 def test_keep_uploads_hours_from_the_option_and_the_environment(tmp_path, monkeypatch):
     import argparse
 
-    from sdxl_controlnet_img2img.pipeline.serve.httpd import StandaloneServer, add_serve_parser, build_app
+    from sdxl_controlnet_img2img.pipeline.serve.cli import StandaloneServer, add_serve_parser, build_app
     from sdxl_controlnet_img2img.pipeline.serve.store import Store
 
     sub = argparse.ArgumentParser().add_subparsers()

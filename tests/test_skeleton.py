@@ -1,4 +1,4 @@
-"""The skeleton pipeline (``pipeline/local/skeleton.py``) and ``generate``'s codec, without ComfyUI: a UNet and a
+"""The skeleton pipeline (``pipeline/local/models/skeleton.py``) and ``generate``'s codec, without ComfyUI: a UNet and a
 ControlNet described in LDM terms become diffusers skeletons on ``meta`` that hold no memory; with the leaves of
 real modules grafted in and the text/VAE work done by a codec, a request gives the very pixels of the plain
 pipeline."""
@@ -13,8 +13,8 @@ import torch
 
 from sdxl_controlnet_img2img.pipeline.errors import RequestError
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
-from sdxl_controlnet_img2img.pipeline.local.sdxl_config import SDXL_BASE_CONFIG
-from sdxl_controlnet_img2img.pipeline.local.skeleton import (
+from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import SDXL_BASE_CONFIG
+from sdxl_controlnet_img2img.pipeline.local.models.skeleton import (
     SkeletonError,
     build_skeleton,
     controlnet_config_from_unet,
@@ -85,7 +85,7 @@ def test_smaller_controlnet_skeletons_have_the_hub_models_tensors(kind):
     exactly the tensors of the hub model's config."""
     from diffusers import ControlNetModel
 
-    from sdxl_controlnet_img2img.pipeline.local.sdxl_config import CONTROLNET_SDXL_CONFIG
+    from sdxl_controlnet_img2img.pipeline.local.models.sdxl_config import CONTROLNET_SDXL_CONFIG
 
     hub_change, depths, middle = HUB_SHAPES[kind]
     unet_config = unet_config_from_ldm(SDXL_LDM, 256)

@@ -11,8 +11,8 @@ import torch
 from sdxl_controlnet_img2img import NODE_CLASS_MAPPINGS
 from sdxl_controlnet_img2img.pipeline.cli import main
 from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-from sdxl_controlnet_img2img.pipeline.local import loading
-from sdxl_controlnet_img2img.pipeline.local.loading import check_sources
+from sdxl_controlnet_img2img.pipeline.local.models import loading
+from sdxl_controlnet_img2img.pipeline.local.models.loading import check_sources
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sdxl_controlnet_img2img.pipeline.local.generate import generate
-from sdxl_controlnet_img2img.pipeline.local.loading import LoadOptions, build_pipeline
+from sdxl_controlnet_img2img.pipeline.local.models.loading import LoadOptions, build_pipeline
 from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
 
@@ -61,7 +61,7 @@ def test_a_vae_for_another_latent_space_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     from sdxl_controlnet_img2img.pipeline.errors import ModelLoadError
-    from sdxl_controlnet_img2img.pipeline.local.loading import load_vae
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import load_vae
 
     f = tmp_path / "flux_ae.safetensors"
     save_file({"decoder.conv_in.weight": torch.zeros(8, 16, 3, 3), "encoder.conv_in.weight": torch.zeros(8, 3, 3, 3)}, f)

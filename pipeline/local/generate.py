@@ -12,7 +12,7 @@ from ..images import load_image
 from ..request import GenerationRequest
 from ..result import GenerationResult
 from ..sizes import cover_resize, parse_image_size, target_size, upscale_warning
-from .compile import compiled_call
+from .memory.compile import compiled_call
 from .schedulers import custom_timesteps, scheduler_call_kwargs, use_scheduler
 from .vae_decode import LatentsKeeper, auto_vae_tiling, checked_latents, to_pil_checked
 
@@ -278,7 +278,7 @@ def generate(
     # as adapters are not read again; an empty set switches every adapter off).
     if codec is None:
         t = time.perf_counter()
-        from .lora_fused import activate_any
+        from .lora.fused import activate_any
 
         activate_any(pipe, request.loras)
         timings["lora"] = time.perf_counter() - t

@@ -116,7 +116,7 @@ def tiny_components(seed: int = 0, scale: int = 1):
                                  **shared)
     # SDXL base's own scheduler config (its keys for other schedulers too: clip_sample and set_alpha_to_one false),
     # so a scheduler built from_config of it, as LoRA cards do, is the one built on the real model
-    from .sdxl_config import SDXL_BASE_CONFIG
+    from .models.sdxl_config import SDXL_BASE_CONFIG
 
     scheduler = EulerDiscreteScheduler.from_pretrained(SDXL_BASE_CONFIG, subfolder="scheduler")
     torch.manual_seed(seed + 2)

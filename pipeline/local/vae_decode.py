@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from .devices import free_memory_bytes
-from .memory_plan import needs_vae_tiling
+from .memory.devices import free_memory_bytes
+from .memory.plan import needs_vae_tiling
 
 log = logging.getLogger("sdxl_controlnet_img2img")
 

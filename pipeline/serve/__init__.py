@@ -21,7 +21,7 @@ result, in fal's shapes, so fal's own clients (the JS ``@fal-ai/client`` through
 - :mod:`.uploads` fal's storage calls (``fal.storage.upload``, the JS client's auto-upload): files kept and served
   by the server itself, read from disk when a request names one;
 - :mod:`.fetch` what the server itself fetches and posts (image URLs, webhooks): nothing inside the network;
-- :mod:`.server` the stand-alone server (bounded connections, deadlines, TLS); :mod:`.httpd` ``serve`` on the command
+- :mod:`.server` the stand-alone server (bounded connections, deadlines, TLS); :mod:`.cli` ``serve`` on the command
   line; :mod:`.datalock` one server per data folder.
 
 Nothing here imports ComfyUI; ``nodes/serve_routes.py`` mounts the same adapter on ComfyUI's server.

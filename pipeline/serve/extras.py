@@ -62,8 +62,8 @@ class Extras:
     def prepare(self, request, device: str, pipe, policy, log=None) -> tuple:
         """``(request, generate's keyword arguments)``: its LoRAs as local files already loaded on ``pipe``, and the
         safety checker and prompt expander it enables. :class:`RequestError` naming the field otherwise."""
-        from ..local.lora_fused import preload
-        from ..local.lora_sources import LoraError
+        from ..local.lora.fused import preload
+        from ..local.lora.sources import LoraError
 
         specs = []
         for i, spec in enumerate(request.loras):
@@ -77,12 +77,12 @@ class Extras:
         dtype = getattr(pipe, "dtype", None)
         hooks = {}
         if request.enable_safety_checker:
-            from ..local.safety import load_safety_checker
+            from ..local.request_models.safety import load_safety_checker
 
             hooks["safety_checker"] = load_safety_checker(self._model("enable_safety_checker"), device=device,
                                                           dtype=dtype)
         if request.expand_prompt:
-            from ..local.prompt_expansion import load_prompt_expander
+            from ..local.request_models.prompt_expansion import load_prompt_expander
 
             hooks["prompt_expander"] = load_prompt_expander(self._model("expand_prompt"), device=device, dtype=dtype)
         return request, hooks
@@ -119,8 +119,8 @@ def add_arguments(p) -> None:
 def from_args(args) -> Extras:
     """The options checked (folders there and of the right kind); one error line naming the option otherwise."""
     from ..errors import ModelLoadError, SDXLCNError
-    from ..local.prompt_expansion import check_folder
-    from ..local.safety import split_layout
+    from ..local.request_models.prompt_expansion import check_folder
+    from ..local.request_models.safety import split_layout
 
     dirs = []
     for d in getattr(args, "loras_dir", None) or ():

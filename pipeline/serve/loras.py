@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import RequestError
-from ..local.lora_sources import LORA_DOWNLOAD_TIMEOUT_S, MAX_LORA_DOWNLOAD_BYTES, LoraError
+from ..local.lora.sources import LORA_DOWNLOAD_TIMEOUT_S, MAX_LORA_DOWNLOAD_BYTES, LoraError
 from . import fetch
 from .protocol import invalid
 
@@ -138,8 +138,8 @@ class LoraRules:
     def local_file(self, i: int, path: str, policy: fetch.Policy, log=None) -> Path:
         """The local file of entry ``i``, checked to be a LoRA in safetensors form (a URL downloaded unless cached);
         :class:`RequestError` naming ``loras[i].path`` otherwise."""
-        from ..local.lora import check_lora_file, is_safetensors
-        from ..local.lora_sources import cached_download
+        from ..local.lora.adapters import check_lora_file, is_safetensors
+        from ..local.lora.sources import cached_download
 
         if not is_url(path):
             file = self.find(i, path)

@@ -1,6 +1,6 @@
 // The whole schema and exactly fal's output, read through fal's own JS client (@fal-ai/client) from the pack's `serve`
 // started with a LoRA folder (--loras-dir), a safety checker and a prompt-expansion model (tiny random-weight ones):
-// each served image's pixels are compared with the local pipeline's run of the same request (tests/local_pixels.py,
+// each served image's pixels are compared with the local pipeline's run of the same request (tests/helpers/local_pixels.py,
 // pipeline.local.generate on the same tiny models). Issue 33, items 1 and 3.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
@@ -57,7 +57,7 @@ async function saved(result, tag) {
 function localRun(request, files, ...options) {
   const file = path.join(work, `request-${files.length}-${Date.now()}.json`);
   fs.writeFileSync(file, JSON.stringify(request));
-  const out = execFileSync(PYTHON, [path.join(ROOT, "tests", "local_pixels.py"), "--checkpoint", models.checkpoint,
+  const out = execFileSync(PYTHON, [path.join(ROOT, "tests", "helpers", "local_pixels.py"), "--checkpoint", models.checkpoint,
     "--controlnet", models.controlnet, "--request", file, ...options, ...files],
   { cwd: ROOT, env: OFFLINE, stdio: ["ignore", "pipe", "pipe"] });
   return JSON.parse(out.toString().trim().split("\n").at(-1));

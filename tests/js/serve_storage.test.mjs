@@ -1,7 +1,7 @@
 // fal's file storage through fal's own JS client (@fal-ai/client from npm) on the pack's servers: fal.storage.upload
 // and the client's auto-upload of Blob inputs (its src/storage.js: an initiate call through the proxy, then a plain
 // PUT of the bytes to the upload URL it answered), against `serve` and against a real ComfyUI's /sdxlcn/fal
-// (tests/comfyui_serving.py, as the Python tests start one: needs COMFYUI_DIR; skipped without it, failed instead
+// (tests/helpers/comfyui_serving.py, as the Python tests start one: needs COMFYUI_DIR; skipped without it, failed instead
 // with SDXLCN_REQUIRE_COMFYUI=1). A request whose images are Blobs gives the pixels of the same request sent with
 // data URIs. The refusals (no key, too large, not an image, expired) are tests/test_serve_uploads.py's.
 import { after, before, describe, test } from "node:test";
@@ -75,7 +75,7 @@ describe("a real ComfyUI's /sdxlcn/fal", { skip: noComfy && !required ? noComfy 
     if (noComfy) throw new Error(`SDXLCN_REQUIRE_COMFYUI=1 but ${noComfy}`);
     const paths = tinyModels();
     work = fs.mkdtempSync(path.join(os.tmpdir(), "sdxlcn-js-comfyui-"));
-    proc = spawn(PYTHON, [path.join(ROOT, "tests", "comfyui_serving.py"), work, paths.checkpoint, paths.controlnet],
+    proc = spawn(PYTHON, [path.join(ROOT, "tests", "helpers", "comfyui_serving.py"), work, paths.checkpoint, paths.controlnet],
       { cwd: ROOT, env: { ...process.env, SDXLCN_SERVE_KEY: KEY } });
     proc.stderr.on("data", (d) => { stderr += d; });
     base = await withDeadline(new Promise((resolve, reject) => {

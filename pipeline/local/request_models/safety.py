@@ -35,9 +35,9 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import ModelLoadError
-from .load_lock import load_lock
-from .memory import SingleModelCache
+from ...errors import ModelLoadError
+from ..models.load_lock import load_lock
+from ..memory.release import SingleModelCache
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 CHECKER_CLASS = "StableDiffusionSafetyChecker"
@@ -160,7 +160,7 @@ def load_safety_checker(path: str | os.PathLike, *, device: str | None = None, d
     ``CompVis/stable-diffusion-safety-checker``; a hub id is read from the local Hugging Face cache
     only, unless ``allow_network`` is true.
     """
-    from .devices import default_device, default_dtype
+    from ..memory.devices import default_device, default_dtype
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)

@@ -1,7 +1,7 @@
 """A serving ComfyUI for tests written in another language (tests/js/serve_storage.test.mjs): the pack's fal API at
 ``/sdxlcn/fal`` on the tiny models, started through :mod:`comfyui_harness` as the Python tests start theirs.
 
-``python tests/comfyui_serving.py BASE_DIR CHECKPOINT_DIR CONTROLNET_DIR`` (``SDXLCN_SERVE_KEY`` and the rest of
+``python tests/helpers/comfyui_serving.py BASE_DIR CHECKPOINT_DIR CONTROLNET_DIR`` (``SDXLCN_SERVE_KEY`` and the rest of
 the server's settings from the environment) prints ``READY <the API's base URL>`` once ComfyUI answers, and stops
 ComfyUI when its standard input closes (the test ended, or its process went).
 """

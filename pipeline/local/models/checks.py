@@ -15,8 +15,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ModelInputError, ModelLoadError
-from ..units import file_size
+from ...errors import ModelInputError, ModelLoadError
+from ...units import file_size
 from .pickles import UnsafePickleTorch, load_weights_only, refuse_unsafe_torch
 
 SAFETENSORS_EXT = {".safetensors", ".sft"}

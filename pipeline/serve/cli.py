@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..endpoint import ENDPOINT
 from ..key_policy import first_key_line
-from ..local.choices import DEFAULT, DTYPES, dtype_help, memory_mode_help
+from ..local.memory.choices import DEFAULT, DTYPES, dtype_help, memory_mode_help
 from .access import is_loopback, parse_origins, parse_proxies
 from .app import ServeApp
 from .extras import add_arguments as add_extras_arguments, from_args as extras_from_args
@@ -255,7 +255,7 @@ def cmd_serve(args) -> int:
 
 
 def serve_loaded(args, key, store, server) -> int:
-    from ..local.loading import LoadOptions, build_pipeline, check_sources
+    from ..local.models.loading import LoadOptions, build_pipeline, check_sources
     from .events import log_to_stderr
     from .ops import Loading
     from .webhook import Webhooks

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..errors import ModelLoadError
+from ...errors import ModelLoadError
 from .sdxl_config import CONTROLNET_SDXL_CONFIG, SDXL_BASE_CONFIG
 
 _classes: dict = {}

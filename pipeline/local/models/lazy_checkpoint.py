@@ -23,7 +23,7 @@ import os
 import threading
 from contextlib import contextmanager
 
-from .model_checks import SAFETENSORS_DTYPES, TensorIndex, file_identity
+from .checks import SAFETENSORS_DTYPES, TensorIndex, file_identity
 
 _CHUNK = 1 << 18  # elements per step of a cast: a step's fp32 staging (1 MiB) stays in the cache
 _staging = threading.local()  # per thread: its fp32 staging, made on its first cast

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import FieldError
+from ...errors import FieldError
 
 SAFE_WEIGHTS_ONLY = (2, 6)
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 comfy_dir, pack_root, work = (Path(a) for a in sys.argv[1:4])
-sys.path.insert(0, str(pack_root / "tests"))
+sys.path.insert(0, str(pack_root / "tests" / "helpers"))
 from comfy_probe_start import start  # noqa: E402
 
 pack = start(comfy_dir, pack_root)
@@ -162,7 +162,7 @@ lora_model.unpatch_model()
 
 # 4. fp8 storage computed in fp32 (ComfyUI's --fp8_e4m3fn-unet: its layers cast per call): the grafted pipeline
 #    runs, and gives our diffusers path's image on the same (fp8-rounded) weights
-from sdxlcn_pack.pipeline.local.lora import unload_all  # noqa: E402
+from sdxlcn_pack.pipeline.local.lora.adapters import unload_all  # noqa: E402
 
 unload_all(diffusers_pipe)
 diffusers_pipe.unload_lora_weights()  # the plain layers again (PEFT's wrappers gone)

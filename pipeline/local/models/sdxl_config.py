@@ -27,8 +27,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import ModelLoadError
-from ..folders import cache_root
+from ...errors import ModelLoadError
+from ...folders import cache_root
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SDXL_BASE_CONFIG = CONFIGS / "sdxl_base"
@@ -84,7 +84,7 @@ def _comfy_tokenizer_dirs():
             yield Path(loc) / "sd1_tokenizer"
     if os.environ.get("COMFYUI_DIR"):
         yield Path(os.environ["COMFYUI_DIR"]) / "comfy" / "sd1_tokenizer"
-    # <ComfyUI>/custom_nodes/<this pack>/pipeline/local/sdxl_config.py: the pack, custom_nodes, ComfyUI
+    # <ComfyUI>/custom_nodes/<this pack>/pipeline/local/models/sdxl_config.py: the pack, custom_nodes, ComfyUI
     here = Path(__file__).resolve()
     for parent in here.parents[2:5]:
         yield parent / "comfy" / "sd1_tokenizer"

@@ -15,11 +15,11 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import FieldError
-from ..folders import cache_root
-from ..images import download, redact_url
-from ..request import LoraSpec
-from .hub import hub_offline, looks_like_repo_id
+from ...errors import FieldError
+from ...folders import cache_root
+from ...images import download, redact_url
+from ...request import LoraSpec
+from ..models.hub import hub_offline, looks_like_repo_id
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
 MAX_LORA_DOWNLOAD_BYTES = 2 * 1024**3
@@ -109,7 +109,7 @@ _locks_guard = threading.Lock()
 
 
 def _url_download(url: str, max_bytes: int, timeout: float) -> bytes:
-    from ..errors import ImageInputError
+    from ...errors import ImageInputError
 
     try:
         return download(url, "lora", max_bytes=max_bytes, timeout=timeout)

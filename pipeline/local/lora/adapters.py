@@ -27,12 +27,12 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ModelInputError
-from ..request import LoraSpec
-from .lora_sources import LoraError, resolve_source
-from .load_lock import load_lock
-from .pickles import UnsafePickleTorch, load_weights_only, refuse_unsafe_torch
-from .quiet import quiet_libraries
+from ...errors import ModelInputError
+from ...request import LoraSpec
+from .sources import LoraError, resolve_source
+from ..models.load_lock import load_lock
+from ..models.pickles import UnsafePickleTorch, load_weights_only, refuse_unsafe_torch
+from ..quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def read_lora_file(path: str | os.PathLike, name: str | None = None, allow_pickl
     if is_safetensors(path):
         from safetensors import SafetensorError, safe_open
 
-        from .model_checks import read_safetensors_index
+        from ..models.checks import read_safetensors_index
 
         try:  # the pack's header check: a damaged file, a web page or a cut-off download said in words
             keys = list(read_safetensors_index(path, "LoRA").shapes)

@@ -6,7 +6,7 @@ are a table in choices.py.
 
 from __future__ import annotations
 
-from ..errors import ModelInputError
+from ...errors import ModelInputError
 from .choices import DTYPES, DTYPES_TABLE
 
 

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 PACK_FOLDER = "comfyui-sdxl-controlnet-img2img"
 
 
@@ -170,7 +170,7 @@ def run_probe(script: str, work: Path, *args: str) -> dict:
     """Run ``tests/<script>`` under ComfyUI's interpreter (``COMFYUI_DIR PACK_ROOT WORK *args``) in ``work``; its
     last ``PROBE {json}`` line, parsed (the test asserts on it)."""
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    out = subprocess.run([python, str(ROOT / "tests" / script), str(comfyui_dir()), str(ROOT), str(work), *args],
+    out = subprocess.run([python, str(ROOT / "tests" / "helpers" / script), str(comfyui_dir()), str(ROOT), str(work), *args],
                          cwd=work, capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")]

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 comfy_dir, pack_root, work = (Path(a) for a in sys.argv[1:4])
-sys.path.insert(0, str(pack_root / "tests"))
+sys.path.insert(0, str(pack_root / "tests" / "helpers"))
 from comfy_probe_start import start  # noqa: E402
 
 pack = start(comfy_dir, pack_root)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .memory_plan import NEEDS_AT_1024
+from .plan import NEEDS_AT_1024
 
 
 @dataclass(frozen=True)

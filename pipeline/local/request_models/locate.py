@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import FieldError
+from ...errors import FieldError
 
 SAFETY_CHECKER_FOLDER = "safety_checker"
 PROMPT_EXPANSION_FOLDER = "prompt_expansion"
@@ -69,7 +69,7 @@ def _candidates(search_dirs: Iterable, folder_name: str) -> list[Path]:
 
 
 def _find(search_dirs, folder_name: str, field: str, source: str, check) -> Path:
-    from ..errors import ModelLoadError
+    from ...errors import ModelLoadError
 
     search_dirs = [Path(d).expanduser() for d in (search_dirs or ()) if d is not None]
     near_misses = []

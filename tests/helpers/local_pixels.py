@@ -1,7 +1,7 @@
 """The local run of a request, for tests that read a server's images another way (tests/js): runs the request with
 ``pipeline.local.generate`` on the given models and says, per served image, whether its pixels are the local run's.
 
-``python tests/local_pixels.py --checkpoint C --controlnet N --request REQ.json [--lora FILE] [--safety-checker P]
+``python tests/helpers/local_pixels.py --checkpoint C --controlnet N --request REQ.json [--lora FILE] [--safety-checker P]
 [--prompt-expansion P] served0.png served1.png ...`` prints one JSON line: ``{"same": [...], "prompt": ...,
 "has_nsfw_concepts": [...]}``. ``--lora FILE`` replaces each LoRA's path in the request by FILE (the server's
 LoRA by name is that file).
@@ -35,7 +35,7 @@ def main() -> int:
     from PIL import Image
 
     from sdxl_controlnet_img2img.pipeline.local.generate import generate
-    from sdxl_controlnet_img2img.pipeline.local.loading import load_pipeline
+    from sdxl_controlnet_img2img.pipeline.local.models.loading import load_pipeline
     from sdxl_controlnet_img2img.pipeline.request import GenerationRequest
 
     data = json.loads(Path(args.request).read_text(encoding="utf-8"))
@@ -45,11 +45,11 @@ def main() -> int:
     pipe = load_pipeline(args.checkpoint, args.controlnet, device="cpu", dtype=torch.float32)
     hooks = {}
     if request.enable_safety_checker:
-        from sdxl_controlnet_img2img.pipeline.local.safety import load_safety_checker
+        from sdxl_controlnet_img2img.pipeline.local.request_models.safety import load_safety_checker
 
         hooks["safety_checker"] = load_safety_checker(args.safety_checker, device="cpu", dtype=torch.float32)
     if request.expand_prompt:
-        from sdxl_controlnet_img2img.pipeline.local.prompt_expansion import load_prompt_expander
+        from sdxl_controlnet_img2img.pipeline.local.request_models.prompt_expansion import load_prompt_expander
 
         hooks["prompt_expander"] = load_prompt_expander(args.prompt_expansion, device="cpu", dtype=torch.float32)
     result = generate(pipe, request, **hooks)

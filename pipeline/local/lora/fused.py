@@ -15,11 +15,11 @@ import contextlib
 import weakref
 from dataclasses import dataclass, field
 
-from ..request import LoraSpec
-from .compile import is_compiled, uncompiled
-from .lora import COMPONENTS, LoadedLora, _file_key, activate, load_lora, loaded_adapters, resolve_source
-from .placement import offload_suspended
-from .quiet import quiet_libraries
+from ...request import LoraSpec
+from ..memory.compile import is_compiled, uncompiled
+from .adapters import COMPONENTS, LoadedLora, _file_key, activate, load_lora, loaded_adapters, resolve_source
+from ..memory.placement import offload_suspended
+from ..quiet import quiet_libraries
 
 
 @dataclass

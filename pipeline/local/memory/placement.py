@@ -7,10 +7,10 @@ import contextlib
 import logging
 import weakref
 
-from ..errors import ModelLoadError
+from ...errors import ModelLoadError
 from .choices import MEMORY_MODES_TABLE, memory_mode_row
 from .devices import free_memory_bytes
-from .memory_plan import choose_memory_mode, component_bytes
+from .plan import choose_memory_mode, component_bytes
 
 log = logging.getLogger("sdxl_controlnet_img2img")
 

@@ -27,9 +27,9 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import ModelLoadError
-from .load_lock import load_lock
-from .memory import SingleModelCache
+from ...errors import ModelLoadError
+from ..models.load_lock import load_lock
+from ..memory.release import SingleModelCache
 
 SEED_MODULUS = 2**32  # Fooocus reduces seeds like this (numpy's seed limit); kept for the same seed -> same text
 CHUNK_TOKENS = 75  # one CLIP text chunk: expansion fills the prompt up to the next multiple of this
@@ -164,7 +164,7 @@ class LocalPromptExpander:
 
 def load_prompt_expander(path: str | os.PathLike, *, device: str | None = None, dtype=None) -> LocalPromptExpander:
     """Load (once; later calls with the same folder/device/dtype reuse it) the expansion model in folder ``path``."""
-    from .devices import default_device
+    from ..memory.devices import default_device
 
     device = device or default_device()
     folder = check_folder(Path(path).expanduser())

@@ -21,14 +21,14 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from ..errors import ModelInputError, ModelLoadError
-from .choices import DEFAULT, MEMORY_MODES, memory_mode_row
-from .devices import check_device, default_device, default_dtype, parse_dtype
+from ...errors import ModelInputError, ModelLoadError
+from ..memory.choices import DEFAULT, MEMORY_MODES, memory_mode_row
+from ..memory.devices import check_device, default_device, default_dtype, parse_dtype
 from .diffusers_folder import folder_model, folder_models, load_diffusers_file
 from .hub import hub_offline, looks_like_repo_id
 from .load_lock import load_lock
-from .memory import SingleModelCache, release_memory
-from .model_checks import (
+from ..memory.release import SingleModelCache, release_memory
+from .checks import (
     HINT_BASE,
     HINT_CONTROLNET,
     check_controlnet_config,
@@ -40,8 +40,8 @@ from .model_checks import (
     unreadable,
 )
 from .pickles import pickles_readable
-from .placement import compile_conflict, place
-from .quiet import drop_known_noise
+from ..memory.placement import compile_conflict, place
+from ..quiet import drop_known_noise
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def _check_controlnet_folder(value: Path, label: str, allow_pickle: bool = False
 def check_sources(base, controlnet, options: "LoadOptions | None" = None) -> None:
     """Everything about the model files that can be checked without reading weights (paths, file headers, the
     kind of model, configs) and the device, so a bad input is refused before a long load. Raises ModelLoadError."""
-    from .model_checks import swapped_message
+    from .checks import swapped_message
 
     opts = (options or LoadOptions()).resolved()
     for label, source, hint, check_file, check_folder in (
@@ -293,7 +293,7 @@ def load_vae(source, options: LoadOptions, config_dir: Path | None = None):
             )
         # keep the SDXL config's force_upcast (fp32 decode in fp16) unless the weights show the VAE is fp16-safe
         if opts.dtype == torch.float16 and vae.config.force_upcast:
-            from .vae_decode import fp16_safe
+            from ..vae_decode import fp16_safe
 
             if fp16_safe(vae):
                 vae.register_to_config(force_upcast=False)
@@ -403,7 +403,7 @@ def _cache_key(base, controlnet, opts: LoadOptions) -> tuple:
 def free_cached_pipeline() -> bool:
     """Drop the cached pipeline (and the cached safety checker / prompt expander with it) and give
     the memory back (gc + CUDA cache). True if a pipeline was cached."""
-    from .model_hooks import free_model_hooks
+    from ..request_models.locate import free_model_hooks
 
     had = _cache.free()
     free_model_hooks()
@@ -462,7 +462,7 @@ def load_pipeline(base, controlnet, options: LoadOptions | None = None, *, devic
     key = _cache_key(base, controlnet, opts)
 
     def _before_build():
-        from .model_hooks import free_model_hooks
+        from ..request_models.locate import free_model_hooks
 
         free_model_hooks()  # the checker / expander go with the pipeline they served
         if before_load is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from test_serve import KEY
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 class Node:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from ...errors import ModelLoadError
 from .lazy_checkpoint import checkpoint_tensors, stored_dtypes
-from .model_checks import TensorIndex, read_index
+from .checks import TensorIndex, read_index
 from .load_lock import load_lock, no_random_init
 
 # component -> (weights file diffusers reads first, library, class name)

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from comfy.model_patcher import ModelPatcher  # noqa: E402
 
 from sdxlcn_pack.nodes import comfy_memory  # noqa: E402
-from sdxlcn_pack.pipeline.local.loading import cached_pipeline  # noqa: E402
-from sdxlcn_pack.pipeline.local.placement import memory_mode_of  # noqa: E402
+from sdxlcn_pack.pipeline.local.models.loading import cached_pipeline  # noqa: E402
+from sdxlcn_pack.pipeline.local.memory.placement import memory_mode_of  # noqa: E402
 from sdxlcn_pack.pipeline.local.tiny_models import build_tiny_models  # noqa: E402
 
 found: dict = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .lazy_checkpoint import checkpoint_tensors
 from .load_lock import no_random_init
-from .model_checks import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, TensorIndex
+from .checks import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, TensorIndex
 
 VAE_PREFIX = "first_stage_model."
 

@@ -22,7 +22,7 @@ import sys
 import threading
 from contextlib import contextmanager, nullcontext
 
-from .quiet import no_progress_bars
+from ..quiet import no_progress_bars
 
 _lock = threading.RLock()
 _depth = [0]  # blocks held by the thread that holds the lock (changed only while holding it)

@@ -1,0 +1,1 @@
+"""The models a request field needs: the safety checker and prompt expansion, and where they live."""
