@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import _common as C
 
 ROWS = ["diffusers", "fp16+sdpa", "+channels-last", "+fp16-fix VAE", "+compile", "model offload"]
-STEPS, STRENGTH, SIZE = 25, 0.95, 1024
+SIZE = 1024  # the request is otherwise fal's defaults (the request's own: 25 steps x strength 0.95, CFG 7.5)
 
 
 def ensure_package_importable():
@@ -236,8 +236,7 @@ class Workload:
         self.control = Image.fromarray(C.synthetic_photo(size, size, seed=2, scene="photo"))
         self.request = GenerationRequest.from_dict({
             "prompt": "ice fortress, aurora skies, polar wildlife", "image_url": self.init,
-            "control_image_url": self.control, "num_inference_steps": STEPS, "strength": STRENGTH,
-            "guidance_scale": 7.5, "controlnet_conditioning_scale": 0.5, "seed": 42, "enable_safety_checker": False})
+            "control_image_url": self.control, "seed": 42, "enable_safety_checker": False})
 
     def ours(self, pipe):
         return self._generate(pipe, self.request)
@@ -251,8 +250,9 @@ class Workload:
         edges = cv2.Canny(np.asarray(self.control), 100, 200)
         ctl = Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
         return pipe(prompt=self.request.prompt, negative_prompt="", image=self.init, control_image=ctl,
-                    height=self.size, width=self.size, strength=STRENGTH, num_inference_steps=STEPS,
-                    guidance_scale=7.5, controlnet_conditioning_scale=0.5,
+                    height=self.size, width=self.size, strength=self.request.strength,
+                    num_inference_steps=self.request.num_inference_steps, guidance_scale=self.request.guidance_scale,
+                    controlnet_conditioning_scale=self.request.controlnet_conditioning_scale,
                     generator=torch.Generator("cpu").manual_seed(42)).images
 
 
@@ -466,21 +466,22 @@ def main(argv=None) -> int:
         rows = [r for r in rows if r not in ("+compile", "model offload")]
     print(f"GPU: {machine.gpu} ({machine.total_gb:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"diffusers {diffusers.__version__}")
-    steps_run = int(STEPS * STRENGTH)
+    workload = Workload(size)
+    steps_run = workload.request.steps_to_run
 
     t = time.perf_counter()
     weights, comps, controlnet = load_weights(args, machine.device, machine.dtype, machine.dry)
     print(f"weights: {weights} (ready in {time.perf_counter() - t:.0f}s)\n")
     fix_vae = load_fix_vae(args.vae, machine.device, machine.dtype)
 
-    workload = Workload(size)
     pipelines = RowPipelines(comps, controlnet, fix_vae, machine, vae_given=bool(args.vae))
     results = run_rows(rows, pipelines, workload, Meter(machine.cuda, args.warmup, args.repeat, steps_run))
 
     checks = report(results, machine, size, steps_run, args.peak_tflops)
     write_results({"gpu": machine.gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
                    "diffusers": diffusers.__version__, "weights": weights, "dtype": args.dtype, "size": size,
-                   "steps": STEPS, "strength": STRENGTH, "steps_run": steps_run, "repeat": args.repeat},
+                   "steps": workload.request.num_inference_steps,
+                   "strength": workload.request.strength, "steps_run": steps_run, "repeat": args.repeat},
                   results, checks, machine.dry)
     return 0
 
