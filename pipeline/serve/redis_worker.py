@@ -39,7 +39,7 @@ from rq.timeouts import BaseDeathPenalty
 
 from .redis_conn import QUEUES, connect, key
 from .store import StoreUnavailable
-from .worker import LocalWorkers
+from .worker import LocalWorkers, all_failing
 
 log = logging.getLogger("sdxl_controlnet_img2img.serve")
 WORKER_TTL = 60  # an RQ worker's own registration expires this long (plus 60 s) after its last heartbeat
@@ -184,10 +184,7 @@ class RedisWorkers:
         problem = self.store.health()
         if problem:
             return problem
-        bad = {d: why for d, why in self.trouble.items() if why}
-        if bad and len(bad) == len(self.trouble):
-            return "every worker fails: " + "; ".join(f"{d}: {why}" for d, why in bad.items())
-        return None
+        return all_failing(self.trouble)
 
     def ready(self) -> bool:
         return self.health() is None

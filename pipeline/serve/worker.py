@@ -45,6 +45,14 @@ def result_doc(result) -> tuple[dict, list[bytes]]:
     return doc, images
 
 
+def all_failing(trouble: dict) -> str | None:
+    """Why no request can run when every worker (``{device: why, or None when it works}``) fails; None otherwise."""
+    bad = {d: why for d, why in trouble.items() if why}
+    if bad and len(bad) == len(trouble):
+        return "every worker fails: " + "; ".join(f"{d}: {why}" for d, why in bad.items())
+    return None
+
+
 def store_failure(store: Store, job_id: str, exc: BaseException) -> None:
     """A failed run in fal's shapes: cancelled (400), refused input (422 naming the field), other (500)."""
     if isinstance(exc, GenerationCancelled):
@@ -108,10 +116,7 @@ class LocalWorkers:
         alive = [t.name.rsplit("-", 1)[-1] for t in self.threads if t.is_alive()]
         if self.threads and self.threads[0].ident is not None and not alive:
             return "no worker thread is running; restart the server"
-        bad = {d: why for d, why in self.trouble.items() if why}
-        if bad and len(bad) == len(self.trouble):
-            return "every worker fails: " + "; ".join(f"{d}: {why}" for d, why in bad.items())
-        return None
+        return all_failing(self.trouble)
 
     def ready(self) -> bool:
         return self.health() is None
