@@ -9,6 +9,7 @@ are one line each, before the models load.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from .server import StandaloneServer
 from .shared_queue import add_queue_options, check_queue_options, open_queue_store, queue_workers
 
 KEY_ENV = "SDXLCN_SERVE_KEY"
+MIB = 1024 * 1024
 __all__ = ["StandaloneServer", "add_serve_parser", "build_app", "cmd_serve", "is_loopback", "read_key"]
 
 
@@ -72,9 +74,13 @@ def add_serve_parser(sub) -> None:
                         "default: the best available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT, help=dtype_help())
     p.add_argument("--memory-mode", default=DEFAULT, help=memory_mode_help())
-    p.add_argument("--max-queue", type=int, default=100, help="waiting requests before new ones get HTTP 429 (100)")
-    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (64)")
-    p.add_argument("--max-image-mb", type=float, default=32.0, help="largest input image, decoded or downloaded (32)")
+    limits = {f.name: f.default for f in dataclasses.fields(Limits)}  # the server's own defaults (no env read)
+    waiting, body_mb, image_mb = limits["max_waiting"], limits["max_body_bytes"] / MIB, limits["max_image_bytes"] / MIB
+    p.add_argument("--max-queue", type=int, default=waiting,
+                   help=f"waiting requests before new ones get HTTP 429 ({waiting})")
+    p.add_argument("--max-body-mb", type=float, default=body_mb, help=f"largest request body in MiB ({body_mb:g})")
+    p.add_argument("--max-image-mb", type=float, default=image_mb,
+                   help=f"largest input image, decoded or downloaded ({image_mb:g})")
     p.add_argument("--public-url", default=None,
                    help="base URL clients reach this server at, for the URLs it answers (behind a load balancer or "
                         "a TLS proxy: e.g. https://gpu-3.example:443); default: the scheme of each request's "
@@ -117,8 +123,8 @@ def outbound_policy(args) -> Policy:
 
 
 def build_app(store, backend, args, key) -> ServeApp:
-    limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                    max_image_bytes=int(args.max_image_mb * 1024 * 1024), max_waiting=args.max_queue,
+    limits = Limits(max_body_bytes=int(args.max_body_mb * MIB),
+                    max_image_bytes=int(args.max_image_mb * MIB), max_waiting=args.max_queue,
                     outbound=outbound_policy(args))
     app = ServeApp(store, backend, key=key, limits=limits, public_url=args.public_url,
                    cors_origins=parse_origins(args.cors_origin, "--cors-origin"),
