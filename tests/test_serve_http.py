@@ -30,15 +30,16 @@ class Running:
     """The stand-alone server on 127.0.0.1 (a ``with`` block), its store in ``tmp_path``, its backend running nothing
     (``Paused``): ``app`` holds more of ``ServeApp``'s options (``cors_origins``, ...), ``conn`` ``ConnLimits``'s."""
 
-    def __init__(self, tmp_path, key=KEY, max_waiting=100, app: dict | None = None, **conn):
+    def __init__(self, tmp_path, key=KEY, max_waiting=100, app: dict | None = None, limits: dict | None = None,
+                 **conn):
         from sdxl_controlnet_img2img.pipeline.serve.app import ServeApp
         from sdxl_controlnet_img2img.pipeline.serve.inputs import Limits
         from sdxl_controlnet_img2img.pipeline.serve.server import ConnLimits, StandaloneServer
         from sdxl_controlnet_img2img.pipeline.serve.store import Store
 
         self.store = Store(tmp_path / "data")
-        app = ServeApp(self.store, Paused(), key=key, limits=Limits(max_waiting=max_waiting, max_body_bytes=1 << 20),
-                       **(app or {}))
+        limits = Limits(**{"max_waiting": max_waiting, "max_body_bytes": 1 << 20, **(limits or {})})
+        app = ServeApp(self.store, Paused(), key=key, limits=limits, **(app or {}))
         self.server = StandaloneServer(app, limits=ConnLimits(**conn)).start()
         self.port, self.url = self.server.port, self.server.url
 

@@ -74,3 +74,17 @@ def test_an_upload_put_to_a_token_never_handed_out_is_refused_unread(tmp_path):
         for case, (status, detail, closed) in zip(cases, answers):
             assert (status, closed) == (404, True), (case, status, detail)
             assert "upload URL" in detail, detail
+
+
+def test_an_upload_declared_over_the_image_limit_is_refused_unread(tmp_path):
+    """A live upload URL's PUT whose Content-Length is over --max-image-mb is 413 before its body is read (it was read
+    up to --max-body-mb, 64 MiB, and then refused)."""
+    from test_serve_uploads import initiate
+
+    with Running(tmp_path, key=KEY, limits={"max_image_bytes": 50_000}) as srv:
+        code, urls, _ = initiate(srv)
+        assert code == 200, urls
+        path = urls["upload_url"].split(f":{srv.port}", 1)[1]
+        status, detail, closed = answer_to_unfinished_body(srv.port, "PUT", path, None, "a length")
+        assert (status, closed) == (413, True), (status, detail)
+        assert "900000 bytes" in str(detail), detail

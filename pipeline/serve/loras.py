@@ -37,6 +37,15 @@ def _field(i: int) -> str:
     return f"loras[{i}].path"
 
 
+def inside(file: Path, folder) -> bool:
+    """Whether ``file``'s real place (links followed) is inside ``folder``'s: a link in the LoRA folder that points
+    elsewhere serves nothing (a request could otherwise test which files exist beyond it)."""
+    try:
+        return Path(file).resolve().is_relative_to(Path(folder).resolve())
+    except OSError:
+        return False
+
+
 def is_url(path: str) -> bool:
     return "://" in path[:12]
 
@@ -74,8 +83,10 @@ class LoraRules:
 
     @staticmethod
     def names(folder: Path) -> list[str]:
+        """The LoRA names the folder serves: its .safetensors files whose real place is inside it."""
         try:
-            return [p.relative_to(folder).as_posix() for p in folder.rglob("*" + SUFFIX) if p.is_file()]
+            return [p.relative_to(folder).as_posix() for p in Path(folder).rglob("*" + SUFFIX)
+                    if p.is_file() and inside(p, folder)]
         except OSError:
             return []
 
@@ -129,7 +140,7 @@ class LoraRules:
                                           f"serve {DIR_OPTION})")
         for folder in self.dirs:
             candidate = Path(folder) / pure
-            if candidate.is_file():
+            if candidate.is_file() and inside(candidate, folder):
                 return candidate
         raise RequestError(_field(i), f"{shown} is not in this server's LoRA folder; name one of its {SUFFIX} files "
                                       f"(its operator adds LoRAs to the folder given with serve {DIR_OPTION})")

@@ -116,7 +116,7 @@ class Uploads:
         if route.kind == "storage":
             return self._initiate(body, base)
         if route.kind == "storage_multipart":
-            raise self._too_large(None, limits)
+            raise self.too_large(None, limits)
         if route.kind == "upload":
             return self._put(route.token, body, limits)
         raise ValueError(route.kind)
@@ -152,7 +152,7 @@ class Uploads:
             raise HttpError(404, "no such upload URL: each one takes one upload, within "
                                  f"{UPLOAD_WINDOW_S / 3600:g} h of the call that made it; ask for a new one")
         if len(data) > limits.max_image_bytes:
-            raise self._too_large(len(data), limits)
+            raise self.too_large(len(data), limits)
         fmt = checked_type(data, limits)
         self._check_free(len(data))
         taken = slot.with_name(f"{token}.{secrets.token_hex(4)}.taken")
@@ -201,7 +201,7 @@ class Uploads:
             raise HttpError(507, str(exc)) from None
 
     @staticmethod
-    def _too_large(size: int | None, limits: Limits) -> HttpError:
+    def too_large(size: int | None, limits: Limits) -> HttpError:
         what = "the file" if size is None else f"the file is {size} bytes,"
         return HttpError(413, [{"loc": ["body"], "msg": f"{what} over this server's limit of {limits.max_image_bytes} "
                                 "bytes for an image; send a smaller one", "type": "value_error.too_large"}])

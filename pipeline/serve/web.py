@@ -91,6 +91,10 @@ class Adapter:
         if upload == "dead":
             return await self.refuse(request, req, 404, "this upload URL is unknown, used or past its hour: ask for "
                                                         "a new one (fal.storage.upload does)")
+        declared = request.content_length
+        if upload == "live" and declared is not None and declared > self.app.limits.max_image_bytes:
+            too_large = self.app.uploads.too_large(declared, self.app.limits)  # the body is never read
+            return await self.refuse(request, req, too_large.status, too_large.detail)
         if request.body_exists and req.method not in BODY_METHODS and upload != "live":
             return await self.refuse(request, req, 413, f"{req.method} {req.path[:80]} takes no request body: send "
                                                         "it without one (no Content-Length above 0, no "
