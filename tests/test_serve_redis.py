@@ -255,3 +255,24 @@ def test_an_api_node_started_while_redis_is_down_answers_503_and_takes_requests_
         redis.stop()
     log = api.log()
     assert "warning: the shared queue at redis://127.0.0.1" in log and "pw-not-to-print" not in log, log
+
+
+def test_a_wrong_redis_password_is_one_line_at_start(tmp_path):
+    """A password Redis refuses is a setting to fix: one line naming --queue (never the password), exit non-zero,
+    before any model loads (break-it review: the node started READY and logged a traceback at every retry)."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed: apt-get install redis-server (Debian's package; .ci/run does)")
+    pytest.importorskip("rq", reason="the redis extra is not installed: pip install -e '.[redis]'")
+    redis = RedisServer(tmp_path / "redis", password="the-right-one").start()
+    try:
+        wrong = redis.url.replace("the-right-one", "wrong-pw-99")
+        code = (f"import sys; sys.argv = ['x', 'serve', '--queue', {wrong!r}, '--workers', '0', '--port', '0', "
+                f"'--data-dir', {str(tmp_path / 'd')!r}]; "
+                "from sdxl_controlnet_img2img.pipeline.cli import main; sys.exit(main())")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    finally:
+        redis.stop()
+    assert done.returncode != 0, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--queue" in lines[0] and "password" in lines[0], done.stderr
+    assert "wrong-pw-99" not in done.stderr and "READY" not in done.stderr + done.stdout

@@ -55,12 +55,28 @@ def check_queue_options(args) -> None:
         require_packages()
 
 
+def refuse_wrong_password(store) -> None:
+    """A Redis that answers but refuses this node's password (or wants one) is a setting to fix, not an outage to
+    wait out: one line, before the models load."""
+    try:
+        store.r.ping()
+    except Exception as exc:  # noqa: BLE001 - only the refused password is ours to say; the rest is an outage
+        said = str(exc)
+        if type(exc).__name__.startswith("Authentication") or said.startswith(("WRONGPASS", "NOAUTH", "invalid")):
+            from ..errors import SDXLCNError
+
+            raise SDXLCNError(f"--queue: the Redis at {store.shown} refused this node's password ({said[:80]}); give "
+                              "the one Redis was started with (requirepass) in the URL, redis://:PASSWORD@host:6379/0 "
+                              "(or in SDXLCN_SERVE_QUEUE, which keeps it off the command line)") from None
+
+
 def open_queue_store(args):
     """The shared queue's store for ``args.queue``; a Redis that does not answer yet is said, not fatal (submits
     answer 503 and workers wait until it does)."""
     from .redis_store import RedisStore
 
     store = RedisStore(args.queue, args.data_dir, lease_s=args.worker_lease)
+    refuse_wrong_password(store)
     problem = store.health()
     if problem:
         print(f"warning: {problem}; submits answer 503 and workers wait until it answers", file=sys.stderr,
