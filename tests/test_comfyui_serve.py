@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from loopback import Loopback, Quiet
 from PIL import Image
 
 from comfyui_harness import ROOT, SKIP_REASON, comfyui_dir, free_port, running_comfyui, wait_until
@@ -349,11 +350,11 @@ def data_uri_bytes(uri: str) -> bytes:
     return base64.b64decode(uri.split(",", 1)[1])
 
 
-class ImageHost:
+class ImageHost(Loopback):
     """An HTTP server on 127.0.0.1 answering every GET with ``data`` (a PNG)."""
 
     def __init__(self, data: bytes):
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(Quiet):
             def do_GET(self):
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
@@ -361,19 +362,8 @@ class ImageHost:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/image.png"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
+        self.url = f"{self.url}/image.png"
 
 
 def test_a_keyless_route_answers_only_this_machines_programs(servers):

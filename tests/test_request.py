@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from loopback import Loopback, Quiet
 
 from sdxl_controlnet_img2img.pipeline.errors import ImageInputError, RequestError
 from sdxl_controlnet_img2img.pipeline.images import load_image
@@ -158,13 +157,11 @@ def test_transparent_png_is_composited_on_white(tmp_path):
     assert load_image(str(p), "control_image_url").getpixel((1, 1)) == (255, 255, 255)
 
 
-class _Server:
+class _Server(Loopback):
     def __init__(self, routes):
-        routes_ = routes
-
-        class H(BaseHTTPRequestHandler):
+        class H(Quiet):
             def do_GET(self):
-                status, body, headers = routes_.get(self.path.split("?")[0], (404, b"nope", {}))
+                status, body, headers = routes.get(self.path.split("?")[0], (404, b"nope", {}))
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -172,16 +169,7 @@ class _Server:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(H)
 
 
 def test_http_images_and_their_errors():
